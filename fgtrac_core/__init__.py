@@ -1,0 +1,60 @@
+"""fgtrac: sample-level traceability, a tamper-evident ledger and influence attribution for PyTorch training.
+
+Public API:
+  * `Run` — the recorder a training loop calls (samples, transforms, stages, batches, checkpoints);
+  * `RunStore` — read-only queries over a run's published snapshot;
+  * `FgtracError` and subclasses — user-facing errors (the CLI reports them in one line, exit 2).
+
+Heavy modules (torch, duckdb) load on first use, so `fgtrac_core.ledger` can verify proofs offline with only
+`cryptography` installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fgtrac_core.errors import (
+    CorruptRunError,
+    FgtracError,
+    RecorderStateError,
+    RunExistsError,
+    RunLockedError,
+    RunNotFoundError,
+    SchemaVersionError,
+    UnknownSampleError,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Run": "fgtrac_core.tracking.run",
+    "NullRun": "fgtrac_core.tracking.null",
+    "CheckpointRecord": "fgtrac_core.tracking.run",
+    "RunStore": "fgtrac_core.store.reader",
+    "SCHEMA_VERSION": "fgtrac_core.store.schema",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fgtrac_core' has no attribute {name!r}")
+
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CheckpointRecord",
+    "CorruptRunError",
+    "FgtracError",
+    "RecorderStateError",
+    "NullRun",
+    "Run",
+    "RunExistsError",
+    "RunLockedError",
+    "RunNotFoundError",
+    "RunStore",
+    "SchemaVersionError",
+    "UnknownSampleError",
+    "__version__",
+]

@@ -1,0 +1,35 @@
+"""Errors that fgtrac reports to users as one clear line (the CLI exits 2 on any of them)."""
+
+from __future__ import annotations
+
+
+class FgtracError(Exception):
+    """Base class: a problem with the user's input or run, reported without a traceback."""
+
+
+class RunNotFoundError(FgtracError):
+    """The run directory, or its database, does not exist."""
+
+
+class RunExistsError(FgtracError):
+    """`Run.create` was pointed at a directory that already holds a run."""
+
+
+class CorruptRunError(FgtracError):
+    """The run database cannot be read (corrupt, truncated, or not a DuckDB file)."""
+
+
+class SchemaVersionError(FgtracError):
+    """The run database was written with a schema version this fgtrac does not read."""
+
+
+class RunLockedError(FgtracError):
+    """Another process holds the live run database open for writing."""
+
+
+class UnknownSampleError(FgtracError):
+    """A sample id that was never registered in the run."""
+
+
+class RecorderStateError(FgtracError):
+    """A recorder call made in the wrong order (e.g. `log_batch` outside a stage)."""

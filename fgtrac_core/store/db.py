@@ -1,0 +1,73 @@
+"""Opening run databases with errors a user can act on, and publishing read-only snapshots."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from fgtrac_core.errors import CorruptRunError, RunLockedError, RunNotFoundError
+from fgtrac_core.store.schema import check_schema
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception message, for one-line error reports."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def connect(path: Path, *, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """Open an existing run database and check its schema version.
+
+    Raises RunNotFoundError, RunLockedError, CorruptRunError or SchemaVersionError, never a raw DuckDB error.
+    """
+    if not path.is_file():
+        raise RunNotFoundError(f"no run database at {path}")
+    try:
+        con = duckdb.connect(str(path), read_only=read_only)
+    except duckdb.Error as exc:
+        msg = first_line(exc)
+        if "lock" in msg.lower():
+            raise RunLockedError(f"{path} is held open by another process ({msg})") from None
+        raise CorruptRunError(f"{path} is not a readable fgtrac run database ({msg})") from None
+    try:
+        check_schema(con, str(path))
+    except duckdb.Error as exc:
+        con.close()
+        raise CorruptRunError(f"{path} is damaged ({first_line(exc)})") from None
+    except Exception:
+        con.close()
+        raise
+    return con
+
+
+def publish_snapshot(con: duckdb.DuckDBPyConnection, live: Path, snapshot: Path) -> None:
+    """Publish a consistent read-only copy of the live database.
+
+    CHECKPOINT moves everything from the WAL into the main file, so a byte copy taken before the recorder's next
+    write is a complete database.  The copy is renamed into place atomically, so readers see the old or the new
+    snapshot, never a partial one, and readers never touch (or lock) the live file.
+
+    The copy runs in a child `cp` process on purpose: DuckDB guards the live file with a POSIX fcntl lock, and
+    POSIX drops all of a process's locks on a file when that process closes *any* descriptor of it — copying
+    in-process would silently unlock the live database for a second writer.
+    """
+    con.execute("CHECKPOINT")
+    tmp = snapshot.with_name(snapshot.name + f".tmp-{os.getpid()}")
+    proc = subprocess.run(["cp", "--reflink=auto", str(live), str(tmp)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise OSError(f"could not publish a snapshot of {live}: {proc.stderr.strip()}")
+    os.replace(tmp, snapshot)
+
+
+def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
+    """Insert an Arrow table into `table` by column name, in one statement."""
+    cols = ", ".join(data.column_names)
+    # no try/finally: after a failed INSERT the transaction is aborted and unregister would mask the real error;
+    # the next register replaces the view anyway
+    con.register("_fgtrac_in", data)
+    con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _fgtrac_in")
+    con.unregister("_fgtrac_in")

@@ -1,0 +1,53 @@
+"""Where things live inside a run directory.
+
+A run is a directory::
+
+    RUN/
+      fgtrac.duckdb        live database, opened read-write by the one recorder process only
+      snapshot.duckdb      read-only copy published at every checkpoint and at close; readers open this
+      checkpoints/*.pt     model + optimizer state, referenced (with SHA-256) from the `checkpoints` table
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fgtrac_core.errors import CorruptRunError
+
+LIVE_DB = "fgtrac.duckdb"
+SNAPSHOT_DB = "snapshot.duckdb"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run directory."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, run_dir: str | Path) -> RunLayout:
+        return cls(Path(run_dir).expanduser().resolve())
+
+    @property
+    def live_db(self) -> Path:
+        return self.root / LIVE_DB
+
+    @property
+    def snapshot_db(self) -> Path:
+        return self.root / SNAPSHOT_DB
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.root / CHECKPOINT_DIR
+
+    def holds_run(self) -> bool:
+        return self.live_db.exists() or self.snapshot_db.exists()
+
+    def resolve_inside(self, relative: str) -> Path:
+        """Resolve a path recorded in the run, refusing anything that escapes the run directory."""
+        path = (self.root / relative).resolve()
+        if not path.is_relative_to(self.root):
+            raise CorruptRunError(f"recorded path {relative!r} points outside the run directory")
+        return path

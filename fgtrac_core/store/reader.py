@@ -1,0 +1,216 @@
+"""Read-only queries over a run's published snapshot, shared by the CLI and the app.
+
+Readers never open the live database: DuckDB lets one process write or many read, and a reader on the live file
+would block the recorder.  Each query runs on its own cursor, so one `RunStore` can serve several threads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from fgtrac_core.errors import CorruptRunError, RunNotFoundError, UnknownSampleError
+from fgtrac_core.store.db import connect, first_line
+from fgtrac_core.store.layout import RunLayout
+
+
+class RunStore:
+    """A read-only view of one run (its latest published snapshot)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.layout = RunLayout.of(run_dir)
+        if not self.layout.root.is_dir():
+            raise RunNotFoundError(f"no run directory at {self.layout.root}")
+        if not self.layout.snapshot_db.exists() and not self.layout.live_db.exists():
+            raise RunNotFoundError(f"{self.layout.root} holds no fgtrac run")
+        self._con = connect(self.layout.snapshot_db, read_only=True)
+        self.snapshot_mtime = self.layout.snapshot_db.stat().st_mtime
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plumbing
+    def df(self, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
+        """Run a read-only query and return a DataFrame (errors become CorruptRunError)."""
+        try:
+            with self._con.cursor() as cur:
+                return cur.execute(sql, params or []).df()
+        except duckdb.Error as exc:
+            raise CorruptRunError(f"{self.layout.snapshot_db} is damaged ({first_line(exc)})") from None
+
+    def _rows(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
+        try:
+            with self._con.cursor() as cur:
+                return cur.execute(sql, params or []).fetchall()
+        except duckdb.Error as exc:
+            raise CorruptRunError(f"{self.layout.snapshot_db} is damaged ({first_line(exc)})") from None
+
+    def is_stale(self) -> bool:
+        """True when the live database changed after this snapshot (recording in progress or interrupted)."""
+        live = self.layout.live_db
+        wal = live.with_name(live.name + ".wal")
+        newest = max((p.stat().st_mtime for p in (live, wal) if p.exists()), default=0.0)
+        return newest > self.snapshot_mtime + 1.0
+
+    # ------------------------------------------------------------------ run level
+    def meta(self) -> dict[str, str]:
+        return dict(self._rows("SELECT key, value FROM meta"))
+
+    def stages(self) -> pd.DataFrame:
+        """One row per stage: optimizer, hyperparameters (JSON), step range, #steps, #batches, #sample uses."""
+        return self.df(
+            """SELECT s.stage_id, s.name, s.optimizer, s.start_step, s.end_step, s.status,
+                      count(b.batch_id) AS n_batches, count(DISTINCT b.step) AS n_steps,
+                      coalesce(sum(b.n_samples), 0) AS n_sample_uses,
+                      min(b.lr) AS lr_min, max(b.lr) AS lr_max, s.hparams, s.lr_schedule,
+                      s.started_at, s.ended_at
+               FROM stages s LEFT JOIN batches b USING (stage_id)
+               GROUP BY ALL ORDER BY s.stage_id"""
+        )
+
+    def checkpoints(self) -> pd.DataFrame:
+        return self.df(
+            """SELECT c.checkpoint_id, c.step, s.name AS stage, c.epoch, c.kind, c.lr, c.val_loss, c.metrics,
+                      c.optimizer, c.path, c.sha256, c.size_bytes, c.created_at
+               FROM checkpoints c LEFT JOIN stages s USING (stage_id) ORDER BY c.checkpoint_id"""
+        )
+
+    def batches(self) -> pd.DataFrame:
+        """Per-batch records (step, stage, epoch, lr, loss, size), in recording order."""
+        return self.df(
+            """SELECT b.batch_id, b.step, s.name AS stage, b.epoch, b.lr, b.loss, b.n_samples
+               FROM batches b JOIN stages s USING (stage_id) ORDER BY b.batch_id"""
+        )
+
+    def transforms(self) -> pd.DataFrame:
+        return self.df(
+            """SELECT t.transform_id, t.name, t.params, t.n_samples, s.name AS stage, t.logged_at
+               FROM transforms t LEFT JOIN stages s USING (stage_id) ORDER BY t.transform_id"""
+        )
+
+    def split_counts(self) -> dict[str, int]:
+        return dict(self._rows("SELECT split, count(*) FROM samples GROUP BY split ORDER BY split"))
+
+    def summary(self) -> dict[str, Any]:
+        """Everything `fgtrac info` reports, as plain JSON-able data."""
+        meta = self.meta()
+        totals = self._rows(
+            "SELECT count(*), count(DISTINCT step), coalesce(sum(n_samples), 0) FROM batches"
+        )[0]
+        stages = self.stages()
+        ckpts = self.checkpoints()
+        return {
+            "run_dir": str(self.layout.root),
+            "run_id": meta.get("run_id"),
+            "name": meta.get("name"),
+            "schema_version": int(meta["schema_version"]),
+            "created_at": meta.get("created_at"),
+            "closed_at": meta.get("closed_at"),
+            "config": json.loads(meta.get("config", "{}")),
+            "snapshot_stale": self.is_stale(),
+            "samples": self.split_counts(),
+            "n_batches": int(totals[0]),
+            "n_steps": int(totals[1]),
+            "n_sample_uses": int(totals[2]),
+            "stages": [
+                {
+                    "name": r.name,
+                    "optimizer": r.optimizer,
+                    "status": r.status,
+                    "start_step": int(r.start_step),
+                    "end_step": None if pd.isna(r.end_step) else int(r.end_step),
+                    "n_steps": int(r.n_steps),
+                    "n_sample_uses": int(r.n_sample_uses),
+                }
+                for r in stages.itertuples()
+            ],
+            "checkpoints": [
+                {
+                    "checkpoint_id": int(r.checkpoint_id),
+                    "step": int(r.step),
+                    "stage": r.stage,
+                    "kind": r.kind,
+                    "lr": None if pd.isna(r.lr) else float(r.lr),
+                    "val_loss": None if pd.isna(r.val_loss) else float(r.val_loss),
+                    "path": r.path,
+                    "sha256": r.sha256,
+                }
+                for r in ckpts.itertuples()
+            ],
+            "transforms": [
+                {"name": r.name, "params": json.loads(r.params), "n_samples": int(r.n_samples)}
+                for r in self.transforms().itertuples()
+            ],
+        }
+
+    # ------------------------------------------------------------------ sample level
+    def sample(self, sample_id: int) -> dict[str, Any]:
+        """A sample's registration record and annotations; raises UnknownSampleError."""
+        rows = self._rows(
+            """SELECT sample_id, split, label, content_sha256, thumbnail_sha256, source, registered_at
+               FROM samples WHERE sample_id = ?""",
+            [int(sample_id)],
+        )
+        if not rows:
+            raise UnknownSampleError(f"sample id {sample_id} is not in this run")
+        keys = (
+            "sample_id",
+            "split",
+            "label",
+            "content_sha256",
+            "thumbnail_sha256",
+            "source",
+            "registered_at",
+        )
+        out = dict(zip(keys, rows[0], strict=True))
+        out["registered_at"] = out["registered_at"].isoformat()
+        out["annotations"] = dict(
+            self._rows(
+                "SELECT key, value FROM sample_annotations WHERE sample_id = ? ORDER BY key", [int(sample_id)]
+            )
+        )
+        return out
+
+    def sample_usage(self, sample_id: int) -> pd.DataFrame:
+        """When was the sample used: one row per use (step, epoch, stage, lr, batch loss, position in batch)."""
+        self.sample(sample_id)
+        return self.df(
+            """SELECT b.step, b.epoch, s.name AS stage, b.lr, b.loss, bs.position, b.batch_id
+               FROM batch_samples bs JOIN batches b USING (batch_id) JOIN stages s USING (stage_id)
+               WHERE bs.sample_id = ? ORDER BY b.batch_id""",
+            [int(sample_id)],
+        )
+
+    def sample_transforms(self, sample_id: int) -> pd.DataFrame:
+        """The preprocessing applied to a sample, in recording order."""
+        return self.df(
+            """SELECT t.transform_id, t.name, t.params, t.logged_at
+               FROM transform_samples ts JOIN transforms t USING (transform_id)
+               WHERE ts.sample_id = ? ORDER BY t.transform_id""",
+            [int(sample_id)],
+        )
+
+    def thumbnail(self, sample_id: int) -> bytes | None:
+        rows = self._rows("SELECT thumbnail FROM samples WHERE sample_id = ?", [int(sample_id)])
+        if not rows:
+            raise UnknownSampleError(f"sample id {sample_id} is not in this run")
+        return rows[0][0]
+
+    def samples(self, split: str | None = None) -> pd.DataFrame:
+        """Sample registrations without thumbnails, optionally for one split."""
+        where, params = ("WHERE split = ?", [split]) if split else ("", [])
+        return self.df(
+            f"""SELECT sample_id, split, label, content_sha256, source FROM samples {where}
+                ORDER BY sample_id""",
+            params,
+        )

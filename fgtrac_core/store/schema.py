@@ -1,0 +1,121 @@
+"""The versioned DuckDB schema of a run (documented column by column in docs/schema.md).
+
+Every table has a stable key so that each row can be re-encoded as a ledger entry.  Timestamps are naive UTC.
+JSON columns hold canonical JSON (sorted keys, compact separators).
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+from fgtrac_core.errors import CorruptRunError, SchemaVersionError
+
+SCHEMA_VERSION = 1
+
+_DDL = """
+CREATE TABLE meta (
+    key VARCHAR PRIMARY KEY,
+    value VARCHAR NOT NULL
+);
+CREATE TABLE samples (
+    sample_id BIGINT PRIMARY KEY,
+    split VARCHAR NOT NULL,
+    label INTEGER,
+    content_sha256 VARCHAR NOT NULL,
+    thumbnail BLOB,
+    thumbnail_sha256 VARCHAR,
+    source VARCHAR,
+    registered_at TIMESTAMP NOT NULL
+);
+CREATE TABLE sample_annotations (
+    sample_id BIGINT NOT NULL,
+    key VARCHAR NOT NULL,
+    value VARCHAR,
+    PRIMARY KEY (sample_id, key)
+);
+CREATE TABLE transforms (
+    transform_id INTEGER PRIMARY KEY,
+    name VARCHAR NOT NULL,
+    params VARCHAR NOT NULL,
+    n_samples BIGINT NOT NULL,
+    stage_id INTEGER,
+    logged_at TIMESTAMP NOT NULL
+);
+CREATE TABLE transform_samples (
+    transform_id INTEGER NOT NULL,
+    sample_id BIGINT NOT NULL
+);
+CREATE TABLE stages (
+    stage_id INTEGER PRIMARY KEY,
+    name VARCHAR NOT NULL UNIQUE,
+    optimizer VARCHAR NOT NULL,
+    hparams VARCHAR NOT NULL,
+    lr_schedule VARCHAR NOT NULL,
+    start_step BIGINT NOT NULL,
+    end_step BIGINT,
+    status VARCHAR NOT NULL,
+    started_at TIMESTAMP NOT NULL,
+    ended_at TIMESTAMP
+);
+CREATE TABLE batches (
+    batch_id BIGINT PRIMARY KEY,
+    step BIGINT NOT NULL,
+    stage_id INTEGER NOT NULL,
+    epoch INTEGER,
+    lr DOUBLE,
+    loss DOUBLE,
+    n_samples INTEGER NOT NULL
+);
+CREATE TABLE batch_samples (
+    batch_id BIGINT NOT NULL,
+    position INTEGER NOT NULL,
+    sample_id BIGINT NOT NULL
+);
+CREATE TABLE checkpoints (
+    checkpoint_id INTEGER PRIMARY KEY,
+    step BIGINT NOT NULL,
+    stage_id INTEGER,
+    epoch INTEGER,
+    kind VARCHAR NOT NULL,
+    lr DOUBLE,
+    val_loss DOUBLE,
+    metrics VARCHAR NOT NULL,
+    optimizer VARCHAR,
+    path VARCHAR NOT NULL,
+    sha256 VARCHAR NOT NULL,
+    size_bytes BIGINT NOT NULL,
+    created_at TIMESTAMP NOT NULL
+);
+"""
+
+TABLES = (
+    "meta",
+    "samples",
+    "sample_annotations",
+    "transforms",
+    "transform_samples",
+    "stages",
+    "batches",
+    "batch_samples",
+    "checkpoints",
+)
+
+
+def create_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create all tables in an empty database and stamp the schema version."""
+    con.execute(_DDL)
+    con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+
+
+def check_schema(con: duckdb.DuckDBPyConnection, where: str) -> None:
+    """Raise a one-line error unless `con` holds an fgtrac run of this schema version."""
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except duckdb.CatalogException:
+        raise CorruptRunError(f"{where} is a DuckDB file but not an fgtrac run (no meta table)") from None
+    if row is None:
+        raise CorruptRunError(f"{where} has no schema version; it is not an fgtrac run")
+    if row[0] != str(SCHEMA_VERSION):
+        raise SchemaVersionError(
+            f"{where} has schema version {row[0]}, but this fgtrac reads version {SCHEMA_VERSION}"
+        )

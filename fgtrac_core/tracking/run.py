@@ -1,0 +1,601 @@
+"""The recorder a training loop calls: samples, transforms, stages, batches and checkpoints, into DuckDB.
+
+Usage (see README for a complete loop)::
+
+    run = Run.create("runs/exp1", name="exp1")
+    run.register_samples(ids, split="train", labels=y, raw=x_raw, thumbnails=images)
+    with run.stage("pretrain", optimizer=opt, model=model):
+        for step, (ids, x, y) in enumerate(loader):
+            ...
+            run.log_batch(ids, step=step, epoch=epoch, loss=loss)
+        run.checkpoint(model, opt, val_loss=val)
+    run.close()
+
+Conventions:
+  * ``step`` of a batch is its 0-based global optimizer-step index; several ``log_batch`` calls may share a step
+    (gradient accumulation), steps never decrease.
+  * ``step`` of a checkpoint is the number of optimizer steps completed when it was taken, so checkpoint step s
+    holds the parameters *before* the update of batch step s.
+  * Batches are buffered in memory and committed in one Arrow insert at every checkpoint, stage boundary, at
+    ``flush()``, ``close()``, and whenever ``flush_every`` sample rows are pending.  What is committed survives a
+    crash (DuckDB's WAL); a snapshot for readers is published at every checkpoint and at close.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import torch
+
+from fgtrac_core._json import canonical_json, to_jsonable
+from fgtrac_core.errors import (
+    FgtracError,
+    RecorderStateError,
+    RunExistsError,
+    UnknownSampleError,
+)
+from fgtrac_core.store.db import connect, insert_arrow, publish_snapshot
+from fgtrac_core.store.layout import RunLayout
+from fgtrac_core.store.schema import create_schema
+from fgtrac_core.tracking.thumbnails import as_png_list
+
+CHECKPOINT_FORMAT = "fgtrac-checkpoint/1"
+CHECKPOINT_KINDS = ("periodic", "stage_start", "stage_end")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _as_ids(sample_ids: Any) -> np.ndarray:
+    if isinstance(sample_ids, torch.Tensor):
+        sample_ids = sample_ids.detach().cpu().numpy()
+    ids = np.asarray(sample_ids)
+    if ids.ndim != 1 or not (ids.dtype.kind in "iu" or ids.size == 0):
+        raise FgtracError("sample ids must be a 1-D sequence of integers")
+    return ids.astype(np.int64, copy=False)
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().cpu())
+    return float(value)
+
+
+def _sha256_rows(raw: Sequence[bytes] | np.ndarray) -> list[str]:
+    """SHA-256 of each sample's raw bytes (for arrays: the C-order bytes of each row, dtype as given)."""
+    if isinstance(raw, np.ndarray):
+        return [hashlib.sha256(np.ascontiguousarray(row).tobytes()).hexdigest() for row in raw]
+    return [hashlib.sha256(bytes(r)).hexdigest() for r in raw]
+
+
+def optimizer_hparams(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Hyperparameters of every param group (without the parameters themselves)."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return {"class": type(optimizer).__name__, "param_groups": to_jsonable(groups)}
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What `Run.checkpoint` wrote: file path relative to the run, its SHA-256 (hex) and where in training."""
+
+    checkpoint_id: int
+    step: int
+    stage: str | None
+    kind: str
+    path: str
+    sha256: str
+    val_loss: float | None
+
+
+@dataclass
+class _ActiveStage:
+    stage_id: int
+    name: str
+    optimizer: torch.optim.Optimizer
+    last_lr: float | None = None
+
+
+class _BatchBuffer:
+    """Column lists for pending `batches` / `batch_samples` rows; converted to Arrow once per flush."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.batch_id: list[int] = []
+        self.step: list[int] = []
+        self.stage_id: list[int] = []
+        self.epoch: list[int | None] = []
+        self.lr: list[float | None] = []
+        self.loss: list[Any] = []
+        self.ids: list[np.ndarray] = []
+        self.n_sample_rows = 0
+
+    def __len__(self) -> int:
+        return len(self.batch_id)
+
+    def tables(self) -> tuple[pa.Table, pa.Table]:
+        sizes = np.fromiter((len(a) for a in self.ids), dtype=np.int64, count=len(self.ids))
+        batches = pa.table(
+            {
+                "batch_id": pa.array(self.batch_id, pa.int64()),
+                "step": pa.array(self.step, pa.int64()),
+                "stage_id": pa.array(self.stage_id, pa.int32()),
+                "epoch": pa.array(self.epoch, pa.int32()),
+                "lr": pa.array(self.lr, pa.float64()),
+                # losses may be tensors (possibly on an accelerator): converted here, not per step
+                "loss": pa.array([_as_float(x) for x in self.loss], pa.float64()),
+                "n_samples": pa.array(sizes, pa.int32()),
+            }
+        )
+        ids = np.concatenate(self.ids) if self.ids else np.empty(0, np.int64)
+        starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
+        samples = pa.table(
+            {
+                "batch_id": pa.array(np.repeat(np.asarray(self.batch_id, np.int64), sizes)),
+                "position": pa.array((np.arange(len(ids)) - starts).astype(np.int32)),
+                "sample_id": pa.array(ids),
+            }
+        )
+        return batches, samples
+
+
+class Run:
+    """Records one training run into a run directory (one recorder process per run).
+
+    Create with `Run.create`, reopen for more recording (e.g. after a crash) with `Run.open`; readers use
+    `fgtrac_core.store.RunStore`, which opens only the published snapshot.
+    """
+
+    def __init__(self, layout: RunLayout, con: duckdb.DuckDBPyConnection, *, flush_every: int) -> None:
+        self.layout = layout
+        self._con = con
+        self._flush_every = flush_every
+        self._buffer = _BatchBuffer()
+        self._stage: _ActiveStage | None = None
+        self._model: torch.nn.Module | None = None
+        self._closed = False
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        self.run_id: str = meta["run_id"]
+        self.name: str = meta["name"]
+        self._known_ids = np.sort(
+            con.execute("SELECT sample_id FROM samples").fetchnumpy()["sample_id"].astype(np.int64)
+        )
+        self._next_batch_id = self._scalar("SELECT coalesce(max(batch_id) + 1, 0) FROM batches")
+        self._next_step = self._scalar("SELECT coalesce(max(step) + 1, 0) FROM batches")
+        self._next_stage_id = self._scalar("SELECT coalesce(max(stage_id) + 1, 0) FROM stages")
+        self._next_checkpoint_id = self._scalar("SELECT coalesce(max(checkpoint_id) + 1, 0) FROM checkpoints")
+        self._next_transform_id = self._scalar("SELECT coalesce(max(transform_id) + 1, 0) FROM transforms")
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def create(
+        cls,
+        run_dir: str | Path,
+        *,
+        name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        flush_every: int = 100_000,
+    ) -> Run:
+        """Start a new run in `run_dir` (created if missing); refuses a directory that already holds a run.
+
+        `config` is free-form (seed, data source, code version...) and stored as canonical JSON in `meta`.
+        """
+        layout = RunLayout.of(run_dir)
+        if layout.holds_run():
+            raise RunExistsError(f"{layout.root} already holds an fgtrac run; refusing to overwrite it")
+        layout.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(str(layout.live_db))
+        create_schema(con)
+        meta = {
+            "run_id": uuid.uuid4().hex,
+            "name": name or layout.root.name,
+            "created_at": _now().isoformat(),
+            "config": canonical_json(dict(config or {})),
+            "torch_version": torch.__version__,
+            "duckdb_version": duckdb.__version__,
+        }
+        insert_arrow(con, "meta", pa.table({"key": list(meta), "value": list(meta.values())}))
+        run = cls(layout, con, flush_every=flush_every)
+        run.publish()
+        return run
+
+    @classmethod
+    def open(cls, run_dir: str | Path, *, flush_every: int = 100_000) -> Run:
+        """Reopen a run for more recording; a stage left running by a crashed recorder is marked interrupted."""
+        layout = RunLayout.of(run_dir)
+        con = connect(layout.live_db, read_only=False)
+        con.execute(
+            """UPDATE stages SET status = 'interrupted', ended_at = ?,
+                   end_step = (SELECT max(step) FROM batches b WHERE b.stage_id = stages.stage_id)
+               WHERE status = 'running'""",
+            [_now()],
+        )
+        run = cls(layout, con, flush_every=flush_every)
+        run.publish()
+        return run
+
+    def close(self) -> None:
+        """Commit everything pending, publish the final snapshot, release the database."""
+        if self._closed:
+            return
+        self.flush()
+        self._con.execute("INSERT OR REPLACE INTO meta VALUES ('closed_at', ?)", [_now().isoformat()])
+        self.publish()
+        self._con.close()
+        self._closed = True
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ samples and preprocessing
+    def register_samples(
+        self,
+        sample_ids: Any,
+        *,
+        split: str,
+        labels: Any = None,
+        raw: Sequence[bytes] | np.ndarray | None = None,
+        content_sha256: Sequence[str] | None = None,
+        thumbnails: Sequence[bytes] | np.ndarray | None = None,
+        thumbnail_scale: int = 1,
+        source: str | None = None,
+    ) -> None:
+        """Register samples as ingested: ids, split, label and SHA-256 of the raw bytes (give `raw` or the hashes).
+
+        `raw` may be a list of bytes (e.g. file contents) or an array whose rows are hashed as C-order bytes.
+        `thumbnails` are PNG bytes or an image array (N, H, W[, C]) encoded to PNG (upscaled by
+        `thumbnail_scale`).
+        """
+        self._check_open()
+        ids = _as_ids(sample_ids)
+        n = len(ids)
+        if (raw is None) == (content_sha256 is None):
+            raise FgtracError("register_samples needs exactly one of raw= or content_sha256=")
+        hashes = _sha256_rows(raw) if raw is not None else [str(h).lower() for h in content_sha256]
+        label_arr = None if labels is None else _as_ids(labels)
+        pngs = None if thumbnails is None else as_png_list(thumbnails, scale=thumbnail_scale)
+        for what, seq in (("labels", label_arr), ("raw/content_sha256", hashes), ("thumbnails", pngs)):
+            if seq is not None and len(seq) != n:
+                raise FgtracError(f"register_samples: {what} has {len(seq)} entries for {n} sample ids")
+        if len(np.unique(ids)) != n:
+            raise FgtracError("register_samples: duplicate sample ids in one call")
+        clash = ids[np.isin(ids, self._known_ids)]
+        if len(clash):
+            raise FgtracError(f"register_samples: sample id {int(clash[0])} is already registered")
+        if any(len(h) != 64 for h in hashes):
+            raise FgtracError("register_samples: content_sha256 must be 64 hex characters")
+        table = pa.table(
+            {
+                "sample_id": pa.array(ids),
+                "split": pa.array([split] * n, pa.string()),
+                "label": pa.array(label_arr, pa.int32())
+                if label_arr is not None
+                else pa.nulls(n, pa.int32()),
+                "content_sha256": pa.array(hashes, pa.string()),
+                "thumbnail": pa.array(pngs, pa.binary()) if pngs is not None else pa.nulls(n, pa.binary()),
+                "thumbnail_sha256": pa.array(
+                    [hashlib.sha256(p).hexdigest() for p in pngs] if pngs is not None else [None] * n,
+                    pa.string(),
+                ),
+                "source": pa.array([source] * n, pa.string()),
+                "registered_at": pa.array([_now()] * n, pa.timestamp("us")),
+            }
+        )
+        with self._transaction():
+            self._insert("samples", table)
+        self._known_ids = np.union1d(self._known_ids, ids)
+
+    def annotate_samples(self, sample_ids: Any, key: str, values: Sequence[Any]) -> None:
+        """Attach a named value per sample (e.g. benchmark ground truth); no fgtrac algorithm reads these."""
+        self._check_open()
+        ids = self._require_known(_as_ids(sample_ids))
+        if len(values) != len(ids):
+            raise FgtracError(f"annotate_samples: {len(values)} values for {len(ids)} sample ids")
+        table = pa.table(
+            {
+                "sample_id": pa.array(ids),
+                "key": pa.array([key] * len(ids), pa.string()),
+                "value": pa.array([None if v is None else str(to_jsonable(v)) for v in values], pa.string()),
+            }
+        )
+        with self._transaction():
+            self._insert("sample_annotations", table)
+
+    def log_transform(self, name: str, sample_ids: Any, **params: Any) -> int:
+        """Record that preprocessing `name` with `params` was applied to `sample_ids`; returns its id."""
+        self._check_open()
+        ids = self._require_known(_as_ids(sample_ids))
+        tid = self._next_transform_id
+        row = pa.table(
+            {
+                "transform_id": pa.array([tid], pa.int32()),
+                "name": pa.array([name], pa.string()),
+                "params": pa.array([canonical_json(params)], pa.string()),
+                "n_samples": pa.array([len(ids)], pa.int64()),
+                "stage_id": pa.array([self._stage.stage_id if self._stage else None], pa.int32()),
+                "logged_at": pa.array([_now()], pa.timestamp("us")),
+            }
+        )
+        links = pa.table(
+            {"transform_id": pa.array(np.full(len(ids), tid, np.int32)), "sample_id": pa.array(ids)}
+        )
+        with self._transaction():
+            self._insert("transforms", row)
+            self._insert("transform_samples", links)
+        self._next_transform_id += 1
+        return tid
+
+    # ------------------------------------------------------------------ stages, batches, checkpoints
+    def watch(self, model: torch.nn.Module) -> None:
+        """Tell the recorder which model to save at stage boundaries."""
+        self._model = model
+
+    @contextmanager
+    def stage(
+        self,
+        name: str,
+        *,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        model: torch.nn.Module | None = None,
+        **hparams: Any,
+    ) -> Iterator[Run]:
+        """Mark a training stage; parameters and optimizer state are checkpointed at its start and end.
+
+        Records the optimizer class and every param group's hyperparameters, the scheduler's class and state
+        (the per-step learning rates are in `batches.lr`), and any extra `hparams` given.
+        """
+        self._check_open()
+        if self._stage is not None:
+            raise RecorderStateError(
+                f"stage {name!r} started inside stage {self._stage.name!r}; stages do not nest"
+            )
+        if model is not None:
+            self._model = model
+        if self._model is None:
+            raise RecorderStateError("run.stage needs the model: pass model= or call run.watch(model) first")
+        schedule: dict[str, Any] = {}
+        if scheduler is not None:
+            state = {k: v for k, v in scheduler.state_dict().items() if not callable(v)}
+            schedule = {"class": type(scheduler).__name__, "state": to_jsonable(state)}
+        stage_id = self._next_stage_id
+        row = pa.table(
+            {
+                "stage_id": pa.array([stage_id], pa.int32()),
+                "name": pa.array([name], pa.string()),
+                "optimizer": pa.array([type(optimizer).__name__], pa.string()),
+                "hparams": pa.array([canonical_json({**optimizer_hparams(optimizer), "user": hparams})]),
+                "lr_schedule": pa.array([canonical_json(schedule)]),
+                "start_step": pa.array([self._next_step], pa.int64()),
+                "end_step": pa.nulls(1, pa.int64()),
+                "status": pa.array(["running"]),
+                "started_at": pa.array([_now()], pa.timestamp("us")),
+                "ended_at": pa.nulls(1, pa.timestamp("us")),
+            }
+        )
+        try:
+            with self._transaction():
+                self._insert("stages", row)
+        except duckdb.ConstraintException:
+            raise RecorderStateError(f"a stage named {name!r} already exists in this run") from None
+        self._next_stage_id += 1
+        self._stage = _ActiveStage(stage_id, name, optimizer)
+        self.checkpoint(self._model, optimizer, kind="stage_start")
+        status = "failed"
+        try:
+            yield self
+            self.checkpoint(self._model, optimizer, kind="stage_end")
+            status = "done"
+        finally:
+            self._end_stage(status)
+
+    def _end_stage(self, status: str) -> None:
+        assert self._stage is not None
+        stage_id = self._stage.stage_id
+        with self._transaction():
+            self._con.execute(
+                """UPDATE stages SET status = ?, ended_at = ?,
+                       end_step = (SELECT max(step) FROM batches WHERE stage_id = ?)
+                   WHERE stage_id = ?""",
+                [status, _now(), stage_id, stage_id],
+            )
+        self._stage = None
+        self.publish()
+
+    def log_batch(
+        self,
+        sample_ids: Any,
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+        lr: float | None = None,
+        loss: Any = None,
+    ) -> None:
+        """Record that `sample_ids` (in batch order) were used for optimizer step `step`.
+
+        `lr` defaults to the stage optimizer's first param group lr at call time (log before `scheduler.step()`).
+        `loss` may be a tensor; it is converted at flush time, so logging never forces a device sync.
+        """
+        stage = self._require_stage()
+        ids = self._require_known(_as_ids(sample_ids))
+        if step is None:
+            step = self._next_step
+        elif step < self._next_step - 1:
+            raise RecorderStateError(
+                f"log_batch step {step} is before the last logged step {self._next_step - 1}"
+            )
+        if lr is None:
+            lr = float(stage.optimizer.param_groups[0]["lr"])
+        buf = self._buffer
+        buf.batch_id.append(self._next_batch_id)
+        buf.step.append(int(step))
+        buf.stage_id.append(stage.stage_id)
+        buf.epoch.append(None if epoch is None else int(epoch))
+        buf.lr.append(float(lr))
+        buf.loss.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        buf.ids.append(ids)
+        buf.n_sample_rows += len(ids)
+        stage.last_lr = float(lr)
+        self._next_batch_id += 1
+        self._next_step = int(step) + 1
+        if buf.n_sample_rows >= self._flush_every:
+            self.flush()
+
+    def checkpoint(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        step: int | None = None,
+        val_loss: Any = None,
+        metrics: Mapping[str, Any] | None = None,
+        epoch: int | None = None,
+        kind: str = "periodic",
+    ) -> CheckpointRecord:
+        """Save model (and optimizer) state next to the database and record it; publishes a snapshot.
+
+        `step` defaults to the number of optimizer steps completed.  The recorded `lr` is the learning rate of
+        the last batch logged in the current stage (the rate that produced these parameters), else the
+        optimizer's current rate.  The file is a `torch.save` dict loadable with `weights_only=True`.
+        """
+        self._check_open()
+        if kind not in CHECKPOINT_KINDS:
+            raise FgtracError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}, not {kind!r}")
+        self._model = model
+        stage = self._stage
+        if optimizer is None and stage is not None:
+            optimizer = stage.optimizer
+        step = self._next_step if step is None else int(step)
+        lr = stage.last_lr if stage is not None and stage.last_lr is not None else None
+        if lr is None and optimizer is not None:
+            lr = float(optimizer.param_groups[0]["lr"])
+        cid = self._next_checkpoint_id
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "run_id": self.run_id,
+            "checkpoint_id": cid,
+            "step": step,
+            "stage": stage.name if stage else None,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        }
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        data = buf.getvalue()
+        rel = f"{self.layout.checkpoint_dir.name}/{cid:05d}-step{step:08d}-{kind}.pt"
+        _write_atomic(self.layout.root / rel, data)
+        record = CheckpointRecord(
+            cid,
+            step,
+            stage.name if stage else None,
+            kind,
+            rel,
+            hashlib.sha256(data).hexdigest(),
+            _as_float(val_loss),
+        )
+        row = pa.table(
+            {
+                "checkpoint_id": pa.array([cid], pa.int32()),
+                "step": pa.array([step], pa.int64()),
+                "stage_id": pa.array([stage.stage_id if stage else None], pa.int32()),
+                "epoch": pa.array([epoch], pa.int32()),
+                "kind": pa.array([kind]),
+                "lr": pa.array([lr], pa.float64()),
+                "val_loss": pa.array([record.val_loss], pa.float64()),
+                "metrics": pa.array([canonical_json(dict(metrics or {}))]),
+                "optimizer": pa.array(
+                    [type(optimizer).__name__ if optimizer is not None else None], pa.string()
+                ),
+                "path": pa.array([rel]),
+                "sha256": pa.array([record.sha256]),
+                "size_bytes": pa.array([len(data)], pa.int64()),
+                "created_at": pa.array([_now()], pa.timestamp("us")),
+            }
+        )
+        with self._transaction():
+            self._insert("checkpoints", row)
+        self._next_checkpoint_id += 1
+        self.publish()
+        return record
+
+    # ------------------------------------------------------------------ persistence
+    def flush(self) -> None:
+        """Commit pending batch records in one transaction."""
+        self._check_open()
+        with self._transaction():
+            pass
+
+    def publish(self) -> None:
+        """Publish a read-only snapshot of everything committed (readers open only snapshots)."""
+        self._check_open()
+        publish_snapshot(self._con, self.layout.live_db, self.layout.snapshot_db)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction that first writes pending batches, so rows reach the database in recording order."""
+        self._con.begin()
+        try:
+            if len(self._buffer):
+                batches, samples = self._buffer.tables()
+                self._insert("batches", batches)
+                self._insert("batch_samples", samples)
+            yield
+        except BaseException:
+            self._con.rollback()
+            raise
+        self._con.commit()
+        self._buffer.clear()
+
+    def _insert(self, table: str, data: pa.Table) -> None:
+        insert_arrow(self._con, table, data)
+
+    # ------------------------------------------------------------------ checks
+    def _scalar(self, sql: str) -> int:
+        return int(self._con.execute(sql).fetchone()[0])
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RecorderStateError("this run is closed")
+
+    def _require_stage(self) -> _ActiveStage:
+        self._check_open()
+        if self._stage is None:
+            raise RecorderStateError("log_batch must be called inside `with run.stage(...)`")
+        return self._stage
+
+    def _require_known(self, ids: np.ndarray) -> np.ndarray:
+        known = self._known_ids
+        pos = np.searchsorted(known, ids)
+        ok = pos < len(known)
+        ok[ok] = known[pos[ok]] == ids[ok]
+        if not ok.all():
+            raise UnknownSampleError(f"sample id {int(ids[~ok][0])} was never registered in this run")
+        return ids
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

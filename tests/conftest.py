@@ -1,0 +1,37 @@
+"""Shared fixtures: small real runs, built once per test session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run `fgtrac ARGS` in a fresh interpreter, as a user would."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fgtrac_core.cli", *args], capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fgtrac {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled sample run, built through the CLI exactly as the README does (read-only for tests)."""
+    out = tmp_path_factory.mktemp("digits") / "run"
+    run_cli("demo", "--no-app", "--out", str(out), check=True)
+    return out
+
+
+@pytest.fixture
+def digits_copy(digits_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the sample run that a test may damage."""
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(digits_run, dst)
+    return dst

@@ -1,0 +1,170 @@
+"""The recorder API on a tiny model: every record lands, is queryable, and bad calls fail clearly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fgtrac_core import RecorderStateError, Run, RunExistsError, RunStore, UnknownSampleError
+from fgtrac_core.errors import FgtracError
+
+
+def _tiny_run(run_dir: Path, *, flush_every: int = 100_000) -> tuple[Run, nn.Module, np.ndarray]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    raw = np.arange(40, dtype=np.uint8).reshape(10, 4)
+    run = Run.create(run_dir, name="tiny", config={"seed": 0}, flush_every=flush_every)
+    run.register_samples(
+        np.arange(10),
+        split="train",
+        labels=np.arange(10) % 3,
+        raw=raw,
+        thumbnails=np.zeros((10, 2, 2), np.uint8),
+    )
+    return run, model, raw
+
+
+def _train(run: Run, model: nn.Module, steps: int = 6) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    with run.stage("only", optimizer=opt, scheduler=sched, model=model, note="x"):
+        for step in range(steps):
+            ids = torch.tensor([step % 10, (step + 3) % 10])
+            loss = model(torch.randn(2, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.log_batch(ids, step=step, epoch=step // 3, loss=loss)
+            sched.step()
+        run.checkpoint(model, opt, val_loss=torch.tensor(0.5), metrics={"acc": 1.0})
+
+
+def test_records_samples_batches_stages_checkpoints(tmp_path: Path) -> None:
+    run, model, raw = _tiny_run(tmp_path / "r")
+    run.log_transform("scale", np.arange(10), divisor=2.0)
+    _train(run, model)
+    run.close()
+
+    with RunStore(tmp_path / "r") as store:
+        s = store.summary()
+        assert s["samples"] == {"train": 10}
+        assert s["n_steps"] == 6 and s["n_sample_uses"] == 12
+        assert [st["name"] for st in s["stages"]] == ["only"]
+        assert s["stages"][0]["start_step"] == 0 and s["stages"][0]["end_step"] == 5
+        assert [c["kind"] for c in s["checkpoints"]] == ["stage_start", "periodic", "stage_end"]
+        assert s["checkpoints"][1]["val_loss"] == pytest.approx(0.5)
+        assert s["checkpoints"][1]["step"] == 6
+        # the checkpoint records the lr that produced its parameters (last logged batch), not the next one
+        assert s["checkpoints"][1]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+        info = store.sample(3)
+        assert info["content_sha256"] == hashlib.sha256(raw[3].tobytes()).hexdigest()
+        assert store.thumbnail(3).startswith(b"\x89PNG")
+        usage = store.sample_usage(3)
+        # sample 3 is in batches of steps 0 (position 1) and 3 (position 0)
+        assert usage["step"].tolist() == [0, 3]
+        assert usage["position"].tolist() == [1, 0]
+        assert usage["epoch"].tolist() == [0, 1]
+        assert usage["lr"].tolist() == pytest.approx([0.1, 0.05])
+        assert store.sample_transforms(3)["name"].tolist() == ["scale"]
+        hp = json.loads(store.stages()["hparams"][0])
+        assert (
+            hp["class"] == "SGD" and hp["param_groups"][0]["momentum"] == 0.9 and hp["user"] == {"note": "x"}
+        )
+        assert json.loads(store.stages()["lr_schedule"][0])["class"] == "StepLR"
+        with pytest.raises(UnknownSampleError):
+            store.sample_usage(99)
+
+
+def test_checkpoint_files_hash_and_load_weights_only(tmp_path: Path) -> None:
+    run, model, _ = _tiny_run(tmp_path / "r")
+    _train(run, model)
+    run.close()
+    with RunStore(tmp_path / "r") as store:
+        ckpts = store.checkpoints()
+    for row in ckpts.itertuples():
+        path = tmp_path / "r" / row.path
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == row.sha256
+        state = torch.load(path, weights_only=True)
+        assert state["format"] == "fgtrac-checkpoint/1"
+        assert set(state["model"]) == {"0.weight", "0.bias"}
+    final = torch.load(tmp_path / "r" / ckpts.path.iloc[-1], weights_only=True)
+    assert torch.equal(final["model"]["0.weight"], model[0].weight.detach())
+    assert "momentum_buffer" in final["optimizer"]["state"][0]
+
+
+def test_flush_every_commits_while_recording(tmp_path: Path) -> None:
+    run, model, _ = _tiny_run(tmp_path / "r", flush_every=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with run.stage("s", optimizer=opt, model=model):
+        for step in range(3):
+            run.log_batch([1, 2], step=step)
+        # the second batch reached 4 pending sample rows and was committed; the third is still buffered
+        assert run._con.execute("SELECT count(*) FROM batch_samples").fetchone()[0] == 4
+    run.close()
+
+
+def test_bad_calls_fail_clearly_and_record_nothing(tmp_path: Path) -> None:
+    run, model, _ = _tiny_run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RecorderStateError):
+        run.log_batch([1], step=0)
+    with pytest.raises(FgtracError, match="already registered"):
+        run.register_samples([3], split="train", raw=[b"x"])
+    with pytest.raises(FgtracError, match="exactly one"):
+        run.register_samples([50], split="train")
+    with run.stage("s", optimizer=opt, model=model):
+        with pytest.raises(UnknownSampleError, match="42"):
+            run.log_batch([1, 42], step=0)
+        run.log_batch([1], step=0)
+        with pytest.raises(RecorderStateError, match="nest"), run.stage("t", optimizer=opt):
+            pass
+        run.log_batch([2], step=1)
+        with pytest.raises(RecorderStateError, match="before"):
+            run.log_batch([1], step=0)
+    with pytest.raises(RecorderStateError, match="already exists"), run.stage("s", optimizer=opt):
+        pass
+    run.close()
+    with RunStore(tmp_path / "r") as store:
+        assert store.sample_usage(1)["step"].tolist() == [0]
+        assert store.summary()["n_sample_uses"] == 2
+
+
+def test_create_refuses_existing_run_and_writes_nothing(tmp_path: Path) -> None:
+    run, model, _ = _tiny_run(tmp_path / "r")
+    run.close()
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*")}
+    with pytest.raises(RunExistsError):
+        Run.create(tmp_path / "r")
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*")} == before
+
+
+def test_failed_stage_is_marked_and_open_resumes(tmp_path: Path) -> None:
+    run, model, _ = _tiny_run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ZeroDivisionError), run.stage("boom", optimizer=opt, model=model):
+        run.log_batch([1, 2], step=0)
+        _ = 1 / 0
+    run.close()
+    run = Run.open(tmp_path / "r")
+    _train(run, model)
+    run.close()
+    with RunStore(tmp_path / "r") as store:
+        stages = store.stages()
+        assert stages["status"].tolist() == ["failed", "done"]
+        assert stages["start_step"].tolist() == [0, 1]
+        assert store.sample_usage(1)["step"].tolist()[0] == 0
+
+
+def test_stage_needs_a_model(tmp_path: Path) -> None:
+    run, model, _ = _tiny_run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RecorderStateError, match="model"), run.stage("s", optimizer=opt):
+        pass
+    run.close()
