@@ -19,15 +19,20 @@ Conventions:
   * Batches are buffered in memory and committed in one Arrow insert at every checkpoint, stage boundary, at
     ``flush()``, ``close()``, and whenever ``flush_every`` sample rows are pending.  What is committed survives a
     crash (DuckDB's WAL); a snapshot for readers is published at every checkpoint and at close.
+  * The slow part (serialising checkpoints, fsync, inserts, snapshots) runs on a background writer thread, in
+    order; the training thread only validates, copies checkpoint tensors and enqueues.  ``flush()`` and
+    ``publish()`` wait for the writer, ``close()`` drains it.  A background failure is raised at the next call.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +54,7 @@ from fgtrac_core.errors import (
 from fgtrac_core.store.db import connect, insert_arrow, publish_snapshot
 from fgtrac_core.store.layout import RunLayout
 from fgtrac_core.store.schema import create_schema
+from fgtrac_core.tracking._writer import Writer
 from fgtrac_core.tracking.thumbnails import as_png_list
 
 CHECKPOINT_FORMAT = "fgtrac-checkpoint/1"
@@ -91,14 +97,17 @@ def optimizer_hparams(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class CheckpointRecord:
-    """What `Run.checkpoint` wrote: file path relative to the run, its SHA-256 (hex) and where in training."""
+    """What `Run.checkpoint` is writing: file path relative to the run and where in training.
+
+    The file and its SHA-256 are written by the background writer; both are in the `checkpoints` table once
+    committed (after `flush()`, `publish()` or `close()` at the latest).
+    """
 
     checkpoint_id: int
     step: int
     stage: str | None
     kind: str
     path: str
-    sha256: str
     val_loss: float | None
 
 
@@ -181,6 +190,10 @@ class Run:
         self._next_stage_id = self._scalar("SELECT coalesce(max(stage_id) + 1, 0) FROM stages")
         self._next_checkpoint_id = self._scalar("SELECT coalesce(max(checkpoint_id) + 1, 0) FROM checkpoints")
         self._next_transform_id = self._scalar("SELECT coalesce(max(transform_id) + 1, 0) FROM transforms")
+        self._stage_names = {r[0] for r in con.execute("SELECT name FROM stages").fetchall()}
+        self._writer = Writer(con, lambda: publish_snapshot(con, layout.live_db, layout.snapshot_db))
+        # a script that forgets close() still commits what it recorded
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -234,11 +247,16 @@ class Run:
         """Commit everything pending, publish the final snapshot, release the database."""
         if self._closed:
             return
-        self.flush()
-        self._con.execute("INSERT OR REPLACE INTO meta VALUES ('closed_at', ?)", [_now().isoformat()])
-        self.publish()
-        self._con.close()
+        closed_at = _now().isoformat()
+        self._commit(
+            [lambda con: con.execute("INSERT OR REPLACE INTO meta VALUES ('closed_at', ?)", [closed_at])],
+            publish=True,
+        )
         self._closed = True
+        try:
+            self._writer.stop()
+        finally:
+            self._con.close()
 
     def __enter__(self) -> Run:
         return self
@@ -300,8 +318,7 @@ class Run:
                 "registered_at": pa.array([_now()] * n, pa.timestamp("us")),
             }
         )
-        with self._transaction():
-            self._insert("samples", table)
+        self._commit([_inserter("samples", table)])
         self._known_ids = np.union1d(self._known_ids, ids)
 
     def annotate_samples(self, sample_ids: Any, key: str, values: Sequence[Any]) -> None:
@@ -317,8 +334,7 @@ class Run:
                 "value": pa.array([None if v is None else str(to_jsonable(v)) for v in values], pa.string()),
             }
         )
-        with self._transaction():
-            self._insert("sample_annotations", table)
+        self._commit([_inserter("sample_annotations", table)])
 
     def log_transform(self, name: str, sample_ids: Any, **params: Any) -> int:
         """Record that preprocessing `name` with `params` was applied to `sample_ids`; returns its id."""
@@ -338,9 +354,7 @@ class Run:
         links = pa.table(
             {"transform_id": pa.array(np.full(len(ids), tid, np.int32)), "sample_id": pa.array(ids)}
         )
-        with self._transaction():
-            self._insert("transforms", row)
-            self._insert("transform_samples", links)
+        self._commit([_inserter("transforms", row), _inserter("transform_samples", links)])
         self._next_transform_id += 1
         return tid
 
@@ -373,6 +387,8 @@ class Run:
             self._model = model
         if self._model is None:
             raise RecorderStateError("run.stage needs the model: pass model= or call run.watch(model) first")
+        if name in self._stage_names:
+            raise RecorderStateError(f"a stage named {name!r} already exists in this run")
         schedule: dict[str, Any] = {}
         if scheduler is not None:
             state = {k: v for k, v in scheduler.state_dict().items() if not callable(v)}
@@ -392,11 +408,8 @@ class Run:
                 "ended_at": pa.nulls(1, pa.timestamp("us")),
             }
         )
-        try:
-            with self._transaction():
-                self._insert("stages", row)
-        except duckdb.ConstraintException:
-            raise RecorderStateError(f"a stage named {name!r} already exists in this run") from None
+        self._commit([_inserter("stages", row)])
+        self._stage_names.add(name)
         self._next_stage_id += 1
         self._stage = _ActiveStage(stage_id, name, optimizer)
         self.checkpoint(self._model, optimizer, kind="stage_start")
@@ -410,16 +423,18 @@ class Run:
 
     def _end_stage(self, status: str) -> None:
         assert self._stage is not None
-        stage_id = self._stage.stage_id
-        with self._transaction():
-            self._con.execute(
+        stage_id, ended_at = self._stage.stage_id, _now()
+
+        def end(con: duckdb.DuckDBPyConnection) -> None:
+            con.execute(
                 """UPDATE stages SET status = ?, ended_at = ?,
                        end_step = (SELECT max(step) FROM batches WHERE stage_id = ?)
                    WHERE stage_id = ?""",
-                [status, _now(), stage_id, stage_id],
+                [status, ended_at, stage_id, stage_id],
             )
+
+        self._commit([end], publish=True)
         self._stage = None
-        self.publish()
 
     def log_batch(
         self,
@@ -458,7 +473,7 @@ class Run:
         self._next_batch_id += 1
         self._next_step = int(step) + 1
         if buf.n_sample_rows >= self._flush_every:
-            self.flush()
+            self._commit([])
 
     def checkpoint(
         self,
@@ -495,81 +510,73 @@ class Run:
             "checkpoint_id": cid,
             "step": step,
             "stage": stage.name if stage else None,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            # copied now: training mutates these tensors in place while the writer serialises them
+            "model": _cpu_copy(model.state_dict()),
+            "optimizer": _cpu_copy(optimizer.state_dict()) if optimizer is not None else None,
         }
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        data = buf.getvalue()
         rel = f"{self.layout.checkpoint_dir.name}/{cid:05d}-step{step:08d}-{kind}.pt"
-        _write_atomic(self.layout.root / rel, data)
-        record = CheckpointRecord(
-            cid,
-            step,
-            stage.name if stage else None,
-            kind,
-            rel,
-            hashlib.sha256(data).hexdigest(),
-            _as_float(val_loss),
-        )
-        row = pa.table(
-            {
-                "checkpoint_id": pa.array([cid], pa.int32()),
-                "step": pa.array([step], pa.int64()),
-                "stage_id": pa.array([stage.stage_id if stage else None], pa.int32()),
-                "epoch": pa.array([epoch], pa.int32()),
-                "kind": pa.array([kind]),
-                "lr": pa.array([lr], pa.float64()),
-                "val_loss": pa.array([record.val_loss], pa.float64()),
-                "metrics": pa.array([canonical_json(dict(metrics or {}))]),
-                "optimizer": pa.array(
-                    [type(optimizer).__name__ if optimizer is not None else None], pa.string()
-                ),
-                "path": pa.array([rel]),
-                "sha256": pa.array([record.sha256]),
-                "size_bytes": pa.array([len(data)], pa.int64()),
-                "created_at": pa.array([_now()], pa.timestamp("us")),
-            }
-        )
-        with self._transaction():
-            self._insert("checkpoints", row)
+        record = CheckpointRecord(cid, step, stage.name if stage else None, kind, rel, _as_float(val_loss))
+        row = {
+            "checkpoint_id": pa.array([cid], pa.int32()),
+            "step": pa.array([step], pa.int64()),
+            "stage_id": pa.array([stage.stage_id if stage else None], pa.int32()),
+            "epoch": pa.array([epoch], pa.int32()),
+            "kind": pa.array([kind]),
+            "lr": pa.array([lr], pa.float64()),
+            "val_loss": pa.array([record.val_loss], pa.float64()),
+            "metrics": pa.array([canonical_json(dict(metrics or {}))]),
+            "optimizer": pa.array([type(optimizer).__name__ if optimizer is not None else None], pa.string()),
+            "path": pa.array([rel]),
+        }
+        path = self.layout.root / rel
+
+        def write(con: duckdb.DuckDBPyConnection) -> None:
+            buf = io.BytesIO()
+            torch.save(payload, buf)
+            data = buf.getvalue()
+            _write_atomic(path, data)
+            row["sha256"] = pa.array([hashlib.sha256(data).hexdigest()])
+            row["size_bytes"] = pa.array([len(data)], pa.int64())
+            row["created_at"] = pa.array([_now()], pa.timestamp("us"))
+            insert_arrow(con, "checkpoints", pa.table(row))
+
+        self._commit([write], publish=True)
         self._next_checkpoint_id += 1
-        self.publish()
         return record
 
     # ------------------------------------------------------------------ persistence
     def flush(self) -> None:
-        """Commit pending batch records in one transaction."""
+        """Commit pending batch records and wait until everything recorded so far is committed."""
         self._check_open()
-        with self._transaction():
-            pass
+        self._commit([], wait=True)
 
     def publish(self) -> None:
-        """Publish a read-only snapshot of everything committed (readers open only snapshots)."""
+        """Publish a read-only snapshot of everything recorded so far and wait for it (readers open snapshots)."""
         self._check_open()
-        publish_snapshot(self._con, self.layout.live_db, self.layout.snapshot_db)
+        self._commit([], publish=True, wait=True)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """One transaction that first writes pending batches, so rows reach the database in recording order."""
-        self._con.begin()
-        try:
-            if len(self._buffer):
-                batches, samples = self._buffer.tables()
-                self._insert("batches", batches)
-                self._insert("batch_samples", samples)
-            yield
-        except BaseException:
-            self._con.rollback()
-            raise
-        self._con.commit()
-        self._buffer.clear()
+    def _commit(self, ops: Sequence[Job], *, publish: bool = False, wait: bool = False) -> None:
+        """Queue one transaction: pending batches first (rows reach the database in recording order), then `ops`."""
+        pending, self._buffer = (self._buffer, _BatchBuffer()) if len(self._buffer) else (None, self._buffer)
 
-    def _insert(self, table: str, data: pa.Table) -> None:
-        insert_arrow(self._con, table, data)
+        def transaction(con: duckdb.DuckDBPyConnection) -> None:
+            con.begin()
+            try:
+                if pending is not None:
+                    batches, samples = pending.tables()
+                    insert_arrow(con, "batches", batches)
+                    insert_arrow(con, "batch_samples", samples)
+                for op in ops:
+                    op(con)
+            except BaseException:
+                con.rollback()
+                raise
+            con.commit()
+
+        self._writer.submit(transaction, publish=publish, wait=wait)
 
     # ------------------------------------------------------------------ checks
-    def _scalar(self, sql: str) -> int:
+    def _scalar(self, sql: str) -> int:  # start-up only, before the writer owns the connection
         return int(self._con.execute(sql).fetchone()[0])
 
     def _check_open(self) -> None:
@@ -590,6 +597,30 @@ class Run:
         if not ok.all():
             raise UnknownSampleError(f"sample id {int(ids[~ok][0])} was never registered in this run")
         return ids
+
+
+Job = Callable[[duckdb.DuckDBPyConnection], None]
+
+
+def _inserter(table: str, data: pa.Table) -> Job:
+    return lambda con: insert_arrow(con, table, data)
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A deep copy of a (possibly nested) state dict with every tensor detached and copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def _close_at_exit(ref: weakref.ref[Run]) -> None:
+    run = ref()
+    if run is not None and not run._closed:
+        run.close()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

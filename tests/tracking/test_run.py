@@ -106,6 +106,7 @@ def test_flush_every_commits_while_recording(tmp_path: Path) -> None:
         for step in range(3):
             run.log_batch([1, 2], step=step)
         # the second batch reached 4 pending sample rows and was committed; the third is still buffered
+        run._writer.drain()
         assert run._con.execute("SELECT count(*) FROM batch_samples").fetchone()[0] == 4
     run.close()
 

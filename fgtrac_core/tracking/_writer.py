@@ -1,0 +1,83 @@
+"""The recorder's background writer: one thread owns the DuckDB connection and does all slow I/O.
+
+The training thread only validates, buffers and enqueues; serialising checkpoints, fsync, inserts, commits and
+snapshot publishing happen here, in submission order.  A failed job stops the writer (later jobs would record
+out of order); the error is re-raised in the training thread at its next recorder call.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+import duckdb
+
+from fgtrac_core.errors import FgtracError
+from fgtrac_core.store.db import first_line
+
+Job = Callable[[duckdb.DuckDBPyConnection], None]
+
+
+class RecordingFailedError(FgtracError):
+    """A background write failed; what was committed before it is intact."""
+
+
+class Writer:
+    """Runs jobs on one connection in a background thread, in order."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, publish: Callable[[], None]) -> None:
+        self._con = con
+        self._publish = publish
+        self._queue: queue.Queue[tuple[Job | None, bool, threading.Event | None]] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="fgtrac-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job, *, publish: bool = False, wait: bool = False) -> None:
+        """Queue `job`; with `publish`, a snapshot follows it (coalesced with later publishes when backlogged)."""
+        self.raise_if_failed()
+        done = threading.Event() if wait else None
+        self._queue.put((job, publish, done))
+        if done is not None:
+            done.wait()
+            self.raise_if_failed()
+
+    def drain(self) -> None:
+        """Block until every queued job (and pending publish) is done."""
+        self.submit(lambda con: None, wait=True)
+
+    def stop(self) -> None:
+        """Finish queued work and end the thread."""
+        if self._thread.is_alive():
+            self._queue.put((None, False, None))
+            self._thread.join()
+        self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RecordingFailedError(f"recording failed in the background: {first_line(self._error)}")
+
+    def _loop(self) -> None:
+        publish_due = False
+        while True:
+            job, publish, done = self._queue.get()
+            if job is None:
+                if publish_due and self._error is None:
+                    self._run(lambda con: self._publish())
+                return
+            if self._error is None:
+                self._run(job)
+                publish_due |= publish
+                # publish when caught up (or when someone waits): under backlog, one snapshot covers several jobs
+                if publish_due and (self._queue.empty() or done is not None) and self._error is None:
+                    self._run(lambda con: self._publish())
+                    publish_due = False
+            if done is not None:
+                done.set()
+
+    def _run(self, job: Job) -> None:
+        try:
+            job(self._con)
+        except BaseException as exc:  # reported to the training thread; the writer stops writing
+            self._error = exc
