@@ -35,3 +35,11 @@ def digits_copy(digits_run: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(digits_run, dst)
     return dst
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _signing_key_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests sign with a throwaway key, never the user's ~/.config/fgtrac key (children inherit the variable)."""
+    import os
+
+    os.environ["FGTRAC_KEY_DIR"] = str(tmp_path_factory.mktemp("keys"))

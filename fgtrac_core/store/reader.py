@@ -66,6 +66,11 @@ class RunStore:
     def meta(self) -> dict[str, str]:
         return dict(self._rows("SELECT key, value FROM meta"))
 
+    def _closed_at(self) -> str | None:
+        """When the last recording session closed; None while recording or after a crash."""
+        row = self._rows("SELECT closed_at FROM run_sessions ORDER BY session_id DESC LIMIT 1")
+        return row[0][0].isoformat() if row and row[0][0] is not None else None
+
     def stages(self) -> pd.DataFrame:
         """One row per stage: optimizer, hyperparameters (JSON), step range, #steps, #batches, #sample uses."""
         return self.df(
@@ -115,7 +120,7 @@ class RunStore:
             "name": meta.get("name"),
             "schema_version": int(meta["schema_version"]),
             "created_at": meta.get("created_at"),
-            "closed_at": meta.get("closed_at"),
+            "closed_at": self._closed_at(),
             "config": json.loads(meta.get("config", "{}")),
             "snapshot_stale": self.is_stale(),
             "samples": self.split_counts(),

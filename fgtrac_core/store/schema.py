@@ -17,6 +17,11 @@ CREATE TABLE meta (
     key VARCHAR PRIMARY KEY,
     value VARCHAR NOT NULL
 );
+CREATE TABLE run_sessions (
+    session_id INTEGER PRIMARY KEY,
+    opened_at TIMESTAMP NOT NULL,
+    closed_at TIMESTAMP
+);
 CREATE TABLE samples (
     sample_id BIGINT PRIMARY KEY,
     split VARCHAR NOT NULL,
@@ -86,10 +91,30 @@ CREATE TABLE checkpoints (
     size_bytes BIGINT NOT NULL,
     created_at TIMESTAMP NOT NULL
 );
+CREATE TABLE ledger (
+    seq BIGINT PRIMARY KEY,
+    kind VARCHAR NOT NULL,
+    ref_id BIGINT,
+    ref_key VARCHAR,
+    entry BLOB NOT NULL,
+    leaf_hash BLOB NOT NULL,
+    chain_hash BLOB NOT NULL
+);
+CREATE TABLE tree_heads (
+    sth_id INTEGER PRIMARY KEY,
+    run_id VARCHAR NOT NULL,
+    tree_size BIGINT NOT NULL,
+    root VARCHAR NOT NULL,
+    chain_head VARCHAR NOT NULL,
+    timestamp VARCHAR NOT NULL,
+    key_fingerprint VARCHAR NOT NULL,
+    signature VARCHAR NOT NULL
+);
 """
 
 TABLES = (
     "meta",
+    "run_sessions",
     "samples",
     "sample_annotations",
     "transforms",
@@ -98,6 +123,8 @@ TABLES = (
     "batches",
     "batch_samples",
     "checkpoints",
+    "ledger",
+    "tree_heads",
 )
 
 

@@ -51,8 +51,10 @@ from fgtrac_core.errors import (
     RunExistsError,
     UnknownSampleError,
 )
+from fgtrac_core.ledger import default_key_dir, fingerprint, load_or_create_signing_key, public_key_pem
 from fgtrac_core.store.db import connect, insert_arrow, publish_snapshot
 from fgtrac_core.store.layout import RunLayout
+from fgtrac_core.store.ledger_log import LedgerLog
 from fgtrac_core.store.schema import create_schema
 from fgtrac_core.tracking._writer import Writer
 from fgtrac_core.tracking.thumbnails import as_png_list
@@ -191,9 +193,33 @@ class Run:
         self._next_checkpoint_id = self._scalar("SELECT coalesce(max(checkpoint_id) + 1, 0) FROM checkpoints")
         self._next_transform_id = self._scalar("SELECT coalesce(max(transform_id) + 1, 0) FROM transforms")
         self._stage_names = {r[0] for r in con.execute("SELECT name FROM stages").fetchall()}
-        self._writer = Writer(con, lambda: publish_snapshot(con, layout.live_db, layout.snapshot_db))
+        self._session_id = self._scalar("SELECT coalesce(max(session_id) + 1, 0) FROM run_sessions")
+        key = load_or_create_signing_key()
+        if meta["signer_fingerprint"] != fingerprint(key.public_key()):
+            con.close()
+            raise FgtracError(
+                f"this run is signed by key {meta['signer_fingerprint']}, but the signing key in {default_key_dir()} "
+                f"is {fingerprint(key.public_key())}; point FGTRAC_KEY_DIR at the run's key to record into it"
+            )
+        self._ledger = LedgerLog(con, self.run_id, key)
+        self._writer = Writer(con, self._sign_and_publish)
         # a script that forgets close() still commits what it recorded
         atexit.register(_close_at_exit, weakref.ref(self))
+        session = pa.table(
+            {
+                "session_id": pa.array([self._session_id], pa.int32()),
+                "opened_at": pa.array([_now()], pa.timestamp("us")),
+                "closed_at": pa.nulls(1, pa.timestamp("us")),
+            }
+        )
+        # entries for run metadata (new run) and stages a crashed recorder left running (reopened run), then this
+        # recording session; a signed head and snapshot follow
+        self._commit(
+            [_inserter("run_sessions", session)],
+            ["meta", "stage_end", "session_open"],
+            publish=True,
+            wait=True,
+        )
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -213,6 +239,7 @@ class Run:
         if layout.holds_run():
             raise RunExistsError(f"{layout.root} already holds an fgtrac run; refusing to overwrite it")
         layout.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        public = load_or_create_signing_key().public_key()
         con = duckdb.connect(str(layout.live_db))
         create_schema(con)
         meta = {
@@ -222,11 +249,11 @@ class Run:
             "config": canonical_json(dict(config or {})),
             "torch_version": torch.__version__,
             "duckdb_version": duckdb.__version__,
+            "signer_public_key": public_key_pem(public).decode(),
+            "signer_fingerprint": fingerprint(public),
         }
         insert_arrow(con, "meta", pa.table({"key": list(meta), "value": list(meta.values())}))
-        run = cls(layout, con, flush_every=flush_every)
-        run.publish()
-        return run
+        return cls(layout, con, flush_every=flush_every)
 
     @classmethod
     def open(cls, run_dir: str | Path, *, flush_every: int = 100_000) -> Run:
@@ -239,17 +266,20 @@ class Run:
                WHERE status = 'running'""",
             [_now()],
         )
-        run = cls(layout, con, flush_every=flush_every)
-        run.publish()
-        return run
+        return cls(layout, con, flush_every=flush_every)
 
     def close(self) -> None:
         """Commit everything pending, publish the final snapshot, release the database."""
         if self._closed:
             return
-        closed_at = _now().isoformat()
+        closed_at, session_id = _now(), self._session_id
         self._commit(
-            [lambda con: con.execute("INSERT OR REPLACE INTO meta VALUES ('closed_at', ?)", [closed_at])],
+            [
+                lambda con: con.execute(
+                    "UPDATE run_sessions SET closed_at = ? WHERE session_id = ?", [closed_at, session_id]
+                )
+            ],
+            ["session_close"],
             publish=True,
         )
         self._closed = True
@@ -318,7 +348,7 @@ class Run:
                 "registered_at": pa.array([_now()] * n, pa.timestamp("us")),
             }
         )
-        self._commit([_inserter("samples", table)])
+        self._commit([_inserter("samples", table)], ["sample"])
         self._known_ids = np.union1d(self._known_ids, ids)
 
     def annotate_samples(self, sample_ids: Any, key: str, values: Sequence[Any]) -> None:
@@ -334,7 +364,7 @@ class Run:
                 "value": pa.array([None if v is None else str(to_jsonable(v)) for v in values], pa.string()),
             }
         )
-        self._commit([_inserter("sample_annotations", table)])
+        self._commit([_inserter("sample_annotations", table)], ["annotation"])
 
     def log_transform(self, name: str, sample_ids: Any, **params: Any) -> int:
         """Record that preprocessing `name` with `params` was applied to `sample_ids`; returns its id."""
@@ -354,7 +384,7 @@ class Run:
         links = pa.table(
             {"transform_id": pa.array(np.full(len(ids), tid, np.int32)), "sample_id": pa.array(ids)}
         )
-        self._commit([_inserter("transforms", row), _inserter("transform_samples", links)])
+        self._commit([_inserter("transforms", row), _inserter("transform_samples", links)], ["transform"])
         self._next_transform_id += 1
         return tid
 
@@ -408,7 +438,7 @@ class Run:
                 "ended_at": pa.nulls(1, pa.timestamp("us")),
             }
         )
-        self._commit([_inserter("stages", row)])
+        self._commit([_inserter("stages", row)], ["stage_start"])
         self._stage_names.add(name)
         self._next_stage_id += 1
         self._stage = _ActiveStage(stage_id, name, optimizer)
@@ -433,7 +463,7 @@ class Run:
                 [status, ended_at, stage_id, stage_id],
             )
 
-        self._commit([end], publish=True)
+        self._commit([end], ["stage_end"], publish=True)
         self._stage = None
 
     def log_batch(
@@ -473,7 +503,7 @@ class Run:
         self._next_batch_id += 1
         self._next_step = int(step) + 1
         if buf.n_sample_rows >= self._flush_every:
-            self._commit([])
+            self._commit([], [])
 
     def checkpoint(
         self,
@@ -540,7 +570,7 @@ class Run:
             row["created_at"] = pa.array([_now()], pa.timestamp("us"))
             insert_arrow(con, "checkpoints", pa.table(row))
 
-        self._commit([write], publish=True)
+        self._commit([write], ["checkpoint"], publish=True)
         self._next_checkpoint_id += 1
         return record
 
@@ -548,15 +578,18 @@ class Run:
     def flush(self) -> None:
         """Commit pending batch records and wait until everything recorded so far is committed."""
         self._check_open()
-        self._commit([], wait=True)
+        self._commit([], [], wait=True)
 
     def publish(self) -> None:
         """Publish a read-only snapshot of everything recorded so far and wait for it (readers open snapshots)."""
         self._check_open()
-        self._commit([], publish=True, wait=True)
+        self._commit([], [], publish=True, wait=True)
 
-    def _commit(self, ops: Sequence[Job], *, publish: bool = False, wait: bool = False) -> None:
-        """Queue one transaction: pending batches first (rows reach the database in recording order), then `ops`."""
+    def _commit(
+        self, ops: Sequence[Job], kinds: Sequence[str], *, publish: bool = False, wait: bool = False
+    ) -> None:
+        """Queue one transaction: pending batches first (rows reach the database in recording order), then `ops`,
+        then the ledger entries of the rows they wrote (`kinds`, in order)."""
         pending, self._buffer = (self._buffer, _BatchBuffer()) if len(self._buffer) else (None, self._buffer)
 
         def transaction(con: duckdb.DuckDBPyConnection) -> None:
@@ -568,6 +601,7 @@ class Run:
                     insert_arrow(con, "batch_samples", samples)
                 for op in ops:
                     op(con)
+                self._ledger.append(con, (["batch"] if pending is not None else []) + list(kinds))
             except BaseException:
                 con.rollback()
                 raise
@@ -576,6 +610,11 @@ class Run:
         self._writer.submit(transaction, publish=publish, wait=wait)
 
     # ------------------------------------------------------------------ checks
+    def _sign_and_publish(self) -> None:
+        """Writer thread: sign a tree head over everything appended so far, then publish the snapshot."""
+        self._ledger.sign_if_grown(self._con)
+        publish_snapshot(self._con, self.layout.live_db, self.layout.snapshot_db)
+
     def _scalar(self, sql: str) -> int:  # start-up only, before the writer owns the connection
         return int(self._con.execute(sql).fetchone()[0])
 

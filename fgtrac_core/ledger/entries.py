@@ -1,0 +1,100 @@
+"""Which recorded facts become ledger entries, and how a table row becomes an entry's canonical bytes.
+
+Both the recorder (when it appends) and the verifier (when it recomputes) build entries from table rows read back
+from the database through the same functions, so an entry depends only on the row's values.  Rows arrive as
+plain dicts (Arrow ``to_pylist``): datetimes are written as ISO 8601 strings, non-finite floats as "NaN" /
+"Infinity" / "-Infinity", bytes as lowercase hex.
+
+Sets of sample ids (the samples of a batch, of a preprocessing event) are committed by an RFC 9162 Merkle root
+whose leaves are the ids as 8-byte big-endian signed integers: for a batch in batch order (leaf index = position
+in the batch), for a transform in ascending id order.  So "sample X was used at step t" is a two-level proof:
+the id's inclusion in the batch root, and the batch entry's inclusion in the ledger.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from .encoding import encode_entry
+from .merkle import leaf_hash, root_from_leaf_hashes
+
+# kind -> (table it is recomputed from, body fields in the entry; "name=column" where the entry renames a column,
+# e.g. because "kind" is reserved for the entry kind)
+ENTRY_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "meta": ("meta", ("key", "value")),
+    "session_open": ("run_sessions", ("session_id", "opened_at")),
+    "session_close": ("run_sessions", ("session_id", "closed_at")),
+    "sample": (
+        "samples",
+        ("sample_id", "split", "label", "content_sha256", "thumbnail_sha256", "source", "registered_at"),
+    ),
+    "annotation": ("sample_annotations", ("sample_id", "key", "value")),
+    "transform": (
+        "transforms",
+        ("transform_id", "name", "params", "n_samples", "stage_id", "logged_at", "samples_root"),
+    ),
+    "stage_start": (
+        "stages",
+        ("stage_id", "name", "optimizer", "hparams", "lr_schedule", "start_step", "started_at"),
+    ),
+    "stage_end": ("stages", ("stage_id", "end_step", "status", "ended_at")),
+    "batch": (
+        "batches",
+        ("batch_id", "step", "stage_id", "epoch", "lr", "loss", "n_samples", "samples_root"),
+    ),
+    "checkpoint": (
+        "checkpoints",
+        (
+            "checkpoint_id",
+            "step",
+            "stage_id",
+            "epoch",
+            "checkpoint_kind=kind",
+            "lr",
+            "val_loss",
+            "metrics",
+            "optimizer",
+            "path",
+            "sha256",
+            "size_bytes",
+            "created_at",
+        ),
+    ),  # fmt: skip
+}
+
+
+_FIELDS: dict[str, list[tuple[str, str]]] = {
+    kind: [tuple(f.split("=")) if "=" in f else (f, f) for f in fields] for kind, (_, fields) in ENTRY_KINDS.items()
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    return value
+
+
+def entry_bytes(kind: str, row: Mapping[str, Any]) -> bytes:
+    """The canonical entry of `kind` for one table row (a dict holding at least the kind's body fields)."""
+    return encode_entry(kind, {name: _plain(row[col]) for name, col in _FIELDS[kind]})
+
+
+def id_leaf(sample_id: int) -> bytes:
+    """Leaf data of one sample id inside a batch or transform commitment."""
+    return int(sample_id).to_bytes(8, "big", signed=True)
+
+
+def id_leaf_hashes(sample_ids: Iterable[int]) -> list[bytes]:
+    return [leaf_hash(id_leaf(i)) for i in sample_ids]
+
+
+def ids_root(sample_ids: Sequence[int]) -> str:
+    """Hex Merkle root over sample ids in the given order."""
+    return root_from_leaf_hashes(id_leaf_hashes(sample_ids)).hex()

@@ -1,0 +1,84 @@
+"""The recorder's side of the ledger: append entries (leaf and chain hashes) and sign tree heads, in DuckDB."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import duckdb
+import pyarrow as pa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fgtrac_core.ledger import GENESIS, CompactRange, chain_step, leaf_hash, sign_tree_head
+from fgtrac_core.store.db import insert_arrow
+from fgtrac_core.store.entries import iter_entries
+
+
+class LedgerLog:
+    """Appends entries in order and keeps the Merkle compact range and chain head up to date (O(log n) state)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, run_id: str, key: Ed25519PrivateKey) -> None:
+        self.run_id = run_id
+        self._key = key
+        self._tree = CompactRange()
+        self._chain = GENESIS
+        cols = con.execute("SELECT leaf_hash, chain_hash FROM ledger ORDER BY seq").fetchnumpy()
+        if len(cols["leaf_hash"]):
+            self._tree.extend_leaf_hashes([bytes(h) for h in cols["leaf_hash"]])
+            self._chain = bytes(cols["chain_hash"][-1])
+        row = con.execute("SELECT max(tree_size), count(*) FROM tree_heads").fetchone()
+        self._signed_size = -1 if row[0] is None else int(row[0])
+        self._next_sth = int(row[1])
+
+    @property
+    def size(self) -> int:
+        return self._tree.size
+
+    def append(self, con: duckdb.DuckDBPyConnection, kinds_touched: Sequence[str]) -> None:
+        """Append entries for every row of these kinds that has none yet, in this order.
+
+        Rows are read back from `con` inside the caller's transaction, through the same code the verifier uses.
+        """
+        seqs, kinds, ref_ids, ref_keys, entries, leaves, chains = [], [], [], [], [], [], []
+        for kind in kinds_touched:
+            for ref_id, ref_key, entry in iter_entries(con, kind, only_new=True):
+                h = leaf_hash(entry)
+                self._chain = chain_step(self._chain, h)
+                seqs.append(self._tree.size)
+                self._tree.append_leaf_hash(h)
+                kinds.append(kind)
+                ref_ids.append(ref_id)
+                ref_keys.append(ref_key)
+                entries.append(entry)
+                leaves.append(h)
+                chains.append(self._chain)
+        if not seqs:
+            return
+        insert_arrow(
+            con,
+            "ledger",
+            pa.table(
+                {
+                    "seq": pa.array(seqs, pa.int64()),
+                    "kind": pa.array(kinds, pa.string()),
+                    "ref_id": pa.array(ref_ids, pa.int64()),
+                    "ref_key": pa.array(ref_keys, pa.string()),
+                    "entry": pa.array(entries, pa.binary()),
+                    "leaf_hash": pa.array(leaves, pa.binary()),
+                    "chain_hash": pa.array(chains, pa.binary()),
+                }
+            ),
+        )
+
+    def sign_if_grown(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Sign and store a tree head over everything appended, unless the last head already covers it."""
+        if self._tree.size == self._signed_size:
+            return
+        sth = sign_tree_head(self._key, self.run_id, self._tree.size, self._tree.root(), self._chain)
+        d = sth.to_json_dict()
+        con.execute(
+            "INSERT INTO tree_heads VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [self._next_sth, d["run_id"], d["tree_size"], d["root"], d["chain_head"], d["timestamp"],
+             d["key_fingerprint"], d["signature"]],
+        )  # fmt: skip
+        self._signed_size = self._tree.size
+        self._next_sth += 1
