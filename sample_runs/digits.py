@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fgtrac_core.tracking import NullRun, Run
+from sample_runs.digits_source import load_raw
 
 NOISE_RATE = 0.10
 BATCH_SIZE = 32
@@ -64,9 +64,7 @@ class DigitsData:
 
 def load_data(seed: int = 0) -> DigitsData:
     """Split digits into train/val/test, flip ~10% of the finetune subset's labels, standardise inputs."""
-    digits = load_digits()
-    raw = digits.images.astype(np.uint8)
-    true_y = digits.target.astype(np.int64)
+    raw, true_y = load_raw()
     n = len(raw)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
@@ -203,7 +201,7 @@ def build(out_dir: str | Path, *, seed: int = 0, progress: bool = False, name: s
     configure_determinism()
     data = load_data(seed)
     config = {
-        "pipeline": "sample_runs.digits",
+        "pipeline": "sample_runs.digits_source",
         "seed": seed,
         "noise_rate": NOISE_RATE,
         "batch_size": BATCH_SIZE,

@@ -67,7 +67,8 @@ ENTRY_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 _FIELDS: dict[str, list[tuple[str, str]]] = {
-    kind: [tuple(f.split("=")) if "=" in f else (f, f) for f in fields] for kind, (_, fields) in ENTRY_KINDS.items()
+    kind: [tuple(f.split("=")) if "=" in f else (f, f) for f in fields]
+    for kind, (_, fields) in ENTRY_KINDS.items()
 }
 
 

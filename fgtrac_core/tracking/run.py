@@ -602,6 +602,8 @@ class Run:
                 for op in ops:
                     op(con)
                 self._ledger.append(con, (["batch"] if pending is not None else []) + list(kinds))
+                if publish:  # a signed head at every checkpoint, stage end and close (snapshots may coalesce)
+                    self._ledger.sign_if_grown(con)
             except BaseException:
                 con.rollback()
                 raise

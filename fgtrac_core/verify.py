@@ -1,0 +1,516 @@
+"""Full verification of a run's records against its ledger; one routine shared by the CLI and the dashboard.
+
+Nothing stored is trusted: every entry is recomputed from the table rows, the hash chain and Merkle roots are
+rebuilt from the recomputed entries and compared with the Ed25519-signed tree heads, and every checkpoint file is
+re-hashed.  The stored entries serve only to say *which field* of a changed row differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from fgtrac_core.errors import CorruptRunError
+from fgtrac_core.ledger import (
+    GENESIS,
+    CompactRange,
+    SignedTreeHead,
+    chain_step,
+    decode_entry,
+    fingerprint,
+    leaf_hash,
+    load_public_key,
+    verify_tree_head,
+)
+from fgtrac_core.ledger.entries import ENTRY_KINDS
+from fgtrac_core.store.db import connect, first_line
+from fgtrac_core.store.entries import iter_entries, table_of
+from fgtrac_core.store.layout import RunLayout
+from fgtrac_core.store.reader import RunStore
+
+Progress = Callable[[float, str], None]
+
+# the key column a ledger entry's ref_id names, per table (annotations and meta also use ref_key)
+_KEY_NAMES = {
+    "meta": (None, "key"),
+    "run_sessions": ("session_id", None),
+    "samples": ("sample_id", None),
+    "sample_annotations": ("sample_id", "key"),
+    "transforms": ("transform_id", None),
+    "stages": ("stage_id", None),
+    "batches": ("batch_id", None),
+    "checkpoints": ("checkpoint_id", None),
+}
+# only modules of the bundled pipelines may be imported to re-hash source data (a run names its pipeline, and a
+# tampered run must not be able to make verification import arbitrary code)
+_SOURCE_PIPELINES = ("sample_runs.",)
+
+
+_LEDGER_CHECKS = ("ledger", "entries", "chain", "signatures")
+
+
+@dataclass
+class Check:
+    """One verification check: passed (True), failed (False) or skipped (None)."""
+
+    name: str
+    ok: bool | None
+    count: int = 0
+    seconds: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class Failure:
+    """The first thing found wrong: which check, table, row and field, in one sentence."""
+
+    check: str
+    table: str | None
+    row: str | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = " ".join(x for x in (self.table, self.row) if x)
+        fld = f" field {self.field}" if self.field else ""
+        return f"{where}{fld}: {self.message}" if where else self.message
+
+
+@dataclass
+class VerifyReport:
+    run_dir: str
+    run_id: str | None
+    ok: bool
+    n_entries: int
+    tree_size: int
+    key_fingerprint: str | None
+    key_pinned: bool
+    seconds: float
+    checks: list[Check] = field(default_factory=list)
+    first_failure: Failure | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["first_failure"] = (
+            None
+            if self.first_failure is None
+            else {**asdict(self.first_failure), "text": str(self.first_failure)}
+        )
+        ledger_s = sum(c.seconds for c in self.checks if c.name in _LEDGER_CHECKS)
+        d["entries_per_second"] = self.n_entries / ledger_s if ledger_s > 0 else None
+        return d
+
+
+def _row_name(table: str, ref_id: Any, ref_key: Any) -> str:
+    id_name, key_name = _KEY_NAMES.get(table, ("id", "key"))
+    parts = []
+    if id_name:
+        parts.append(f"{id_name}={ref_id}")
+    if key_name:
+        parts.append(f"{key_name}={ref_key}")
+    return "row " + ", ".join(parts)
+
+
+def _field_diff(stored: bytes, recomputed: bytes) -> str | None:
+    """The first body field whose value differs between two entries of the same kind."""
+    try:
+        _, a = decode_entry(stored)
+        _, b = decode_entry(recomputed)
+    except ValueError:
+        return None
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            return k.split("=")[0]
+    return None
+
+
+class _Verifier:
+    def __init__(
+        self, layout: RunLayout, con: duckdb.DuckDBPyConnection, pinned: Any, progress: Progress | None
+    ):
+        self.layout = layout
+        self.con = con
+        self.pinned = pinned
+        self.progress = progress or (lambda frac, label: None)
+        self.checks: list[Check] = []
+        self.first: Failure | None = None
+        self.meta: dict[str, str] = {}
+        self.seq: list[int] = []
+        self.key_fingerprint: str | None = None
+        self.final: tuple[int, bytes, bytes] = (0, b"", b"")
+
+    def fail(self, check: str, table: str | None, row: str | None, fld: str | None, message: str) -> None:
+        if self.first is None:
+            self.first = Failure(check, table, row, fld, message)
+
+    def run_check(self, name: str, fn: Callable[[], tuple[bool | None, int, str]]) -> None:
+        t0 = time.perf_counter()
+        ok, count, detail = fn()
+        self.checks.append(Check(name, ok, count, time.perf_counter() - t0, detail))
+
+    # -------------------------------------------------------------- the checks
+    def load_ledger(self) -> tuple[bool, int, str]:
+        self.meta = dict(self.con.execute("SELECT key, value FROM meta").fetchall())
+        cols = self.con.execute(
+            "SELECT seq, kind, ref_id, ref_key, entry, leaf_hash, chain_hash FROM ledger ORDER BY seq"
+        ).fetchnumpy()
+        self.seq = cols["seq"].tolist()
+        self.kind = cols["kind"].tolist()
+        self.ref_id = [None if v is None else int(v) for v in cols["ref_id"].tolist()]
+        self.ref_key = cols["ref_key"].tolist()
+        self.stored = [bytes(e) for e in cols["entry"]]
+        self.stored_leaf = [bytes(e) for e in cols["leaf_hash"]]
+        self.stored_chain = [bytes(e) for e in cols["chain_hash"]]
+        for i, s in enumerate(self.seq):
+            if s != i:
+                self.fail(
+                    "ledger",
+                    "ledger",
+                    f"row seq={s}",
+                    "seq",
+                    f"sequence numbers must run 0..n-1; found {s} at position {i}",
+                )
+                return False, len(self.seq), "sequence gap, duplicate or reordering"
+        for i, k in enumerate(self.kind):
+            if k not in ENTRY_KINDS:
+                self.fail("ledger", "ledger", f"row seq={i}", "kind", f"unknown entry kind {k!r}")
+                return False, len(self.seq), "unknown entry kind"
+        return True, len(self.seq), "contiguous sequence"
+
+    def entries(self) -> tuple[bool, int, str]:
+        """Recompute every entry from its row; compare with the stored entry; find rows without entries."""
+        by_kind: dict[str, dict[tuple[Any, Any], bytes]] = {}
+        n = len(self.seq)
+        self.recomputed: list[bytes] = list(self.stored)
+        ok = True
+        kinds = list(ENTRY_KINDS)
+        for j, kind in enumerate(kinds):
+            self.progress(0.05 + 0.55 * j / len(kinds), f"recomputing {kind} entries")
+            by_kind[kind] = {(r, k): e for r, k, e in iter_entries(self.con, kind)}
+        for i in range(n):
+            kind, key = self.kind[i], (self.ref_id[i], self.ref_key[i])
+            table = table_of(kind)
+            entry = by_kind[kind].pop(key, None)
+            if entry is None:
+                ok = False
+                self.fail(
+                    "entries",
+                    table,
+                    _row_name(table, *key),
+                    None,
+                    f"the row of ledger entry #{i} ({kind}) is missing (deleted)",
+                )
+                continue
+            self.recomputed[i] = entry
+            if entry != self.stored[i]:
+                ok = False
+                fld = _field_diff(self.stored[i], entry)
+                self.fail(
+                    "entries",
+                    table,
+                    _row_name(table, *key),
+                    fld,
+                    f"value differs from ledger entry #{i} ({kind})",
+                )
+        for kind, rest in by_kind.items():
+            for key in sorted(rest, key=repr):
+                ok = False
+                table = table_of(kind)
+                self.fail(
+                    "entries",
+                    table,
+                    _row_name(table, *key),
+                    None,
+                    f"row has no ledger entry ({kind}): inserted after recording",
+                )
+        for link, parent, col in (
+            ("batch_samples", "batches", "batch_id"),
+            ("transform_samples", "transforms", "transform_id"),
+        ):
+            orphans = self.con.execute(
+                f"SELECT DISTINCT {col} FROM {link} EXCEPT SELECT {col} FROM {parent} ORDER BY 1 LIMIT 1"
+            ).fetchall()
+            if orphans:
+                ok = False
+                self.fail(
+                    "entries",
+                    link,
+                    f"rows {col}={orphans[0][0]}",
+                    col,
+                    f"rows reference a {parent} row that does not exist",
+                )
+        return ok, n, "every row recomputed and matched" if ok else "rows differ from the ledger"
+
+    def chain_and_tree(self) -> tuple[bool, int, str]:
+        """Leaf hashes and chain from the recomputed entries; stored hashes must agree; roots at each head size."""
+        self.progress(0.65, "rebuilding hash chain and Merkle tree")
+        heads = self.con.execute(
+            "SELECT sth_id, run_id, tree_size, root, chain_head, timestamp, key_fingerprint, signature "
+            "FROM tree_heads ORDER BY sth_id"
+        ).fetchall()
+        self.heads = heads
+        want = {}
+        for h in heads:
+            want.setdefault(int(h[2]), None)
+        tree, chain = CompactRange(), GENESIS
+        self.roots = {0: (tree.root(), GENESIS)} if 0 in want else {}
+        ok = True
+        for i, entry in enumerate(self.recomputed):
+            lh = leaf_hash(entry)
+            chain = chain_step(chain, lh)
+            if ok and lh != self.stored_leaf[i]:
+                ok = False
+                self.fail(
+                    "chain",
+                    "ledger",
+                    f"row seq={i}",
+                    "leaf_hash",
+                    "stored leaf hash does not match its entry",
+                )
+            if ok and chain != self.stored_chain[i]:
+                ok = False
+                self.fail(
+                    "chain",
+                    "ledger",
+                    f"row seq={i}",
+                    "chain_hash",
+                    "stored chain hash does not match the recomputed chain",
+                )
+            tree.append_leaf_hash(lh)
+            if i + 1 in want:
+                self.roots[i + 1] = (tree.root(), chain)
+        self.final = (tree.size, tree.root(), chain)
+        return ok, len(self.recomputed), f"chain head {chain.hex()[:16]}…, root {tree.root().hex()[:16]}…"
+
+    def signatures(self) -> tuple[bool, int, str]:
+        self.progress(0.75, "checking signed tree heads")
+        meta = self.meta
+        run_id = meta.get("run_id")
+        try:
+            key = (
+                self.pinned
+                if self.pinned is not None
+                else load_public_key(meta["signer_public_key"].encode())
+            )
+        except (KeyError, ValueError) as exc:
+            self.fail(
+                "signatures",
+                "meta",
+                "row key=signer_public_key",
+                "value",
+                f"no usable public key ({first_line(exc)})",
+            )
+            return False, 0, "no public key"
+        self.key_fingerprint = fingerprint(key)
+        if not self.heads:
+            self.fail("signatures", "tree_heads", None, None, "the run has no signed tree head")
+            return False, 0, "no signed tree heads"
+        prev_size = -1
+        for h in self.heads:
+            sth_id, size = h[0], int(h[2])
+            row = f"row sth_id={sth_id}"
+            try:
+                sth = SignedTreeHead.from_json_dict(
+                    {"run_id": h[1], "tree_size": size, "root": h[3], "chain_head": h[4], "timestamp": h[5],
+                     "key_fingerprint": h[6], "signature": h[7]}
+                )  # fmt: skip
+            except ValueError as exc:
+                self.fail(
+                    "signatures", "tree_heads", row, None, f"malformed signed tree head ({first_line(exc)})"
+                )
+                return False, len(self.heads), "malformed head"
+            if not verify_tree_head(sth, key):
+                who = "the pinned key" if self.pinned is not None else "the run's recorded key"
+                self.fail(
+                    "signatures",
+                    "tree_heads",
+                    row,
+                    "signature",
+                    f"signature does not verify with {who} ({self.key_fingerprint})",
+                )
+                return False, len(self.heads), "bad signature"
+            if sth.run_id != run_id:
+                self.fail(
+                    "signatures", "tree_heads", row, "run_id", f"head is for run {sth.run_id}, not {run_id}"
+                )
+                return False, len(self.heads), "head of another run"
+            if size < prev_size or size > len(self.recomputed):
+                self.fail(
+                    "signatures",
+                    "tree_heads",
+                    row,
+                    "tree_size",
+                    f"size {size} is not between the previous head's {prev_size} and the ledger's {len(self.recomputed)} entries (truncated?)",
+                )
+                return False, len(self.heads), "tree size out of order"
+            root, chain = self.roots[size]
+            if sth.root != root:
+                self.fail(
+                    "signatures",
+                    "tree_heads",
+                    row,
+                    "root",
+                    f"signed root differs from the root of the first {size} recomputed entries",
+                )
+                return False, len(self.heads), "root mismatch"
+            if sth.chain_head != chain:
+                self.fail(
+                    "signatures",
+                    "tree_heads",
+                    row,
+                    "chain_head",
+                    f"signed chain head differs from the chain over the first {size} entries",
+                )
+                return False, len(self.heads), "chain head mismatch"
+            prev_size = size
+        if prev_size != len(self.recomputed):
+            self.fail(
+                "signatures",
+                "ledger",
+                f"rows seq>={prev_size}",
+                None,
+                f"{len(self.recomputed) - prev_size} entries are not covered by any signed tree head",
+            )
+            return False, len(self.heads), "unsigned tail"
+        return (
+            True,
+            len(self.heads),
+            f"every head verifies; consecutive heads are consistent (each root recomputed from a prefix of the same {len(self.recomputed)} leaves)",
+        )
+
+    def checkpoint_files(self) -> tuple[bool, int, str]:
+        self.progress(0.85, "hashing checkpoint files")
+        rows = self.con.execute(
+            "SELECT checkpoint_id, path, sha256, size_bytes FROM checkpoints ORDER BY checkpoint_id"
+        ).fetchall()
+        total = 0
+        for cid, rel, sha, _size in rows:
+            try:
+                path = self.layout.resolve_inside(rel)
+            except CorruptRunError as exc:
+                self.fail("checkpoint_files", "checkpoints", f"row checkpoint_id={cid}", "path", str(exc))
+                return False, len(rows), "path outside the run"
+            if not path.is_file():
+                self.fail(
+                    "checkpoint_files",
+                    "checkpoints",
+                    f"row checkpoint_id={cid}",
+                    "path",
+                    f"checkpoint file {rel} is missing",
+                )
+                return False, len(rows), f"{rel} missing"
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            total += path.stat().st_size
+            if h.hexdigest() != sha:
+                self.fail(
+                    "checkpoint_files",
+                    "checkpoints",
+                    f"row checkpoint_id={cid}",
+                    "sha256",
+                    f"checkpoint file {rel} was changed or replaced (SHA-256 differs)",
+                )
+                return False, len(rows), f"{rel} changed"
+        return True, len(rows), f"{total / 1e6:.1f} MB hashed"
+
+    def thumbnails(self) -> tuple[bool, int, str]:
+        rows = self.con.execute(
+            "SELECT sample_id, thumbnail, thumbnail_sha256 FROM samples WHERE thumbnail IS NOT NULL OR thumbnail_sha256 IS NOT NULL ORDER BY sample_id"
+        ).fetchall()
+        for sid, blob, sha in rows:
+            if blob is None or sha is None or hashlib.sha256(blob).hexdigest() != sha:
+                self.fail(
+                    "thumbnails",
+                    "samples",
+                    f"row sample_id={sid}",
+                    "thumbnail",
+                    "thumbnail image does not match its committed SHA-256",
+                )
+                return False, len(rows), "thumbnail changed"
+        return True, len(rows), "every thumbnail matches its committed hash"
+
+    def source_data(self) -> tuple[bool | None, int, str]:
+        """Re-hash the samples' source data when the run's pipeline is a bundled one that can reload it."""
+        try:
+            pipeline = json.loads(self.meta.get("config", "{}")).get("pipeline")
+        except ValueError:
+            pipeline = None
+        if not isinstance(pipeline, str) or not pipeline.startswith(_SOURCE_PIPELINES):
+            return None, 0, "source data not available to re-hash"
+        try:
+            module = importlib.import_module(pipeline)
+            hashes: dict[int, str] = module.source_content_hashes()
+        except (ImportError, AttributeError) as exc:
+            return None, 0, f"source data not available ({first_line(exc)})"
+        self.progress(0.92, "re-hashing source data")
+        rows = self.con.execute("SELECT sample_id, content_sha256 FROM samples ORDER BY sample_id").fetchall()
+        for sid, sha in rows:
+            if hashes.get(sid) != sha:
+                self.fail(
+                    "source_data",
+                    "samples",
+                    f"row sample_id={sid}",
+                    "content_sha256",
+                    "the source sample's bytes hash differently",
+                )
+                return False, len(rows), "source differs"
+        return True, len(rows), f"re-hashed from {pipeline}"
+
+
+def verify_run(
+    run_dir: str | Path, *, public_key: str | Path | bytes | None = None, progress: Progress | None = None
+) -> VerifyReport:
+    """Verify a run end to end (reads its published snapshot and checkpoint files; writes nothing).
+
+    `public_key`: a file (or bytes) holding the Ed25519 public key the reviewer expects (pinned). Without it the
+    run's own recorded key is used, which proves integrity only against accidental change, not against someone
+    able to rewrite and re-sign the whole run; the report says which.
+    Raises FgtracError subclasses for unusable input (missing run, unreadable key file).
+    """
+    t0 = time.perf_counter()
+    layout = RunLayout.of(run_dir)
+    pinned = None
+    if public_key is not None:
+        try:
+            pinned = load_public_key(public_key)
+        except (ValueError, OSError) as exc:
+            raise CorruptRunError(f"cannot read public key {public_key}: {first_line(exc)}") from None
+    RunStore(layout.root).close()  # one-line errors for a missing or unreadable run
+    con = connect(layout.snapshot_db, read_only=True)
+    v = _Verifier(layout, con, pinned, progress)
+    try:
+        v.run_check("ledger", v.load_ledger)
+        if v.first is None:
+            v.run_check("entries", v.entries)
+            v.run_check("chain", v.chain_and_tree)
+            v.run_check("signatures", v.signatures)
+        v.run_check("checkpoint_files", v.checkpoint_files)
+        v.run_check("thumbnails", v.thumbnails)
+        v.run_check("source_data", v.source_data)
+    except duckdb.Error as exc:
+        raise CorruptRunError(f"{layout.snapshot_db} is damaged ({first_line(exc)})") from None
+    finally:
+        con.close()
+    v.progress(1.0, "done")
+    return VerifyReport(
+        run_dir=str(layout.root),
+        run_id=v.meta.get("run_id"),
+        ok=v.first is None,
+        n_entries=len(v.seq),
+        tree_size=v.final[0],
+        key_fingerprint=v.key_fingerprint,
+        key_pinned=pinned is not None,
+        seconds=time.perf_counter() - t0,
+        checks=v.checks,
+        first_failure=v.first,
+    )
