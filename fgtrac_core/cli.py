@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from fgtrac_core.errors import FgtracError, RunExistsError, RunNotFoundError
-from fgtrac_core.store.layout import RunLayout
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_DEMO_DIR = "runs/demo"
@@ -27,6 +26,7 @@ def _print_json(obj: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from fgtrac_core.store.layout import RunLayout
     from sample_runs import digits
 
     out = Path(args.out)
@@ -133,6 +133,116 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from fgtrac_core.verify import verify_run
+
+    bar = _progress_bar("verifying")
+    try:
+        report = verify_run(args.run, public_key=args.public_key, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    if args.json:
+        _print_json(report.to_json())
+        return EXIT_OK if report.ok else EXIT_FAILED
+    print(f"run {report.run_id}: {report.n_entries} ledger entries")
+    for c in report.checks:
+        mark = {True: "ok  ", False: "FAIL", None: "skip"}[c.ok]
+        print(f"  {mark} {c.name:<17} {c.count:>8}  {c.seconds * 1000:8.1f} ms  {c.detail}")
+    if report.key_pinned:
+        print(f"public key {report.key_fingerprint} (pinned)")
+    else:
+        print(
+            f"public key {report.key_fingerprint} (NOT pinned: the run's own key was used; pass --public-key to pin)"
+        )
+    if report.ok:
+        print("Ledger intact")
+        return EXIT_OK
+    print(f"TAMPERED: {report.first_failure}")
+    return EXIT_FAILED
+
+
+class _Bar:
+    def __init__(self, desc: str) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(
+            total=100, desc=desc, file=sys.stderr, leave=False, bar_format="{desc} {bar} {percentage:3.0f}%"
+        )
+
+    def update(self, fraction: float, label: str) -> None:
+        self._bar.set_description_str(label)
+        self._bar.n = round(100 * fraction)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _progress_bar(desc: str) -> _Bar | None:
+    return _Bar(desc) if sys.stderr.isatty() else None
+
+
+def _cmd_prove(args: argparse.Namespace) -> int:
+    from fgtrac_core.proofs import build_usage_proof
+
+    bundle = build_usage_proof(args.run, args.sample)
+    text = json.dumps(bundle, indent=1) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(
+            f"wrote usage proof for sample {args.sample} ({len(bundle['entries'])} entries) to {args.out}",
+            file=sys.stderr,
+        )
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _cmd_check_proof(args: argparse.Namespace) -> int:
+    # deliberately light: ledger code only (no torch, no duckdb), so a third party can check offline
+    from fgtrac_core.ledger import load_public_key
+    from fgtrac_core.ledger.bundle import BundleError, check_bundle
+
+    try:
+        bundle = json.loads(Path(args.file).read_text())
+        key = load_public_key(args.public_key) if args.public_key else None
+        result = check_bundle(bundle, public_key=key, run_id=args.run_id)
+    except (BundleError, ValueError) as exc:
+        raise FgtracError(f"{args.file}: {exc}") from None
+    if args.json:
+        _print_json(result.__dict__)
+        return EXIT_OK if result.ok else EXIT_FAILED
+    pin = (
+        "pinned" if result.key_pinned else "NOT pinned: the key inside the bundle was used; pass --public-key"
+    )
+    print(f"run {result.run_id}, sample {result.sample_id}, tree size {result.tree_size}")
+    print(f"signed by {result.key_fingerprint} ({pin})")
+    if not result.ok:
+        print(f"INVALID: {result.problem}")
+        return EXIT_FAILED
+    sample = result.sample or {}
+    print(
+        f"registered: split {sample.get('split')}, label {sample.get('label')}, content sha256 {sample.get('content_sha256')}"
+    )
+    steps = ", ".join(str(u["step"]) for u in result.uses) or "none"
+    print(f"used in {len(result.uses)} batches, at steps {steps}")
+    print("Proof valid")
+    return EXIT_OK
+
+
+def _cmd_key_export(args: argparse.Namespace) -> int:
+    from fgtrac_core.ledger import fingerprint, load_or_create_signing_key, public_key_pem
+
+    key = load_or_create_signing_key(args.key_dir).public_key()
+    if args.json:
+        _print_json({"fingerprint": fingerprint(key), "public_key_pem": public_key_pem(key).decode()})
+    else:
+        sys.stdout.write(public_key_pem(key).decode())
+        print(f"fingerprint {fingerprint(key)}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fgtrac", description="Trace, audit and attribute PyTorch training runs."
@@ -163,6 +273,34 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("id", type=int, help="sample id")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_cmd_sample)
+
+    v = sub.add_parser(
+        "verify", help="recheck the whole ledger: entries, chain, Merkle root, signatures, files"
+    )
+    v.add_argument("run", help="run directory")
+    v.add_argument("--public-key", help="reviewer's pinned Ed25519 public key file (PEM)")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.set_defaults(func=_cmd_verify)
+
+    pr = sub.add_parser("prove", help="write a usage-proof bundle for one sample")
+    pr.add_argument("run", help="run directory")
+    pr.add_argument("--sample", type=int, required=True, help="sample id")
+    pr.add_argument("--out", help="file to write (default: stdout)")
+    pr.set_defaults(func=_cmd_prove)
+
+    c = sub.add_parser("check-proof", help="check a usage-proof bundle offline (no database needed)")
+    c.add_argument("file", help="bundle written by `fgtrac prove`")
+    c.add_argument("--public-key", help="pinned Ed25519 public key file (PEM)")
+    c.add_argument("--run-id", help="expected run id")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=_cmd_check_proof)
+
+    k = sub.add_parser("key", help="signing key management")
+    ksub = k.add_subparsers(dest="key_command", required=True)
+    ke = ksub.add_parser("export", help="print the public key reviewers should pin")
+    ke.add_argument("--key-dir", help="key directory (default $FGTRAC_KEY_DIR or ~/.config/fgtrac)")
+    ke.add_argument("--json", action="store_true", help="machine-readable output")
+    ke.set_defaults(func=_cmd_key_export)
     return p
 
 
