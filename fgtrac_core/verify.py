@@ -21,16 +21,14 @@ import duckdb
 from fgtrac_core.errors import CorruptRunError
 from fgtrac_core.ledger import (
     GENESIS,
-    CompactRange,
     SignedTreeHead,
-    chain_step,
     decode_entry,
     fingerprint,
-    leaf_hash,
     load_public_key,
     verify_tree_head,
 )
 from fgtrac_core.ledger.entries import ENTRY_KINDS
+from fgtrac_core.ledger.merkle import perfect_subtree_levels, prefix_root
 from fgtrac_core.store.db import connect, first_line
 from fgtrac_core.store.entries import iter_entries, table_of
 from fgtrac_core.store.layout import RunLayout
@@ -109,6 +107,10 @@ class VerifyReport:
         return d
 
 
+def _first_difference(a: list[bytes], b: list[bytes]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def _row_name(table: str, ref_id: Any, ref_key: Any) -> str:
     id_name, key_name = _KEY_NAMES.get(table, ("id", "key"))
     parts = []
@@ -159,26 +161,27 @@ class _Verifier:
     # -------------------------------------------------------------- the checks
     def load_ledger(self) -> tuple[bool, int, str]:
         self.meta = dict(self.con.execute("SELECT key, value FROM meta").fetchall())
-        cols = self.con.execute(
+        table = self.con.sql(
             "SELECT seq, kind, ref_id, ref_key, entry, leaf_hash, chain_hash FROM ledger ORDER BY seq"
-        ).fetchnumpy()
-        self.seq = cols["seq"].tolist()
-        self.kind = cols["kind"].tolist()
-        self.ref_id = [None if v is None else int(v) for v in cols["ref_id"].tolist()]
-        self.ref_key = cols["ref_key"].tolist()
-        self.stored = [bytes(e) for e in cols["entry"]]
-        self.stored_leaf = [bytes(e) for e in cols["leaf_hash"]]
-        self.stored_chain = [bytes(e) for e in cols["chain_hash"]]
-        for i, s in enumerate(self.seq):
-            if s != i:
-                self.fail(
-                    "ledger",
-                    "ledger",
-                    f"row seq={s}",
-                    "seq",
-                    f"sequence numbers must run 0..n-1; found {s} at position {i}",
-                )
-                return False, len(self.seq), "sequence gap, duplicate or reordering"
+        ).to_arrow_table()
+        col = {name: table.column(name).to_pylist() for name in table.column_names}
+        self.seq, self.kind, self.ref_id, self.ref_key = (
+            col["seq"],
+            col["kind"],
+            col["ref_id"],
+            col["ref_key"],
+        )
+        self.stored, self.stored_leaf, self.stored_chain = col["entry"], col["leaf_hash"], col["chain_hash"]
+        if self.seq != list(range(len(self.seq))):
+            i, s = next((i, s) for i, s in enumerate(self.seq) if s != i)
+            self.fail(
+                "ledger",
+                "ledger",
+                f"row seq={s}",
+                "seq",
+                f"sequence numbers must run 0..n-1; found {s} at position {i}",
+            )
+            return False, len(self.seq), "sequence gap, duplicate or reordering"
         for i, k in enumerate(self.kind):
             if k not in ENTRY_KINDS:
                 self.fail("ledger", "ledger", f"row seq={i}", "kind", f"unknown entry kind {k!r}")
@@ -260,35 +263,38 @@ class _Verifier:
         want = {}
         for h in heads:
             want.setdefault(int(h[2]), None)
-        tree, chain = CompactRange(), GENESIS
-        self.roots = {0: (tree.root(), GENESIS)} if 0 in want else {}
+        sha = hashlib.sha256
+        leaves = [sha(b"\x00" + e).digest() for e in self.recomputed]
+        chains, chain = [], GENESIS
+        for lh in leaves:
+            chain = sha(chain + lh).digest()
+            chains.append(chain)
         ok = True
-        for i, entry in enumerate(self.recomputed):
-            lh = leaf_hash(entry)
-            chain = chain_step(chain, lh)
-            if ok and lh != self.stored_leaf[i]:
-                ok = False
-                self.fail(
-                    "chain",
-                    "ledger",
-                    f"row seq={i}",
-                    "leaf_hash",
-                    "stored leaf hash does not match its entry",
-                )
-            if ok and chain != self.stored_chain[i]:
-                ok = False
-                self.fail(
-                    "chain",
-                    "ledger",
-                    f"row seq={i}",
-                    "chain_hash",
-                    "stored chain hash does not match the recomputed chain",
-                )
-            tree.append_leaf_hash(lh)
-            if i + 1 in want:
-                self.roots[i + 1] = (tree.root(), chain)
-        self.final = (tree.size, tree.root(), chain)
-        return ok, len(self.recomputed), f"chain head {chain.hex()[:16]}…, root {tree.root().hex()[:16]}…"
+        if leaves != self.stored_leaf:
+            ok = False
+            i = _first_difference(leaves, self.stored_leaf)
+            self.fail(
+                "chain", "ledger", f"row seq={i}", "leaf_hash", "stored leaf hash does not match its entry"
+            )
+        elif chains != self.stored_chain:
+            ok = False
+            i = _first_difference(chains, self.stored_chain)
+            self.fail(
+                "chain",
+                "ledger",
+                f"row seq={i}",
+                "chain_hash",
+                "stored chain hash does not match the recomputed chain",
+            )
+        levels = perfect_subtree_levels(leaves)
+        self.roots = {
+            size: (prefix_root(levels, size), chains[size - 1] if size else GENESIS)
+            for size in want
+            if size <= len(leaves)
+        }
+        root = prefix_root(levels, len(leaves))
+        self.final = (len(leaves), root, chain)
+        return ok, len(leaves), f"chain head {chain.hex()[:16]}…, root {root.hex()[:16]}…"
 
     def signatures(self) -> tuple[bool, int, str]:
         self.progress(0.75, "checking signed tree heads")
@@ -351,7 +357,7 @@ class _Verifier:
                     f"size {size} is not between the previous head's {prev_size} and the ledger's {len(self.recomputed)} entries (truncated?)",
                 )
                 return False, len(self.heads), "tree size out of order"
-            root, chain = self.roots[size]
+            root, chain = self.roots[size]  # size <= n was checked just above
             if sth.root != root:
                 self.fail(
                     "signatures",

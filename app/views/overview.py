@@ -5,7 +5,9 @@ from __future__ import annotations
 import plotly.express as px
 import streamlit as st
 
-from app.data import store
+from app.data import run_dir, store
+from fgtrac_core.errors import FgtracError
+from fgtrac_core.verify import verify_run
 
 
 def render() -> None:
@@ -59,7 +61,41 @@ def render() -> None:
         ckpts[["checkpoint_id", "step", "stage", "kind", "lr", "val_loss", "optimizer", "sha256", "path"]],
         hide_index=True,
     )
+    _ledger_panel()
+
     transforms = s.transforms()
     if not transforms.empty:
         st.subheader("Preprocessing")
         st.dataframe(transforms[["transform_id", "name", "params", "n_samples"]], hide_index=True)
+
+
+def _ledger_panel() -> None:
+    """One click re-verifies the whole ledger; the result names the first failing table/row/field."""
+    st.subheader("Ledger")
+    if not st.button("Verify ledger", key="verify_ledger", type="primary"):
+        st.caption(
+            "Recomputes every entry from the tables, rebuilds chain and Merkle root, checks every signed tree "
+            "head and re-hashes every checkpoint file."
+        )
+        return
+    bar = st.progress(0.0, text="verifying")
+    try:
+        report = verify_run(run_dir(), progress=lambda frac, label: bar.progress(min(frac, 1.0), text=label))
+    except FgtracError as exc:
+        st.error(f"Cannot verify: {exc}")
+        return
+    bar.empty()
+    if report.ok:
+        st.success(f"Ledger intact — {report.n_entries} entries verified in {report.seconds:.2f} s")
+    else:
+        st.error(f"Ledger check failed: {report.first_failure}")
+    pin = "pinned" if report.key_pinned else "not pinned: the run's own recorded key was used"
+    st.caption(f"Signing key {report.key_fingerprint} ({pin})")
+    st.dataframe(
+        [
+            {"check": c.name, "result": {True: "pass", False: "FAIL", None: "skipped"}[c.ok], "count": c.count,
+             "ms": round(c.seconds * 1000, 1), "detail": c.detail}
+            for c in report.checks
+        ],
+        hide_index=True,
+    )  # fmt: skip

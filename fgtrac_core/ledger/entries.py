@@ -2,7 +2,8 @@
 
 Both the recorder (when it appends) and the verifier (when it recomputes) build entries from table rows read back
 from the database through the same functions, so an entry depends only on the row's values.  Rows arrive as
-plain dicts (Arrow ``to_pylist``): datetimes are written as ISO 8601 strings, non-finite floats as "NaN" /
+plain dicts (Arrow ``to_pylist``): datetimes are written as ISO 8601 strings with microseconds
+(``YYYY-MM-DDTHH:MM:SS.ffffff``, naive UTC; the database side may hand them over already formatted), non-finite floats as "NaN" /
 "Infinity" / "-Infinity", bytes as lowercase hex.
 
 Sets of sample ids (the samples of a batch, of a preprocessing event) are committed by an RFC 9162 Merkle root
@@ -13,12 +14,13 @@ the id's inclusion in the batch root, and the batch entry's inclusion in the led
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from .encoding import encode_entry
+from .encoding import ENCODING_VERSION, encode_entry, encode_value
 from .merkle import leaf_hash, root_from_leaf_hashes
 
 # kind -> (table it is recomputed from, body fields in the entry; "name=column" where the entry renames a column,
@@ -74,7 +76,7 @@ _FIELDS: dict[str, list[tuple[str, str]]] = {
 
 def _plain(value: Any) -> Any:
     if isinstance(value, datetime):
-        return value.isoformat()
+        return value.isoformat(timespec="microseconds")
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, bytes | bytearray | memoryview):
@@ -85,6 +87,61 @@ def _plain(value: Any) -> Any:
 def entry_bytes(kind: str, row: Mapping[str, Any]) -> bytes:
     """The canonical entry of `kind` for one table row (a dict holding at least the kind's body fields)."""
     return encode_entry(kind, {name: _plain(row[col]) for name, col in _FIELDS[kind]})
+
+
+def _fallback(value: Any) -> str:
+    return encode_value(_plain(value)).decode("utf-8")
+
+
+def _float(value: float) -> str:
+    return repr(value) if math.isfinite(value) else _encode_str(_plain(value))
+
+
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring  # json.dumps(ensure_ascii=False)'s escaper
+_ENCODERS: dict[type, Callable[[Any], str]] = {
+    str: _encode_str,
+    int: str,
+    float: _float,
+    type(None): lambda v: "null",
+    bool: lambda v: "true" if v else "false",
+    datetime: lambda v: _encode_str(v.isoformat(timespec="microseconds")),
+}
+
+
+def _encode_column(values: Sequence[Any]) -> list[str]:
+    """JSON text of every value; columns of one type (plus NULLs) map a C-level escaper over the whole list."""
+    types = set(map(type, values))
+    types.discard(type(None))
+    if len(types) == 1 and (enc := _ENCODERS.get(types.pop())) is not None:
+        if len(values) and None in values:
+            return ["null" if v is None else enc(v) for v in values]
+        return list(map(enc, values))
+    return [_ENCODERS.get(type(v), _fallback)(v) for v in values]
+
+
+def _format_escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def encode_columns(kind: str, columns: Mapping[str, Sequence[Any]]) -> list[bytes]:
+    """Entries of `kind` for many rows at once, from column lists; byte-identical to `entry_bytes` per row.
+
+    The hot path of recording and verification: one format template per kind and a per-type escaper per value,
+    instead of the generic validating encoder (their equality is tested).
+    """
+    names = sorted([("kind", None), ("v", None), *_FIELDS[kind]], key=lambda f: f[0])
+    pieces: list[str] = []
+    cols: list[list[str]] = []
+    for name, col in names:
+        key = _encode_str(name) + ":"
+        if col is None:  # the envelope: "v" and the entry kind
+            value = str(ENCODING_VERSION) if name == "v" else _encode_str(kind)
+            pieces.append(_format_escape(key + value))
+        else:
+            pieces.append(_format_escape(key) + "{" + str(len(cols)) + "}")
+            cols.append(_encode_column(columns[col]))
+    template = "{{" + ",".join(pieces) + "}}"
+    return [text.encode("utf-8") for text in map(template.format, *cols)]
 
 
 def id_leaf(sample_id: int) -> bytes:

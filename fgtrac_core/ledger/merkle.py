@@ -405,3 +405,33 @@ class CompactRange:
     def __repr__(self) -> str:
         """Short description with the size and the current root."""
         return f"CompactRange(size={self._size}, root={self.root().hex()})"
+
+
+def perfect_subtree_levels(hashes: Sequence[bytes]) -> list[list[bytes]]:
+    """All perfect-subtree hashes: level 0 is the leaf hashes, level L index i covers leaves [i*2^L, (i+1)*2^L).
+
+    About n node hashes in all; afterwards the root of any prefix is O(log n) (`prefix_root`).
+    """
+    levels = [list(hashes)]
+    sha = hashlib.sha256
+    while len(levels[-1]) > 1:
+        prev = levels[-1]
+        levels.append([sha(b"\x01" + prev[i] + prev[i + 1]).digest() for i in range(0, len(prev) - 1, 2)])
+    return levels
+
+
+def prefix_root(levels: Sequence[Sequence[bytes]], size: int) -> bytes:
+    """RFC 9162 root of the first `size` leaves, from `perfect_subtree_levels` (a size must not exceed the leaves)."""
+    if size == 0:
+        return EMPTY_ROOT
+    if size > len(levels[0]):
+        raise ValueError(f"prefix size {size} exceeds the {len(levels[0])} leaves")
+    parts, offset = [], 0
+    for level in range(size.bit_length() - 1, -1, -1):
+        if size >> level & 1:
+            parts.append(levels[level][offset >> level])
+            offset += 1 << level
+    root = parts[-1]
+    for h in reversed(parts[:-1]):
+        root = node_hash(h, root)
+    return root

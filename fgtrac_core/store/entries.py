@@ -11,19 +11,39 @@ from collections.abc import Iterator
 import duckdb
 import numpy as np
 
-from fgtrac_core.ledger.entries import ENTRY_KINDS, entry_bytes, ids_root
+from fgtrac_core.ledger.entries import ENTRY_KINDS, encode_columns, ids_root
+
+
+def _iso(*cols: str) -> str:
+    """Timestamps formatted by DuckDB exactly as the entry encoding writes them (vectorised, no datetimes)."""
+    return " REPLACE (" + ", ".join(f"strftime(t.{c}, '%Y-%m-%dT%H:%M:%S.%f') AS {c}" for c in cols) + ")"
+
 
 _SELECT: dict[str, str] = {
     "meta": "SELECT NULL::BIGINT AS ref_id, t.key AS ref_key, t.* FROM meta t",
-    "session_open": "SELECT t.session_id AS ref_id, NULL AS ref_key, t.* FROM run_sessions t",
-    "session_close": "SELECT t.session_id AS ref_id, NULL AS ref_key, t.* FROM run_sessions t",
-    "sample": "SELECT t.sample_id AS ref_id, NULL AS ref_key, t.* EXCLUDE (thumbnail) FROM samples t",
+    "session_open": "SELECT t.session_id AS ref_id, NULL AS ref_key, t.*"
+    + _iso("opened_at", "closed_at")
+    + " FROM run_sessions t",
+    "session_close": "SELECT t.session_id AS ref_id, NULL AS ref_key, t.*"
+    + _iso("opened_at", "closed_at")
+    + " FROM run_sessions t",
+    "sample": "SELECT t.sample_id AS ref_id, NULL AS ref_key, t.* EXCLUDE (thumbnail)"
+    + _iso("registered_at")
+    + " FROM samples t",
     "annotation": "SELECT t.sample_id AS ref_id, t.key AS ref_key, t.* FROM sample_annotations t",
-    "transform": "SELECT t.transform_id AS ref_id, NULL AS ref_key, t.* FROM transforms t",
-    "stage_start": "SELECT t.stage_id AS ref_id, NULL AS ref_key, t.* FROM stages t",
-    "stage_end": "SELECT t.stage_id AS ref_id, NULL AS ref_key, t.* FROM stages t",
+    "transform": "SELECT t.transform_id AS ref_id, NULL AS ref_key, t.*"
+    + _iso("logged_at")
+    + " FROM transforms t",
+    "stage_start": "SELECT t.stage_id AS ref_id, NULL AS ref_key, t.*"
+    + _iso("started_at", "ended_at")
+    + " FROM stages t",
+    "stage_end": "SELECT t.stage_id AS ref_id, NULL AS ref_key, t.*"
+    + _iso("started_at", "ended_at")
+    + " FROM stages t",
     "batch": "SELECT t.batch_id AS ref_id, NULL AS ref_key, t.* FROM batches t",
-    "checkpoint": "SELECT t.checkpoint_id AS ref_id, NULL AS ref_key, t.* FROM checkpoints t",
+    "checkpoint": "SELECT t.checkpoint_id AS ref_id, NULL AS ref_key, t.*"
+    + _iso("created_at")
+    + " FROM checkpoints t",
 }
 # rows that exist but have no entry of this kind yet (an open session, a running stage)
 _EXISTS: dict[str, str] = {"session_close": "t.closed_at IS NOT NULL", "stage_end": "t.status <> 'running'"}
@@ -67,15 +87,13 @@ def iter_entries(con: duckdb.DuckDBPyConnection, kind: str, *, only_new: bool = 
     table = con.sql(
         sql + " ORDER BY ref_id, ref_key"
     ).to_arrow_table()  # fully fetched: _id_roots queries too
-    for batch in table.to_batches(max_chunksize=65_536):
-        rows = batch.to_pylist()
+    for batch in table.to_batches(max_chunksize=262_144):
+        cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
         if kind in _ID_SETS:
-            keys = np.asarray([r["ref_id"] for r in rows], dtype=np.int64)
-            roots = _id_roots(con, kind, keys)
-            for r in rows:
-                r["samples_root"] = roots.get(r["ref_id"], ids_root([]))
-        for r in rows:
-            yield r["ref_id"], r["ref_key"], entry_bytes(kind, r)
+            roots = _id_roots(con, kind, np.asarray(cols["ref_id"], dtype=np.int64))
+            empty = ids_root([])
+            cols["samples_root"] = [roots.get(r, empty) for r in cols["ref_id"]]
+        yield from zip(cols["ref_id"], cols["ref_key"], encode_columns(kind, cols), strict=True)
 
 
 def table_of(kind: str) -> str:

@@ -27,3 +27,22 @@ def test_missing_run_is_reported_not_raised(tmp_path: Path, monkeypatch: pytest.
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception
     assert "Cannot open run" in at.error[0].value
+
+
+def test_verify_ledger_button(digits_run: Path, digits_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FGTRAC_RUN", str(digits_run))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.button(key="verify_ledger").click().run()
+    assert not at.exception
+    assert at.success[0].value.startswith("Ledger intact")
+
+    import duckdb
+
+    with duckdb.connect(str(digits_copy / "snapshot.duckdb")) as con:
+        con.execute("UPDATE samples SET label = label + 1 WHERE sample_id = 7")
+    monkeypatch.setenv("FGTRAC_RUN", str(digits_copy))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.button(key="verify_ledger").click().run()
+    assert not at.exception
+    message = at.error[0].value
+    assert "samples row sample_id=7 field label" in message
