@@ -74,13 +74,23 @@ def _id_roots(con: duckdb.DuckDBPyConnection, kind: str, keys: np.ndarray) -> di
     return roots
 
 
-def iter_entries(con: duckdb.DuckDBPyConnection, kind: str, *, only_new: bool = False) -> Iterator[Entry]:
+def iter_entries(
+    con: duckdb.DuckDBPyConnection,
+    kind: str,
+    *,
+    only_new: bool = False,
+    key_range: tuple[int, int] | None = None,
+) -> Iterator[Entry]:
     """Yield (ref_id, ref_key, entry bytes) for every row of `kind`, ordered by key.
 
-    With `only_new`, only rows that have no entry of this kind in the `ledger` table yet (the recorder's view).
+    The recorder restricts this to the rows it just wrote: by `key_range` (inclusive ref_id bounds; cheap) or,
+    for rare bulk writes with arbitrary keys, `only_new` (rows without an entry of this kind yet; an anti-join).
     """
     sql = _SELECT[kind] + (f" WHERE {_EXISTS[kind]}" if kind in _EXISTS else "")
-    if only_new:
+    if key_range is not None:
+        lo, hi = (int(x) for x in key_range)
+        sql = f"SELECT * FROM ({sql}) q WHERE q.ref_id BETWEEN {lo} AND {hi}"
+    elif only_new:
         sql = f"""SELECT * FROM ({sql}) q WHERE NOT EXISTS (
                       SELECT 1 FROM ledger l WHERE l.kind = '{kind}'
                       AND l.ref_id IS NOT DISTINCT FROM q.ref_id AND l.ref_key IS NOT DISTINCT FROM q.ref_key)"""

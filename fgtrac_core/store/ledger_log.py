@@ -12,6 +12,8 @@ from fgtrac_core.ledger import GENESIS, CompactRange, chain_step, leaf_hash, sig
 from fgtrac_core.store.db import insert_arrow
 from fgtrac_core.store.entries import iter_entries
 
+Touched = str | tuple[str, int, int]
+
 
 class LedgerLog:
     """Appends entries in order and keeps the Merkle compact range and chain head up to date (O(log n) state)."""
@@ -33,14 +35,18 @@ class LedgerLog:
     def size(self) -> int:
         return self._tree.size
 
-    def append(self, con: duckdb.DuckDBPyConnection, kinds_touched: Sequence[str]) -> None:
-        """Append entries for every row of these kinds that has none yet, in this order.
+    def append(self, con: duckdb.DuckDBPyConnection, touched: Sequence[Touched]) -> None:
+        """Append entries for the rows just written, in this order: `(kind, first_key, last_key)` for a key range,
+        or a bare kind for every row of that kind that has no entry yet.
 
         Rows are read back from `con` inside the caller's transaction, through the same code the verifier uses.
         """
         seqs, kinds, ref_ids, ref_keys, entries, leaves, chains = [], [], [], [], [], [], []
-        for kind in kinds_touched:
-            for ref_id, ref_key, entry in iter_entries(con, kind, only_new=True):
+        for item in touched:
+            kind, key_range = (item, None) if isinstance(item, str) else (item[0], (item[1], item[2]))
+            for ref_id, ref_key, entry in iter_entries(
+                con, kind, only_new=key_range is None, key_range=key_range
+            ):
                 h = leaf_hash(entry)
                 self._chain = chain_step(self._chain, h)
                 seqs.append(self._tree.size)

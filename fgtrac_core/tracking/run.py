@@ -54,7 +54,7 @@ from fgtrac_core.errors import (
 from fgtrac_core.ledger import default_key_dir, fingerprint, load_or_create_signing_key, public_key_pem
 from fgtrac_core.store.db import connect, insert_arrow, publish_snapshot
 from fgtrac_core.store.layout import RunLayout
-from fgtrac_core.store.ledger_log import LedgerLog
+from fgtrac_core.store.ledger_log import LedgerLog, Touched
 from fgtrac_core.store.schema import create_schema
 from fgtrac_core.tracking._writer import Writer
 from fgtrac_core.tracking.thumbnails import as_png_list
@@ -216,7 +216,7 @@ class Run:
         # recording session; a signed head and snapshot follow
         self._commit(
             [_inserter("run_sessions", session)],
-            ["meta", "stage_end", "session_open"],
+            ["meta", "stage_end", ("session_open", self._session_id, self._session_id)],
             publish=True,
             wait=True,
         )
@@ -279,7 +279,7 @@ class Run:
                     "UPDATE run_sessions SET closed_at = ? WHERE session_id = ?", [closed_at, session_id]
                 )
             ],
-            ["session_close"],
+            [("session_close", session_id, session_id)],
             publish=True,
         )
         self._closed = True
@@ -384,7 +384,9 @@ class Run:
         links = pa.table(
             {"transform_id": pa.array(np.full(len(ids), tid, np.int32)), "sample_id": pa.array(ids)}
         )
-        self._commit([_inserter("transforms", row), _inserter("transform_samples", links)], ["transform"])
+        self._commit(
+            [_inserter("transforms", row), _inserter("transform_samples", links)], [("transform", tid, tid)]
+        )
         self._next_transform_id += 1
         return tid
 
@@ -438,7 +440,7 @@ class Run:
                 "ended_at": pa.nulls(1, pa.timestamp("us")),
             }
         )
-        self._commit([_inserter("stages", row)], ["stage_start"])
+        self._commit([_inserter("stages", row)], [("stage_start", stage_id, stage_id)])
         self._stage_names.add(name)
         self._next_stage_id += 1
         self._stage = _ActiveStage(stage_id, name, optimizer)
@@ -463,7 +465,7 @@ class Run:
                 [status, ended_at, stage_id, stage_id],
             )
 
-        self._commit([end], ["stage_end"], publish=True)
+        self._commit([end], [("stage_end", stage_id, stage_id)], publish=True)
         self._stage = None
 
     def log_batch(
@@ -570,7 +572,7 @@ class Run:
             row["created_at"] = pa.array([_now()], pa.timestamp("us"))
             insert_arrow(con, "checkpoints", pa.table(row))
 
-        self._commit([write], ["checkpoint"], publish=True)
+        self._commit([write], [("checkpoint", cid, cid)], publish=True)
         self._next_checkpoint_id += 1
         return record
 
@@ -586,11 +588,14 @@ class Run:
         self._commit([], [], publish=True, wait=True)
 
     def _commit(
-        self, ops: Sequence[Job], kinds: Sequence[str], *, publish: bool = False, wait: bool = False
+        self, ops: Sequence[Job], kinds: Sequence[Touched], *, publish: bool = False, wait: bool = False
     ) -> None:
         """Queue one transaction: pending batches first (rows reach the database in recording order), then `ops`,
         then the ledger entries of the rows they wrote (`kinds`, in order)."""
         pending, self._buffer = (self._buffer, _BatchBuffer()) if len(self._buffer) else (None, self._buffer)
+        batch_entries: list[Touched] = (
+            [] if pending is None else [("batch", pending.batch_id[0], pending.batch_id[-1])]
+        )
 
         def transaction(con: duckdb.DuckDBPyConnection) -> None:
             con.begin()
@@ -601,7 +606,7 @@ class Run:
                     insert_arrow(con, "batch_samples", samples)
                 for op in ops:
                     op(con)
-                self._ledger.append(con, (["batch"] if pending is not None else []) + list(kinds))
+                self._ledger.append(con, batch_entries + list(kinds))
                 if publish:  # a signed head at every checkpoint, stage end and close (snapshots may coalesce)
                     self._ledger.sign_if_grown(con)
             except BaseException:
