@@ -15,9 +15,11 @@ from fgtrac_core.store.reader import RunStore
 
 
 def build_usage_proof(run_dir: str | Path, sample_id: int) -> dict[str, Any]:
-    """A JSON-able bundle proving sample `sample_id`'s registration, preprocessing and every use in training.
+    """A JSON-able bundle proving sample `sample_id`'s registration, preprocessing and uses in training.
 
-    Proofs are against the run's latest signed tree head; entries after it (none in a closed run) are left out.
+    It lists every use recorded in the run, but a checker can only confirm that each listed use happened, not that
+    none was omitted.  Proofs are against the run's latest signed tree head; entries after it (none in a closed
+    run) are left out.
     """
     with RunStore(run_dir) as store:
         store.sample(sample_id)  # UnknownSampleError for an id that was never registered

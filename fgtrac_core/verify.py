@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from fgtrac_core.ledger import (
 from fgtrac_core.ledger.entries import ENTRY_KINDS
 from fgtrac_core.ledger.merkle import perfect_subtree_levels, prefix_root
 from fgtrac_core.store.db import connect, first_line
-from fgtrac_core.store.entries import iter_entries, table_of
+from fgtrac_core.store.entries import count_mismatches, iter_entries, table_of
 from fgtrac_core.store.layout import RunLayout
 from fgtrac_core.store.reader import RunStore
 
@@ -145,7 +146,7 @@ class _Verifier:
         self.checks: list[Check] = []
         self.first: Failure | None = None
         self.meta: dict[str, str] = {}
-        self.seq: list[int] = []
+        self.n = 0
         self.key_fingerprint: str | None = None
         self.final: tuple[int, bytes, bytes] = (0, b"", b"")
 
@@ -161,79 +162,46 @@ class _Verifier:
     # -------------------------------------------------------------- the checks
     def load_ledger(self) -> tuple[bool, int, str]:
         self.meta = dict(self.con.execute("SELECT key, value FROM meta").fetchall())
-        table = self.con.sql(
-            "SELECT seq, kind, ref_id, ref_key, entry, leaf_hash, chain_hash FROM ledger ORDER BY seq"
-        ).to_arrow_table()
-        col = {name: table.column(name).to_pylist() for name in table.column_names}
-        self.seq, self.kind, self.ref_id, self.ref_key = (
-            col["seq"],
-            col["kind"],
-            col["ref_id"],
-            col["ref_key"],
-        )
-        self.stored, self.stored_leaf, self.stored_chain = col["entry"], col["leaf_hash"], col["chain_hash"]
-        if self.seq != list(range(len(self.seq))):
-            i, s = next((i, s) for i, s in enumerate(self.seq) if s != i)
+        n, lo, hi, distinct = self.con.execute(
+            "SELECT count(*), min(seq), max(seq), count(DISTINCT seq) FROM ledger"
+        ).fetchall()[0]
+        self.n = int(n)
+        if n and (lo != 0 or hi != n - 1 or distinct != n):
+            bad = self.con.execute(
+                """SELECT seq FROM (SELECT seq, row_number() OVER (ORDER BY seq) - 1 AS pos FROM ledger)
+                   WHERE seq <> pos ORDER BY pos LIMIT 1"""
+            ).fetchall()
+            s = bad[0][0] if bad else hi
             self.fail(
-                "ledger",
-                "ledger",
-                f"row seq={s}",
-                "seq",
-                f"sequence numbers must run 0..n-1; found {s} at position {i}",
+                "ledger", "ledger", f"row seq={s}", "seq", "sequence numbers must run 0..n-1 without gaps"
             )
-            return False, len(self.seq), "sequence gap, duplicate or reordering"
-        for i, k in enumerate(self.kind):
-            if k not in ENTRY_KINDS:
-                self.fail("ledger", "ledger", f"row seq={i}", "kind", f"unknown entry kind {k!r}")
-                return False, len(self.seq), "unknown entry kind"
-        return True, len(self.seq), "contiguous sequence"
+            return False, self.n, "sequence gap, duplicate or reordering"
+        unknown = self.con.execute(
+            "SELECT seq, kind FROM ledger WHERE kind NOT IN (SELECT unnest(?)) ORDER BY seq LIMIT 1",
+            [list(ENTRY_KINDS)],
+        ).fetchall()
+        if unknown:
+            unknown = unknown[0]
+            self.fail(
+                "ledger", "ledger", f"row seq={unknown[0]}", "kind", f"unknown entry kind {unknown[1]!r}"
+            )
+            return False, self.n, "unknown entry kind"
+        return True, self.n, "contiguous sequence"
 
     def entries(self) -> tuple[bool, int, str]:
-        """Recompute every entry from its row; compare with the stored entry; find rows without entries."""
-        by_kind: dict[str, dict[tuple[Any, Any], bytes]] = {}
-        n = len(self.seq)
-        self.recomputed: list[bytes] = list(self.stored)
-        ok = True
+        """Recompute every entry from its row and compare with the stored entry; find rows without entries.
+
+        Fast path: DuckDB encodes and compares whole tables (`count_mismatches`).  Kinds it cannot do (Merkle
+        roots over id sets) or where it reports any difference go through the Python reference encoder, which
+        also names the row and field.
+        """
+        problems: list[tuple[float, Failure]] = []
         kinds = list(ENTRY_KINDS)
         for j, kind in enumerate(kinds):
             self.progress(0.05 + 0.55 * j / len(kinds), f"recomputing {kind} entries")
-            by_kind[kind] = {(r, k): e for r, k, e in iter_entries(self.con, kind)}
-        for i in range(n):
-            kind, key = self.kind[i], (self.ref_id[i], self.ref_key[i])
-            table = table_of(kind)
-            entry = by_kind[kind].pop(key, None)
-            if entry is None:
-                ok = False
-                self.fail(
-                    "entries",
-                    table,
-                    _row_name(table, *key),
-                    None,
-                    f"the row of ledger entry #{i} ({kind}) is missing (deleted)",
-                )
+            if count_mismatches(self.con, kind) == 0:
                 continue
-            self.recomputed[i] = entry
-            if entry != self.stored[i]:
-                ok = False
-                fld = _field_diff(self.stored[i], entry)
-                self.fail(
-                    "entries",
-                    table,
-                    _row_name(table, *key),
-                    fld,
-                    f"value differs from ledger entry #{i} ({kind})",
-                )
-        for kind, rest in by_kind.items():
-            for key in sorted(rest, key=repr):
-                ok = False
-                table = table_of(kind)
-                self.fail(
-                    "entries",
-                    table,
-                    _row_name(table, *key),
-                    None,
-                    f"row has no ledger entry ({kind}): inserted after recording",
-                )
+            problems += self._entries_reference(kind)
         for link, parent, col in (
             ("batch_samples", "batches", "batch_id"),
             ("transform_samples", "transforms", "transform_id"),
@@ -242,43 +210,108 @@ class _Verifier:
                 f"SELECT DISTINCT {col} FROM {link} EXCEPT SELECT {col} FROM {parent} ORDER BY 1 LIMIT 1"
             ).fetchall()
             if orphans:
-                ok = False
-                self.fail(
-                    "entries",
-                    link,
-                    f"rows {col}={orphans[0][0]}",
-                    col,
-                    f"rows reference a {parent} row that does not exist",
+                msg = f"rows reference a {parent} row that does not exist"
+                problems.append((math.inf, Failure("entries", link, f"rows {col}={orphans[0][0]}", col, msg)))
+        # the batch root commits to the order of ids, so positions must number that order 0..n-1
+        gap = self.con.execute(
+            """SELECT batch_id, position FROM (
+                   SELECT batch_id, position, row_number() OVER (PARTITION BY batch_id ORDER BY position) - 1 AS want
+                   FROM batch_samples) WHERE position IS DISTINCT FROM want ORDER BY batch_id LIMIT 1"""
+        ).fetchall()
+        if gap:
+            gap = gap[0]
+            msg = "positions within the batch must run 0..n-1 in batch order"
+            problems.append(
+                (math.inf, Failure("entries", "batch_samples", f"rows batch_id={gap[0]}", "position", msg))
+            )
+        if problems:
+            first = min(problems, key=lambda p: p[0])[1]
+            self.fail(first.check, first.table, first.row, first.field, first.message)
+            return False, self.n, f"{len(problems)} rows differ from the ledger"
+        return True, self.n, "every row recomputed and matched"
+
+    def _entries_reference(self, kind: str) -> list[tuple[float, Failure]]:
+        """Compare one kind entry by entry with the reference encoder; (ledger position, failure) per problem."""
+        table = table_of(kind)
+        recomputed = {(r, k): e for r, k, e in iter_entries(self.con, kind)}
+        stored = self.con.execute(
+            "SELECT seq, ref_id, ref_key, entry FROM ledger WHERE kind = ? ORDER BY seq", [kind]
+        ).fetchall()
+        out: list[tuple[float, Failure]] = []
+        seen: set[tuple[Any, Any]] = set()
+        for seq, ref_id, ref_key, entry in stored:
+            key = (ref_id, ref_key)
+            row = _row_name(table, *key)
+            if key in seen:
+                out.append(
+                    (
+                        seq,
+                        Failure(
+                            "entries",
+                            "ledger",
+                            f"row seq={seq}",
+                            None,
+                            f"second ledger entry for {table} {row}",
+                        ),
+                    )
                 )
-        return ok, n, "every row recomputed and matched" if ok else "rows differ from the ledger"
+                continue
+            seen.add(key)
+            mine = recomputed.pop(key, None)
+            if mine is None:
+                out.append(
+                    (
+                        seq,
+                        Failure(
+                            "entries",
+                            table,
+                            row,
+                            None,
+                            f"the row of ledger entry #{seq} ({kind}) is missing (deleted)",
+                        ),
+                    )
+                )
+            elif mine != bytes(entry):
+                fld = _field_diff(bytes(entry), mine)
+                out.append(
+                    (
+                        seq,
+                        Failure(
+                            "entries", table, row, fld, f"value differs from ledger entry #{seq} ({kind})"
+                        ),
+                    )
+                )
+        for key in sorted(recomputed, key=repr):
+            msg = f"row has no ledger entry ({kind}): inserted after recording"
+            out.append((math.inf, Failure("entries", table, _row_name(table, *key), None, msg)))
+        return out
 
     def chain_and_tree(self) -> tuple[bool, int, str]:
-        """Leaf hashes and chain from the recomputed entries; stored hashes must agree; roots at each head size."""
+        """Leaf and chain hashes over the entries (equal to the recomputed ones once `entries` passed); stored
+        hashes must agree; Merkle roots at every signed head's size."""
         self.progress(0.65, "rebuilding hash chain and Merkle tree")
-        heads = self.con.execute(
-            "SELECT sth_id, run_id, tree_size, root, chain_head, timestamp, key_fingerprint, signature "
-            "FROM tree_heads ORDER BY sth_id"
-        ).fetchall()
-        self.heads = heads
-        want = {}
-        for h in heads:
-            want.setdefault(int(h[2]), None)
+        # leaf hashes in DuckDB (vectorised, parallel); the chain is inherently sequential
+        table = self.con.sql(
+            """SELECT unhex(sha256('\\x00'::BLOB || entry)) AS leaf, leaf_hash, chain_hash
+               FROM ledger ORDER BY seq"""
+        ).to_arrow_table()
+        leaves = table.column("leaf").to_pylist()
+        stored_chain = table.column("chain_hash").to_pylist()
         sha = hashlib.sha256
-        leaves = [sha(b"\x00" + e).digest() for e in self.recomputed]
         chains, chain = [], GENESIS
         for lh in leaves:
             chain = sha(chain + lh).digest()
             chains.append(chain)
         ok = True
-        if leaves != self.stored_leaf:
+        if table.column("leaf") != table.column("leaf_hash"):
             ok = False
-            i = _first_difference(leaves, self.stored_leaf)
+            i = _first_difference(leaves, table.column("leaf_hash").to_pylist())
             self.fail(
                 "chain", "ledger", f"row seq={i}", "leaf_hash", "stored leaf hash does not match its entry"
             )
-        elif chains != self.stored_chain:
+        elif chains != stored_chain:
             ok = False
-            i = _first_difference(chains, self.stored_chain)
+            i = _first_difference(chains, stored_chain)
             self.fail(
                 "chain",
                 "ledger",
@@ -286,6 +319,12 @@ class _Verifier:
                 "chain_hash",
                 "stored chain hash does not match the recomputed chain",
             )
+        heads = self.con.execute(
+            "SELECT sth_id, run_id, tree_size, root, chain_head, timestamp, key_fingerprint, signature "
+            "FROM tree_heads ORDER BY sth_id"
+        ).fetchall()
+        self.heads = heads
+        want = {int(h[2]) for h in heads}
         levels = perfect_subtree_levels(leaves)
         self.roots = {
             size: (prefix_root(levels, size), chains[size - 1] if size else GENESIS)
@@ -348,13 +387,13 @@ class _Verifier:
                     "signatures", "tree_heads", row, "run_id", f"head is for run {sth.run_id}, not {run_id}"
                 )
                 return False, len(self.heads), "head of another run"
-            if size < prev_size or size > len(self.recomputed):
+            if size < prev_size or size > self.n:
                 self.fail(
                     "signatures",
                     "tree_heads",
                     row,
                     "tree_size",
-                    f"size {size} is not between the previous head's {prev_size} and the ledger's {len(self.recomputed)} entries (truncated?)",
+                    f"size {size} is not between the previous head's {prev_size} and the ledger's {self.n} entries (truncated?)",
                 )
                 return False, len(self.heads), "tree size out of order"
             root, chain = self.roots[size]  # size <= n was checked just above
@@ -377,19 +416,19 @@ class _Verifier:
                 )
                 return False, len(self.heads), "chain head mismatch"
             prev_size = size
-        if prev_size != len(self.recomputed):
+        if prev_size != self.n:
             self.fail(
                 "signatures",
                 "ledger",
                 f"rows seq>={prev_size}",
                 None,
-                f"{len(self.recomputed) - prev_size} entries are not covered by any signed tree head",
+                f"{self.n - prev_size} entries are not covered by any signed tree head",
             )
             return False, len(self.heads), "unsigned tail"
         return (
             True,
             len(self.heads),
-            f"every head verifies; consecutive heads are consistent (each root recomputed from a prefix of the same {len(self.recomputed)} leaves)",
+            f"every head verifies; consecutive heads are consistent (each root recomputed from a prefix of the same {self.n} leaves)",
         )
 
     def checkpoint_files(self) -> tuple[bool, int, str]:
@@ -512,7 +551,7 @@ def verify_run(
         run_dir=str(layout.root),
         run_id=v.meta.get("run_id"),
         ok=v.first is None,
-        n_entries=len(v.seq),
+        n_entries=v.n,
         tree_size=v.final[0],
         key_fingerprint=v.key_fingerprint,
         key_pinned=pinned is not None,

@@ -1,8 +1,10 @@
 """Offline checking of a usage-proof bundle (`fgtrac prove` writes it, `fgtrac check-proof` checks it).
 
 Pure Python + cryptography: no database, no torch.  A bundle holds one sample's lifecycle entries (registration,
-annotations, preprocessing, every batch that used it), each with its RFC 9162 inclusion proof against one
+annotations, preprocessing, the batches that used it), each with its RFC 9162 inclusion proof against one
 Ed25519-signed tree head; batch and transform entries add the sample id's inclusion in the entry's id set.
+A bundle proves that every use it lists happened; it cannot prove that no use was left out (that would need a
+committed per-sample index).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def check_bundle(
 
     if not verify_tree_head(sth, public_key):
         return bad("the tree head's signature does not verify")
+    seen: set[int] = set()
     for item in entries:
         try:
             seq = int(item["seq"])
@@ -102,6 +105,9 @@ def check_bundle(
             proof = _hexes(item["inclusion"], f"inclusion proof of entry #{seq}")
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"malformed entry in bundle ({exc})") from None
+        if seq in seen:
+            return bad(f"entry #{seq} is listed twice")
+        seen.add(seq)
         if not verify_inclusion(raw, seq, sth.tree_size, proof, sth.root):
             return bad(f"entry #{seq} is not included in the signed tree (inclusion proof fails)")
         try:

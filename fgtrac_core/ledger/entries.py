@@ -68,7 +68,7 @@ ENTRY_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-_FIELDS: dict[str, list[tuple[str, str]]] = {
+ENTRY_FIELDS: dict[str, list[tuple[str, str]]] = {
     kind: [tuple(f.split("=")) if "=" in f else (f, f) for f in fields]
     for kind, (_, fields) in ENTRY_KINDS.items()
 }
@@ -86,7 +86,7 @@ def _plain(value: Any) -> Any:
 
 def entry_bytes(kind: str, row: Mapping[str, Any]) -> bytes:
     """The canonical entry of `kind` for one table row (a dict holding at least the kind's body fields)."""
-    return encode_entry(kind, {name: _plain(row[col]) for name, col in _FIELDS[kind]})
+    return encode_entry(kind, {name: _plain(row[col]) for name, col in ENTRY_FIELDS[kind]})
 
 
 def _fallback(value: Any) -> str:
@@ -94,17 +94,17 @@ def _fallback(value: Any) -> str:
 
 
 def _float(value: float) -> str:
-    return repr(value) if math.isfinite(value) else _encode_str(_plain(value))
+    return repr(value) if math.isfinite(value) else json_string(_plain(value))
 
 
-_encode_str: Callable[[str], str] = json.encoder.encode_basestring  # json.dumps(ensure_ascii=False)'s escaper
+json_string: Callable[[str], str] = json.encoder.encode_basestring  # json.dumps(ensure_ascii=False)'s escaper
 _ENCODERS: dict[type, Callable[[Any], str]] = {
-    str: _encode_str,
+    str: json_string,
     int: str,
     float: _float,
     type(None): lambda v: "null",
     bool: lambda v: "true" if v else "false",
-    datetime: lambda v: _encode_str(v.isoformat(timespec="microseconds")),
+    datetime: lambda v: json_string(v.isoformat(timespec="microseconds")),
 }
 
 
@@ -129,13 +129,13 @@ def encode_columns(kind: str, columns: Mapping[str, Sequence[Any]]) -> list[byte
     The hot path of recording and verification: one format template per kind and a per-type escaper per value,
     instead of the generic validating encoder (their equality is tested).
     """
-    names = sorted([("kind", None), ("v", None), *_FIELDS[kind]], key=lambda f: f[0])
+    names = sorted([("kind", None), ("v", None), *ENTRY_FIELDS[kind]], key=lambda f: f[0])
     pieces: list[str] = []
     cols: list[list[str]] = []
     for name, col in names:
-        key = _encode_str(name) + ":"
+        key = json_string(name) + ":"
         if col is None:  # the envelope: "v" and the entry kind
-            value = str(ENCODING_VERSION) if name == "v" else _encode_str(kind)
+            value = str(ENCODING_VERSION) if name == "v" else json_string(kind)
             pieces.append(_format_escape(key + value))
         else:
             pieces.append(_format_escape(key) + "{" + str(len(cols)) + "}")

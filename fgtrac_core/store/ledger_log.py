@@ -27,7 +27,7 @@ class LedgerLog:
         if len(cols["leaf_hash"]):
             self._tree.extend_leaf_hashes([bytes(h) for h in cols["leaf_hash"]])
             self._chain = bytes(cols["chain_hash"][-1])
-        row = con.execute("SELECT max(tree_size), count(*) FROM tree_heads").fetchone()
+        row = con.execute("SELECT max(tree_size), count(*) FROM tree_heads").fetchall()[0]
         self._signed_size = -1 if row[0] is None else int(row[0])
         self._next_sth = int(row[1])
 

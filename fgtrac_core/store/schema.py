@@ -137,7 +137,8 @@ def create_schema(con: duckdb.DuckDBPyConnection) -> None:
 def check_schema(con: duckdb.DuckDBPyConnection, where: str) -> None:
     """Raise a one-line error unless `con` holds an fgtrac run of this schema version."""
     try:
-        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        rows = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        row = rows[0] if rows else None
     except duckdb.CatalogException:
         raise CorruptRunError(f"{where} is a DuckDB file but not an fgtrac run (no meta table)") from None
     if row is None:

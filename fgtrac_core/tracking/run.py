@@ -623,7 +623,7 @@ class Run:
         publish_snapshot(self._con, self.layout.live_db, self.layout.snapshot_db)
 
     def _scalar(self, sql: str) -> int:  # start-up only, before the writer owns the connection
-        return int(self._con.execute(sql).fetchone()[0])
+        return int(self._con.execute(sql).fetchall()[0][0])
 
     def _check_open(self) -> None:
         if self._closed:

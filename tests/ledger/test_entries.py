@@ -8,7 +8,14 @@ from datetime import datetime
 import pytest
 
 from fgtrac_core.ledger import decode_entry, merkle_root
-from fgtrac_core.ledger.entries import _FIELDS, ENTRY_KINDS, encode_columns, entry_bytes, id_leaf, ids_root
+from fgtrac_core.ledger.entries import (
+    ENTRY_FIELDS,
+    ENTRY_KINDS,
+    encode_columns,
+    entry_bytes,
+    id_leaf,
+    ids_root,
+)
 
 _STRINGS = [
     "",
@@ -44,7 +51,7 @@ def _random_value(rng: random.Random) -> object:
 @pytest.mark.parametrize("kind", sorted(ENTRY_KINDS))
 def test_column_encoder_matches_reference(kind: str) -> None:
     rng = random.Random(kind)
-    cols = {col for _, col in _FIELDS[kind]}
+    cols = {col for _, col in ENTRY_FIELDS[kind]}
     rows = [{c: _random_value(rng) for c in cols} for _ in range(300)]
     # homogeneous columns take the fast map path; mixed ones the per-value path: cover both
     rows += [{c: f"s{i}" for c in cols} for i in range(20)]
