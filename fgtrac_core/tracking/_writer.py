@@ -7,6 +7,7 @@ out of order); the error is re-raised in the training thread at its next recorde
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -17,6 +18,19 @@ from fgtrac_core.errors import FgtracError
 from fgtrac_core.store.db import first_line
 
 Job = Callable[[duckdb.DuckDBPyConnection], None]
+
+
+def _lower_own_priority() -> None:
+    """Run this thread (and the `cp` it spawns) at the lowest CPU priority.
+
+    Training keeps every core busy with intra-op threads that wait for each other; a writer competing at equal
+    priority stalls them all.  At nice 19 the writer works in the gaps (data loading, Python overhead) instead.
+    Linux applies nice per thread; elsewhere this is a no-op.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 class RecordingFailedError(FgtracError):
@@ -59,6 +73,7 @@ class Writer:
             raise RecordingFailedError(f"recording failed in the background: {first_line(self._error)}")
 
     def _loop(self) -> None:
+        _lower_own_priority()
         publish_due = False
         while True:
             job, publish, done = self._queue.get()

@@ -193,6 +193,9 @@ class Run:
         self._next_checkpoint_id = self._scalar("SELECT coalesce(max(checkpoint_id) + 1, 0) FROM checkpoints")
         self._next_transform_id = self._scalar("SELECT coalesce(max(transform_id) + 1, 0) FROM transforms")
         self._stage_names = {r[0] for r in con.execute("SELECT name FROM stages").fetchall()}
+        # the writer's small statements gain nothing from DuckDB's thread pool, and its threads would compete
+        # with the training loop's for the cores
+        con.execute("SET threads = 1")
         self._session_id = self._scalar("SELECT coalesce(max(session_id) + 1, 0) FROM run_sessions")
         key = load_or_create_signing_key()
         if meta["signer_fingerprint"] != fingerprint(key.public_key()):
