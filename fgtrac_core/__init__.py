@@ -3,6 +3,8 @@
 Public API:
   * `Run` — the recorder a training loop calls (samples, transforms, stages, batches, checkpoints);
   * `RunStore` — read-only queries over a run's published snapshot;
+  * `verify_run` — recheck a run against its ledger; `build_usage_proof` — a sample's usage-proof bundle
+    (checked offline by `fgtrac_core.ledger.bundle.check_bundle`);
   * `FgtracError` and subclasses — user-facing errors (the CLI reports them in one line, exit 2).
 
 Heavy modules (torch, duckdb) load on first use, so `fgtrac_core.ledger` can verify proofs offline with only
@@ -33,6 +35,9 @@ _LAZY = {
     "CheckpointRecord": "fgtrac_core.tracking.run",
     "RunStore": "fgtrac_core.store.reader",
     "SCHEMA_VERSION": "fgtrac_core.store.schema",
+    "verify_run": "fgtrac_core.verify",
+    "VerifyReport": "fgtrac_core.verify",
+    "build_usage_proof": "fgtrac_core.proofs",
 }
 
 
@@ -56,5 +61,8 @@ __all__ = [
     "RunStore",
     "SchemaVersionError",
     "UnknownSampleError",
+    "VerifyReport",
     "__version__",
+    "build_usage_proof",
+    "verify_run",
 ]

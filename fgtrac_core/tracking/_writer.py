@@ -7,6 +7,7 @@ out of order); the error is re-raised in the training thread at its next recorde
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -27,10 +28,8 @@ def _lower_own_priority() -> None:
     priority stalls them all.  At nice 19 the writer works in the gaps (data loading, Python overhead) instead.
     Linux applies nice per thread; elsewhere this is a no-op.
     """
-    try:
+    with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
 
 
 class RecordingFailedError(FgtracError):
