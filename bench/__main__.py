@@ -65,7 +65,8 @@ timed with the real recorder and with a `NullRun` (identical loop, no recording)
 
 The training thread only validates, buffers and enqueues; checkpoint serialisation, fsync, DuckDB commits,
 ledger entries, a signed tree head and a snapshot copy per checkpoint run on a writer thread at the lowest CPU
-priority, so they do not slow the loop. On this tiny loop (a checkpoint every ~20 steps of ~5 ms) the writer
+priority, so that they take cores only in the loop's gaps (the loop figure varies between runs on this 2-core
+machine: it was -1.6%, +4.0% and +11.6% in three runs of this benchmark on 2026-11-23). On this tiny loop (a checkpoint every ~20 steps of ~5 ms) the writer
 cannot keep up inside the gaps and finishes its backlog in `close()`: that deferred work is the end-to-end
 figure, dominated by ~30 ms per published snapshot (DuckDB CHECKPOINT + copy) and ~2 ms per DuckDB statement.
 
