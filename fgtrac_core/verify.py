@@ -27,10 +27,11 @@ from fgtrac_core.ledger import (
     decode_entry,
     fingerprint,
     load_public_key,
+    verify_consistency,
     verify_tree_head,
 )
 from fgtrac_core.ledger.entries import ENTRY_KINDS
-from fgtrac_core.ledger.merkle import perfect_subtree_levels, prefix_root
+from fgtrac_core.ledger.merkle import consistency_proof_from_levels, perfect_subtree_levels, prefix_root
 from fgtrac_core.store.db import connect, first_line
 from fgtrac_core.store.entries import count_mismatches, iter_entries, table_of
 from fgtrac_core.store.layout import RunLayout
@@ -353,6 +354,7 @@ class _Verifier:
             for size in want
             if size <= len(leaves)
         }
+        self.levels = levels
         root = prefix_root(levels, len(leaves))
         self.final = (len(leaves), root, chain)
         return ok, len(leaves), f"chain head {chain.hex()[:16]}…, root {root.hex()[:16]}…"
@@ -380,7 +382,7 @@ class _Verifier:
         if not self.heads:
             self.fail("signatures", "tree_heads", None, None, "the run has no signed tree head")
             return False, 0, "no signed tree heads"
-        prev_size = -1
+        prev_size, prev_root = -1, b""
         for h in self.heads:
             sth_id, size = h[0], int(h[2])
             row = f"row sth_id={sth_id}"
@@ -437,7 +439,18 @@ class _Verifier:
                     f"signed chain head differs from the chain over the first {size} entries",
                 )
                 return False, len(self.heads), "chain head mismatch"
-            prev_size = size
+            # what a reviewer holding only the two signed heads would check: an RFC 9162 consistency proof
+            if prev_size >= 0 and not verify_consistency(
+                prev_size,
+                size,
+                prev_root,
+                sth.root,
+                consistency_proof_from_levels(self.levels, prev_size, size),
+            ):
+                msg = f"not consistent with the previous head (size {prev_size})"
+                self.fail("signatures", "tree_heads", row, "root", msg)
+                return False, len(self.heads), "inconsistent heads"
+            prev_size, prev_root = size, sth.root
         if prev_size != self.n:
             self.fail(
                 "signatures",
@@ -450,7 +463,7 @@ class _Verifier:
         return (
             True,
             len(self.heads),
-            f"every head verifies; consecutive heads are consistent (each root recomputed from a prefix of the same {self.n} leaves)",
+            "every head verifies and matches the recomputed tree; each is RFC 9162-consistent with the one before",
         )
 
     def checkpoint_files(self) -> tuple[bool, int, str]:

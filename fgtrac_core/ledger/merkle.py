@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 __all__ = [
     "EMPTY_ROOT",
@@ -143,22 +143,24 @@ def inclusion_proof(entries: Sequence[bytes], index: int) -> list[bytes]:
     return inclusion_proof_from_leaf_hashes([leaf_hash(e) for e in entries], index)
 
 
-def _subproof(hashes: Sequence[bytes], m: int, lo: int, hi: int, b: bool, out: list[bytes]) -> None:
-    """Append RFC 9162 ``SUBPROOF(m, D[lo:hi], b)`` to ``out``."""
+def _subproof(
+    range_root: Callable[[int, int], bytes], m: int, lo: int, hi: int, b: bool, out: list[bytes]
+) -> None:
+    """Append RFC 9162 ``SUBPROOF(m, D[lo:hi], b)`` to ``out``; ``range_root(lo, hi)`` is ``MTH(D[lo:hi])``."""
     # SUBPROOF(m, D[m], true) = {};  SUBPROOF(m, D[m], false) = {MTH(D[m])}
     # m <= k: SUBPROOF(m, D[0:k], b) : MTH(D[k:n]);  m > k: SUBPROOF(m - k, D[k:n], false) : MTH(D[0:k])
     n = hi - lo
     if m == n:
         if not b:
-            out.append(_root(hashes[lo:hi]))
+            out.append(range_root(lo, hi))
         return
     k = _split_point(n)
     if m <= k:
-        _subproof(hashes, m, lo, lo + k, b, out)
-        out.append(_root(hashes[lo + k : hi]))
+        _subproof(range_root, m, lo, lo + k, b, out)
+        out.append(range_root(lo + k, hi))
     else:
-        _subproof(hashes, m - k, lo + k, hi, False, out)
-        out.append(_root(hashes[lo : lo + k]))
+        _subproof(range_root, m - k, lo + k, hi, False, out)
+        out.append(range_root(lo, lo + k))
 
 
 def consistency_proof_from_leaf_hashes(hashes: Sequence[bytes], old_size: int) -> list[bytes]:
@@ -173,7 +175,7 @@ def consistency_proof_from_leaf_hashes(hashes: Sequence[bytes], old_size: int) -
         raise ValueError(f"old size {old_size} out of range for tree size {n}")
     out: list[bytes] = []
     if 0 < old_size < n:
-        _subproof(hashes, old_size, 0, n, True, out)
+        _subproof(lambda lo, hi: _root(hashes[lo:hi]), old_size, 0, n, True, out)
     return out
 
 
@@ -420,13 +422,15 @@ def perfect_subtree_levels(hashes: Sequence[bytes]) -> list[list[bytes]]:
     return levels
 
 
-def prefix_root(levels: Sequence[Sequence[bytes]], size: int) -> bytes:
-    """RFC 9162 root of the first `size` leaves, from `perfect_subtree_levels` (a size must not exceed the leaves)."""
+def _levels_range_root(levels: Sequence[Sequence[bytes]], lo: int, hi: int) -> bytes:
+    """MTH(D[lo:hi]) for a range as RFC 9162's recursion visits it (`lo` aligned to the range's split sizes), from
+    its perfect subtrees, largest first, folded right to left: O(log n)."""
+    size = hi - lo
     if size == 0:
         return EMPTY_ROOT
-    if size > len(levels[0]):
-        raise ValueError(f"prefix size {size} exceeds the {len(levels[0])} leaves")
-    parts, offset = [], 0
+    if hi > len(levels[0]):
+        raise ValueError(f"range end {hi} exceeds the {len(levels[0])} leaves")
+    parts, offset = [], lo
     for level in range(size.bit_length() - 1, -1, -1):
         if size >> level & 1:
             parts.append(levels[level][offset >> level])
@@ -435,3 +439,20 @@ def prefix_root(levels: Sequence[Sequence[bytes]], size: int) -> bytes:
     for h in reversed(parts[:-1]):
         root = node_hash(h, root)
     return root
+
+
+def prefix_root(levels: Sequence[Sequence[bytes]], size: int) -> bytes:
+    """RFC 9162 root of the first `size` leaves, from `perfect_subtree_levels` (a size must not exceed the leaves)."""
+    return _levels_range_root(levels, 0, size)
+
+
+def consistency_proof_from_levels(
+    levels: Sequence[Sequence[bytes]], old_size: int, new_size: int
+) -> list[bytes]:
+    """RFC 9162 consistency proof between the first `old_size` and `new_size` leaves, in O(log² n) hashes."""
+    if not 0 <= old_size <= new_size <= len(levels[0]):
+        raise ValueError(f"sizes {old_size} <= {new_size} must not exceed the {len(levels[0])} leaves")
+    out: list[bytes] = []
+    if 0 < old_size < new_size:
+        _subproof(lambda lo, hi: _levels_range_root(levels, lo, hi), old_size, 0, new_size, True, out)
+    return out

@@ -591,3 +591,24 @@ def test_compact_range_rejects_bad_input() -> None:
     for state in bad_states:
         with pytest.raises(ValueError):
             CompactRange.from_state(state)  # type: ignore[arg-type]
+
+
+def test_levels_prefix_roots_and_consistency_proofs_match_the_reference() -> None:
+    """The O(log² n) proofs from perfect-subtree levels (used by verification) equal the RFC reference."""
+    import os
+
+    from fgtrac_core.ledger.merkle import (
+        consistency_proof_from_leaf_hashes,
+        consistency_proof_from_levels,
+        leaf_hash,
+        perfect_subtree_levels,
+        prefix_root,
+        root_from_leaf_hashes,
+    )
+
+    leaves = [leaf_hash(os.urandom(4)) for _ in range(70)]
+    levels = perfect_subtree_levels(leaves)
+    for n in range(71):
+        assert prefix_root(levels, n) == root_from_leaf_hashes(leaves[:n])
+        for m in range(n + 1):
+            assert consistency_proof_from_levels(levels, m, n) == consistency_proof_from_leaf_hashes(leaves[:n], m)
