@@ -11,6 +11,7 @@ from fgtrac_core.errors import CorruptRunError, UnknownSampleError
 from fgtrac_core.ledger import SignedTreeHead, inclusion_proof_from_leaf_hashes
 from fgtrac_core.ledger.bundle import BUNDLE_FORMAT
 from fgtrac_core.ledger.entries import id_leaf_hashes
+from fgtrac_core.ledger.merkle import inclusion_proof_from_levels, perfect_subtree_levels
 from fgtrac_core.store.reader import RunStore
 
 
@@ -36,6 +37,7 @@ def build_usage_proof(run_dir: str | Path, sample_id: int) -> dict[str, Any]:
             bytes(x)
             for x in store.df("SELECT leaf_hash FROM ledger WHERE seq < ? ORDER BY seq", [size])["leaf_hash"]
         ]
+        levels = perfect_subtree_levels(leaves)  # once: then every proof is O(log² n)
         sid = int(sample_id)
         rows = store.df(
             """SELECT l.seq, l.kind, l.entry, l.ref_id FROM ledger l
@@ -54,7 +56,7 @@ def build_usage_proof(run_dir: str | Path, sample_id: int) -> dict[str, Any]:
                 "seq": int(r.seq),
                 "kind": r.kind,
                 "entry": bytes(r.entry).hex(),
-                "inclusion": [p.hex() for p in inclusion_proof_from_leaf_hashes(leaves, int(r.seq))],
+                "inclusion": [p.hex() for p in inclusion_proof_from_levels(levels, int(r.seq), size)],
             }
             if r.kind in ("batch", "transform"):
                 item["member"] = _member_proof(store, r.kind, int(r.ref_id), sid)

@@ -108,8 +108,9 @@ def merkle_root(entries: Iterable[bytes]) -> bytes:
     return _root([leaf_hash(e) for e in entries])
 
 
-def _path(hashes: Sequence[bytes], index: int, lo: int, hi: int, out: list[bytes]) -> None:
-    """Append RFC 9162 ``PATH(index, D[lo:hi])`` to ``out`` (``index`` relative to ``lo``)."""
+def _path(range_root: Callable[[int, int], bytes], index: int, lo: int, hi: int, out: list[bytes]) -> None:
+    """Append RFC 9162 ``PATH(index, D[lo:hi])`` to ``out`` (``index`` relative to ``lo``);
+    ``range_root(lo, hi)`` is ``MTH(D[lo:hi])``."""
     # PATH(m, D[n]) = PATH(m, D[0:k]) : MTH(D[k:n])   if m < k
     #               = PATH(m - k, D[k:n]) : MTH(D[0:k]) otherwise; PATH(0, {d}) = {}.
     # Recurse first, then append: the proof lists siblings from the leaf up to the root.
@@ -118,11 +119,11 @@ def _path(hashes: Sequence[bytes], index: int, lo: int, hi: int, out: list[bytes
         return
     k = _split_point(n)
     if index < k:
-        _path(hashes, index, lo, lo + k, out)
-        out.append(_root(hashes[lo + k : hi]))
+        _path(range_root, index, lo, lo + k, out)
+        out.append(range_root(lo + k, hi))
     else:
-        _path(hashes, index - k, lo + k, hi, out)
-        out.append(_root(hashes[lo : lo + k]))
+        _path(range_root, index - k, lo + k, hi, out)
+        out.append(range_root(lo, lo + k))
 
 
 def inclusion_proof_from_leaf_hashes(hashes: Sequence[bytes], index: int) -> list[bytes]:
@@ -134,7 +135,7 @@ def inclusion_proof_from_leaf_hashes(hashes: Sequence[bytes], index: int) -> lis
     if not 0 <= index < len(hashes):
         raise ValueError(f"leaf index {index} out of range for tree size {len(hashes)}")
     out: list[bytes] = []
-    _path(hashes, index, 0, len(hashes), out)
+    _path(lambda lo, hi: _root(hashes[lo:hi]), index, 0, len(hashes), out)
     return out
 
 
@@ -455,4 +456,13 @@ def consistency_proof_from_levels(
     out: list[bytes] = []
     if 0 < old_size < new_size:
         _subproof(lambda lo, hi: _levels_range_root(levels, lo, hi), old_size, 0, new_size, True, out)
+    return out
+
+
+def inclusion_proof_from_levels(levels: Sequence[Sequence[bytes]], index: int, tree_size: int) -> list[bytes]:
+    """RFC 9162 inclusion proof of leaf `index` in the tree of the first `tree_size` leaves, in O(log² n)."""
+    if not 0 <= index < tree_size <= len(levels[0]):
+        raise ValueError(f"leaf index {index} out of range for tree size {tree_size}")
+    out: list[bytes] = []
+    _path(lambda lo, hi: _levels_range_root(levels, lo, hi), index, 0, tree_size, out)
     return out

@@ -600,6 +600,8 @@ def test_levels_prefix_roots_and_consistency_proofs_match_the_reference() -> Non
     from fgtrac_core.ledger.merkle import (
         consistency_proof_from_leaf_hashes,
         consistency_proof_from_levels,
+        inclusion_proof_from_leaf_hashes,
+        inclusion_proof_from_levels,
         leaf_hash,
         perfect_subtree_levels,
         prefix_root,
@@ -611,4 +613,10 @@ def test_levels_prefix_roots_and_consistency_proofs_match_the_reference() -> Non
     for n in range(71):
         assert prefix_root(levels, n) == root_from_leaf_hashes(leaves[:n])
         for m in range(n + 1):
-            assert consistency_proof_from_levels(levels, m, n) == consistency_proof_from_leaf_hashes(leaves[:n], m)
+            assert consistency_proof_from_levels(levels, m, n) == consistency_proof_from_leaf_hashes(
+                leaves[:n], m
+            )
+        for i in range(n):
+            assert inclusion_proof_from_levels(levels, i, n) == inclusion_proof_from_leaf_hashes(
+                leaves[:n], i
+            )
