@@ -202,7 +202,9 @@ def _parse_public_key(data: bytes, origin: str, binary: bool = True) -> Ed25519P
             key = serialization.load_ssh_public_key(text)
         elif binary and len(data) == _HASH_SIZE:
             key = Ed25519PublicKey.from_public_bytes(data)
-        elif binary and data[:1] == b"\x30" and len(data) == 44:
+        # DER SubjectPublicKeyInfo of Ed25519 starts 30 2a; checking both bytes keeps 44 characters of base64 text
+        # that happen to start with "0" (0x30) out of this branch
+        elif binary and data[:2] == b"\x30\x2a" and len(data) == 44:
             key = serialization.load_der_public_key(data)
         else:
             raw: bytes | None = None

@@ -345,3 +345,14 @@ def test_sign_rejects_bad_arguments(key: Ed25519PrivateKey) -> None:
         sign_tree_head(key, "line1\nline2", 1, ROOT, HEAD, TS)
     with pytest.raises(TypeError):
         sign_tree_head(key.public_key(), "r", 1, ROOT, HEAD, TS)  # type: ignore[arg-type]
+
+
+def test_base64_text_starting_with_zero_is_not_taken_for_der() -> None:
+    """44 bytes of base64 text beginning with "0" (0x30, DER's first byte) still parse as base64 of the raw key."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    raw = base64.b64decode(b"0" + b"A" * 42 + b"=")  # 32 bytes whose base64 starts with "0"
+    pub = Ed25519PublicKey.from_public_bytes(raw)
+    assert fingerprint(load_public_key(base64.b64encode(raw))) == fingerprint(pub)
