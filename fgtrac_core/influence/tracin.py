@@ -213,10 +213,47 @@ def tracin(
     if mode != "last_layer":
         raise FgtracError(f"mode {mode!r} is not available yet; use 'last_layer'")
     dev = _device(device)
-    bias = 1.0 if include_bias else 0.0
     factors = _factors_per_checkpoint(model, layer, [test, train], checkpoints, loss_fn, dev)
+    return _scores(
+        factors, k=k, bias=1.0 if include_bias else 0.0, normalize=normalize, chunk_size=chunk_size
+    )
+
+
+def review(
+    model: nn.Module,
+    layer: str,
+    train: Data,
+    test: Data,
+    checkpoints: Sequence[Checkpoint],
+    *,
+    k: int,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    include_bias: bool = True,
+    normalize: bool = False,
+    chunk_size: int = 8192,
+    device: str | torch.device | None = None,
+) -> tuple[TopK, torch.Tensor]:
+    """What a review needs in one pass over the checkpoints: `tracin(..., k=k)` and `self_influence(train)`,
+    sharing the per-checkpoint gradient factors (one forward/backward pass per sample and checkpoint)."""
+    factors = _factors_per_checkpoint(model, layer, [test, train], checkpoints, loss_fn, _device(device))
+    bias = 1.0 if include_bias else 0.0
+    top = _scores(factors, k=k, bias=bias, normalize=normalize, chunk_size=chunk_size)
+    assert isinstance(top, TopK)
+    return top, _squared_norms([(lr, f[1]) for lr, f in factors], bias)
+
+
+def _scores(
+    factors: list[tuple[float, list[_Factors]]],
+    *,
+    k: int | None,
+    bias: float,
+    normalize: bool,
+    chunk_size: int,
+) -> torch.Tensor | TopK:
+    """Scores from (test, train) factors per checkpoint: the full matrix, or streamed top-k both ways."""
     test_f = [(lr, f[0]) for lr, f in factors]
     train_f = [(lr, f[1]) for lr, f in factors]
+    dev = test_f[0][1].delta.device
     n_test, n_train = len(test_f[0][1].delta), len(train_f[0][1].delta)
     if normalize:
         test_norm = _squared_norms(test_f, bias).sqrt().clamp_min(1e-30)

@@ -134,3 +134,16 @@ def test_bad_input(setup: dict, tmp_path: Path) -> None:
         tracin(setup["model"], "head", (torch.empty(0, 6), torch.empty(0, dtype=torch.long)), *args[1:])
     with pytest.raises(FgtracError, match="one loss per sample"):
         tracin(setup["model"], "head", *args, loss_fn=nn.CrossEntropyLoss())
+
+
+def test_review_equals_tracin_topk_and_self_influence(setup: dict) -> None:
+    from fgtrac_core.influence import review
+
+    args = (setup["model"], "head", setup["train"], setup["test"], setup["checkpoints"])
+    top, self_inf = review(*args, k=3)
+    ref = tracin(*args, k=3)
+    assert torch.equal(top.proponent_indices, ref.proponent_indices)
+    assert torch.equal(top.opponent_indices, ref.opponent_indices)
+    assert torch.allclose(
+        self_inf, self_influence(setup["model"], "head", setup["train"], setup["checkpoints"])
+    )
