@@ -98,6 +98,11 @@ class VerifyReport:
     checks: list[Check] = field(default_factory=list)
     first_failure: Failure | None = None
 
+    @property
+    def ledger_seconds(self) -> float:
+        """Time of the ledger checks proper (not checkpoint-file, thumbnail or source-data re-hashing)."""
+        return sum(c.seconds for c in self.checks if c.name in _LEDGER_CHECKS)
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["first_failure"] = (
@@ -105,8 +110,8 @@ class VerifyReport:
             if self.first_failure is None
             else {**asdict(self.first_failure), "text": str(self.first_failure)}
         )
-        ledger_s = sum(c.seconds for c in self.checks if c.name in _LEDGER_CHECKS)
-        d["entries_per_second"] = self.n_entries / ledger_s if ledger_s > 0 else None
+        d["ledger_seconds"] = self.ledger_seconds
+        d["entries_per_second"] = self.n_entries / self.ledger_seconds if self.ledger_seconds > 0 else None
         return d
 
 
@@ -384,73 +389,12 @@ class _Verifier:
             return False, 0, "no signed tree heads"
         prev_size, prev_root = -1, b""
         for h in self.heads:
-            sth_id, size = h[0], int(h[2])
-            row = f"row sth_id={sth_id}"
-            try:
-                sth = SignedTreeHead.from_json_dict(
-                    {"run_id": h[1], "tree_size": size, "root": h[3], "chain_head": h[4], "timestamp": h[5],
-                     "key_fingerprint": h[6], "signature": h[7]}
-                )  # fmt: skip
-            except ValueError as exc:
-                self.fail(
-                    "signatures", "tree_heads", row, None, f"malformed signed tree head ({first_line(exc)})"
-                )
-                return False, len(self.heads), "malformed head"
-            if not verify_tree_head(sth, key):
-                who = "the pinned key" if self.pinned is not None else "the run's recorded key"
-                self.fail(
-                    "signatures",
-                    "tree_heads",
-                    row,
-                    "signature",
-                    f"signature does not verify with {who} ({self.key_fingerprint})",
-                )
-                return False, len(self.heads), "bad signature"
-            if sth.run_id != run_id:
-                self.fail(
-                    "signatures", "tree_heads", row, "run_id", f"head is for run {sth.run_id}, not {run_id}"
-                )
-                return False, len(self.heads), "head of another run"
-            if size < prev_size or size > self.n:
-                self.fail(
-                    "signatures",
-                    "tree_heads",
-                    row,
-                    "tree_size",
-                    f"size {size} is not between the previous head's {prev_size} and the ledger's {self.n} entries (truncated?)",
-                )
-                return False, len(self.heads), "tree size out of order"
-            root, chain = self.roots[size]  # size <= n was checked just above
-            if sth.root != root:
-                self.fail(
-                    "signatures",
-                    "tree_heads",
-                    row,
-                    "root",
-                    f"signed root differs from the root of the first {size} recomputed entries",
-                )
-                return False, len(self.heads), "root mismatch"
-            if sth.chain_head != chain:
-                self.fail(
-                    "signatures",
-                    "tree_heads",
-                    row,
-                    "chain_head",
-                    f"signed chain head differs from the chain over the first {size} entries",
-                )
-                return False, len(self.heads), "chain head mismatch"
-            # what a reviewer holding only the two signed heads would check: an RFC 9162 consistency proof
-            if prev_size >= 0 and not verify_consistency(
-                prev_size,
-                size,
-                prev_root,
-                sth.root,
-                consistency_proof_from_levels(self.levels, prev_size, size),
-            ):
-                msg = f"not consistent with the previous head (size {prev_size})"
-                self.fail("signatures", "tree_heads", row, "root", msg)
-                return False, len(self.heads), "inconsistent heads"
-            prev_size, prev_root = size, sth.root
+            problem = self._head_problem(h, key, run_id, prev_size, prev_root)
+            if problem is not None:
+                fld, message, summary = problem
+                self.fail("signatures", "tree_heads", f"row sth_id={h[0]}", fld, message)
+                return False, len(self.heads), summary
+            prev_size, prev_root = int(h[2]), bytes.fromhex(h[3])
         if prev_size != self.n:
             self.fail(
                 "signatures",
@@ -465,6 +409,46 @@ class _Verifier:
             len(self.heads),
             "every head verifies and matches the recomputed tree; each is RFC 9162-consistent with the one before",
         )
+
+    def _head_problem(
+        self, h: tuple, key: Any, run_id: str | None, prev_size: int, prev_root: bytes
+    ) -> tuple[str | None, str, str] | None:
+        """(field, message, summary) of the first thing wrong with one stored head, or None."""
+        size = int(h[2])
+        try:
+            sth = SignedTreeHead.from_json_dict(
+                {"run_id": h[1], "tree_size": size, "root": h[3], "chain_head": h[4], "timestamp": h[5],
+                 "key_fingerprint": h[6], "signature": h[7]}
+            )  # fmt: skip
+        except ValueError as exc:
+            return None, f"malformed signed tree head ({first_line(exc)})", "malformed head"
+        if not verify_tree_head(sth, key):
+            who = "the pinned key" if self.pinned is not None else "the run's recorded key"
+            return (
+                "signature",
+                f"signature does not verify with {who} ({self.key_fingerprint})",
+                "bad signature",
+            )
+        if sth.run_id != run_id:
+            return "run_id", f"head is for run {sth.run_id}, not {run_id}", "head of another run"
+        if size < prev_size or size > self.n:
+            msg = f"size {size} is not between the previous head's {prev_size} and the ledger's {self.n} entries (truncated?)"
+            return "tree_size", msg, "tree size out of order"
+        root, chain = self.roots[size]  # size <= n was checked just above
+        if sth.root != root:
+            return (
+                "root",
+                f"signed root differs from the root of the first {size} recomputed entries",
+                "root mismatch",
+            )
+        if sth.chain_head != chain:
+            msg = f"signed chain head differs from the chain over the first {size} entries"
+            return "chain_head", msg, "chain head mismatch"
+        # what a reviewer holding only the two signed heads would check: an RFC 9162 consistency proof
+        proof = consistency_proof_from_levels(self.levels, prev_size, size) if prev_size >= 0 else []
+        if prev_size >= 0 and not verify_consistency(prev_size, size, prev_root, sth.root, proof):
+            return "root", f"not consistent with the previous head (size {prev_size})", "inconsistent heads"
+        return None
 
     def checkpoint_files(self) -> tuple[bool, int, str]:
         self.progress(0.85, "hashing checkpoint files")
