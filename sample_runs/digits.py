@@ -10,6 +10,7 @@ Deterministic under a seed (bit for bit on the same machine and thread count).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,16 @@ def load_data(seed: int = 0) -> DigitsData:
         mean=mean,
         std=std,
     )
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_data(seed: int) -> DigitsData:
+    return load_data(seed)
+
+
+def model_inputs(config: dict[str, Any], sample_ids: np.ndarray) -> torch.Tensor:
+    """The standardised model inputs of these sample ids (the run config's `inputs`, see fgtrac_core.pipeline)."""
+    return _cached_data(int(config.get("seed", 0))).x[torch.as_tensor(np.asarray(sample_ids, dtype=np.int64))]
 
 
 def thumbnails(raw: np.ndarray) -> np.ndarray:
@@ -206,6 +217,9 @@ def build(out_dir: str | Path, *, seed: int = 0, progress: bool = False, name: s
         "noise_rate": NOISE_RATE,
         "batch_size": BATCH_SIZE,
         "torch_threads": torch.get_num_threads(),
+        "model": "sample_runs.digits:DigitsCNN",
+        "inputs": "sample_runs.digits:model_inputs",
+        "head_layer": "head",
     }
     with Run.create(out_dir, name=name, config=config) as run:
         record_dataset(run, data)
