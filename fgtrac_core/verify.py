@@ -49,6 +49,18 @@ _KEY_NAMES = {
     "stages": ("stage_id", None),
     "batches": ("batch_id", None),
     "checkpoints": ("checkpoint_id", None),
+    "analyses": ("analysis_id", None),
+    **{
+        table: ("row_id", None)
+        for table in (
+            "influence_tests",
+            "influence_topk",
+            "self_influence",
+            "stage_effects",
+            "stage_aggregates",
+            "stage_faithfulness",
+        )
+    },
 }
 # only modules of the bundled pipelines may be imported to re-hash source data (a run names its pipeline, and a
 # tampered run must not be able to make verification import arbitrary code)

@@ -1,14 +1,27 @@
-"""Training-data attribution: TracInCP (exact last-layer gradients) and self-influence, with FG-Trac checkpoint
-selection.  Scores: positive = proponent (lowered the test loss), negative = opponent."""
+"""Training-data attribution: TracInCP (exact last-layer, projected full-model and AdamW-aware gradients) and
+self-influence, with FG-Trac checkpoint selection.  Scores: positive = proponent (lowered the test loss)."""
 
+from fgtrac_core.influence.adamw import momentum_factor
 from fgtrac_core.influence.checkpoints import SelectedCheckpoint, select_checkpoints
-from fgtrac_core.influence.tracin import TopK, head_factors, load_state_dict, review, self_influence, tracin
+from fgtrac_core.influence.gradients import head_factors
+from fgtrac_core.influence.tracin import (
+    MODES,
+    Review,
+    TopK,
+    load_state_dict,
+    review,
+    self_influence,
+    tracin,
+)
 
 __all__ = [
+    "MODES",
+    "Review",
     "SelectedCheckpoint",
     "TopK",
     "head_factors",
     "load_state_dict",
+    "momentum_factor",
     "review",
     "select_checkpoints",
     "self_influence",

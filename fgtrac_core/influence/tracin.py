@@ -12,20 +12,30 @@ negative = opponent.  Units: learning rate × squared loss-gradient norm (summed
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from fgtrac_core.errors import FgtracError
+from fgtrac_core.influence.adamw import adam_state
+from fgtrac_core.influence.gradients import (
+    Data,
+    Features,
+    LossFn,
+    Projection,
+    as_tensors,
+    head_factors,
+    head_gradients,
+    linear_layer,
+    per_sample_gradients,
+)
 
-Data = Dataset | tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor]
-Checkpoint = tuple[str | Path | dict[str, torch.Tensor], float]
+Checkpoint = tuple[str | Path | Mapping[str, Any], float]
+MODES = ("last_layer", "full", "adamw")
 
 
 @dataclass(frozen=True)
@@ -42,11 +52,11 @@ class TopK:
 
 
 @dataclass
-class _Factors:
-    """δ (n, out) and a (n, in) of one data set at one checkpoint."""
+class _Checkpointed:
+    """Gradient features of each data set at one checkpoint, and the checkpoint's weight (η, or η κ for Adam)."""
 
-    delta: torch.Tensor
-    act: torch.Tensor
+    weight: float
+    features: list[Features]
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -55,117 +65,104 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _as_tensors(data: Data, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-    else:
+def _load_checkpoint(
+    checkpoint: str | Path | Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(model state dict, optimizer state dict or None) from a path or dict (fgtrac files: {"model", "optimizer"})."""
+    if isinstance(checkpoint, str | Path):
         try:
-            n = len(data)  # type: ignore[arg-type]
-        except TypeError:
-            raise FgtracError(f"{what} must be a Dataset or an (inputs, labels) pair of tensors") from None
-        if n == 0:
-            raise FgtracError(f"{what} is empty")
-        x, y = next(iter(DataLoader(data, batch_size=n, shuffle=False)))  # type: ignore[arg-type]
-    if len(x) == 0:
-        raise FgtracError(f"{what} is empty")
-    if len(x) != len(y):
-        raise FgtracError(f"{what}: {len(x)} inputs but {len(y)} labels")
-    return x, y
-
-
-def _linear_layer(model: nn.Module, layer: str) -> nn.Linear:
-    modules = dict(model.named_modules())
-    if layer not in modules:
-        raise FgtracError(
-            f"the model has no layer named {layer!r} (layers: {', '.join(n for n in modules if n)})"
-        )
-    module = modules[layer]
-    if not isinstance(module, nn.Linear):
-        raise FgtracError(f"last_layer mode needs {layer!r} to be nn.Linear, not {type(module).__name__}")
-    return module
-
-
-def load_state_dict(checkpoint: str | Path | dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A model state dict from a path or dict; accepts fgtrac checkpoint files (`{"model": ...}`)."""
-    state = (
-        torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(checkpoint, str | Path)
-        else checkpoint
-    )
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FgtracError(f"checkpoint file {checkpoint} does not exist") from None
+        except Exception as e:  # torch raises several types for a damaged or foreign file
+            raise FgtracError(f"cannot load checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
+    else:
+        state = checkpoint
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        return dict(state["model"]), state.get("optimizer")
+    if not isinstance(state, Mapping):
         raise FgtracError(f"checkpoint {checkpoint!r} holds no state dict")
-    return state
+    return dict(state), None
 
 
-def _per_sample_loss(loss_fn: Callable[..., torch.Tensor] | None) -> Callable[..., torch.Tensor]:
-    return loss_fn if loss_fn is not None else (lambda out, y: F.cross_entropy(out, y, reduction="none"))
+def load_state_dict(checkpoint: str | Path | Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A model state dict from a path or dict; accepts fgtrac checkpoint files (`{"model": ...}`)."""
+    return _load_checkpoint(checkpoint)[0]
 
 
-def head_factors(
-    model: nn.Module,
-    layer: str,
-    data: Data,
-    *,
-    loss_fn: Callable[..., torch.Tensor] | None = None,
-    batch_size: int = 1024,
-    device: str | torch.device | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(δ, a) of every sample for the model's current parameters: δ = ∂ℓ/∂(layer output), a = the layer's input.
-
-    `loss_fn(outputs, labels)` must return per-sample losses (default: cross-entropy, reduction "none").
-    """
-    head = _linear_layer(model, layer)
-    dev = _device(device)
-    x, y = _as_tensors(data, "data")
-    fn = _per_sample_loss(loss_fn)
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        captured["a"], captured["out"] = inputs[0], output
-
-    handle = head.register_forward_hook(hook)
-    deltas, acts = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(x), batch_size):
-            xb, yb = x[start : start + batch_size].to(dev), y[start : start + batch_size].to(dev)
-            with torch.enable_grad():
-                out = model(xb)
-                losses = fn(out, yb)
-                if losses.ndim != 1 or len(losses) != len(xb):
-                    raise FgtracError("loss_fn must return one loss per sample (use reduction='none')")
-                (delta,) = torch.autograd.grad(losses.sum(), captured["out"])
-            deltas.append(delta.detach().reshape(len(xb), -1))
-            acts.append(captured["a"].detach().reshape(len(xb), -1))
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return torch.cat(deltas), torch.cat(acts)
+def _param_names(model: nn.Module, params: str | Sequence[str] | None) -> list[str]:
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if params is None or params == "all":
+        return names
+    if isinstance(params, str):
+        params = [params]
+    chosen = [n for n in names if any(n == p or n.startswith(p + ".") for p in params)]
+    if not chosen:
+        raise FgtracError(f"no parameters match {list(params)} (parameters: {', '.join(names)})")
+    return chosen
 
 
-def _factors_per_checkpoint(
+def _features(
     model: nn.Module,
     layer: str,
     datasets: Sequence[Data],
     checkpoints: Sequence[Checkpoint],
-    loss_fn: Callable[..., torch.Tensor] | None,
+    *,
+    mode: str,
+    loss_fn: LossFn | None,
+    include_bias: bool,
+    params: str | Sequence[str] | None,
+    projection_dim: int | None,
+    seed: int,
     device: torch.device,
-) -> list[tuple[float, list[_Factors]]]:
+) -> list[_Checkpointed]:
+    """Gradient features of every data set at every checkpoint (the model's own parameters are restored)."""
+    if mode not in MODES:
+        raise FgtracError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if not checkpoints:
         raise FgtracError("no checkpoints given")
+    uses_head = mode == "last_layer" or (mode == "adamw" and params is None)
     model = model.to(device)
+    if uses_head:
+        head = linear_layer(model, layer)
+        names = [f"{layer}.weight"] + ([f"{layer}.bias"] if include_bias and head.bias is not None else [])
+        projection = None
+    else:
+        names = _param_names(model, params)
+        n_params = sum(dict(model.named_parameters())[n].numel() for n in names)
+        projection = Projection(n_params, projection_dim or min(n_params, 1024), seed, device)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out = []
     try:
         for ckpt, lr in checkpoints:
-            model.load_state_dict(load_state_dict(ckpt))
-            facs = [
-                _Factors(*head_factors(model, layer, d, loss_fn=loss_fn, device=device)) for d in datasets
-            ]
-            out.append((float(lr), facs))
+            state, opt_state = _load_checkpoint(ckpt)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                name = ckpt if isinstance(ckpt, str | Path) else "a checkpoint"
+                raise FgtracError(f"{name} does not fit the model: {str(e).splitlines()[0]}") from None
+            weight, scale = float(lr), None
+            if mode == "adamw":
+                adam = adam_state(model, opt_state, float(lr), names)
+                if adam is not None:
+                    weight, scale = float(lr) * adam.kappa, adam.sqrt_precond
+            feats = []
+            for d in datasets:
+                if uses_head:
+                    delta, act = head_factors(model, layer, d, loss_fn=loss_fn, device=device)
+                    if mode == "last_layer":
+                        feats.append(Features(delta=delta, act=act))
+                        continue
+                    g = head_gradients(delta, act, bias=len(names) == 2)
+                    if scale is not None:
+                        g = g * torch.cat([scale[n].reshape(-1) for n in names]).to(g)
+                    feats.append(Features(dense=g))
+                else:
+                    g = per_sample_gradients(
+                        model, names, d, loss_fn=loss_fn, scale=scale, reduce=projection, device=device
+                    )
+                    feats.append(Features(dense=g))
+            out.append(_Checkpointed(weight, feats))
     finally:
         model.load_state_dict(original)
     return out
@@ -176,14 +173,73 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def _squared_norms(factors: list[tuple[float, _Factors]], bias: float) -> torch.Tensor:
-    """Σ_c lr_c ‖δ‖²(‖a‖² + bias): the self-influence of every sample."""
-    total = None
-    for lr, f in factors:
-        term = lr * f.delta.pow(2).sum(1) * (f.act.pow(2).sum(1) + bias)
-        total = term if total is None else total + term
-    assert total is not None
+def _squared_norms(per_ckpt: list[_Checkpointed], which: int, bias: float) -> torch.Tensor:
+    """Σ_c w_c ‖∇ℓ(θ_c, z)‖² of every sample of data set `which`: its self-influence."""
+    total = per_ckpt[0].weight * per_ckpt[0].features[which].sq_norms(bias)
+    for c in per_ckpt[1:]:
+        total += c.weight * c.features[which].sq_norms(bias)
     return total
+
+
+@dataclass
+class _Options:
+    mode: str = "last_layer"
+    loss_fn: LossFn | None = None
+    include_bias: bool = True
+    params: str | Sequence[str] | None = None
+    projection_dim: int | None = None
+    seed: int = 0
+    chunk_size: int = 8192
+    device: str | torch.device | None = None
+    progress: bool = False
+
+    @property
+    def bias(self) -> float:
+        return 1.0 if self.include_bias else 0.0
+
+    def features(
+        self,
+        model: nn.Module,
+        layer: str,
+        datasets: list[tuple[Data, str]],
+        checkpoints: Sequence[Checkpoint],
+    ) -> list[_Checkpointed]:
+        tensors = [as_tensors(d, what) for d, what in datasets]
+        return _features(
+            model, layer, tensors, checkpoints, mode=self.mode, loss_fn=self.loss_fn,
+            include_bias=self.include_bias, params=self.params, projection_dim=self.projection_dim,
+            seed=self.seed, device=_device(self.device),
+        )  # fmt: skip
+
+
+@dataclass
+class Review:
+    """What a review needs from one pass over the checkpoints: top-k proponents/opponents of every test example
+    (by raw score, and by cosine when asked), every training sample's self-influence, and per-pair detail."""
+
+    top: TopK
+    top_cosine: TopK | None
+    self_influence: torch.Tensor
+    test_self_influence: torch.Tensor
+    checkpoint_weights: list[float]
+    _per_ckpt: list[_Checkpointed]
+    _bias: float
+
+    def pair_detail(
+        self, test_idx: torch.Tensor, train_idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For index tensors of one shape: (raw score, cosine, per-checkpoint contributions [..., C]), where the
+        contributions w_c ∇ℓ(θ_c, test)·∇ℓ(θ_c, train) sum to the raw score."""
+        parts = torch.stack(
+            [
+                c.weight * c.features[0].pair_dots(c.features[1], test_idx, train_idx, self._bias)
+                for c in self._per_ckpt
+            ],
+            -1,
+        )
+        raw = parts.sum(-1)
+        norm = (self.test_self_influence[test_idx] * self.self_influence[train_idx]).sqrt().clamp_min(1e-30)
+        return raw, raw / norm, parts
 
 
 def tracin(
@@ -193,30 +249,43 @@ def tracin(
     test: Data,
     checkpoints: Sequence[Checkpoint],
     *,
-    loss_fn: Callable[..., torch.Tensor] | None = None,
+    loss_fn: LossFn | None = None,
     mode: str = "last_layer",
     k: int | None = None,
     include_bias: bool = True,
     normalize: bool = False,
+    params: str | Sequence[str] | None = None,
+    projection_dim: int | None = None,
+    seed: int = 0,
     chunk_size: int = 8192,
     device: str | torch.device | None = None,
+    progress: bool = False,
 ) -> torch.Tensor | TopK:
     """TracInCP scores of every test example against every training sample.
 
-    `layer` names the model's final `nn.Linear`; `checkpoints` is a list of (path or state dict, learning rate)
-    — the rate in effect around that checkpoint.  Returns the (n_test, n_train) score matrix, or with `k` the
-    top-k proponents and opponents per test example, streamed over training chunks of `chunk_size` so the full
-    matrix is never held.  `normalize` gives the cosine view: scores divided by both samples' gradient norms
-    (the square roots of their self-influence), in [-1, 1].  `include_bias=False` leaves out the bias gradient
-    (Captum's TracInCPFast convention).
+    score(test, train) = Σ_c w_c ∇ℓ(θ_c, test)·∇ℓ(θ_c, train); positive = proponent (a step on the training
+    sample lowers the test loss), negative = opponent.  `checkpoints` is a list of (path or state dict, lr): the
+    learning rate in effect around that checkpoint; an fgtrac checkpoint file or a dict ``{"model": ...,
+    "optimizer": ...}`` also carries optimizer state (adamw mode).  Modes:
+
+    * ``last_layer``: exact gradients of the final `nn.Linear` named `layer` (weights, and bias unless
+      `include_bias=False`, Captum TracInCPFast's convention), w_c = lr_c;
+    * ``full``: per-sample gradients of `params` (default all) via torch.func, projected to `projection_dim`
+      (default min(P, 1024)) by a map seeded with `seed` — exact when projection_dim ≥ P; w_c = lr_c;
+    * ``adamw``: for checkpoints holding Adam/AdamW state, gradients preconditioned by the recorded second moment
+      and w_c = lr_c κ_c (momentum, bias correction, decoupled decay; see `fgtrac_core.influence.adamw`); other
+      checkpoints keep the SGD form.  Gradients of the `layer` head by default, of `params` (projected) if given.
+
+    Returns the (n_test, n_train) matrix, or with `k` the top-k proponents and opponents per test example,
+    streamed over training chunks of `chunk_size` so the full matrix is never held.  `normalize` gives the
+    cosine view: each score divided by both samples' gradient norms √(Σ_c w_c ‖∇ℓ‖²), in [-1, 1].
     """
-    if mode != "last_layer":
-        raise FgtracError(f"mode {mode!r} is not available yet; use 'last_layer'")
-    dev = _device(device)
-    factors = _factors_per_checkpoint(model, layer, [test, train], checkpoints, loss_fn, dev)
-    return _scores(
-        factors, k=k, bias=1.0 if include_bias else 0.0, normalize=normalize, chunk_size=chunk_size
-    )
+    opts = _Options(mode, loss_fn, include_bias, params, projection_dim, seed, chunk_size, device, progress)
+    per_ckpt = opts.features(model, layer, [(test, "test"), (train, "train")], checkpoints)
+    views = ("cosine",) if normalize else ("raw",)
+    if k is None:
+        return _full_matrix(per_ckpt, opts, normalize)
+    return _streamed_topk(per_ckpt, opts, int(k), views)[views[0]]
 
 
 def review(
@@ -227,60 +296,121 @@ def review(
     checkpoints: Sequence[Checkpoint],
     *,
     k: int,
-    loss_fn: Callable[..., torch.Tensor] | None = None,
+    cosine: bool = False,
+    loss_fn: LossFn | None = None,
+    mode: str = "last_layer",
     include_bias: bool = True,
-    normalize: bool = False,
+    params: str | Sequence[str] | None = None,
+    projection_dim: int | None = None,
+    seed: int = 0,
     chunk_size: int = 8192,
     device: str | torch.device | None = None,
-) -> tuple[TopK, torch.Tensor]:
-    """What a review needs in one pass over the checkpoints: `tracin(..., k=k)` and `self_influence(train)`,
-    sharing the per-checkpoint gradient factors (one forward/backward pass per sample and checkpoint)."""
-    factors = _factors_per_checkpoint(model, layer, [test, train], checkpoints, loss_fn, _device(device))
-    bias = 1.0 if include_bias else 0.0
-    top = _scores(factors, k=k, bias=bias, normalize=normalize, chunk_size=chunk_size)
-    assert isinstance(top, TopK)
-    return top, _squared_norms([(lr, f[1]) for lr, f in factors], bias)
+    progress: bool = False,
+) -> Review:
+    """`tracin(..., k=k)` and `self_influence(train)` in one pass, sharing the per-checkpoint gradient features
+    (one forward/backward per sample and checkpoint); with `cosine` also the top-k by cosine.  Arguments as in
+    `tracin`."""
+    opts = _Options(mode, loss_fn, include_bias, params, projection_dim, seed, chunk_size, device, progress)
+    per_ckpt = opts.features(model, layer, [(test, "test"), (train, "train")], checkpoints)
+    tops = _streamed_topk(per_ckpt, opts, int(k), ("raw", "cosine") if cosine else ("raw",))
+    return Review(
+        top=tops["raw"],
+        top_cosine=tops.get("cosine"),
+        self_influence=_squared_norms(per_ckpt, 1, opts.bias),
+        test_self_influence=_squared_norms(per_ckpt, 0, opts.bias),
+        checkpoint_weights=[c.weight for c in per_ckpt],
+        _per_ckpt=per_ckpt,
+        _bias=opts.bias,
+    )
 
 
-def _scores(
-    factors: list[tuple[float, list[_Factors]]],
+def self_influence(
+    model: nn.Module,
+    layer: str,
+    train: Data,
+    checkpoints: Sequence[Checkpoint],
     *,
-    k: int | None,
-    bias: float,
-    normalize: bool,
-    chunk_size: int,
-) -> torch.Tensor | TopK:
-    """Scores from (test, train) factors per checkpoint: the full matrix, or streamed top-k both ways."""
-    test_f = [(lr, f[0]) for lr, f in factors]
-    train_f = [(lr, f[1]) for lr, f in factors]
-    dev = test_f[0][1].delta.device
-    n_test, n_train = len(test_f[0][1].delta), len(train_f[0][1].delta)
-    if normalize:
-        test_norm = _squared_norms(test_f, bias).sqrt().clamp_min(1e-30)
-        train_norm = _squared_norms(train_f, bias).sqrt().clamp_min(1e-30)
-    if k is not None:
-        k = min(int(k), n_train)
-        best = (torch.empty(n_test, 0, device=dev), torch.empty(n_test, 0, dtype=torch.long, device=dev))
-        worst = (torch.empty(n_test, 0, device=dev), torch.empty(n_test, 0, dtype=torch.long, device=dev))
-    else:
-        full = torch.empty(n_test, n_train, device=dev, dtype=test_f[0][1].delta.dtype)
-    for sl in _chunks(n_train, chunk_size):
-        block = None
-        for (lr, te), (_, tr) in zip(test_f, train_f, strict=True):
-            term = (te.delta @ tr.delta[sl].T) * (te.act @ tr.act[sl].T + bias)
-            block = lr * term if block is None else block.add_(term, alpha=lr)
-        assert block is not None
-        if normalize:
-            block /= test_norm[:, None] * train_norm[None, sl]
-        if k is None:
-            full[:, sl] = block
-            continue
+    loss_fn: LossFn | None = None,
+    mode: str = "last_layer",
+    include_bias: bool = True,
+    params: str | Sequence[str] | None = None,
+    projection_dim: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Σ_c w_c ‖∇ℓ(θ_c, z)‖² for every training sample (high = surprising, often mislabelled); modes and
+    arguments as in `tracin`."""
+    opts = _Options(mode, loss_fn, include_bias, params, projection_dim, seed, device=device)
+    return _squared_norms(opts.features(model, layer, [(train, "train")], checkpoints), 0, opts.bias)
+
+
+def _block(per_ckpt: list[_Checkpointed], sl: slice, bias: float) -> torch.Tensor:
+    """Raw scores of all test examples against the training chunk `sl`."""
+    first = per_ckpt[0]
+    block = first.features[0].dots(first.features[1], sl, bias).mul_(first.weight)
+    for c in per_ckpt[1:]:
+        block.add_(c.features[0].dots(c.features[1], sl, bias), alpha=c.weight)
+    return block
+
+
+def _progress(n: int, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=n, desc=desc, unit="train", leave=False)
+
+
+def _full_matrix(per_ckpt: list[_Checkpointed], opts: _Options, normalize: bool) -> torch.Tensor:
+    n_test, n_train = len(per_ckpt[0].features[0]), len(per_ckpt[0].features[1])
+    out = None
+    norms = _norms(per_ckpt, opts.bias) if normalize else None
+    bar = _progress(n_train, opts.progress, "influence")
+    for sl in _chunks(n_train, opts.chunk_size):
+        block = _block(per_ckpt, sl, opts.bias)
+        if norms is not None:
+            block /= norms[0][:, None] * norms[1][None, sl]
+        if out is None:
+            out = torch.empty(n_test, n_train, dtype=block.dtype, device=block.device)
+        out[:, sl] = block
+        if bar is not None:
+            bar.update(sl.stop - sl.start)
+    if bar is not None:
+        bar.close()
+    assert out is not None
+    return out
+
+
+def _norms(per_ckpt: list[_Checkpointed], bias: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(_squared_norms(per_ckpt, i, bias).sqrt().clamp_min(1e-30) for i in (0, 1))  # type: ignore
+
+
+def _streamed_topk(
+    per_ckpt: list[_Checkpointed], opts: _Options, k: int, views: Sequence[str]
+) -> dict[str, TopK]:
+    """Top-k both ways for each view ('raw', 'cosine'), merging chunk by chunk (never the full matrix)."""
+    test0 = per_ckpt[0].features[0]
+    n_test, n_train = len(test0), len(per_ckpt[0].features[1])
+    k = min(k, n_train)
+    dev = (test0.dense if test0.dense is not None else test0.delta).device  # type: ignore[union-attr]
+    norms = _norms(per_ckpt, opts.bias) if "cosine" in views else None
+    empty = (torch.empty(n_test, 0, device=dev), torch.empty(n_test, 0, dtype=torch.long, device=dev))
+    state = {(v, largest): empty for v in views for largest in (True, False)}
+    bar = _progress(n_train, opts.progress, "influence")
+    for sl in _chunks(n_train, opts.chunk_size):
+        block = _block(per_ckpt, sl, opts.bias)
         idx = torch.arange(sl.start, sl.stop, device=dev).expand(n_test, -1)
-        best = _merge_topk(best, block, idx, k, largest=True)
-        worst = _merge_topk(worst, block, idx, k, largest=False)
-    if k is None:
-        return full
-    return TopK(best[1], best[0], worst[1], worst[0])
+        for v in views:
+            scores = block if v == "raw" else block / (norms[0][:, None] * norms[1][None, sl])  # type: ignore
+            for largest in (True, False):
+                state[v, largest] = _merge_topk(state[v, largest], scores, idx, k, largest=largest)
+        if bar is not None:
+            bar.update(sl.stop - sl.start)
+    if bar is not None:
+        bar.close()
+    return {
+        v: TopK(state[v, True][1], state[v, True][0], state[v, False][1], state[v, False][0]) for v in views
+    }
 
 
 def _merge_topk(
@@ -291,22 +421,7 @@ def _merge_topk(
     *,
     largest: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = torch.cat([current[0], block], 1)
+    scores = torch.cat([current[0].to(block.dtype), block], 1)
     indices = torch.cat([current[1], idx], 1)
     top, pos = scores.topk(min(k, scores.shape[1]), dim=1, largest=largest, sorted=True)
     return top, indices.gather(1, pos)
-
-
-def self_influence(
-    model: nn.Module,
-    layer: str,
-    train: Data,
-    checkpoints: Sequence[Checkpoint],
-    *,
-    loss_fn: Callable[..., torch.Tensor] | None = None,
-    include_bias: bool = True,
-    device: str | torch.device | None = None,
-) -> torch.Tensor:
-    """Σ_c lr_c ‖∇ℓ(θ_c, z)‖² over the final layer for every training sample (high = surprising / mislabelled)."""
-    factors = _factors_per_checkpoint(model, layer, [train], checkpoints, loss_fn, _device(device))
-    return _squared_norms([(lr, f[0]) for lr, f in factors], 1.0 if include_bias else 0.0)

@@ -65,7 +65,80 @@ ENTRY_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
             "created_at",
         ),
     ),  # fmt: skip
+    # analyses (influence, stage accountability): one entry per result row, then one per analysis holding its
+    # method, parameters, the checkpoints it read (with their file hashes) and `rows_root`, the RFC 9162 root over
+    # the leaf hashes of its result entries (in RESULT_KINDS order, then row_id order)
+    "influence_test": (
+        "influence_tests",
+        ("row_id", "analysis_id", "sample_id", "label", "prediction", "confidence", "loss"),
+    ),
+    "influence_topk": (
+        "influence_topk",
+        (
+            "row_id",
+            "analysis_id",
+            "test_id",
+            "view",
+            "direction",
+            "rank",
+            "train_id",
+            "score",
+            "cosine",
+            "contributions",
+        ),
+    ),  # fmt: skip
+    "self_influence": ("self_influence", ("row_id", "analysis_id", "sample_id", "value", "rank")),
+    "stage_effect": (
+        "stage_effects",
+        ("row_id", "analysis_id", "method", "behaviour", "test_id", "stage_id", "value"),
+    ),
+    "stage_aggregate": (
+        "stage_aggregates",
+        ("row_id", "analysis_id", "method", "behaviour", "slice", "stage_id", "value", "n"),
+    ),
+    "stage_faithfulness": (
+        "stage_faithfulness",
+        (
+            "row_id",
+            "analysis_id",
+            "method",
+            "horizon",
+            "stage_id",
+            "pearson",
+            "spearman",
+            "sign_agreement",
+            "top1_agreement",
+            "aggregate_error",
+            "seconds",
+            "reference_seconds",
+            "confidence",
+        ),
+    ),  # fmt: skip
+    "analysis": (
+        "analyses",
+        (
+            "analysis_id",
+            "analysis_kind=kind",
+            "method",
+            "params",
+            "checkpoints",
+            "n_rows",
+            "seconds",
+            "created_at",
+            "rows_root",
+        ),
+    ),  # fmt: skip
 }
+
+# the kinds whose rows belong to an analysis, in the order their entries enter the analysis' `rows_root`
+RESULT_KINDS: tuple[str, ...] = (
+    "influence_test",
+    "influence_topk",
+    "self_influence",
+    "stage_effect",
+    "stage_aggregate",
+    "stage_faithfulness",
+)
 
 
 ENTRY_FIELDS: dict[str, list[tuple[str, str]]] = {

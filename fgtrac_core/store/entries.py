@@ -12,7 +12,15 @@ import duckdb
 import numpy as np
 
 from fgtrac_core.ledger.encoding import ENCODING_VERSION
-from fgtrac_core.ledger.entries import ENTRY_FIELDS, ENTRY_KINDS, encode_columns, ids_root, json_string
+from fgtrac_core.ledger.entries import (
+    ENTRY_FIELDS,
+    ENTRY_KINDS,
+    RESULT_KINDS,
+    encode_columns,
+    ids_root,
+    json_string,
+)
+from fgtrac_core.ledger.merkle import leaf_hash, root_from_leaf_hashes
 
 
 def _iso(*cols: str) -> str:
@@ -45,6 +53,13 @@ _SELECT: dict[str, str] = {
     "checkpoint": "SELECT t.checkpoint_id AS ref_id, NULL AS ref_key, t.*"
     + _iso("created_at")
     + " FROM checkpoints t",
+    "analysis": "SELECT t.analysis_id AS ref_id, NULL AS ref_key, t.*"
+    + _iso("created_at")
+    + " FROM analyses t",
+    **{
+        kind: f"SELECT t.row_id AS ref_id, NULL AS ref_key, t.* FROM {ENTRY_KINDS[kind][0]} t"
+        for kind in RESULT_KINDS
+    },
 }
 # rows that exist but have no entry of this kind yet (an open session, a running stage)
 _EXISTS: dict[str, str] = {"session_close": "t.closed_at IS NOT NULL", "stage_end": "t.status <> 'running'"}
@@ -53,6 +68,9 @@ _ID_SETS: dict[str, tuple[str, str, str]] = {
     "batch": ("batch_samples", "batch_id", "position"),
     "transform": ("transform_samples", "transform_id", "sample_id"),
 }
+
+# kinds whose entries hold a digest only the Python path computes (count_mismatches skips them)
+_PYTHON_ONLY = {*_ID_SETS, "analysis"}
 
 Entry = tuple[int | None, str | None, bytes]
 
@@ -73,6 +91,23 @@ def _id_roots(con: duckdb.DuckDBPyConnection, kind: str, keys: np.ndarray) -> di
         for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             roots[int(k[s])] = ids_root(ids[s:e])
     return roots
+
+
+def _analysis_roots(con: duckdb.DuckDBPyConnection, analysis_ids: list[int]) -> dict[int, str]:
+    """`rows_root` of each analysis: the RFC 9162 root over the leaf hashes of its result entries, recomputed
+    from the result rows (RESULT_KINDS order, then row_id order)."""
+    wanted = set(analysis_ids)
+    leaves: dict[int, list[bytes]] = {a: [] for a in wanted}
+    for kind in RESULT_KINDS:
+        owner = con.execute(f"SELECT analysis_id FROM {ENTRY_KINDS[kind][0]} ORDER BY row_id").fetchnumpy()[
+            "analysis_id"
+        ]
+        if not len(owner):
+            continue
+        for a, (_, _, entry) in zip(owner.tolist(), iter_entries(con, kind), strict=True):
+            if a in wanted:
+                leaves[a].append(leaf_hash(entry))
+    return {a: root_from_leaf_hashes(h).hex() for a, h in leaves.items()}
 
 
 def iter_entries(
@@ -104,6 +139,9 @@ def iter_entries(
             roots = _id_roots(con, kind, np.asarray(cols["ref_id"], dtype=np.int64))
             empty = ids_root([])
             cols["samples_root"] = [roots.get(r, empty) for r in cols["ref_id"]]
+        elif kind == "analysis":
+            roots = _analysis_roots(con, cols["ref_id"])
+            cols["rows_root"] = [roots[r] for r in cols["ref_id"]]
         yield from zip(cols["ref_id"], cols["ref_key"], encode_columns(kind, cols), strict=True)
 
 
@@ -136,7 +174,7 @@ def count_mismatches(con: duckdb.DuckDBPyConnection, kind: str) -> int | None:
     `iter_entries`" (which may still find everything in order).  None for kinds whose entries hold Merkle roots
     over id sets, which only the Python path computes.
     """
-    if kind in _ID_SETS:
+    if kind in _PYTHON_ONLY:
         return None
     sql = _SELECT[kind] + (f" WHERE {_EXISTS[kind]}" if kind in _EXISTS else "")
     types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE {sql})").fetchall())

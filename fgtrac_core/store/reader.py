@@ -219,3 +219,91 @@ class RunStore:
                 ORDER BY sample_id""",
             params,
         )
+
+    # ------------------------------------------------------------------ analyses (influence, stages)
+    def analyses(self, kind: str | None = None) -> pd.DataFrame:
+        """Stored analyses, newest last: id, kind ('influence' | 'stages'), method, params and checkpoints
+        (JSON), result row count, compute time."""
+        where, params = ("WHERE kind = ?", [kind]) if kind else ("", [])
+        return self.df(
+            f"""SELECT analysis_id, kind, method, params, checkpoints, n_rows, seconds, created_at
+                FROM analyses {where} ORDER BY analysis_id""",
+            params,
+        )
+
+    def latest_analysis(self, kind: str) -> dict[str, Any] | None:
+        """The newest analysis of `kind` with params and checkpoints decoded, or None."""
+        df = self.analyses(kind)
+        if df.empty:
+            return None
+        row = df.iloc[-1].to_dict()
+        row["params"], row["checkpoints"] = json.loads(row["params"]), json.loads(row["checkpoints"])
+        row["analysis_id"] = int(row["analysis_id"])
+        return row
+
+    def influence_tests(self, analysis_id: int) -> pd.DataFrame:
+        """Per test example of an influence analysis: recorded label, prediction, confidence, loss."""
+        return self.df(
+            """SELECT sample_id, label, prediction, confidence, loss, prediction <> label AS misclassified
+               FROM influence_tests WHERE analysis_id = ? ORDER BY sample_id""",
+            [int(analysis_id)],
+        )
+
+    def influence_topk(self, analysis_id: int, test_id: int, view: str = "raw") -> pd.DataFrame:
+        """Ranked proponents and opponents of one test example (`view` 'raw' or 'cosine' is the ranking),
+        with each training sample's recorded label and its `label_flipped` annotation when present;
+        `contributions` maps checkpoint id -> its part of the raw score."""
+        return self.df(
+            """SELECT k.direction, k.rank, k.train_id, k.score, k.cosine, k.contributions, s.label,
+                      a.value AS label_flipped
+               FROM influence_topk k JOIN samples s ON s.sample_id = k.train_id
+               LEFT JOIN sample_annotations a ON a.sample_id = k.train_id AND a.key = 'label_flipped'
+               WHERE k.analysis_id = ? AND k.test_id = ? AND k.view = ?
+               ORDER BY k.direction DESC, k.rank""",
+            [int(analysis_id), int(test_id), view],
+        )
+
+    def self_influence(self, analysis_id: int) -> pd.DataFrame:
+        """Every training sample's self-influence, highest first, with label and `label_flipped` if recorded."""
+        return self.df(
+            """SELECT si.rank, si.sample_id, si.value, s.label, a.value AS label_flipped
+               FROM self_influence si JOIN samples s USING (sample_id)
+               LEFT JOIN sample_annotations a ON a.sample_id = si.sample_id AND a.key = 'label_flipped'
+               WHERE si.analysis_id = ? ORDER BY si.rank""",
+            [int(analysis_id)],
+        )
+
+    def most_influenced(self, analysis_id: int, train_id: int, limit: int = 10) -> pd.DataFrame:
+        """The test examples whose stored top-k lists hold this training sample (raw view), by |score|."""
+        return self.df(
+            """SELECT test_id, direction, rank, score FROM influence_topk
+               WHERE analysis_id = ? AND train_id = ? AND view = 'raw'
+               ORDER BY abs(score) DESC LIMIT ?""",
+            [int(analysis_id), int(train_id), int(limit)],
+        )
+
+    def stage_effects(self, analysis_id: int, test_id: int | None = None) -> pd.DataFrame:
+        """Per (test example, stage, behaviour, method) effects of a stage analysis, with stage names."""
+        where, params = ("AND e.test_id = ?", [int(test_id)]) if test_id is not None else ("", [])
+        return self.df(
+            f"""SELECT e.method, e.behaviour, e.test_id, e.stage_id, s.name AS stage, e.value
+                FROM stage_effects e JOIN stages s USING (stage_id)
+                WHERE e.analysis_id = ? {where} ORDER BY e.method, e.behaviour, e.test_id, e.stage_id""",
+            [int(analysis_id), *params],
+        )
+
+    def stage_aggregates(self, analysis_id: int) -> pd.DataFrame:
+        return self.df(
+            """SELECT g.method, g.behaviour, g.slice, g.stage_id, s.name AS stage, g.value, g.n
+               FROM stage_aggregates g JOIN stages s USING (stage_id)
+               WHERE g.analysis_id = ? ORDER BY g.method, g.behaviour, g.slice, g.stage_id""",
+            [int(analysis_id)],
+        )
+
+    def stage_faithfulness(self, analysis_id: int) -> pd.DataFrame:
+        return self.df(
+            """SELECT f.* EXCLUDE (row_id, analysis_id), s.name AS stage
+               FROM stage_faithfulness f LEFT JOIN stages s USING (stage_id)
+               WHERE f.analysis_id = ? ORDER BY f.method, f.horizon NULLS FIRST, f.stage_id NULLS FIRST""",
+            [int(analysis_id)],
+        )

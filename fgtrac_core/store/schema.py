@@ -10,7 +10,7 @@ import duckdb
 
 from fgtrac_core.errors import CorruptRunError, SchemaVersionError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _DDL = """
 CREATE TABLE meta (
@@ -91,6 +91,78 @@ CREATE TABLE checkpoints (
     size_bytes BIGINT NOT NULL,
     created_at TIMESTAMP NOT NULL
 );
+CREATE TABLE analyses (
+    analysis_id INTEGER PRIMARY KEY,
+    kind VARCHAR NOT NULL,
+    method VARCHAR NOT NULL,
+    params VARCHAR NOT NULL,
+    checkpoints VARCHAR NOT NULL,
+    n_rows BIGINT NOT NULL,
+    seconds DOUBLE,
+    created_at TIMESTAMP NOT NULL
+);
+CREATE TABLE influence_tests (
+    row_id BIGINT PRIMARY KEY,
+    analysis_id INTEGER NOT NULL,
+    sample_id BIGINT NOT NULL,
+    label INTEGER,
+    prediction INTEGER,
+    confidence DOUBLE,
+    loss DOUBLE
+);
+CREATE TABLE influence_topk (
+    row_id BIGINT PRIMARY KEY,
+    analysis_id INTEGER NOT NULL,
+    test_id BIGINT NOT NULL,
+    view VARCHAR NOT NULL,
+    direction VARCHAR NOT NULL,
+    rank INTEGER NOT NULL,
+    train_id BIGINT NOT NULL,
+    score DOUBLE NOT NULL,
+    cosine DOUBLE NOT NULL,
+    contributions VARCHAR NOT NULL
+);
+CREATE TABLE self_influence (
+    row_id BIGINT PRIMARY KEY,
+    analysis_id INTEGER NOT NULL,
+    sample_id BIGINT NOT NULL,
+    value DOUBLE NOT NULL,
+    rank INTEGER NOT NULL
+);
+CREATE TABLE stage_effects (
+    row_id BIGINT PRIMARY KEY,
+    analysis_id INTEGER NOT NULL,
+    method VARCHAR NOT NULL,
+    behaviour VARCHAR NOT NULL,
+    test_id BIGINT NOT NULL,
+    stage_id INTEGER NOT NULL,
+    value DOUBLE
+);
+CREATE TABLE stage_aggregates (
+    row_id BIGINT PRIMARY KEY,
+    analysis_id INTEGER NOT NULL,
+    method VARCHAR NOT NULL,
+    behaviour VARCHAR NOT NULL,
+    slice VARCHAR NOT NULL,
+    stage_id INTEGER NOT NULL,
+    value DOUBLE,
+    n INTEGER NOT NULL
+);
+CREATE TABLE stage_faithfulness (
+    row_id BIGINT PRIMARY KEY,
+    analysis_id INTEGER NOT NULL,
+    method VARCHAR NOT NULL,
+    horizon INTEGER,
+    stage_id INTEGER,
+    pearson DOUBLE,
+    spearman DOUBLE,
+    sign_agreement DOUBLE,
+    top1_agreement DOUBLE,
+    aggregate_error DOUBLE,
+    seconds DOUBLE,
+    reference_seconds DOUBLE,
+    confidence DOUBLE
+);
 CREATE TABLE ledger (
     seq BIGINT PRIMARY KEY,
     kind VARCHAR NOT NULL,
@@ -123,6 +195,13 @@ TABLES = (
     "batches",
     "batch_samples",
     "checkpoints",
+    "analyses",
+    "influence_tests",
+    "influence_topk",
+    "self_influence",
+    "stage_effects",
+    "stage_aggregates",
+    "stage_faithfulness",
     "ledger",
     "tree_heads",
 )

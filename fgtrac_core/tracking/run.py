@@ -61,6 +61,15 @@ from fgtrac_core.tracking.thumbnails import as_png_list
 
 CHECKPOINT_FORMAT = "fgtrac-checkpoint/1"
 CHECKPOINT_KINDS = ("periodic", "stage_start", "stage_end")
+# result table -> its ledger entry kind (fgtrac_core.ledger.entries.RESULT_KINDS)
+_RESULT_TABLES = {
+    "influence_tests": "influence_test",
+    "influence_topk": "influence_topk",
+    "self_influence": "self_influence",
+    "stage_effects": "stage_effect",
+    "stage_aggregates": "stage_aggregate",
+    "stage_faithfulness": "stage_faithfulness",
+}
 
 
 def _now() -> datetime:
@@ -578,6 +587,65 @@ class Run:
         self._commit([write], [("checkpoint", cid, cid)], publish=True)
         self._next_checkpoint_id += 1
         return record
+
+    # ------------------------------------------------------------------ analyses
+    def record_analysis(
+        self,
+        kind: str,
+        method: str,
+        params: Mapping[str, Any],
+        checkpoints: Sequence[Mapping[str, Any]],
+        results: Mapping[str, pa.Table],
+        *,
+        seconds: float | None = None,
+    ) -> int:
+        """Store one analysis (its result rows per result table, e.g. ``{"influence_topk": table}``) and commit
+        it to the ledger: an entry per result row, then the analysis entry holding `method`, `params`, the
+        `checkpoints` it read (id, sha256, lr...) and the Merkle root of its row entries.  Waits until committed
+        and published; returns the analysis id.  Result tables get `analysis_id` and `row_id` assigned here.
+        """
+        self._check_open()
+        unknown = set(results) - set(_RESULT_TABLES)
+        if unknown:
+            raise FgtracError(f"not result tables: {sorted(unknown)}")
+        present = {t: d for t, d in results.items() if d is not None and d.num_rows}
+        n_rows = sum(d.num_rows for d in present.values())
+        assigned: dict[str, int] = {}
+
+        def insert(con: duckdb.DuckDBPyConnection) -> None:  # on the writer thread, which owns the connection
+            aid = int(con.execute("SELECT coalesce(max(analysis_id) + 1, 0) FROM analyses").fetchall()[0][0])
+            assigned["id"] = aid
+            for table, data in present.items():
+                first = int(con.execute(f"SELECT coalesce(max(row_id) + 1, 0) FROM {table}").fetchall()[0][0])
+                data = data.append_column("analysis_id", pa.array(np.full(data.num_rows, aid), pa.int32()))
+                data = data.append_column(
+                    "row_id", pa.array(np.arange(first, first + data.num_rows), pa.int64())
+                )
+                insert_arrow(con, table, data)
+            insert_arrow(
+                con,
+                "analyses",
+                pa.table(
+                    {
+                        "analysis_id": pa.array([aid], pa.int32()),
+                        "kind": pa.array([kind]),
+                        "method": pa.array([method]),
+                        "params": pa.array([canonical_json(to_jsonable(dict(params)))]),
+                        "checkpoints": pa.array(
+                            [canonical_json(to_jsonable([dict(c) for c in checkpoints]))]
+                        ),
+                        "n_rows": pa.array([n_rows], pa.int64()),
+                        "seconds": pa.array([seconds], pa.float64()),
+                        "created_at": pa.array([_now()], pa.timestamp("us")),
+                    }
+                ),
+            )
+
+        # entries for the rows without one yet: this analysis' rows, then the analysis itself
+        touched: list[Touched] = [_RESULT_TABLES[t] for t in _RESULT_TABLES if t in present] + ["analysis"]
+        self._commit([insert], touched, publish=True, wait=True)
+        analysis_id = assigned["id"]
+        return analysis_id
 
     # ------------------------------------------------------------------ persistence
     def flush(self) -> None:

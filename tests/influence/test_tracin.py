@@ -140,10 +140,20 @@ def test_review_equals_tracin_topk_and_self_influence(setup: dict) -> None:
     from fgtrac_core.influence import review
 
     args = (setup["model"], "head", setup["train"], setup["test"], setup["checkpoints"])
-    top, self_inf = review(*args, k=3)
+    rev = review(*args, k=3, cosine=True)
     ref = tracin(*args, k=3)
-    assert torch.equal(top.proponent_indices, ref.proponent_indices)
-    assert torch.equal(top.opponent_indices, ref.opponent_indices)
+    assert torch.equal(rev.top.proponent_indices, ref.proponent_indices)
+    assert torch.equal(rev.top.opponent_indices, ref.opponent_indices)
+    cos = tracin(*args, k=3, normalize=True)
+    assert torch.equal(rev.top_cosine.proponent_indices, cos.proponent_indices)
     assert torch.allclose(
-        self_inf, self_influence(setup["model"], "head", setup["train"], setup["checkpoints"])
+        rev.self_influence, self_influence(setup["model"], "head", setup["train"], setup["checkpoints"])
     )
+    # per-pair detail: contributions sum to the raw score, and raw/cosine agree with the full matrices
+    full, full_cos = tracin(*args), tracin(*args, normalize=True)
+    i = torch.arange(len(full))[:, None].expand(-1, 3)
+    raw, cosine, parts = rev.pair_detail(i, rev.top.proponent_indices)
+    assert parts.shape == (*i.shape, len(setup["checkpoints"]))
+    assert torch.allclose(parts.sum(-1), raw)
+    assert torch.allclose(raw, full.gather(1, rev.top.proponent_indices), rtol=1e-5)
+    assert torch.allclose(cosine, full_cos.gather(1, rev.top.proponent_indices), rtol=1e-4, atol=1e-6)

@@ -1,0 +1,102 @@
+"""Optimizer-aware weighting of gradients for checkpoints trained with Adam/AdamW (after arXiv 2605.18814).
+
+Under SGD a training gradient g moves the parameters by −η g, so TracIn scores with η g_test·g.  Under Adam(W)
+the same gradient moves them, through the first moment, by −η κ P g with the preconditioner
+P = diag(1/(√v̂ + ε)) from the recorded second moment (bias-corrected, v̂ = v / (1 − β2^t)), frozen over the
+short window in which the momentum delivers the gradient, and
+
+    κ = Σ_{j=0..J} (1 − β1) β1^j / (1 − β1^(t+1+j)) · (1 − η λ)^(J − j)
+
+the parameter displacement J steps after the gradient's step, per unit of η P g: the gradient enters the first
+moment with weight (1 − β1), reaches the update j steps later scaled by β1^j and by that step's bias correction,
+and every displacement then shrinks by the decoupled decay (1 − η λ) per later step.  J is the number of steps
+until the momentum has delivered 99.9% of the gradient (β1^(J+1) ≤ 10⁻³).  Coupled (L2) decay, Adam's
+`weight_decay`, adds λθ to the gradient before it reaches the moments, and so does not change the direction a
+training sample's gradient contributes: κ then has no decay factor.  The sensitivity of v to g (second order in
+the gradient) is left out: the frozen-preconditioner choice.
+
+So for an Adam(W) checkpoint the score is η κ g_testᵀ P g_train = η κ (P^½ g_test)·(P^½ g_train), and the sign
+convention is TracIn's: positive = proponent (the update lowers the test loss).  A checkpoint without Adam state
+keeps the SGD form (κ = 1, P = I).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fgtrac_core.errors import FgtracError
+
+_DELIVERED = 1e-3  # momentum tail left undelivered at the horizon J
+
+
+@dataclass(frozen=True)
+class AdamState:
+    """What the optimizer-aware score needs from one checkpoint: κ and √P per named parameter."""
+
+    kappa: float
+    sqrt_precond: dict[str, torch.Tensor]
+
+
+def momentum_factor(beta1: float, step: int, lr: float, decoupled_decay: float) -> float:
+    """κ: displacement per unit η P g, J steps after the gradient's step (see module docstring)."""
+    if not 0 <= beta1 < 1:
+        raise FgtracError(f"beta1 must be in [0, 1), not {beta1}")
+    horizon = 0 if beta1 == 0 else math.ceil(math.log(_DELIVERED) / math.log(beta1)) - 1
+    shrink = 1.0 - lr * decoupled_decay
+    return sum(
+        (1 - beta1) * beta1**j / (1 - beta1 ** (step + 1 + j)) * shrink ** (horizon - j)
+        for j in range(horizon + 1)
+    )
+
+
+def adam_state(
+    model: nn.Module, optimizer_state: Mapping[str, Any] | None, lr: float, names: list[str]
+) -> AdamState | None:
+    """κ and √P for the named parameters from an Adam/AdamW `optimizer.state_dict()`; None when the state holds
+    no second moments (an SGD checkpoint keeps the SGD form).
+
+    The optimizer's parameters are matched to `model.named_parameters()` in order, as when it was built with
+    `model.parameters()`.
+    """
+    if not optimizer_state or not optimizer_state.get("state"):
+        return None
+    state, groups = optimizer_state["state"], optimizer_state.get("param_groups", [])
+    if not any("exp_avg_sq" in s for s in state.values()):
+        return None
+    order = [i for g in groups for i in g["params"]]
+    named = list(model.named_parameters())
+    if len(order) != len(named):
+        raise FgtracError(
+            f"the optimizer state covers {len(order)} parameters but the model has {len(named)}; "
+            "adamw mode needs an optimizer built over model.parameters()"
+        )
+    group_of = {i: g for g in groups for i in g["params"]}
+    index_of = {name: i for (name, _), i in zip(named, order, strict=True)}
+    sqrt_precond: dict[str, torch.Tensor] = {}
+    kappas = set()
+    for name in names:
+        i = index_of[name]
+        s, g = state.get(i) or state.get(str(i)), group_of[i]
+        if s is None or "exp_avg_sq" not in s:
+            raise FgtracError(f"the optimizer state holds no second moment for {name!r}")
+        beta1, beta2 = g["betas"]
+        t = int(float(s["step"]))
+        v_hat = s["exp_avg_sq"].double() / (1 - beta2**t)
+        sqrt_precond[name] = (v_hat.sqrt() + g["eps"]).rsqrt().float()
+        if "decoupled_weight_decay" not in g:
+            raise FgtracError(
+                "the optimizer state does not say whether its weight decay is decoupled (torch >= 2.6)"
+            )
+        if g.get("amsgrad"):
+            raise FgtracError("adamw mode does not support amsgrad")
+        decoupled = float(g["weight_decay"]) if g["decoupled_weight_decay"] else 0.0
+        kappas.add(momentum_factor(beta1, t, lr, decoupled))
+    if len(kappas) != 1:  # one κ per checkpoint keeps the score a single weighted dot product
+        raise FgtracError("adamw mode needs the same betas, step and weight decay in every parameter group")
+    return AdamState(kappas.pop(), sqrt_precond)
