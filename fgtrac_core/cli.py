@@ -37,6 +37,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"building the digits sample run into {out} ...", file=sys.stderr)
     digits.build(out, seed=args.seed, progress=sys.stderr.isatty())
+    print(f"trained and recorded in {time.perf_counter() - t0:.1f} s; computing influence ...", file=sys.stderr)
+    from fgtrac_core.influence.run_influence import run_influence
+
+    run_influence(out, progress=sys.stderr.isatty())
     print(f"built in {time.perf_counter() - t0:.1f} s: {out}", file=sys.stderr)
     if args.no_app:
         return EXIT_OK
@@ -231,6 +235,44 @@ def _cmd_check_proof(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ids(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise FgtracError(f"expected comma-separated integer ids, not {text!r}") from None
+
+
+def _cmd_influence(args: argparse.Namespace) -> int:
+    from fgtrac_core.influence.run_influence import run_influence
+
+    rule = args.checkpoints if args.checkpoints in ("auto", "all") else _ids(args.checkpoints)
+    summary = run_influence(
+        args.run, mode=args.mode, k=args.k, checkpoints=rule, tau=args.tau, test_ids=_ids(args.test_ids),
+        include_bias=not args.no_bias, projection_dim=args.projection_dim, seed=args.seed, model=args.model,
+        inputs=args.inputs, layer=args.layer, device=args.device, progress=sys.stderr.isatty(),
+    )  # fmt: skip
+    if args.json:
+        _print_json(summary.to_json())
+        return EXIT_OK
+    s = summary
+    print(
+        f"analysis #{s.analysis_id}  {s.method}  top-{s.k} of {s.n_train} training samples for {s.n_test} test examples  ({s.seconds:.1f} s)"
+    )
+    print(f"final model: accuracy {s.accuracy:.3f}, {s.n_misclassified} misclassified test examples")
+    print("checkpoints")
+    for c in s.checkpoints:
+        print(
+            f"  #{c['checkpoint_id']:<3} step {c['step']:<6} {c['stage'] or '-':<10} lr {c['lr']:<10.4g} weight {c['weight']:<10.4g} {c['reason']}"
+        )
+    print("highest self-influence (suspected label errors)")
+    for r in s.top_self_influence:
+        print(f"  sample {r['sample_id']:<6} label {r['label']}  {r['self_influence']:.4g}")
+    print(f"stored and committed to the ledger; open it with: fgtrac app {args.run}")
+    return EXIT_OK
+
+
 def _cmd_key_export(args: argparse.Namespace) -> int:
     from fgtrac_core.ledger import fingerprint, load_or_create_signing_key, public_key_pem
 
@@ -282,6 +324,25 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=_cmd_verify)
 
+    inf = sub.add_parser(
+        "influence",
+        help="TracInCP proponents/opponents of every test example and self-influence; stored, committed",
+    )
+    inf.add_argument("run")
+    inf.add_argument("--mode", choices=["last_layer", "full", "adamw"], default="last_layer")
+    inf.add_argument("--k", type=int, default=50, help="proponents and opponents kept per test example")
+    inf.add_argument("--checkpoints", default="auto", help="auto (FG-Trac), all, or comma-separated ids")
+    inf.add_argument("--tau", type=float, default=0.05, help="auto: relative validation-loss improvement")
+    inf.add_argument("--test-ids", help="comma-separated test sample ids (default: every test example)")
+    inf.add_argument("--no-bias", action="store_true", help="last_layer: leave out the bias gradient")
+    inf.add_argument("--projection-dim", type=int, help="full/adamw over --params: projected dimension")
+    inf.add_argument("--seed", type=int, default=0, help="seed of the random projection")
+    inf.add_argument("--model", help="package.module:Class (overrides the run's config; trusted)")
+    inf.add_argument("--inputs", help="package.module:function (overrides the run's config; trusted)")
+    inf.add_argument("--layer", help="name of the final nn.Linear (overrides the run's config)")
+    inf.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    inf.add_argument("--json", action="store_true")
+    inf.set_defaults(func=_cmd_influence)
     pr = sub.add_parser("prove", help="write a usage-proof bundle for one sample")
     pr.add_argument("run", help="run directory")
     pr.add_argument("--sample", type=int, required=True, help="sample id")

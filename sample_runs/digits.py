@@ -103,7 +103,7 @@ def _cached_data(seed: int) -> DigitsData:
 
 def model_inputs(config: dict[str, Any], sample_ids: np.ndarray) -> torch.Tensor:
     """The standardised model inputs of these sample ids (the run config's `inputs`, see fgtrac_core.pipeline)."""
-    return _cached_data(int(config.get("seed", 0))).x[torch.as_tensor(np.asarray(sample_ids, dtype=np.int64))]
+    return _cached_data(int(config.get("seed", 0))).x[torch.from_numpy(np.array(sample_ids, dtype=np.int64))]
 
 
 def thumbnails(raw: np.ndarray) -> np.ndarray:

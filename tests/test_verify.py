@@ -36,6 +36,13 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "batches": ("batch_id",),
     "batch_samples": ("batch_id", "position"),
     "checkpoints": ("checkpoint_id",),
+    "analyses": ("analysis_id",),
+    "influence_tests": ("row_id",),
+    "influence_topk": ("row_id",),
+    "self_influence": ("row_id",),
+    "stage_effects": ("row_id",),
+    "stage_aggregates": ("row_id",),
+    "stage_faithfulness": ("row_id",),
     "ledger": ("seq",),
     "tree_heads": ("sth_id",),
 }

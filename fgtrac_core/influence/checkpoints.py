@@ -16,14 +16,20 @@ class SelectedCheckpoint:
 
 
 def select_checkpoints(
-    val_losses: Sequence[float | None], rule: str | Sequence[int] = "auto", *, tau: float = 0.05
+    val_losses: Sequence[float | None],
+    rule: str | Sequence[int] = "auto",
+    *,
+    tau: float = 0.05,
+    stages: Sequence[object] | None = None,
 ) -> list[SelectedCheckpoint]:
     """Choose checkpoints (indices into `val_losses`, in training order).
 
     `rule="auto"` (FG-Trac): walking forward, a checkpoint with a validation loss is chosen when that loss is at
     least `tau` (relative) below the best loss seen so far — ``v <= best * (1 - tau)``; the first checkpoint
     with a validation loss is always chosen (nothing to improve on), and so is the final checkpoint.
-    Checkpoints without a validation loss are never chosen by `auto`, except the final one.
+    Checkpoints without a validation loss are never chosen by `auto`, except the final one.  With `stages` (one
+    label per checkpoint), the best loss restarts at every stage: a stage trains on other data or another
+    objective (a fine-tune on noisy labels may never beat the pre-training loss), and TracIn should still see it.
     `rule="all"` chooses every checkpoint; a sequence of indices chooses exactly those.
     """
     n = len(val_losses)
@@ -41,12 +47,17 @@ def select_checkpoints(
     if not 0 <= tau < 1:
         raise ValueError("tau must be in [0, 1)")
     out: list[SelectedCheckpoint] = []
+    if stages is not None and len(stages) != n:
+        raise ValueError("one stage label per checkpoint")
     best = math.inf
     for i, v in enumerate(val_losses):
+        if stages is not None and i and stages[i] != stages[i - 1]:
+            best = math.inf
         if v is None or not math.isfinite(v):
             continue
         if best == math.inf:
-            out.append(SelectedCheckpoint(i, f"first validation loss {v:.4g}"))
+            first = "first validation loss" + (" of its stage" if stages is not None else "")
+            out.append(SelectedCheckpoint(i, f"{first} {v:.4g}"))
         elif v <= best * (1 - tau):
             out.append(
                 SelectedCheckpoint(

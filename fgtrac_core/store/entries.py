@@ -96,16 +96,21 @@ def _id_roots(con: duckdb.DuckDBPyConnection, kind: str, keys: np.ndarray) -> di
 def _analysis_roots(con: duckdb.DuckDBPyConnection, analysis_ids: list[int]) -> dict[int, str]:
     """`rows_root` of each analysis: the RFC 9162 root over the leaf hashes of its result entries, recomputed
     from the result rows (RESULT_KINDS order, then row_id order)."""
-    wanted = set(analysis_ids)
+    wanted = sorted(set(analysis_ids))
     leaves: dict[int, list[bytes]] = {a: [] for a in wanted}
     for kind in RESULT_KINDS:
-        owner = con.execute(f"SELECT analysis_id FROM {ENTRY_KINDS[kind][0]} ORDER BY row_id").fetchnumpy()[
-            "analysis_id"
-        ]
-        if not len(owner):
+        table = ENTRY_KINDS[kind][0]
+        lo, hi = con.execute(
+            f"SELECT min(row_id), max(row_id) FROM {table} WHERE analysis_id BETWEEN ? AND ?",
+            [wanted[0], wanted[-1]],
+        ).fetchall()[0]
+        if lo is None:
             continue
-        for a, (_, _, entry) in zip(owner.tolist(), iter_entries(con, kind), strict=True):
-            if a in wanted:
+        owner = con.execute(
+            f"SELECT analysis_id FROM {table} WHERE row_id BETWEEN ? AND ? ORDER BY row_id", [lo, hi]
+        ).fetchnumpy()["analysis_id"]
+        for a, (_, _, entry) in zip(owner.tolist(), iter_entries(con, kind, key_range=(lo, hi)), strict=True):
+            if a in leaves:
                 leaves[a].append(leaf_hash(entry))
     return {a: root_from_leaf_hashes(h).hex() for a, h in leaves.items()}
 

@@ -610,41 +610,35 @@ class Run:
             raise FgtracError(f"not result tables: {sorted(unknown)}")
         present = {t: d for t, d in results.items() if d is not None and d.num_rows}
         n_rows = sum(d.num_rows for d in present.values())
-        assigned: dict[str, int] = {}
-
-        def insert(con: duckdb.DuckDBPyConnection) -> None:  # on the writer thread, which owns the connection
-            aid = int(con.execute("SELECT coalesce(max(analysis_id) + 1, 0) FROM analyses").fetchall()[0][0])
-            assigned["id"] = aid
-            for table, data in present.items():
-                first = int(con.execute(f"SELECT coalesce(max(row_id) + 1, 0) FROM {table}").fetchall()[0][0])
-                data = data.append_column("analysis_id", pa.array(np.full(data.num_rows, aid), pa.int32()))
-                data = data.append_column(
-                    "row_id", pa.array(np.arange(first, first + data.num_rows), pa.int64())
-                )
-                insert_arrow(con, table, data)
-            insert_arrow(
-                con,
-                "analyses",
-                pa.table(
-                    {
-                        "analysis_id": pa.array([aid], pa.int32()),
-                        "kind": pa.array([kind]),
-                        "method": pa.array([method]),
-                        "params": pa.array([canonical_json(to_jsonable(dict(params)))]),
-                        "checkpoints": pa.array(
-                            [canonical_json(to_jsonable([dict(c) for c in checkpoints]))]
-                        ),
-                        "n_rows": pa.array([n_rows], pa.int64()),
-                        "seconds": pa.array([seconds], pa.float64()),
-                        "created_at": pa.array([_now()], pa.timestamp("us")),
-                    }
-                ),
+        self._writer.drain()  # the writer is idle now: ids can be read on this thread
+        analysis_id = self._scalar("SELECT coalesce(max(analysis_id) + 1, 0) FROM analyses")
+        ops: list[Job] = []
+        touched: list[Touched] = []
+        for table, entry_kind in _RESULT_TABLES.items():
+            if table not in present:
+                continue
+            data = present[table]
+            first = self._scalar(f"SELECT coalesce(max(row_id) + 1, 0) FROM {table}")
+            data = data.append_column(
+                "analysis_id", pa.array(np.full(data.num_rows, analysis_id), pa.int32())
             )
-
-        # entries for the rows without one yet: this analysis' rows, then the analysis itself
-        touched: list[Touched] = [_RESULT_TABLES[t] for t in _RESULT_TABLES if t in present] + ["analysis"]
-        self._commit([insert], touched, publish=True, wait=True)
-        analysis_id = assigned["id"]
+            data = data.append_column("row_id", pa.array(np.arange(first, first + data.num_rows), pa.int64()))
+            ops.append(_inserter(table, data))
+            touched.append((entry_kind, first, first + data.num_rows - 1))
+        row = {
+            "analysis_id": pa.array([analysis_id], pa.int32()),
+            "kind": pa.array([kind]),
+            "method": pa.array([method]),
+            "params": pa.array([canonical_json(to_jsonable(dict(params)))]),
+            "checkpoints": pa.array([canonical_json(to_jsonable([dict(c) for c in checkpoints]))]),
+            "n_rows": pa.array([n_rows], pa.int64()),
+            "seconds": pa.array([seconds], pa.float64()),
+            "created_at": pa.array([_now()], pa.timestamp("us")),
+        }
+        ops.append(_inserter("analyses", pa.table(row)))
+        # entries for this analysis' rows, then the analysis itself (its rows_root covers them)
+        touched.append(("analysis", analysis_id, analysis_id))
+        self._commit(ops, touched, publish=True, wait=True)
         return analysis_id
 
     # ------------------------------------------------------------------ persistence

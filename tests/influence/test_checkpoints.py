@@ -24,3 +24,12 @@ def test_all_and_explicit() -> None:
         select_checkpoints([1.0], [3])
     with pytest.raises(ValueError):
         select_checkpoints([1.0], "best")
+
+
+def test_per_stage_restarts_the_best_loss() -> None:
+    losses = [1.0, 0.2, 0.5, 0.4, 0.39, 0.1]
+    stages = ["a", "a", "b", "b", "b", "c"]
+    assert [c.index for c in select_checkpoints(losses)] == [0, 1, 5]  # stage b never beats stage a
+    chosen = select_checkpoints(losses, stages=stages)
+    assert [c.index for c in chosen] == [0, 1, 2, 3, 5]
+    assert chosen[2].reason.startswith("first validation loss of its stage")
