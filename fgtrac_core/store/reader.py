@@ -255,7 +255,7 @@ class RunStore:
         `contributions` maps checkpoint id -> its part of the raw score."""
         return self.df(
             """SELECT k.direction, k.rank, k.train_id, k.score, k.cosine, k.contributions, s.label,
-                      a.value AS label_flipped
+                      lower(a.value) AS label_flipped
                FROM influence_topk k JOIN samples s ON s.sample_id = k.train_id
                LEFT JOIN sample_annotations a ON a.sample_id = k.train_id AND a.key = 'label_flipped'
                WHERE k.analysis_id = ? AND k.test_id = ? AND k.view = ?
@@ -266,7 +266,7 @@ class RunStore:
     def self_influence(self, analysis_id: int) -> pd.DataFrame:
         """Every training sample's self-influence, highest first, with label and `label_flipped` if recorded."""
         return self.df(
-            """SELECT si.rank, si.sample_id, si.value, s.label, a.value AS label_flipped
+            """SELECT si.rank, si.sample_id, si.value, s.label, lower(a.value) AS label_flipped
                FROM self_influence si JOIN samples s USING (sample_id)
                LEFT JOIN sample_annotations a ON a.sample_id = si.sample_id AND a.key = 'label_flipped'
                WHERE si.analysis_id = ? ORDER BY si.rank""",
@@ -307,3 +307,84 @@ class RunStore:
                WHERE f.analysis_id = ? ORDER BY f.method, f.horizon NULLS FIRST, f.stage_id NULLS FIRST""",
             [int(analysis_id)],
         )
+
+    # ------------------------------------------------------------------ dashboard helpers
+    def thumbnails(self, sample_ids: list[int]) -> dict[int, bytes]:
+        """PNG thumbnails of several samples in one query (ids without a thumbnail are left out)."""
+        if not sample_ids:
+            return {}
+        rows = self._rows(
+            "SELECT sample_id, thumbnail FROM samples WHERE sample_id IN (SELECT unnest(?::BIGINT[]))"
+            " AND thumbnail IS NOT NULL",
+            [[int(i) for i in sample_ids]],
+        )
+        return {int(i): bytes(t) for i, t in rows}
+
+    def signing(self) -> dict[str, Any]:
+        """The ledger at a glance: entry count, the latest signed tree head and the recorded signer key."""
+        meta = self.meta()
+        n_entries = self._rows("SELECT count(*) FROM ledger")[0][0]
+        head = self._rows(
+            "SELECT tree_size, timestamp, key_fingerprint FROM tree_heads ORDER BY tree_size DESC, sth_id DESC"
+            " LIMIT 1"
+        )
+        return {
+            "n_entries": int(n_entries),
+            "tree_size": int(head[0][0]) if head else None,
+            "signed_at": head[0][1] if head else None,
+            "head_fingerprint": head[0][2] if head else None,
+            "signer_fingerprint": meta.get("signer_fingerprint"),
+        }
+
+    def influence_accuracy(self, analysis_id: int) -> dict[str, Any]:
+        """The analysed model's test accuracy as stored with an influence analysis."""
+        n, wrong = self._rows(
+            "SELECT count(*), count(*) FILTER (WHERE prediction <> label) FROM influence_tests WHERE analysis_id = ?",
+            [int(analysis_id)],
+        )[0]
+        return {"n_test": int(n), "n_misclassified": int(wrong), "accuracy": (n - wrong) / n if n else None}
+
+    def self_influence_of(self, analysis_id: int, sample_id: int) -> dict[str, Any] | None:
+        """One training sample's self-influence and its rank among the analysis' training samples, or None."""
+        rows = self._rows(
+            """SELECT value, rank, (SELECT count(*) FROM self_influence WHERE analysis_id = ?)
+               FROM self_influence WHERE analysis_id = ? AND sample_id = ?""",
+            [int(analysis_id), int(analysis_id), int(sample_id)],
+        )
+        if not rows:
+            return None
+        value, rank, n = rows[0]
+        return {"value": float(value), "rank": int(rank), "n_train": int(n)}
+
+    def mislabel_detection(
+        self, analysis_id: int, fractions: tuple[float, ...] = (0.05, 0.10, 0.20)
+    ) -> pd.DataFrame | None:
+        """Precision and recall of "inspect the top fraction by self-influence" against the recorded
+        `label_flipped` annotations (unannotated samples count as clean); None when none is recorded."""
+        df = self.df(
+            """SELECT si.rank, coalesce(lower(a.value) = 'true', false) AS flipped
+               FROM self_influence si
+               LEFT JOIN sample_annotations a ON a.sample_id = si.sample_id AND a.key = 'label_flipped'
+               WHERE si.analysis_id = ? ORDER BY si.rank""",
+            [int(analysis_id)],
+        )
+        annotated = self._rows("SELECT count(*) FROM sample_annotations WHERE key = 'label_flipped'")[0][0]
+        if df.empty or not annotated:
+            return None
+        found = df["flipped"].cumsum().to_numpy()
+        n_flipped = int(found[-1])
+        rows = []
+        for fraction in fractions:
+            inspected = max(1, round(fraction * len(df)))
+            hits = int(found[inspected - 1])
+            rows.append(
+                {
+                    "inspected_fraction": fraction,
+                    "inspected": inspected,
+                    "flipped_found": hits,
+                    "flipped_total": n_flipped,
+                    "precision": hits / inspected,
+                    "recall": hits / n_flipped if n_flipped else None,
+                }
+            )
+        return pd.DataFrame(rows)
