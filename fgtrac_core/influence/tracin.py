@@ -399,11 +399,10 @@ def _streamed_topk(
     bar = _progress(n_train, opts.progress, "influence")
     for sl in _chunks(n_train, opts.chunk_size):
         block = _block(per_ckpt, sl, opts.bias)
-        idx = torch.arange(sl.start, sl.stop, device=dev).expand(n_test, -1)
         for v in views:
             scores = block if v == "raw" else block / (norms[0][:, None] * norms[1][None, sl])  # type: ignore
             for largest in (True, False):
-                state[v, largest] = _merge_topk(state[v, largest], scores, idx, k, largest=largest)
+                state[v, largest] = _merge_topk(state[v, largest], scores, sl.start, k, largest=largest)
         if bar is not None:
             bar.update(sl.stop - sl.start)
     if bar is not None:
@@ -416,12 +415,15 @@ def _streamed_topk(
 def _merge_topk(
     current: tuple[torch.Tensor, torch.Tensor],
     block: torch.Tensor,
-    idx: torch.Tensor,
+    offset: int,
     k: int,
     *,
     largest: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = torch.cat([current[0].to(block.dtype), block], 1)
-    indices = torch.cat([current[1], idx], 1)
+    """Merge the running top-k with a chunk's: top-k of the chunk first, so only (n, 2k) candidates are
+    concatenated (never the chunk's full index matrix)."""
+    top, pos = block.topk(min(k, block.shape[1]), dim=1, largest=largest, sorted=False)
+    scores = torch.cat([current[0].to(block.dtype), top], 1)
+    indices = torch.cat([current[1], pos.add_(offset)], 1)
     top, pos = scores.topk(min(k, scores.shape[1]), dim=1, largest=largest, sorted=True)
     return top, indices.gather(1, pos)
