@@ -37,12 +37,19 @@ class Features:
     def __len__(self) -> int:
         return len(self.dense if self.dense is not None else self.delta)  # type: ignore[arg-type]
 
-    def dots(self, other: Features, sl: slice, bias: float) -> torch.Tensor:
-        """(len(self), len(sl)) gradient dot products with `other[sl]`."""
+    def add_dots(
+        self, other: Features, sl: slice, bias: float, weight: float, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`out` + weight × the (len(self), len(sl)) gradient dot products with `other[sl]` (a new tensor when
+        `out` is None).  Fused and in place: at these shapes each extra pass over the block costs about as much
+        as a matmul, and a fresh block per operation adds page faults."""
         if self.dense is not None:
-            return self.dense @ other.dense[sl].T  # type: ignore[index]
-        # in place: a fresh (n, chunk) tensor per operation costs page faults comparable to the matmuls
-        return (self.act @ other.act[sl].T).add_(bias).mul_(self.delta @ other.delta[sl].T)  # type: ignore
+            if out is None:
+                return (self.dense * weight) @ other.dense[sl].T  # type: ignore[index]
+            return out.addmm_(self.dense, other.dense[sl].T, alpha=weight)  # type: ignore[index]
+        aa = (self.act @ other.act[sl].T).add_(bias)  # type: ignore[union-attr,index]
+        dd = (self.delta * weight) @ other.delta[sl].T  # type: ignore[operator,index]
+        return aa.mul_(dd) if out is None else out.addcmul_(aa, dd)
 
     def sq_norms(self, bias: float) -> torch.Tensor:
         if self.dense is not None:

@@ -346,10 +346,10 @@ def self_influence(
 
 def _block(per_ckpt: list[_Checkpointed], sl: slice, bias: float) -> torch.Tensor:
     """Raw scores of all test examples against the training chunk `sl`."""
-    first = per_ckpt[0]
-    block = first.features[0].dots(first.features[1], sl, bias).mul_(first.weight)
-    for c in per_ckpt[1:]:
-        block.add_(c.features[0].dots(c.features[1], sl, bias), alpha=c.weight)
+    block = None
+    for c in per_ckpt:
+        block = c.features[0].add_dots(c.features[1], sl, bias, c.weight, block)
+    assert block is not None
     return block
 
 
@@ -370,6 +370,9 @@ def _full_matrix(per_ckpt: list[_Checkpointed], opts: _Options, normalize: bool)
         block = _block(per_ckpt, sl, opts.bias)
         if norms is not None:
             block /= norms[0][:, None] * norms[1][None, sl]
+        if sl.stop - sl.start == n_train:  # one chunk: the block is the matrix
+            out = block
+            break
         if out is None:
             out = torch.empty(n_test, n_train, dtype=block.dtype, device=block.device)
         out[:, sl] = block

@@ -125,7 +125,7 @@ def test_adamw_matches_hand_computed_value() -> None:
         gr = _grads(model, *train, names).double()
         expected += lr * kappa * (gt * p) @ gr.T
     got = tracin(model, "head", train, test, checkpoints, mode="adamw")
-    assert torch.allclose(got.double(), expected, rtol=1e-4)
+    assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     # the diagonal of the same quantity is the adamw self-influence
     diag = self_influence(model, "head", test, checkpoints, mode="adamw")
     same = tracin(model, "head", test, test, checkpoints, mode="adamw").diagonal()
