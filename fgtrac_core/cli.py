@@ -37,7 +37,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"building the digits sample run into {out} ...", file=sys.stderr)
     digits.build(out, seed=args.seed, progress=sys.stderr.isatty())
-    print(f"trained and recorded in {time.perf_counter() - t0:.1f} s; computing influence ...", file=sys.stderr)
+    print(
+        f"trained and recorded in {time.perf_counter() - t0:.1f} s; computing influence ...", file=sys.stderr
+    )
     from fgtrac_core.influence.run_influence import run_influence
 
     run_influence(out, progress=sys.stderr.isatty())
@@ -273,6 +275,80 @@ def _cmd_influence(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_INT_COLUMNS = ("test_id", "stage_id", "horizon", "n")
+
+
+def _arrow(df: Any) -> Any:
+    """A result DataFrame as Arrow, integer columns kept integer where pandas made them float for missing values."""
+    import pyarrow as pa
+
+    df = df.copy()
+    for col in _INT_COLUMNS:
+        if col in df:
+            df[col] = df[col].astype("Int64")
+    return pa.Table.from_pandas(df, preserve_index=False)
+
+
+def _cmd_stages(args: argparse.Namespace) -> int:
+    from fgtrac_core.stages import analyze
+    from fgtrac_core.tracking.run import Run
+
+    result = analyze(
+        args.run, method=args.method, horizon=args.horizon, compare=args.compare,
+        behaviours=tuple(b.strip() for b in args.behaviour.split(",") if b.strip()), budget_s=args.budget,
+        force=args.force,
+    )  # fmt: skip
+    tables = {
+        "stage_effects": _arrow(result.effects),
+        "stage_aggregates": _arrow(result.aggregates),
+        "stage_faithfulness": _arrow(result.faithfulness),
+    }
+    method = "compare" if args.compare else args.method
+    run = Run.open(args.run)
+    try:
+        checkpoints = result.params.get("checkpoints", [])
+        aid = run.record_analysis(
+            "stages", method, result.params, checkpoints, tables, seconds=result.seconds
+        )
+    finally:
+        run.close()
+    agg = result.aggregates
+    faith = result.faithfulness
+    if args.json:
+        _print_json(
+            {
+                "analysis_id": aid,
+                "method": method,
+                "seconds": round(result.seconds, 3),
+                "aggregates": json.loads(agg.to_json(orient="records")),
+                "faithfulness": json.loads(faith.to_json(orient="records")),
+            }
+        )
+        return EXIT_OK
+    print(f"analysis #{aid}  stages/{method}  ({result.seconds:.1f} s)  stored and committed to the ledger")
+    overall = agg[(agg.slice == "all")]
+    print(
+        "effect of each stage on the test set (f(final) - f(without the stage); loss: positive = the stage hurt)"
+    )
+    for (m, b), rows in overall.groupby(["method", "behaviour"], sort=False):
+        bars = "  ".join(f"stage {int(r.stage_id)} {r.value:+.4f}" for r in rows.itertuples())
+        print(f"  {m:<22} {b:<9} {bars}")
+    if args.compare and not faith.empty:
+        print("faithfulness against replay (pooled over stages; per-stage rows in --json)")
+        print(
+            f"  {'method':<22} {'pearson':>8} {'spearman':>9} {'sign':>6} {'top-1':>6} {'agg err':>9} {'seconds':>8}"
+        )
+        for r in faith[faith.stage_id.isna()].itertuples():
+            print(
+                f"  {r.method:<22} {r.pearson:>8.3f} {r.spearman:>9.3f} {r.sign_agreement:>6.2f} "
+                f"{r.top1_agreement:>6.2f} {r.aggregate_error:>9.4f} {r.seconds:>8.2f}"
+            )
+        ref = faith.reference_seconds.dropna()
+        if len(ref):
+            print(f"  replay (reference) took {ref.iloc[0]:.2f} s")
+    return EXIT_OK
+
+
 def _cmd_key_export(args: argparse.Namespace) -> int:
     from fgtrac_core.ledger import fingerprint, load_or_create_signing_key, public_key_pem
 
@@ -343,6 +419,18 @@ def _parser() -> argparse.ArgumentParser:
     inf.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     inf.add_argument("--json", action="store_true")
     inf.set_defaults(func=_cmd_influence)
+    st = sub.add_parser(
+        "stages", help="per-stage accountability: effect of each training stage on every test example"
+    )
+    st.add_argument("run")
+    st.add_argument("--method", choices=["replay", "fast", "propagated", "partial-replay"], default="replay")
+    st.add_argument("--horizon", type=int, help="partial-replay: steps replayed exactly after the stage")
+    st.add_argument("--compare", action="store_true", help="replay and every estimator, with faithfulness")
+    st.add_argument("--behaviour", default="loss", help="comma-separated: loss, margin")
+    st.add_argument("--budget", type=float, default=600.0, help="refuse replay work estimated above this (s)")
+    st.add_argument("--force", action="store_true", help="run even above the budget")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_stages)
     pr = sub.add_parser("prove", help="write a usage-proof bundle for one sample")
     pr.add_argument("run", help="run directory")
     pr.add_argument("--sample", type=int, required=True, help="sample id")
