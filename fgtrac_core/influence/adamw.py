@@ -12,8 +12,10 @@ moment with weight (1 − β1), reaches the update j steps later scaled by β1^j
 and every displacement then shrinks by the decoupled decay (1 − η λ) per later step.  J is the number of steps
 until the momentum has delivered 99.9% of the gradient (β1^(J+1) ≤ 10⁻³).  Coupled (L2) decay, Adam's
 `weight_decay`, adds λθ to the gradient before it reaches the moments, and so does not change the direction a
-training sample's gradient contributes: κ then has no decay factor.  The sensitivity of v to g (second order in
-the gradient) is left out: the frozen-preconditioner choice.
+training sample's gradient contributes: κ then has no decay factor.  The sensitivity of v to g is left out — the
+frozen-preconditioner choice.  It is first order in the sample's gradient (δv = 2(1 − β2) g_batch ⊙ g / B), and
+arXiv 2605.18814 keeps it: in (near) full-batch Adam, where updates are close to sign(g), it cancels much of the
+momentum path, so this checkpoint-level form gains least there (bench/faithfulness.py measures it).
 
 So for an Adam(W) checkpoint the score is η κ g_testᵀ P g_train = η κ (P^½ g_test)·(P^½ g_train), and the sign
 convention is TracIn's: positive = proponent (the update lowers the test loss).  A checkpoint without Adam state

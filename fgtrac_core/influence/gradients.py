@@ -177,7 +177,7 @@ class Projection:
             self.matrix = (torch.randn(n_params, dim, generator=gen) / math.sqrt(dim)).to(device)
 
     def __call__(self, g: torch.Tensor) -> torch.Tensor:
-        return g @ self.matrix
+        return g @ self.matrix.to(g.dtype)
 
 
 def per_sample_gradients(

@@ -1,0 +1,64 @@
+"""Smoke test of the mislabel-detection and faithfulness benchmarks in quick mode: every figure is produced, finite
+and JSON-able, and the markdown sections render.  No thresholds on quality (those are what the benchmark
+measures); the only hard checks are the harness's own invariants (ranges, exact replay of the reference run)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from bench import faithfulness, mislabel
+
+
+def test_mean_spearman_matches_scipy_per_column() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(30, 4)), rng.normal(size=(30, 4))
+    b[:, 0] = a[:, 0] ** 3  # a monotone column: rho = 1
+    expected = np.mean([spearmanr(a[:, j], b[:, j]).statistic for j in range(4)])
+    assert faithfulness.mean_spearman(a, b) == pytest.approx(expected)
+
+
+def test_detection_figures_on_a_known_ranking() -> None:
+    flipped = np.zeros(100, dtype=bool)
+    flipped[:10] = True
+    score = -np.arange(100.0)  # samples 0..9 score highest: a perfect ranking
+    figs = mislabel.detection_figures(flipped, score)
+    assert figs == {"auc": 1.0, "recall_5": 0.5, "recall_10": 1.0, "recall_20": 1.0}
+
+
+def test_mislabel_quick_produces_every_figure() -> None:
+    r = mislabel.measure(quick=True)
+    json.dumps(r, allow_nan=False)  # JSON-able and every number finite
+    for kind in mislabel.NOISE_KINDS:
+        methods = r["noise"][kind]["methods"]
+        assert list(methods) == list(mislabel.METHODS)
+        for key, m in methods.items():
+            assert "unavailable" not in m, (kind, key, m)
+            for name in ("auc", "recall_5", "recall_10", "recall_20"):
+                assert 0.0 <= m[name] <= 1.0, (kind, key, name, m[name])
+        assert set(r["noise"][kind]["goal_recall10_vs_cleanlab"]) == {
+            "self_influence_sgd",
+            "self_influence_adamw",
+        }
+    text = mislabel.summarise(r)
+    assert text.startswith("## Mislabel detection") and "not available" not in text
+
+
+def test_faithfulness_quick_produces_every_figure() -> None:
+    r = faithfulness.measure(quick=True)
+    json.dumps(r, allow_nan=False)
+    assert [s.name for s in faithfulness.SETTINGS] == list(r["settings"])
+    for name, e in r["settings"].items():
+        # the batched retraining replays the reference run that wrote the checkpoints
+        assert e["replay_error"] < 1e-9, name
+        assert e["mean_abs_loo_change"] > 0, name
+        for key, m in e["methods"].items():
+            assert "unavailable" not in m, (name, key, m)
+            assert -1.0 <= m["loo_spearman"] <= 1.0 and -1.0 <= m["lds"] <= 1.0, (name, key, m)
+        if e["optimizer"] == "adamw":
+            assert "head" in e["comparisons"], name
+    text = faithfulness.summarise(r)
+    assert text.startswith("## Influence faithfulness") and "not available" not in text
