@@ -43,6 +43,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from fgtrac_core.influence.run_influence import run_influence
 
     run_influence(out, progress=sys.stderr.isatty())
+    print(
+        f"influence stored after {time.perf_counter() - t0:.1f} s; replaying without each stage ...",
+        file=sys.stderr,
+    )
+    _store_stages(out, method="replay")
     print(f"built in {time.perf_counter() - t0:.1f} s: {out}", file=sys.stderr)
     if args.no_app:
         return EXIT_OK
@@ -289,22 +294,19 @@ def _arrow(df: Any) -> Any:
     return pa.Table.from_pandas(df, preserve_index=False)
 
 
-def _cmd_stages(args: argparse.Namespace) -> int:
+def _store_stages(run_dir: str | Path, **options: Any) -> tuple[int, Any]:
+    """Run a stage analysis and commit it to the run; (analysis id, StageAnalysis)."""
     from fgtrac_core.stages import analyze
     from fgtrac_core.tracking.run import Run
 
-    result = analyze(
-        args.run, method=args.method, horizon=args.horizon, compare=args.compare,
-        behaviours=tuple(b.strip() for b in args.behaviour.split(",") if b.strip()), budget_s=args.budget,
-        force=args.force,
-    )  # fmt: skip
+    result = analyze(run_dir, **options)
     tables = {
         "stage_effects": _arrow(result.effects),
         "stage_aggregates": _arrow(result.aggregates),
         "stage_faithfulness": _arrow(result.faithfulness),
     }
-    method = "compare" if args.compare else args.method
-    run = Run.open(args.run)
+    method = "compare" if options.get("compare") else options.get("method", "replay")
+    run = Run.open(run_dir)
     try:
         checkpoints = result.params.get("checkpoints", [])
         aid = run.record_analysis(
@@ -312,6 +314,20 @@ def _cmd_stages(args: argparse.Namespace) -> int:
         )
     finally:
         run.close()
+    return aid, result
+
+
+def _cmd_stages(args: argparse.Namespace) -> int:
+    from fgtrac_core.store import RunStore
+
+    aid, result = _store_stages(
+        args.run, method=args.method, horizon=args.horizon, compare=args.compare,
+        behaviours=tuple(b.strip() for b in args.behaviour.split(",") if b.strip()), budget_s=args.budget,
+        force=args.force,
+    )  # fmt: skip
+    method = "compare" if args.compare else args.method
+    with RunStore(args.run) as store:
+        names = dict(zip(store.stages().stage_id, store.stages().name, strict=True))
     agg = result.aggregates
     faith = result.faithfulness
     if args.json:
@@ -331,7 +347,9 @@ def _cmd_stages(args: argparse.Namespace) -> int:
         "effect of each stage on the test set (f(final) - f(without the stage); loss: positive = the stage hurt)"
     )
     for (m, b), rows in overall.groupby(["method", "behaviour"], sort=False):
-        bars = "  ".join(f"stage {int(r.stage_id)} {r.value:+.4f}" for r in rows.itertuples())
+        bars = "  ".join(
+            f"{names.get(int(r.stage_id), r.stage_id)} {r.value:+.4f}" for r in rows.itertuples()
+        )
         print(f"  {m:<22} {b:<9} {bars}")
     if args.compare and not faith.empty:
         print("faithfulness against replay (pooled over stages; per-stage rows in --json)")

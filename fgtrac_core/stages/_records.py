@@ -1,0 +1,163 @@
+"""Read-only queries that turn a recorded run directory into a `Training` for stage analysis.
+
+Everything comes from the run's published snapshot (via `RunStore`) and its checkpoint files; every checkpoint
+file read is checked against the SHA-256 the run recorded for it, so an analysis never silently uses a changed
+file.  Labels are the recorded `samples.label`; inputs come from the run's pipeline (`fgtrac_core.pipeline`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fgtrac_core.errors import CorruptRunError
+from fgtrac_core.pipeline import Pipeline, load_pipeline
+from fgtrac_core.stages.errors import MissingBoundaryStateError, StageAnalysisError
+from fgtrac_core.stages.training import Stage, Training
+from fgtrac_core.store.reader import RunStore
+
+
+@dataclass(frozen=True)
+class CheckpointUse:
+    """A recorded checkpoint an analysis read: its id, kind, step and recorded SHA-256."""
+
+    checkpoint_id: int
+    kind: str
+    step: int
+    sha256: str
+
+
+@dataclass
+class RunRecords:
+    """A run's `Training`, its config, and the checkpoints it was built from."""
+
+    training: Training
+    config: dict[str, Any]
+    checkpoints: list[CheckpointUse]
+
+
+def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: str = "test") -> RunRecords:
+    """Build the `Training` of the run behind `store` (test examples: the samples of `split`).
+
+    Raises MissingBoundaryStateError when a stage lacks its stage_start/stage_end checkpoint or the optimizer
+    state in it, and StageAnalysisError for runs that cannot be replayed as recorded (e.g. several batches per
+    optimizer step).
+    """
+    config = json.loads(store.meta().get("config", "{}"))
+    pipeline = pipeline or load_pipeline(config)
+    samples = store.df("SELECT sample_id, split, label FROM samples ORDER BY sample_id")
+    load_batch = _batch_loader(pipeline, samples)
+    test_ids = samples.loc[samples["split"] == split, "sample_id"].to_numpy(np.int64)
+    if len(test_ids) == 0:
+        raise StageAnalysisError(f"this run has no {split!r} samples to measure stage effects on")
+    stage_rows = store.df("SELECT stage_id, name, optimizer, status FROM stages ORDER BY stage_id")
+    ckpts = store.df(
+        """SELECT checkpoint_id, step, stage_id, kind, path, sha256 FROM checkpoints
+           WHERE kind IN ('stage_start', 'stage_end') ORDER BY checkpoint_id"""
+    )
+    steps = _steps(store)
+    stages, used = [], []
+    for row in stage_rows.itertuples():
+        start, end = (_boundary(store, ckpts, row, kind) for kind in ("stage_start", "stage_end"))
+        used += [start, end]
+        mine = steps[steps["stage_id"] == row.stage_id]
+        start_payload, end_payload = _load(store, start, row.name), _load(store, end, row.name)
+        stages.append(
+            Stage(
+                stage_id=int(row.stage_id),
+                name=row.name,
+                optimizer=row.optimizer,
+                start_model=start_payload["model"],
+                start_optimizer=start_payload["optimizer"],
+                end_model=end_payload["model"],
+                end_optimizer=end_payload["optimizer"],
+                steps=mine["step"].astype(int).tolist(),
+                lrs=mine["lr"].astype(float).tolist(),
+                batches=[np.asarray(ids, dtype=np.int64) for ids in mine["ids"]],
+            )
+        )
+        expected = (start.step, start.step + len(mine))
+        if (start.step, end.step) != expected or mine["step"].tolist() != list(range(*expected)):
+            raise StageAnalysisError(
+                f"stage {row.name!r}: its boundary checkpoints (steps {start.step}, {end.step}) and its "
+                f"{len(mine)} logged steps are not one contiguous range"
+            )
+    training = Training(stages=stages, model_factory=pipeline.model, load_batch=load_batch, test_ids=test_ids)
+    training.validate()
+    return RunRecords(
+        training,
+        config,
+        [CheckpointUse(int(c.checkpoint_id), str(c.kind), int(c.step), str(c.sha256)) for c in used],
+    )
+
+
+def _steps(store: RunStore) -> pd.DataFrame:
+    """One row per optimizer step: step, stage_id, lr, sample ids in batch order."""
+    steps = store.df(
+        """SELECT b.step, b.stage_id, b.lr, count(DISTINCT b.batch_id) AS n_batches,
+                  list(bs.sample_id ORDER BY b.batch_id, bs.position) AS ids
+           FROM batches b JOIN batch_samples bs USING (batch_id)
+           GROUP BY b.step, b.stage_id, b.lr ORDER BY b.step"""
+    )
+    if steps["step"].duplicated().any() or (steps["n_batches"] > 1).any():
+        raise StageAnalysisError(
+            "several batches were logged for one optimizer step (gradient accumulation); stage replay needs "
+            "one log_batch call per optimizer step"
+        )
+    if steps["lr"].isna().any():
+        raise StageAnalysisError("some logged batches have no learning rate; replay needs the per-step lr")
+    return steps
+
+
+def _boundary(store: RunStore, ckpts: pd.DataFrame, stage: Any, kind: str) -> Any:
+    rows = ckpts[(ckpts["stage_id"] == stage.stage_id) & (ckpts["kind"] == kind)]
+    if rows.empty:
+        raise MissingBoundaryStateError(
+            f"stage {stage.name!r} (status {stage.status}) has no {kind} checkpoint; stage analysis needs the "
+            f"parameters and optimizer state at every stage boundary — record each stage with "
+            f"`with run.stage(name, optimizer=opt, model=model):` and let it finish"
+        )
+    return rows.iloc[0 if kind == "stage_start" else -1]
+
+
+def _load(store: RunStore, ckpt: Any, stage_name: str) -> dict[str, Any]:
+    path = store.layout.root / ckpt.path
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MissingBoundaryStateError(
+            f"the {ckpt.kind} checkpoint of stage {stage_name!r} ({ckpt.path}) cannot be read: {exc.strerror}"
+        ) from None
+    if hashlib.sha256(data).hexdigest() != ckpt.sha256:
+        raise CorruptRunError(f"checkpoint {ckpt.path} does not match the SHA-256 the run recorded for it")
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if payload.get("optimizer") is None:
+        raise MissingBoundaryStateError(
+            f"the {ckpt.kind} checkpoint of stage {stage_name!r} holds no optimizer state; record the stage "
+            f"with its optimizer (`run.stage(name, optimizer=opt, ...)`)"
+        )
+    return payload
+
+
+def _batch_loader(pipeline: Pipeline, samples: pd.DataFrame) -> Any:
+    """sample ids -> (pipeline inputs, recorded labels as int64), both in the given order."""
+    known = samples["sample_id"].to_numpy(np.int64)
+    labels = samples["label"]
+
+    def load(ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = np.searchsorted(known, ids)
+        if (pos >= len(known)).any() or (known[np.minimum(pos, len(known) - 1)] != ids).any():
+            raise StageAnalysisError("a logged batch names a sample id that is not registered")
+        y = labels.iloc[pos]
+        if y.isna().any():
+            raise StageAnalysisError("stage analysis needs the recorded label of every sample it uses")
+        return pipeline.inputs(ids), torch.as_tensor(y.to_numpy(np.int64))
+
+    return load

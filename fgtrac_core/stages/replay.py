@@ -1,0 +1,254 @@
+"""Deterministic replay of recorded training: the whole run (checked bit for bit) and runs with a stage skipped.
+
+Skipping stage k means: the parameters and optimizer state are restored to their values at stage k's start, and
+the later stages are replayed with the same batches and the same per-step learning rates.  Each later stage's
+optimizer is rebuilt from its recorded class and hyperparameters; a stage recorded with a fresh optimizer starts
+fresh in the replay too, and a stage recorded as continuing the previous stage's optimizer continues the
+*replayed* state (after a skip: the state restored at stage k's start).  See `training.py` for why no other case
+is accepted.
+
+Replays run on the CPU under `torch.use_deterministic_algorithms(True)` with the recorded thread count
+(`deterministic`); numerics match the recording only on the same kind of machine, which `replay_full` checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fgtrac_core.stages.errors import ReplayMismatchError
+from fgtrac_core.stages.training import StateDict, Training
+
+
+@contextlib.contextmanager
+def deterministic(threads: int | None) -> Iterator[None]:
+    """Deterministic algorithms and `threads` intra-op threads (None: unchanged), restored on exit."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(was_threads)
+
+
+def build_optimizer(
+    training: Training, stage_index: int, params: list[torch.nn.Parameter], carried: dict[str, Any] | None
+) -> torch.optim.Optimizer:
+    """The optimizer of stage `stage_index` over `params`, with its recorded hyperparameters.
+
+    Its state is the recorded start state when the stage started fresh (or when nothing is `carried`, at the
+    start of a replay), else `carried` (an optimizer state_dict whose per-parameter state continues).
+    """
+    stage = training.stages[stage_index]
+    cls = getattr(torch.optim, stage.optimizer)
+    groups, at = [], 0
+    for size in stage.group_sizes():
+        groups.append({"params": params[at : at + size]})
+        at += size
+    optimizer = cls(groups)
+    state = copy.deepcopy(stage.start_optimizer)
+    if not stage.fresh and carried is not None:
+        state["state"] = copy.deepcopy(carried["state"])
+    optimizer.load_state_dict(state)
+    return optimizer
+
+
+class Cursor:
+    """A live model and optimizer at a position (stage, step within it) of the recorded schedule.
+
+    Created at the start of stage `stage_index` with parameters `model_state`; `carried` is the optimizer state
+    a stage that continues its predecessor's optimizer would inherit.  `step()` runs the next recorded step
+    exactly as the training loop did: zero grads, mean loss of the batch, backward, optimizer step.
+    """
+
+    def __init__(
+        self,
+        training: Training,
+        stage_index: int,
+        model_state: StateDict,
+        carried: dict[str, Any] | None = None,
+    ) -> None:
+        self.training = training
+        self.model = training.model_factory()
+        self.model.load_state_dict(model_state)
+        self.params = list(self.model.parameters())
+        self.stage_index = stage_index
+        self.step_index = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._enter_stage(carried)
+
+    @property
+    def done(self) -> bool:
+        return self.stage_index >= self.training.n_stages
+
+    @property
+    def remaining(self) -> int:
+        """Steps left until the end of the run."""
+        if self.done:
+            return 0
+        here = self.training.stages[self.stage_index].n_steps - self.step_index
+        return here + self.training.steps_after(self.stage_index)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the step `step()` runs next."""
+        return self.training.batch(self.stage_index, self.step_index)
+
+    def step(self, observe: Callable[[torch.optim.Optimizer], None] | None = None) -> None:
+        """Run the next recorded optimizer step (then move to the next stage if this one is finished).
+
+        `observe(optimizer)` is called right after the optimizer step, before a finished stage is left.
+        """
+        stage = self.training.stages[self.stage_index]
+        assert self.optimizer is not None
+        lr = stage.lrs[self.step_index]
+        base = stage.group_hparams()
+        for group, hp in zip(self.optimizer.param_groups, base, strict=True):
+            # only the first group's lr is logged; other groups keep their recorded ratio to it
+            group["lr"] = lr if hp["lr"] == base[0]["lr"] else lr * hp["lr"] / base[0]["lr"]
+        x, y = self.batch()
+        self.optimizer.zero_grad()
+        self.training.loss_fn(self.model(x), y).backward()
+        self.optimizer.step()
+        if observe is not None:
+            observe(self.optimizer)
+        self.step_index += 1
+        self._advance_past_empty_stages()
+
+    def run(self, n_steps: int | None = None, bar: Any = None) -> None:
+        """Run `n_steps` recorded steps (None: to the end of the run); `bar` is an optional tqdm to update."""
+        n = self.remaining if n_steps is None else min(n_steps, self.remaining)
+        for _ in range(n):
+            self.step()
+            if bar is not None:
+                bar.update(1)
+
+    def run_through_stage(self, stage_index: int, bar: Any = None) -> None:
+        """Run every remaining step of stages up to `stage_index` (stops at the end of that stage)."""
+        while not self.done and self.stage_index <= stage_index:
+            self.step()
+            if bar is not None:
+                bar.update(1)
+
+    def model_state(self) -> StateDict:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def optimizer_state(self) -> dict[str, Any]:
+        assert self.optimizer is not None
+        return copy.deepcopy(self.optimizer.state_dict())
+
+    def _enter_stage(self, carried: dict[str, Any] | None) -> None:
+        self.optimizer = build_optimizer(self.training, self.stage_index, self.params, carried)
+        self._advance_past_empty_stages()
+
+    def _advance_past_empty_stages(self) -> None:
+        while not self.done and self.step_index >= self.training.stages[self.stage_index].n_steps:
+            carried = self.optimizer.state_dict() if self.optimizer is not None else None
+            self.stage_index += 1
+            self.step_index = 0
+            if not self.done:
+                self.optimizer = build_optimizer(self.training, self.stage_index, self.params, carried)
+
+
+@dataclass
+class ReplayResult:
+    """Final parameters of one replay and what it cost (seconds of wall time, optimizer steps run)."""
+
+    model: StateDict
+    seconds: float
+    steps: int
+
+
+def replay_full(training: Training, bar: Any = None) -> ReplayResult:
+    """Replay the whole run from the first stage's start and check every stage end bit for bit.
+
+    Raises ReplayMismatchError naming the first stage whose replayed parameters (or optimizer state) differ from
+    the recorded ones, with the largest absolute difference.  Never returns numbers from a diverged replay.
+    """
+    t0 = time.perf_counter()
+    first = training.stages[0]
+    cursor = Cursor(training, 0, first.start_model, None)
+    for k, stage in enumerate(training.stages):
+        cursor.run_through_stage(k, bar)
+        replayed = cursor.model_state()
+        diff = _max_abs_diff(replayed, stage.end_model)
+        if diff is not None:
+            raise ReplayMismatchError(
+                f"replaying the recorded batches does not reproduce the parameters at the end of stage "
+                f"{stage.name!r} (max abs difference {diff:.3g}); stage effects would be wrong, so none are "
+                f"reported — replay on the machine and thread count the run was recorded with"
+            )
+        if k + 1 < training.n_stages and not training.stages[k + 1].fresh:
+            _check_optimizer_state(cursor, stage.end_optimizer, stage.name)
+    return ReplayResult(
+        cursor.model_state(), time.perf_counter() - t0, sum(s.n_steps for s in training.stages)
+    )
+
+
+def check_final(training: Training, model: StateDict) -> None:
+    """Raise ReplayMismatchError unless a replay of the recorded run ended at theta_T bit for bit."""
+    diff = _max_abs_diff(model, training.final_model)
+    if diff is not None:
+        raise ReplayMismatchError(
+            f"replaying the recorded batches does not reproduce the final parameters (max abs difference "
+            f"{diff:.3g}); no stage effects are reported — replay on the machine and thread count the run was "
+            f"recorded with"
+        )
+
+
+def replay_without(training: Training, k: int, bar: Any = None) -> ReplayResult:
+    """theta~_T: the final parameters when stage `k` is skipped (its start state restored, later stages replayed)."""
+    t0 = time.perf_counter()
+    stage = training.stages[k]
+    if k + 1 >= training.n_stages:
+        return ReplayResult({n: v.clone() for n, v in stage.start_model.items()}, 0.0, 0)
+    cursor = skipped_cursor(training, k)
+    steps = cursor.remaining
+    cursor.run(None, bar)
+    return ReplayResult(cursor.model_state(), time.perf_counter() - t0, steps)
+
+
+def skipped_cursor(training: Training, k: int) -> Cursor:
+    """A cursor at the start of stage k+1 in the run that skips stage k (k must not be the last stage)."""
+    stage = training.stages[k]
+    return Cursor(training, k + 1, stage.start_model, stage.start_optimizer)
+
+
+def recorded_cursor(training: Training, k: int) -> Cursor:
+    """A cursor at the start of stage k+1 of the recorded run (from its recorded start checkpoint)."""
+    nxt = training.stages[k + 1]
+    return Cursor(training, k + 1, nxt.start_model, training.stages[k].end_optimizer)
+
+
+def _max_abs_diff(a: StateDict, b: StateDict) -> float | None:
+    """None when `a` and `b` are bitwise equal, else the largest absolute difference (inf for a shape change)."""
+    if all(torch.equal(a[k], b[k]) for k in b) and a.keys() == b.keys():
+        return None
+    worst = 0.0
+    for k in b:
+        if k not in a or a[k].shape != b[k].shape:
+            return float("inf")
+        worst = max(worst, float((a[k].double() - b[k].double()).abs().max()))
+    return worst
+
+
+def _check_optimizer_state(cursor: Cursor, recorded: dict[str, Any], stage_name: str) -> None:
+    """The optimizer state a later stage inherits must replay bit for bit too."""
+    state = cursor.optimizer_state()["state"]
+    for i, entry in recorded.get("state", {}).items():
+        for key, value in entry.items():
+            mine = state.get(i, {}).get(key)
+            if mine is None or not torch.equal(torch.as_tensor(mine), torch.as_tensor(value)):
+                raise ReplayMismatchError(
+                    f"replaying the recorded batches does not reproduce the optimizer state ({key}) at the end of "
+                    f"stage {stage_name!r}, which the next stage continues; no stage effects are reported"
+                )

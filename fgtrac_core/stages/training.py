@@ -1,0 +1,173 @@
+"""The in-memory description of a recorded training run that stage analysis replays and linearises.
+
+A `Training` is what the recorder captured, in the shape the maths needs: for every stage its optimizer class,
+the parameters and optimizer state at its boundaries (from the `stage_start` / `stage_end` checkpoints), and for
+every optimizer step its learning rate and the ids of the samples in its batch; plus how to build the model, how
+to turn sample ids into (inputs, targets), the training loss, and the test set.  It is built from a run directory
+by `fgtrac_core.stages._records.load_training`, or directly (tests build toy trainings with other losses).
+
+Optimizer-state convention at stage starts: a stage whose recorded start state is empty starts from a fresh
+optimizer (what the sample pipeline does: one optimizer per stage); a stage whose recorded start state is not
+empty must start from exactly the state the previous stage ended with (one optimizer carried across stages), and
+then a replay carries its own replayed state into it.  `validate` refuses anything else, since neither rule would
+reproduce it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fgtrac_core.stages.errors import MissingBoundaryStateError, StageAnalysisError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(model outputs for a batch, targets) -> the scalar training loss of the batch."""
+
+SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+
+StateDict = dict[str, torch.Tensor]
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the batch: the training loss of the recorded pipelines."""
+    return F.cross_entropy(outputs, targets)
+
+
+@dataclass
+class Stage:
+    """One recorded stage: its optimizer, boundary states and per-step schedule.
+
+    `lrs[i]` is the learning rate of the first param group in effect for step `steps[i]` (what the recorder
+    logs); `batches[i]` the sample ids of that step in batch order.
+    """
+
+    stage_id: int
+    name: str
+    optimizer: str
+    start_model: StateDict
+    start_optimizer: dict[str, Any]
+    end_model: StateDict
+    end_optimizer: dict[str, Any]
+    steps: list[int]
+    lrs: list[float]
+    batches: list[np.ndarray]
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def fresh(self) -> bool:
+        """True when the stage started from a fresh optimizer (empty recorded start state)."""
+        return not self.start_optimizer.get("state")
+
+    def group_hparams(self) -> list[dict[str, Any]]:
+        """The recorded hyperparameters of each param group at the stage start (without the parameters)."""
+        return [{k: v for k, v in g.items() if k != "params"} for g in self.start_optimizer["param_groups"]]
+
+    def group_sizes(self) -> list[int]:
+        return [len(g["params"]) for g in self.start_optimizer["param_groups"]]
+
+
+@dataclass
+class Training:
+    """A recorded run as stage analysis sees it (see the module docstring)."""
+
+    stages: list[Stage]
+    model_factory: Callable[[], nn.Module]
+    load_batch: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+    test_ids: np.ndarray
+    loss_fn: LossFn = cross_entropy
+    _batch_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False
+    )
+
+    @functools.cached_property
+    def param_names(self) -> list[str]:
+        """The model's parameter names in model.parameters() order (the optimizer's order)."""
+        return [name for name, _ in self.model_factory().named_parameters()]
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def final_model(self) -> StateDict:
+        """theta_T: the parameters at the end of the last stage."""
+        return self.stages[-1].end_model
+
+    def batch(self, stage_index: int, step_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of one recorded step; cached, since every replay revisits the same steps."""
+        key = (stage_index, step_index)
+        if key not in self._batch_cache:
+            self._batch_cache[key] = self.load_batch(self.stages[stage_index].batches[step_index])
+        return self._batch_cache[key]
+
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the test examples, in `test_ids` order."""
+        return self.load_batch(self.test_ids)
+
+    def steps_after(self, stage_index: int) -> int:
+        """How many optimizer steps the stages after `stage_index` run."""
+        return sum(s.n_steps for s in self.stages[stage_index + 1 :])
+
+    def validate(self) -> None:
+        """Refuse a training that replay cannot reproduce by construction (the replay check catches the rest)."""
+        if not self.stages:
+            raise StageAnalysisError("this run has no stages to analyse")
+        n_params = len(self.param_names)
+        for j, stage in enumerate(self.stages):
+            if stage.optimizer not in SUPPORTED_OPTIMIZERS:
+                raise StageAnalysisError(
+                    f"stage {stage.name!r} uses {stage.optimizer}; stage analysis supports "
+                    f"{', '.join(SUPPORTED_OPTIMIZERS)}"
+                )
+            if sum(stage.group_sizes()) != n_params:
+                raise StageAnalysisError(
+                    f"stage {stage.name!r}: its optimizer holds {sum(stage.group_sizes())} parameters, the model "
+                    f"has {n_params}; the optimizer must be built over model.parameters() in order"
+                )
+            for hp in stage.group_hparams():
+                for flag in ("amsgrad", "maximize"):
+                    if hp.get(flag):
+                        raise StageAnalysisError(f"stage {stage.name!r}: {flag}=True is not supported")
+            if len(stage.lrs) != stage.n_steps or len(stage.batches) != stage.n_steps:
+                raise StageAnalysisError(f"stage {stage.name!r}: steps, learning rates and batches disagree")
+            if j == 0:
+                continue
+            prev = self.stages[j - 1]
+            if not _same_tensors(stage.start_model, prev.end_model):
+                raise StageAnalysisError(
+                    f"the parameters at the start of stage {stage.name!r} differ from those at the end of "
+                    f"{prev.name!r}: the model was changed between stages, which replay cannot reproduce"
+                )
+            if not stage.fresh and (
+                stage.optimizer != prev.optimizer
+                or not _same_optimizer_state(stage.start_optimizer, prev.end_optimizer)
+            ):
+                raise MissingBoundaryStateError(
+                    f"stage {stage.name!r} starts from optimizer state that is neither fresh nor the state "
+                    f"{prev.name!r} ended with; start each stage with a new optimizer, or carry the same one"
+                )
+
+
+def _same_tensors(a: StateDict, b: StateDict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _same_optimizer_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    sa, sb = a.get("state", {}), b.get("state", {})
+    if sa.keys() != sb.keys():
+        return False
+    return all(
+        sa[i].keys() == sb[i].keys()
+        and all(torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])) for k in sa[i])
+        for i in sa
+    )
