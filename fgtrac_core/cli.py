@@ -42,7 +42,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     from fgtrac_core.influence.run_influence import run_influence
 
-    run_influence(out, progress=sys.stderr.isatty())
+    run_influence(out, k=20, progress=sys.stderr.isatty())
     print(
         f"influence stored after {time.perf_counter() - t0:.1f} s; replaying without each stage ...",
         file=sys.stderr,
