@@ -20,6 +20,7 @@ from bench import (
     influence_speed,
     mislabel,
     recorder_overhead,
+    stage_faithfulness,
     verify_throughput,
 )
 
@@ -65,7 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     print(faithfulness.summarise(fa), flush=True)
     results["faithfulness"] = fa
 
-    sections = [_markdown(results), mislabel.summarise(ml), faithfulness.summarise(fa)]
+    sf = stage_faithfulness.measure(quick=args.quick)
+    print(stage_faithfulness.summarise(sf), flush=True)
+    results["stage_faithfulness"] = sf
+
+    sections = [
+        _markdown(results),
+        mislabel.summarise(ml),
+        faithfulness.summarise(fa),
+        stage_faithfulness.summarise(sf),
+    ]
     Path(args.out).write_text("\n".join(sections))
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out} and {args.json}", file=sys.stderr)

@@ -62,3 +62,11 @@ def test_faithfulness_quick_produces_every_figure() -> None:
             assert "head" in e["comparisons"], name
     text = faithfulness.summarise(r)
     assert text.startswith("## Influence faithfulness") and "not available" not in text
+
+
+def test_influence_scale_quick_reports_time_and_memory() -> None:
+    from bench import influence_scale
+
+    r = influence_scale.measure(quick=True)
+    assert r["n_train"] == 6_000 and r["seconds"] > 0 and r["peak_rss_gib"] > 0
+    assert "peak RSS" in influence_scale.report(r)
