@@ -1,13 +1,31 @@
-"""fgtrac dashboard entry point: `fgtrac app RUN` (binds to 127.0.0.1) runs this with Streamlit."""
+"""fgtrac dashboard entry point: `fgtrac app RUN` (binds to 127.0.0.1) runs this with Streamlit.
+
+Pages are files under app/views (so that AppTest can switch to them); each reads the run only through app.data.
+"""
 
 # pandas and plotly are imported here, at the top of the entry script, before any page runs: on a cold server the
-# first script run importing plotly.express lazily raced a partially initialised pandas.
+# first script run importing plotly.express lazily raced a partially initialised pandas.  The pages draw with
+# plotly.graph_objects only (plotly.express alone took 0.3 s of a cold server's first page).
 import pandas as pd  # noqa: F401
-import plotly.express as px  # noqa: F401
+import plotly.graph_objects as go  # noqa: F401
 import streamlit as st
 
-from app.views import overview
+from app import data
 
 st.set_page_config(page_title="fgtrac", layout="wide")
-page = st.navigation([st.Page(overview.render, title="Overview", url_path="overview", default=True)])
+page = st.navigation(
+    [
+        st.Page(data.EXPLORE, title="Explore", default=True),
+        st.Page("views/overview.py", title="Overview", url_path="overview"),
+        st.Page("views/stages.py", title="Stages", url_path="stages"),
+        st.Page(data.LIFECYCLE, title="Sample lifecycle", url_path="lifecycle"),
+        st.Page("views/quality.py", title="Data quality", url_path="quality"),
+        st.Page("views/audit.py", title="Audit", url_path="audit"),
+    ]
+)
+if data.store().is_stale():
+    st.warning(
+        "This run is still being recorded (or its recording was interrupted): showing the latest published "
+        f"snapshot, {data.snapshot_age()} old."
+    )
 page.run()

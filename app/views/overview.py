@@ -1,101 +1,116 @@
-"""Overview: what was recorded — samples, stages on a timeline, checkpoints with validation loss."""
+"""Overview: what was recorded — samples, stages on a timeline, checkpoints with validation loss (the ones chosen
+for influence marked), the analysed model's accuracy and the ledger's signing key."""
 
 from __future__ import annotations
 
-import plotly.express as px
+import json
+
 import streamlit as st
 
-from app.data import run_dir, store
-from fgtrac_core.errors import FgtracError
-from fgtrac_core.verify import verify_run
+from app import data
+from app.ui import chart_text, lines, md
 
 
-def render() -> None:
-    s = store()
-    summary = s.summary()
-    st.title(f"Run {summary['name']}")
-    st.caption(f"run id {summary['run_id']} · schema v{summary['schema_version']} · {summary['run_dir']}")
-    if summary["snapshot_stale"]:
-        st.warning("The live run is newer than this snapshot: recording is in progress or was interrupted.")
-    cols = st.columns(5)
+def _headline(summary: dict, influence: dict | None) -> None:
+    cols = st.columns(6)
     for col, split in zip(cols[:3], ("train", "val", "test"), strict=True):
         col.metric(f"{split} samples", summary["samples"].get(split, 0))
     cols[3].metric("optimizer steps", summary["n_steps"])
     cols[4].metric("checkpoints", len(summary["checkpoints"]))
+    if influence is None:
+        cols[5].metric(
+            "test accuracy", "—", help="stored with an influence analysis (`fgtrac influence RUN`)"
+        )
+    else:
+        acc = data.query("influence_accuracy", influence["analysis_id"])
+        cols[5].metric("test accuracy", f"{acc['accuracy']:.1%}" if acc["accuracy"] is not None else "—",
+                       help=f"final model, {acc['n_misclassified']} of {acc['n_test']} test examples misclassified")  # fmt: skip
 
+
+def _stages() -> None:
     st.subheader("Stages")
-    stages = s.stages()
-    st.dataframe(
-        stages[
-            [
-                "name",
-                "optimizer",
-                "start_step",
-                "end_step",
-                "n_steps",
-                "n_sample_uses",
-                "lr_min",
-                "lr_max",
-                "status",
-            ]
-        ],
-        hide_index=True,
-    )
-    batches = s.batches()
-    if not batches.empty:
-        fig = px.line(batches, x="step", y="lr", color="stage", title="Learning rate by step")
-        fig.update_layout(height=280, margin={"t": 40, "b": 10})
-        st.plotly_chart(fig, key="lr_chart")
-        fig = px.scatter(batches, x="step", y="loss", color="stage", title="Batch loss by step", opacity=0.6)
-        fig.update_layout(height=280, margin={"t": 40, "b": 10})
-        st.plotly_chart(fig, key="loss_chart")
+    stages = data.query("stages")
+    if stages.empty:
+        st.caption("no stages recorded yet")
+        return
+    cols = [
+        "name",
+        "optimizer",
+        "start_step",
+        "end_step",
+        "n_steps",
+        "n_sample_uses",
+        "lr_min",
+        "lr_max",
+        "status",
+    ]
+    st.dataframe(stages[cols], hide_index=True)
+    batches = data.query("batches")
+    if batches.empty:
+        return
+    batches["stage"] = batches["stage"].map(chart_text)
+    st.plotly_chart(lines(batches, "step", "lr", "stage", title="Learning rate by step"), key="lr_chart")
+    fig = lines(batches, "step", "loss", "stage", title="Batch loss by step", mode="markers")
+    st.plotly_chart(fig.update_traces(opacity=0.6), key="loss_chart")
 
+
+def _checkpoints(influence: dict | None) -> None:
     st.subheader("Checkpoints")
-    ckpts = s.checkpoints()
-    with_val = ckpts.dropna(subset=["val_loss"])
+    ckpts = data.query("checkpoints")
+    if ckpts.empty:
+        st.caption("no checkpoints recorded yet")
+        return
+    chosen = {c["checkpoint_id"]: c["reason"] for c in (influence or {}).get("checkpoints", [])}
+    ckpts["influence"] = ckpts["checkpoint_id"].map(lambda i: f"✓ {chosen[i]}" if i in chosen else "")
+    ckpts["val_accuracy"] = ckpts["metrics"].map(lambda m: json.loads(m).get("val_accuracy"))
+    with_val = ckpts.dropna(subset=["val_loss"]).assign(stage=lambda d: d["stage"].map(chart_text))
     if not with_val.empty:
-        fig = px.line(with_val, x="step", y="val_loss", color="stage", markers=True, title="Validation loss")
-        fig.update_layout(height=260, margin={"t": 40, "b": 10})
+        fig = lines(with_val, "step", "val_loss", "stage", title="Validation loss (◆ used for influence)",
+                    mode="lines+markers")  # fmt: skip
+        used = with_val[with_val["checkpoint_id"].isin(chosen)]
+        fig.add_scatter(x=used["step"].tolist(), y=used["val_loss"].tolist(), mode="markers",
+                        name="used for influence", marker={"symbol": "diamond", "size": 12, "color": "black"})  # fmt: skip
+        fig.update_layout(height=280, margin={"t": 40, "b": 10})
         st.plotly_chart(fig, key="val_chart")
+    if chosen:
+        st.caption(f"{len(chosen)} checkpoints chosen for influence analysis #{influence['analysis_id']} "
+                   f"(rule: {md(influence['params'].get('checkpoint_rule', ''))})")  # fmt: skip
     st.dataframe(
-        ckpts[["checkpoint_id", "step", "stage", "kind", "lr", "val_loss", "optimizer", "sha256", "path"]],
+        ckpts[["checkpoint_id", "step", "stage", "kind", "lr", "val_loss", "val_accuracy", "influence", "sha256",
+               "path"]],
         hide_index=True,
-    )
-    _ledger_panel()
+    )  # fmt: skip
 
-    transforms = s.transforms()
+
+def _ledger() -> None:
+    st.subheader("Ledger")
+    signing = data.query("signing")
+    cols = st.columns(2)
+    cols[0].metric("ledger entries", signing["n_entries"])
+    cols[1].metric("latest signed tree size", signing["tree_size"] or 0)
+    st.caption("public key fingerprint of the signer (compare with `fgtrac key export`)")
+    st.text(signing["signer_fingerprint"] or "none recorded")
+    st.page_link("views/audit.py", label="Verify the whole ledger on the Audit page")
+
+
+def render() -> None:
+    summary = data.query("summary")
+    st.title(f"Run {md(summary['name'])}")
+    st.caption(
+        f"run id {md(summary['run_id'])} · schema v{summary['schema_version']} · {md(summary['run_dir'])}"
+    )
+    if not summary["samples"]:
+        data.show_command("Nothing recorded in this run yet. Record one with `fgtrac_core.tracking.Run`, or build "
+                          "the sample run:", "fgtrac demo --no-app --out {run}-demo")  # fmt: skip
+    influence = data.query("latest_analysis", "influence")
+    _headline(summary, influence)
+    _stages()
+    _checkpoints(influence)
+    _ledger()
+    transforms = data.query("transforms")
     if not transforms.empty:
         st.subheader("Preprocessing")
         st.dataframe(transforms[["transform_id", "name", "params", "n_samples"]], hide_index=True)
 
 
-def _ledger_panel() -> None:
-    """One click re-verifies the whole ledger; the result names the first failing table/row/field."""
-    st.subheader("Ledger")
-    if not st.button("Verify ledger", key="verify_ledger", type="primary"):
-        st.caption(
-            "Recomputes every entry from the tables, rebuilds chain and Merkle root, checks every signed tree "
-            "head and re-hashes every checkpoint file."
-        )
-        return
-    bar = st.progress(0.0, text="verifying")
-    try:
-        report = verify_run(run_dir(), progress=lambda frac, label: bar.progress(min(frac, 1.0), text=label))
-    except FgtracError as exc:
-        st.error(f"Cannot verify: {exc}")
-        return
-    bar.empty()
-    if report.ok:
-        st.success(f"Ledger intact — {report.n_entries} entries verified in {report.seconds:.2f} s")
-    else:
-        st.error(f"Ledger check failed: {report.first_failure}")
-    pin = "pinned" if report.key_pinned else "not pinned: the run's own recorded key was used"
-    st.caption(f"Signing key {report.key_fingerprint} ({pin})")
-    st.dataframe(
-        [
-            {"check": c.name, "result": {True: "pass", False: "FAIL", None: "skipped"}[c.ok], "count": c.count,
-             "ms": round(c.seconds * 1000, 1), "detail": c.detail}
-            for c in report.checks
-        ],
-        hide_index=True,
-    )  # fmt: skip
+render()

@@ -1,10 +1,13 @@
-"""End to end in a real browser (Debian chromium via playwright): a cold `fgtrac app` server, the overview with its
-charts, and the Verify ledger button on an intact and on a tampered run."""
+"""End to end in a real browser (Debian chromium via playwright): cold `fgtrac app` servers on copies of the
+sample run; a test example opened by URL with its proponent and opponent images and stage bars, the way to a
+training sample's lifecycle, every page rendered without a traceback, and "Verify ledger" on an intact and on a
+tampered run.  A screenshot of every page goes to test-artifacts/ (ignored by git)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,11 +20,14 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from fgtrac_core.store import RunStore
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason="Debian chromium not installed (.ci/run installs it)"
 )
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 
 
 def _free_port() -> int:
@@ -32,10 +38,12 @@ def _free_port() -> int:
 
 @contextmanager
 def _server(run: Path) -> Iterator[str]:
+    """`fgtrac app RUN` on a free port; its own process group, so that the Streamlit child goes down with it."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "fgtrac_core.cli", "app", str(run), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        env={**os.environ, "STREAMLIT_CLIENT_TOOLBAR_MODE": "viewer"},  # no "Deploy" button in the screenshots
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -53,7 +61,7 @@ def _server(run: Path) -> Iterator[str]:
                 time.sleep(0.3)
         yield url
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
 
 
@@ -66,29 +74,83 @@ def _browser() -> Iterator[object]:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         try:
-            yield browser.new_page(viewport={"width": 1400, "height": 2200})
+            yield browser.new_page(viewport={"width": 1400, "height": 1800})
         finally:
             browser.close()
 
 
-def _verify_in_browser(url: str, expect: str, shot: str) -> None:
-    with _browser() as page:
-        page.goto(url, timeout=60_000)
-        page.wait_for_selector("[data-testid='stApp']", timeout=60_000)
-        page.wait_for_selector("text=Run digits-demo", timeout=60_000)
-        # the charts rendered on a cold server (plotly import race seen once on a first script run)
+def _settle(page: object, expect: str) -> None:
+    """Wait until `expect` is shown, the script has finished and every image has loaded."""
+    page.wait_for_selector(f"text={expect}", timeout=60_000)
+    page.wait_for_selector(IDLE, timeout=60_000)
+    # elements still loading show as skeletons; images count once decoded
+    page.wait_for_function(
+        """() => document.querySelectorAll("[data-testid^='stSkeleton']").length === 0
+                 && [...document.images].every(i => i.complete && i.naturalWidth > 0)""",
+        timeout=60_000,
+    )
+    assert "Traceback" not in page.content()
+
+
+def _shoot(page: object, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def _verify(page: object, url: str, expect: str, shot: str) -> None:
+    page.goto(url + "/audit", timeout=60_000)
+    _settle(page, "Pin a public key")
+    page.get_by_role("button", name="Verify ledger").click()
+    page.wait_for_selector(f"text={expect}", timeout=120_000)
+    page.wait_for_selector(IDLE, timeout=60_000)
+    _shoot(page, shot)
+
+
+def test_dashboard_in_chromium(staged_copy: Path, tmp_path: Path) -> None:
+    with RunStore(staged_copy) as store:
+        aid = store.latest_analysis("influence")["analysis_id"]
+        tests = store.influence_tests(aid)
+        test_id = int(tests[tests["misclassified"]]["sample_id"].iloc[0])
+        ranked = store.influence_topk(aid, test_id, "raw")
+    first = int(ranked[ranked["direction"] == "proponent"]["train_id"].iloc[0])
+    tampered = tmp_path / "tampered"
+    shutil.copytree(staged_copy, tampered)
+
+    with _server(staged_copy) as url, _browser() as page:
+        # Explore on a cold server, opened by URL: the example and its 10 proponents and 10 opponents
+        page.goto(f"{url}/?test={test_id}", timeout=60_000)
+        _settle(page, f"Test example #{test_id}")
+        assert page.locator("[data-testid='stImage'] img").count() == 21
+        assert page.get_by_text("Opponents", exact=True).count() == 1
+        _shoot(page, "explore.png")
+        # its stage bars, in their tab (bound to the URL)
+        page.get_by_role("tab", name="Stage effects").click()
+        _settle(page, "Effect = f(final model)")
         page.wait_for_selector("[data-testid='stPlotlyChart'] .main-svg", timeout=60_000)
-        page.get_by_role("button", name="Verify ledger").click()
-        page.wait_for_selector(f"text={expect}", timeout=120_000)
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
-        assert "Traceback" not in page.content()
+        assert page.get_by_text("replay (ground truth)").count() >= 1
+        assert "tab=Stage+effects" in page.url
+        _shoot(page, "explore-stages.png")
+        # the first proponent's lifecycle, opened from its id under the thumbnails
+        page.get_by_role("tab", name="Proponents and opponents").click()
+        _settle(page, "Opponents")
+        page.get_by_role("radio", name=f"#{first}", exact=True).click()
+        _settle(page, f"Sample #{first}")
+        assert f"sample={first}" in page.url
+        page.wait_for_selector("[data-testid='stPlotlyChart'] .main-svg", timeout=60_000)
+        _shoot(page, "lifecycle.png")
+        for path, expect, shot in (
+            ("/stages?slice=misclassified", "Examples a stage most helped and hurt", "stages.png"),
+            ("/quality", "Highest self-influence", "quality.png"),
+            ("/overview", "Run digits-demo", "overview.png"),
+        ):
+            page.goto(url + path, timeout=60_000)
+            _settle(page, expect)
+            _shoot(page, shot)
+        _verify(page, url, "Ledger intact", "audit.png")
 
-
-def test_overview_and_verify_in_chromium(digits_run: Path, digits_copy: Path) -> None:
-    with _server(digits_run) as url:
-        _verify_in_browser(url, "Ledger intact", "overview-intact.png")
-    with duckdb.connect(str(digits_copy / "snapshot.duckdb")) as con:
-        con.execute("UPDATE checkpoints SET val_loss = 0.01 WHERE checkpoint_id = 3")
-    with _server(digits_copy) as url:
-        _verify_in_browser(url, "checkpoints row checkpoint_id=3 field val_loss", "overview-tampered.png")
+    for db in ("snapshot.duckdb", "fgtrac.duckdb"):
+        with duckdb.connect(str(tampered / db)) as con:
+            con.execute("UPDATE influence_topk SET score = score + 1 WHERE row_id = 5")
+    with _server(tampered) as url, _browser() as page:
+        _verify(page, url, "influence_topk row row_id=5 field score", "audit-tampered.png")
+        assert page.get_by_text("Ledger check failed").count() == 1

@@ -1,0 +1,101 @@
+"""Stages (`?behaviour=loss&slice=misclassified&stage=finetune&method=replay`): which training stage is
+accountable, over the whole test set and over slices; pick a stage to see the examples it most helped and hurt."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from app import data
+from app.data import EXPLORE
+from app.ui import EFFECT_MEANING, HELPED_SIGN, chart_text, md, sample_grid, stage_bars
+
+PER_LIST = 10
+
+
+def _stage_clicked(stages: list[str]) -> None:
+    """A click on a bar picks its stage: copied into the bound stage picker before the rerun draws it (a
+    callback, so that a later manual pick is not overwritten by the chart's lingering selection)."""
+    points = st.session_state["aggregate_chart"]["selection"]["points"]
+    by_label = {chart_text(s): s for s in stages}
+    if points and points[0].get("x") in by_label:
+        st.session_state["stage"] = by_label[points[0]["x"]]
+
+
+def _slice_name(name: str) -> str:
+    return {"all": "all test examples", "misclassified": "misclassified by the final model"}.get(
+        name, name.replace("class=", "recorded class ")
+    )
+
+
+def _extremes(effects: pd.DataFrame, behaviour: str, stage: str, method: str) -> None:
+    """The test examples this stage most helped and most hurt under one method."""
+    rows = effects[
+        (effects["behaviour"] == behaviour) & (effects["stage"] == stage) & (effects["method"] == method)
+    ]
+    helped = rows.assign(helped=rows["value"] * HELPED_SIGN.get(behaviour, 1.0)).dropna(subset=["helped"])
+    left, right = st.columns(2)
+
+    def caption(row: Any) -> str:
+        return f"effect {row.value:+.3g}"
+
+    with left:
+        st.markdown(f"**Most helped by {md(stage)}**")
+        sample_grid(
+            helped.nlargest(PER_LIST, "helped"), "test_id", caption, key="open_helped", target=EXPLORE
+        )
+    with right:
+        st.markdown(f"**Most hurt by {md(stage)}**")
+        sample_grid(helped.nsmallest(PER_LIST, "helped"), "test_id", caption, key="open_hurt", target=EXPLORE)
+
+
+def render() -> None:
+    st.title("Stages")
+    analysis = data.stage_analysis()
+    if analysis is None:
+        data.no_stages()
+        return
+    aid = analysis["analysis_id"]
+    st.caption(f"Stage analysis #{aid} · method {md(analysis['method'])} · effect = f(final model) − f(model "
+               "trained without the stage, later stages replayed)")  # fmt: skip
+    aggregates = data.query("stage_aggregates", aid)
+    if aggregates.empty:
+        st.info(f"Stage analysis #{aid} stored no aggregates.")
+        return
+    c1, c2 = st.columns(2)
+    behaviours = sorted(aggregates["behaviour"].unique(), key=lambda b: (b != "loss", b))
+    behaviour = c1.selectbox("Behaviour", behaviours, key="behaviour", bind="query-params")
+    slices = sorted(aggregates["slice"].unique(), key=lambda s: (s != "all", s != "misclassified", s))
+    slice_ = c2.selectbox(
+        "Slice (all, misclassified or a recorded class)", slices, key="slice", bind="query-params"
+    )
+    shown = aggregates[(aggregates["behaviour"] == behaviour) & (aggregates["slice"] == slice_)]
+    n = int(shown["n"].max()) if not shown.empty else 0
+    on_click = functools.partial(_stage_clicked, list(dict.fromkeys(shown["stage"])))
+    stage_bars(shown, behaviour, key="aggregate_chart", on_select=on_click,
+               title=f"Mean stage effect over {_slice_name(slice_)} (n = {n}); click a bar to pick its stage")  # fmt: skip
+    st.caption(md(EFFECT_MEANING.get(behaviour, "")))
+
+    faith = data.query("stage_faithfulness", aid)
+    if not faith.empty:
+        with st.expander("Faithfulness: estimates against exact replay"):
+            st.dataframe(faith, hide_index=True)
+
+    st.subheader("Examples a stage most helped and hurt")
+    effects = data.query("stage_effects", aid)
+    per_example = effects[effects["behaviour"] == behaviour]
+    if per_example.empty:
+        st.caption(f"no per-example effects stored for behaviour {md(behaviour)}")
+        return
+    stages = list(dict.fromkeys(per_example["stage"]))
+    methods = sorted(per_example["method"].unique(), key=lambda m: (m != "replay", m))
+    c1, c2 = st.columns(2)
+    stage = c1.selectbox("Stage", stages, key="stage", bind="query-params")
+    method = c2.selectbox("Method (replay is the ground truth)", methods, key="method", bind="query-params")
+    _extremes(per_example, behaviour, stage, method)
+
+
+render()
