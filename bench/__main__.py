@@ -15,6 +15,7 @@ import sklearn
 import torch
 
 from bench import (
+    dashboard_speed,
     faithfulness,
     influence_scale,
     influence_speed,
@@ -70,8 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     print(stage_faithfulness.summarise(sf), flush=True)
     results["stage_faithfulness"] = sf
 
+    # the 50k-sample dashboard timing builds its own large run: full runs only
+    ds = None if args.quick else dashboard_speed.measure()
+    if ds is not None:
+        print(dashboard_speed.report(ds), flush=True)
+        results["dashboard_speed"] = ds
+    dash = "## Dashboard speed (real headless chromium)\n\n" + (
+        dashboard_speed.report(ds) + ".\n" if ds else "(not measured in a quick run)\n"
+    )
+
     sections = [
         _markdown(results),
+        dash,
         mislabel.summarise(ml),
         faithfulness.summarise(fa),
         stage_faithfulness.summarise(sf),

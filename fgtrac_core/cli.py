@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -69,13 +68,13 @@ def _serve(run_dir: Path, port: int, host: str) -> int:
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(script),
         "--server.address", host, "--server.port", str(port), "--server.headless", "true",
-        "--browser.gatherUsageStats", "false",
+        "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer",
     ]  # fmt: skip
     print(f"fgtrac dashboard for {run_dir} at http://{host}:{port}", file=sys.stderr)
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return EXIT_OK
+    sys.stderr.flush()
+    sys.stdout.flush()
+    # become the Streamlit server (no child process): stopping `fgtrac app` stops the server
+    os.execve(sys.executable, cmd, env)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
