@@ -3,17 +3,18 @@ stage (`fgtrac_core.stages.analyze(compare=True)`), per-test-example loss effect
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from fgtrac_core.stages import analyze
 from sample_runs import digits
 
 
 def _num(v: Any) -> float | None:
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+    return None if pd.isna(v) else float(v)
 
 
 def measure(quick: bool = False) -> dict[str, Any]:
@@ -26,7 +27,7 @@ def measure(quick: bool = False) -> dict[str, Any]:
         rows.append(
             {
                 "method": r.method,
-                "stage_id": None if r.stage_id is None or r.stage_id != r.stage_id else int(r.stage_id),
+                "stage_id": None if pd.isna(r.stage_id) else int(r.stage_id),
                 "pearson": _num(r.pearson),
                 "spearman": _num(r.spearman),
                 "sign_agreement": _num(r.sign_agreement),
