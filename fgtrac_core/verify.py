@@ -30,7 +30,7 @@ from fgtrac_core.ledger import (
     verify_consistency,
     verify_tree_head,
 )
-from fgtrac_core.ledger.entries import ENTRY_KINDS
+from fgtrac_core.ledger.entries import ENTRY_KINDS, RESULT_KINDS
 from fgtrac_core.ledger.merkle import consistency_proof_from_levels, perfect_subtree_levels, prefix_root
 from fgtrac_core.store.db import connect, first_line
 from fgtrac_core.store.entries import count_mismatches, iter_entries, table_of
@@ -50,17 +50,7 @@ _KEY_NAMES = {
     "batches": ("batch_id", None),
     "checkpoints": ("checkpoint_id", None),
     "analyses": ("analysis_id", None),
-    **{
-        table: ("row_id", None)
-        for table in (
-            "influence_tests",
-            "influence_topk",
-            "self_influence",
-            "stage_effects",
-            "stage_aggregates",
-            "stage_faithfulness",
-        )
-    },
+    **{ENTRY_KINDS[kind][0]: ("row_id", None) for kind in RESULT_KINDS},
 }
 # only modules of the bundled pipelines may be imported to re-hash source data (a run names its pipeline, and a
 # tampered run must not be able to make verification import arbitrary code)

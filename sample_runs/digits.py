@@ -111,11 +111,11 @@ def thumbnails(raw: np.ndarray) -> np.ndarray:
     return (255 - np.minimum(raw.astype(np.int32) * 16, 255)).astype(np.uint8)
 
 
-def _loader(data: DigitsData, idx: np.ndarray, seed: int) -> DataLoader:
+def _loader(data: DigitsData, idx: np.ndarray, seed: int, batch_size: int) -> DataLoader:
     ids = torch.from_numpy(idx)
     dataset = TensorDataset(ids, data.x[ids], data.y[ids])
     return DataLoader(
-        dataset, batch_size=BATCH_SIZE, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )
 
 
@@ -142,15 +142,24 @@ def _make_optimizer(stage: str, model: nn.Module, n_steps: int) -> tuple[torch.o
     return torch.optim.SGD(model.parameters(), lr=5e-3), None
 
 
-def train(data: DigitsData, run: Run | NullRun, *, seed: int = 0, progress: bool = False) -> nn.Module:
-    """Train the three stages; every recorder call is on `run` (a `NullRun` records nothing)."""
+def train(
+    data: DigitsData,
+    run: Run | NullRun,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    stages: dict[str, dict[str, Any]] = STAGES,
+    batch_size: int = BATCH_SIZE,
+) -> nn.Module:
+    """Train the stages (name -> epochs, checkpoint_every); every recorder call is on `run` (a `NullRun` records
+    nothing)."""
     torch.manual_seed(seed)
     model = DigitsCNN()
     val = data.split == "val"
     x_val, y_val = data.x[val], data.y[val]
     step = 0
-    for stage_no, (stage, cfg) in enumerate(STAGES.items()):
-        loader = _loader(data, data.subsets[stage], seed + 1000 * stage_no)
+    for stage_no, (stage, cfg) in enumerate(stages.items()):
+        loader = _loader(data, data.subsets[stage], seed + 1000 * stage_no, batch_size)
         n_steps = cfg["epochs"] * len(loader)
         opt, sched = _make_optimizer(stage, model, n_steps)
         with run.stage(stage, optimizer=opt, scheduler=sched, model=model, epochs=cfg["epochs"]):

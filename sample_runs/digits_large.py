@@ -19,8 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
 from fgtrac_core.tracking import NullRun, Run
 from sample_runs import digits
@@ -29,9 +27,9 @@ from sample_runs.digits_source import load_raw
 N_TRAIN, N_VAL, N_TEST = 50_000, 1_000, 2_000
 BATCH_SIZE = 256
 STAGES: dict[str, dict[str, Any]] = {
-    "pretrain": {"epochs": 3, "fraction": 0.45},
-    "finetune": {"epochs": 2, "fraction": 0.45},
-    "adapt": {"epochs": 1, "fraction": 0.10},
+    "pretrain": {"epochs": 3, "fraction": 0.45, "checkpoint_every": 1},
+    "finetune": {"epochs": 2, "fraction": 0.45, "checkpoint_every": 1},
+    "adapt": {"epochs": 1, "fraction": 0.10, "checkpoint_every": 1},
 }
 
 
@@ -108,32 +106,8 @@ def model_inputs(config: dict[str, Any], sample_ids: np.ndarray) -> torch.Tensor
 
 
 def train(data: digits.DigitsData, run: Run | NullRun, *, seed: int = 0) -> torch.nn.Module:
-    """The three stages of `sample_runs.digits` (same optimizers), one checkpoint per epoch."""
-    torch.manual_seed(seed)
-    model = digits.DigitsCNN()
-    val = data.split == "val"
-    step = 0
-    for stage_no, (stage, cfg) in enumerate(STAGES.items()):
-        ids = torch.from_numpy(data.subsets[stage])
-        loader = DataLoader(TensorDataset(ids, data.x[ids], data.y[ids]), batch_size=BATCH_SIZE, shuffle=True,
-                            generator=torch.Generator().manual_seed(seed + 1000 * stage_no))  # fmt: skip
-        # the sample run's optimizers, through its private factory: the two runs must train alike
-        opt, sched = digits._make_optimizer(stage, model, cfg["epochs"] * len(loader))
-        with run.stage(stage, optimizer=opt, scheduler=sched, model=model, epochs=cfg["epochs"]):
-            for epoch in range(cfg["epochs"]):
-                for batch_ids, x, y in loader:
-                    lr = opt.param_groups[0]["lr"]
-                    opt.zero_grad()
-                    loss = F.cross_entropy(model(x), y)
-                    loss.backward()
-                    opt.step()
-                    if sched is not None:
-                        sched.step()
-                    run.log_batch(batch_ids, step=step, epoch=epoch, lr=lr, loss=loss)
-                    step += 1
-                val_loss, val_acc = digits.evaluate(model, data.x[val], data.y[val])
-                run.checkpoint(model, opt, epoch=epoch, val_loss=val_loss, metrics={"val_accuracy": val_acc})
-    return model
+    """The sample run's loop and optimizers on the scaled data, one checkpoint per epoch."""
+    return digits.train(data, run, seed=seed, stages=STAGES, batch_size=BATCH_SIZE)
 
 
 def build(out_dir: str | Path, *, seed: int = 0, n_train: int = N_TRAIN, name: str = "digits-large") -> Path:
