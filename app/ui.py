@@ -11,6 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from app import data
 from app.data import LIFECYCLE, thumbnails
 
 _MD_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
@@ -125,3 +126,12 @@ def stage_bars(
         st.plotly_chart(fig, key=key)
     else:
         st.plotly_chart(fig, key=key, on_select=on_select, selection_mode="points")
+
+
+def ledger_metrics() -> dict[str, Any]:
+    """The ledger's entry count and latest signed tree size as two metrics; returns the signing facts."""
+    signing = data.query("signing")
+    cols = st.columns(2)
+    cols[0].metric("ledger entries", signing["n_entries"])
+    cols[1].metric("latest signed tree size", signing["tree_size"] or 0)
+    return signing

@@ -6,6 +6,7 @@ import argparse
 import json
 import platform
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -48,44 +49,33 @@ def main(argv: list[str] | None = None) -> int:
         },
         "quick": args.quick,
     }
-    res = recorder_overhead.measure(repeats=2 if args.quick else 7)
-    print(recorder_overhead.report(res), flush=True)
-    results["recorder_overhead"] = res
-    vt = verify_throughput.measure(synthetic_entries=50_000 if args.quick else 1_000_000)
-    print(verify_throughput.report(vt), flush=True)
-    results["verify_throughput"] = vt
-    inf = influence_speed.measure(repeats=2 if args.quick else 5)
-    print(influence_speed.report(inf), flush=True)
-    results["influence_speed"] = inf
-    sc = influence_scale.measure(quick=args.quick)
-    print(influence_scale.report(sc), flush=True)
-    results["influence_scale"] = sc
-    ml = mislabel.measure(quick=args.quick)
-    print(mislabel.summarise(ml), flush=True)
-    results["mislabel"] = ml
-    fa = faithfulness.measure(quick=args.quick)
-    print(faithfulness.summarise(fa), flush=True)
-    results["faithfulness"] = fa
-
-    sf = stage_faithfulness.measure(quick=args.quick)
-    print(stage_faithfulness.summarise(sf), flush=True)
-    results["stage_faithfulness"] = sf
-
-    # the 50k-sample dashboard timing builds its own large run: full runs only
-    ds = None if args.quick else dashboard_speed.measure()
-    if ds is not None:
-        print(dashboard_speed.report(ds), flush=True)
-        results["dashboard_speed"] = ds
+    q = args.quick
+    # (results key, measurement, its printed text); the 50k-sample dashboard timing builds its own large run and
+    # is left out of quick runs
+    benches: list[tuple[str, Callable[[], dict], Callable[[dict], str]]] = [
+        ("recorder_overhead", lambda: recorder_overhead.measure(repeats=2 if q else 7), recorder_overhead.report),
+        ("verify_throughput", lambda: verify_throughput.measure(synthetic_entries=50_000 if q else 1_000_000),
+         verify_throughput.report),
+        ("influence_speed", lambda: influence_speed.measure(repeats=2 if q else 5), influence_speed.report),
+        ("influence_scale", lambda: influence_scale.measure(quick=q), influence_scale.report),
+        ("mislabel", lambda: mislabel.measure(quick=q), mislabel.summarise),
+        ("faithfulness", lambda: faithfulness.measure(quick=q), faithfulness.summarise),
+        ("stage_faithfulness", lambda: stage_faithfulness.measure(quick=q), stage_faithfulness.summarise),
+    ] + ([] if q else [("dashboard_speed", dashboard_speed.measure, dashboard_speed.report)])  # fmt: skip
+    texts: dict[str, str] = {}
+    for key, measure, text in benches:
+        results[key] = measure()
+        texts[key] = text(results[key])
+        print(texts[key], flush=True)
     dash = "## Dashboard speed (real headless chromium)\n\n" + (
-        dashboard_speed.report(ds) + ".\n" if ds else "(not measured in a quick run)\n"
+        texts["dashboard_speed"] + ".\n" if "dashboard_speed" in texts else "(not measured in a quick run)\n"
     )
-
     sections = [
         _markdown(results),
         dash,
-        mislabel.summarise(ml),
-        faithfulness.summarise(fa),
-        stage_faithfulness.summarise(sf),
+        texts["mislabel"],
+        texts["faithfulness"],
+        texts["stage_faithfulness"],
     ]
     Path(args.out).write_text("\n".join(sections))
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

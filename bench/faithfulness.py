@@ -38,7 +38,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from bench.mislabel import single_threaded
+from bench.mislabel import MLP, single_threaded
 from fgtrac_core.errors import FgtracError
 from fgtrac_core.influence import tracin
 
@@ -91,20 +91,8 @@ class LogReg(nn.Module):
         return self.head(x)
 
 
-class MLP(nn.Module):
-    """64 -> HIDDEN -> 10 with ReLU; last-layer influence sees only the head's gradients."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden = nn.Linear(64, HIDDEN)
-        self.head = nn.Linear(HIDDEN, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.hidden(x)))
-
-
 def _model(arch: str) -> nn.Module:
-    return (LogReg() if arch == "logreg" else MLP()).to(DTYPE)
+    return (LogReg() if arch == "logreg" else MLP(HIDDEN)).to(DTYPE)
 
 
 def _optimizer(setting: Setting, params: list[torch.Tensor]) -> torch.optim.Optimizer:

@@ -64,12 +64,12 @@ Checkpoints = list[tuple[dict[str, Any], float]]
 
 
 class MLP(nn.Module):
-    """64 -> HIDDEN -> 10 with ReLU; `head` is the final layer that self-influence differentiates."""
+    """64 -> hidden -> 10 with ReLU; `head` is the final layer that last-layer influence differentiates."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = HIDDEN) -> None:
         super().__init__()
-        self.hidden = nn.Linear(64, HIDDEN)
-        self.head = nn.Linear(HIDDEN, 10)
+        self.hidden = nn.Linear(64, hidden)
+        self.head = nn.Linear(hidden, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.hidden(x)))

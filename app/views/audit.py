@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import data
-from app.ui import md
+from app.ui import ledger_metrics, md
 from fgtrac_core.errors import FgtracError
 from fgtrac_core.verify import VerifyReport, verify_run
 
@@ -32,10 +32,7 @@ def _show(report: VerifyReport) -> None:
 
 def render() -> None:
     st.title("Audit")
-    signing = data.query("signing")
-    cols = st.columns(2)
-    cols[0].metric("ledger entries", signing["n_entries"])
-    cols[1].metric("latest signed tree size", signing["tree_size"] or 0)
+    signing = ledger_metrics()
     st.caption(f"Latest tree head signed {md(signing['signed_at'] or 'never')} by {md(signing['head_fingerprint'])}; "
                f"recorded signer key {md(signing['signer_fingerprint'])}")  # fmt: skip
     key_file = st.file_uploader(

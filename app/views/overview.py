@@ -8,7 +8,7 @@ import json
 import streamlit as st
 
 from app import data
-from app.ui import chart_text, lines, md
+from app.ui import chart_text, ledger_metrics, lines, md
 
 
 def _headline(summary: dict, influence: dict | None) -> None:
@@ -84,10 +84,7 @@ def _checkpoints(influence: dict | None) -> None:
 
 def _ledger() -> None:
     st.subheader("Ledger")
-    signing = data.query("signing")
-    cols = st.columns(2)
-    cols[0].metric("ledger entries", signing["n_entries"])
-    cols[1].metric("latest signed tree size", signing["tree_size"] or 0)
+    signing = ledger_metrics()
     st.caption("public key fingerprint of the signer (compare with `fgtrac key export`)")
     st.text(signing["signer_fingerprint"] or "none recorded")
     st.page_link("views/audit.py", label="Verify the whole ledger on the Audit page")

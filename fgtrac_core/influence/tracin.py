@@ -353,20 +353,24 @@ def _block(per_ckpt: list[_Checkpointed], sl: slice, bias: float) -> torch.Tenso
     return block
 
 
-def _progress(n: int, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return None
+def _train_chunks(n_train: int, opts: _Options) -> Iterator[slice]:
+    """Training chunks of `opts.chunk_size`, with a progress bar when `opts.progress`."""
+    if not opts.progress:
+        yield from _chunks(n_train, opts.chunk_size)
+        return
     from tqdm.auto import tqdm
 
-    return tqdm(total=n, desc=desc, unit="train", leave=False)
+    with tqdm(total=n_train, desc="influence", unit="train", leave=False) as bar:
+        for sl in _chunks(n_train, opts.chunk_size):
+            yield sl
+            bar.update(sl.stop - sl.start)
 
 
 def _full_matrix(per_ckpt: list[_Checkpointed], opts: _Options, normalize: bool) -> torch.Tensor:
     n_test, n_train = len(per_ckpt[0].features[0]), len(per_ckpt[0].features[1])
     out = None
     norms = _norms(per_ckpt, opts.bias) if normalize else None
-    bar = _progress(n_train, opts.progress, "influence")
-    for sl in _chunks(n_train, opts.chunk_size):
+    for sl in _train_chunks(n_train, opts):
         block = _block(per_ckpt, sl, opts.bias)
         if norms is not None:
             block /= norms[0][:, None] * norms[1][None, sl]
@@ -376,10 +380,6 @@ def _full_matrix(per_ckpt: list[_Checkpointed], opts: _Options, normalize: bool)
         if out is None:
             out = torch.empty(n_test, n_train, dtype=block.dtype, device=block.device)
         out[:, sl] = block
-        if bar is not None:
-            bar.update(sl.stop - sl.start)
-    if bar is not None:
-        bar.close()
     assert out is not None
     return out
 
@@ -399,17 +399,12 @@ def _streamed_topk(
     norms = _norms(per_ckpt, opts.bias) if "cosine" in views else None
     empty = (torch.empty(n_test, 0, device=dev), torch.empty(n_test, 0, dtype=torch.long, device=dev))
     state = {(v, largest): empty for v in views for largest in (True, False)}
-    bar = _progress(n_train, opts.progress, "influence")
-    for sl in _chunks(n_train, opts.chunk_size):
+    for sl in _train_chunks(n_train, opts):
         block = _block(per_ckpt, sl, opts.bias)
         for v in views:
             scores = block if v == "raw" else block / (norms[0][:, None] * norms[1][None, sl])  # type: ignore
             for largest in (True, False):
                 state[v, largest] = _merge_topk(state[v, largest], scores, sl.start, k, largest=largest)
-        if bar is not None:
-            bar.update(sl.stop - sl.start)
-    if bar is not None:
-        bar.close()
     return {
         v: TopK(state[v, True][1], state[v, True][0], state[v, False][1], state[v, False][0]) for v in views
     }

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from fgtrac_core.ledger.entries import ENTRY_KINDS
 from fgtrac_core.pipeline import Pipeline
 from fgtrac_core.stages import behaviours as beh
 from fgtrac_core.stages import estimators as est
@@ -42,21 +43,10 @@ DEFAULT_HORIZON = 20
 COMPARE_HORIZONS = (1, 5, 20, 50, 100, 120)
 DEFAULT_BUDGET_S = 600.0
 
-EFFECT_COLUMNS = ["method", "behaviour", "test_id", "stage_id", "value"]
-AGGREGATE_COLUMNS = ["method", "behaviour", "slice", "stage_id", "value", "n"]
-FAITHFULNESS_COLUMNS = [
-    "method",
-    "horizon",
-    "stage_id",
-    "pearson",
-    "spearman",
-    "sign_agreement",
-    "top1_agreement",
-    "aggregate_error",
-    "seconds",
-    "reference_seconds",
-    "confidence",
-]
+# the result tables' columns, minus the row_id and analysis_id the recorder assigns
+EFFECT_COLUMNS, AGGREGATE_COLUMNS, FAITHFULNESS_COLUMNS = (
+    list(ENTRY_KINDS[kind][1][2:]) for kind in ("stage_effect", "stage_aggregate", "stage_faithfulness")
+)
 
 
 @dataclass
