@@ -33,3 +33,8 @@ class UnknownSampleError(FgtracError):
 
 class RecorderStateError(FgtracError):
     """A recorder call made in the wrong order (e.g. `log_batch` outside a stage)."""
+
+
+class TamperedRunError(CorruptRunError):
+    """The run database holds objects or a schema fgtrac never creates (a view, macro, changed column...), or
+    differs from its ledger where fgtrac is about to write."""

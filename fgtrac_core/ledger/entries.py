@@ -21,130 +21,15 @@ from datetime import datetime
 from typing import Any
 
 from .encoding import ENCODING_VERSION, encode_entry, encode_value
+from .kinds import KINDS
+from .kinds import RESULT_KINDS as RESULT_KINDS  # re-exported
 from .merkle import leaf_hash, root_from_leaf_hashes
 
-# kind -> (table it is recomputed from, body fields in the entry; "name=column" where the entry renames a column,
-# e.g. because "kind" is reserved for the entry kind)
-ENTRY_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "meta": ("meta", ("key", "value")),
-    "session_open": ("run_sessions", ("session_id", "opened_at")),
-    "session_close": ("run_sessions", ("session_id", "closed_at")),
-    "sample": (
-        "samples",
-        ("sample_id", "split", "label", "content_sha256", "thumbnail_sha256", "source", "registered_at"),
-    ),
-    "annotation": ("sample_annotations", ("sample_id", "key", "value")),
-    "transform": (
-        "transforms",
-        ("transform_id", "name", "params", "n_samples", "stage_id", "logged_at", "samples_root"),
-    ),
-    "stage_start": (
-        "stages",
-        ("stage_id", "name", "optimizer", "hparams", "lr_schedule", "start_step", "started_at"),
-    ),
-    "stage_end": ("stages", ("stage_id", "end_step", "status", "ended_at")),
-    "batch": (
-        "batches",
-        ("batch_id", "step", "stage_id", "epoch", "lr", "loss", "n_samples", "samples_root"),
-    ),
-    "checkpoint": (
-        "checkpoints",
-        (
-            "checkpoint_id",
-            "step",
-            "stage_id",
-            "epoch",
-            "checkpoint_kind=kind",
-            "lr",
-            "val_loss",
-            "metrics",
-            "optimizer",
-            "path",
-            "sha256",
-            "size_bytes",
-            "created_at",
-        ),
-    ),  # fmt: skip
-    # analyses (influence, stage accountability): one entry per result row, then one per analysis holding its
-    # method, parameters, the checkpoints it read (with their file hashes) and `rows_root`, the RFC 9162 root over
-    # the leaf hashes of its result entries (in RESULT_KINDS order, then row_id order)
-    "influence_test": (
-        "influence_tests",
-        ("row_id", "analysis_id", "sample_id", "label", "prediction", "confidence", "loss"),
-    ),
-    "influence_topk": (
-        "influence_topk",
-        (
-            "row_id",
-            "analysis_id",
-            "test_id",
-            "view",
-            "direction",
-            "rank",
-            "train_id",
-            "score",
-            "cosine",
-            "contributions",
-        ),
-    ),  # fmt: skip
-    "self_influence": ("self_influence", ("row_id", "analysis_id", "sample_id", "value", "rank")),
-    "stage_effect": (
-        "stage_effects",
-        ("row_id", "analysis_id", "method", "behaviour", "test_id", "stage_id", "value"),
-    ),
-    "stage_aggregate": (
-        "stage_aggregates",
-        ("row_id", "analysis_id", "method", "behaviour", "slice", "stage_id", "value", "n"),
-    ),
-    "stage_faithfulness": (
-        "stage_faithfulness",
-        (
-            "row_id",
-            "analysis_id",
-            "method",
-            "horizon",
-            "stage_id",
-            "pearson",
-            "spearman",
-            "sign_agreement",
-            "top1_agreement",
-            "aggregate_error",
-            "seconds",
-            "reference_seconds",
-            "confidence",
-        ),
-    ),  # fmt: skip
-    "analysis": (
-        "analyses",
-        (
-            "analysis_id",
-            "analysis_kind=kind",
-            "method",
-            "params",
-            "checkpoints",
-            "n_rows",
-            "seconds",
-            "created_at",
-            "rows_root",
-        ),
-    ),  # fmt: skip
-}
-
-# the kinds whose rows belong to an analysis, in the order their entries enter the analysis' `rows_root`
-RESULT_KINDS: tuple[str, ...] = (
-    "influence_test",
-    "influence_topk",
-    "self_influence",
-    "stage_effect",
-    "stage_aggregate",
-    "stage_faithfulness",
-)
+# kind -> (table it is recomputed from, body fields in the entry), derived from the registry in `kinds`
+ENTRY_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {k.kind: (k.table, k.fields) for k in KINDS}
 
 
-ENTRY_FIELDS: dict[str, list[tuple[str, str]]] = {
-    kind: [tuple(f.split("=")) if "=" in f else (f, f) for f in fields]
-    for kind, (_, fields) in ENTRY_KINDS.items()
-}
+ENTRY_FIELDS: dict[str, list[tuple[str, str]]] = {k.kind: list(k.field_columns) for k in KINDS}
 
 
 def _plain(value: Any) -> Any:

@@ -10,7 +10,7 @@ import duckdb
 import pyarrow as pa
 
 from fgtrac_core.errors import CorruptRunError, RunLockedError, RunNotFoundError
-from fgtrac_core.store.schema import check_schema
+from fgtrac_core.store.schema import check_catalog, check_schema
 
 
 def first_line(exc: BaseException) -> str:
@@ -20,9 +20,10 @@ def first_line(exc: BaseException) -> str:
 
 
 def connect(path: Path, *, read_only: bool) -> duckdb.DuckDBPyConnection:
-    """Open an existing run database and check its schema version.
+    """Open an existing run database and check its schema version and catalog (exactly fgtrac's tables).
 
-    Raises RunNotFoundError, RunLockedError, CorruptRunError or SchemaVersionError, never a raw DuckDB error.
+    Raises RunNotFoundError, RunLockedError, CorruptRunError, SchemaVersionError or TamperedRunError, never a raw
+    DuckDB error.
     """
     if not path.is_file():
         raise RunNotFoundError(f"no run database at {path}")
@@ -35,6 +36,7 @@ def connect(path: Path, *, read_only: bool) -> duckdb.DuckDBPyConnection:
         raise CorruptRunError(f"{path} is not a readable fgtrac run database ({msg})") from None
     try:
         check_schema(con, str(path))
+        check_catalog(con, str(path))
     except duckdb.Error as exc:
         con.close()
         raise CorruptRunError(f"{path} is damaged ({first_line(exc)})") from None

@@ -20,64 +20,40 @@ from fgtrac_core.ledger.entries import (
     ids_root,
     json_string,
 )
+from fgtrac_core.ledger.kinds import BY_KIND, KINDS, RecordKind
 from fgtrac_core.ledger.merkle import leaf_hash, root_from_leaf_hashes
+from fgtrac_core.store.schema import column_types
 
 
-def _iso(*cols: str) -> str:
-    """Timestamps formatted by DuckDB exactly as the entry encoding writes them (vectorised, no datetimes)."""
-    return " REPLACE (" + ", ".join(f"strftime(t.{c}, '%Y-%m-%dT%H:%M:%S.%f') AS {c}" for c in cols) + ")"
+def _select(kind: RecordKind) -> str:
+    """The rows of `kind` as (ref_id, ref_key, one column per entry field): a plain projection of base columns.
+
+    Timestamps are formatted by DuckDB exactly as the entry encoding writes them (vectorised, no datetimes).
+    """
+    types = column_types(kind.table)
+    ref_id = f"t.{kind.id_column}" if kind.id_column else "NULL::BIGINT"
+    ref_key = f"t.{kind.key_column}" if kind.key_column else "NULL::VARCHAR"
+    cols = [
+        f"strftime(t.{c}, '%Y-%m-%dT%H:%M:%S.%f') AS {c}" if types[c] == "TIMESTAMP" else f"t.{c}"
+        for c in dict.fromkeys(kind.columns)
+    ]
+    sql = f"SELECT {ref_id} AS ref_id, {ref_key} AS ref_key, {', '.join(cols)} FROM {kind.table} t"
+    return sql + (f" WHERE t.{kind.present_when} IS NOT NULL" if kind.present_when else "")
 
 
-_SELECT: dict[str, str] = {
-    "meta": "SELECT NULL::BIGINT AS ref_id, t.key AS ref_key, t.* FROM meta t",
-    "session_open": "SELECT t.session_id AS ref_id, NULL AS ref_key, t.*"
-    + _iso("opened_at", "closed_at")
-    + " FROM run_sessions t",
-    "session_close": "SELECT t.session_id AS ref_id, NULL AS ref_key, t.*"
-    + _iso("opened_at", "closed_at")
-    + " FROM run_sessions t",
-    "sample": "SELECT t.sample_id AS ref_id, NULL AS ref_key, t.* EXCLUDE (thumbnail)"
-    + _iso("registered_at")
-    + " FROM samples t",
-    "annotation": "SELECT t.sample_id AS ref_id, t.key AS ref_key, t.* FROM sample_annotations t",
-    "transform": "SELECT t.transform_id AS ref_id, NULL AS ref_key, t.*"
-    + _iso("logged_at")
-    + " FROM transforms t",
-    "stage_start": "SELECT t.stage_id AS ref_id, NULL AS ref_key, t.*"
-    + _iso("started_at", "ended_at")
-    + " FROM stages t",
-    "stage_end": "SELECT t.stage_id AS ref_id, NULL AS ref_key, t.*"
-    + _iso("started_at", "ended_at")
-    + " FROM stages t",
-    "batch": "SELECT t.batch_id AS ref_id, NULL AS ref_key, t.* FROM batches t",
-    "checkpoint": "SELECT t.checkpoint_id AS ref_id, NULL AS ref_key, t.*"
-    + _iso("created_at")
-    + " FROM checkpoints t",
-    "analysis": "SELECT t.analysis_id AS ref_id, NULL AS ref_key, t.*"
-    + _iso("created_at")
-    + " FROM analyses t",
-    **{
-        kind: f"SELECT t.row_id AS ref_id, NULL AS ref_key, t.* FROM {ENTRY_KINDS[kind][0]} t"
-        for kind in RESULT_KINDS
-    },
-}
-# rows that exist but have no entry of this kind yet (an open session, a running stage)
-_EXISTS: dict[str, str] = {"session_close": "t.closed_at IS NOT NULL", "stage_end": "t.status <> 'running'"}
-# per kind: (link table, its key column, ORDER BY inside one set) for Merkle roots over sample ids
-_ID_SETS: dict[str, tuple[str, str, str]] = {
-    "batch": ("batch_samples", "batch_id", "position"),
-    "transform": ("transform_samples", "transform_id", "sample_id"),
-}
+_SELECT: dict[str, str] = {k.kind: _select(k) for k in KINDS}
 
 # kinds whose entries hold a digest only the Python path computes (count_mismatches skips them)
-_PYTHON_ONLY = {*_ID_SETS, "analysis"}
+_PYTHON_ONLY = {k.kind for k in KINDS if k.computed}
 
 Entry = tuple[int | None, str | None, bytes]
 
 
 def _id_roots(con: duckdb.DuckDBPyConnection, kind: str, keys: np.ndarray) -> dict[int, str]:
     """Merkle root (hex) of each set's sample ids, for the sets whose key is in `keys`."""
-    link, key, order = _ID_SETS[kind]
+    record = BY_KIND[kind]
+    assert record.id_set is not None and record.id_column is not None
+    (link, order), key = record.id_set, record.id_column
     lo, hi = (int(keys.min()), int(keys.max())) if len(keys) else (0, -1)
     cols = con.execute(
         f"SELECT {key} AS k, sample_id FROM {link} WHERE {key} BETWEEN ? AND ? ORDER BY {key}, {order}",
@@ -127,7 +103,7 @@ def iter_entries(
     The recorder restricts this to the rows it just wrote: by `key_range` (inclusive ref_id bounds; cheap) or,
     for rare bulk writes with arbitrary keys, `only_new` (rows without an entry of this kind yet; an anti-join).
     """
-    sql = _SELECT[kind] + (f" WHERE {_EXISTS[kind]}" if kind in _EXISTS else "")
+    sql = _SELECT[kind]
     if key_range is not None:
         lo, hi = (int(x) for x in key_range)
         sql = f"SELECT * FROM ({sql}) q WHERE q.ref_id BETWEEN {lo} AND {hi}"
@@ -140,7 +116,7 @@ def iter_entries(
     ).to_arrow_table()  # fully fetched: _id_roots queries too
     for batch in table.to_batches(max_chunksize=262_144):
         cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
-        if kind in _ID_SETS:
+        if BY_KIND[kind].id_set is not None:
             roots = _id_roots(con, kind, np.asarray(cols["ref_id"], dtype=np.int64))
             empty = ids_root([])
             cols["samples_root"] = [roots.get(r, empty) for r in cols["ref_id"]]
@@ -181,7 +157,7 @@ def count_mismatches(con: duckdb.DuckDBPyConnection, kind: str) -> int | None:
     """
     if kind in _PYTHON_ONLY:
         return None
-    sql = _SELECT[kind] + (f" WHERE {_EXISTS[kind]}" if kind in _EXISTS else "")
+    sql = _SELECT[kind]
     types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE {sql})").fetchall())
     pieces = []
     for name, col in sorted([("kind", None), ("v", None), *ENTRY_FIELDS[kind]], key=lambda f: f[0]):

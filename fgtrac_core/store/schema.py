@@ -6,9 +6,12 @@ JSON columns hold canonical JSON (sorted keys, compact separators).
 
 from __future__ import annotations
 
+import re
+from functools import cache
+
 import duckdb
 
-from fgtrac_core.errors import CorruptRunError, SchemaVersionError
+from fgtrac_core.errors import CorruptRunError, SchemaVersionError, TamperedRunError
 
 SCHEMA_VERSION = 2
 
@@ -184,27 +187,30 @@ CREATE TABLE tree_heads (
 );
 """
 
-TABLES = (
-    "meta",
-    "run_sessions",
-    "samples",
-    "sample_annotations",
-    "transforms",
-    "transform_samples",
-    "stages",
-    "batches",
-    "batch_samples",
-    "checkpoints",
-    "analyses",
-    "influence_tests",
-    "influence_topk",
-    "self_influence",
-    "stage_effects",
-    "stage_aggregates",
-    "stage_faithfulness",
-    "ledger",
-    "tree_heads",
-)
+# every base table, in declaration order
+TABLES: tuple[str, ...] = tuple(re.findall(r"^CREATE TABLE (\w+) \(", _DDL, flags=re.MULTILINE))
+
+# the catalog as DuckDB reports it, scoped to the run's database; `check_catalog` compares these exactly
+_CATALOG_QUERIES: dict[str, str] = {
+    "table": """SELECT schema_name || '.' || table_name, temporary FROM duckdb_tables()
+                WHERE database_name = current_database() ORDER BY ALL""",
+    "column": """SELECT table_name || '.' || column_name, column_index, data_type, is_nullable, column_default
+                 FROM duckdb_columns() WHERE database_name = current_database() ORDER BY ALL""",
+    "constraint": """SELECT table_name, constraint_type, constraint_text, constraint_column_names::VARCHAR
+                     FROM duckdb_constraints() WHERE database_name = current_database() ORDER BY ALL""",
+    "view": """SELECT schema_name || '.' || view_name FROM duckdb_views()
+               WHERE database_name = current_database() AND NOT internal ORDER BY ALL""",
+    "macro": """SELECT DISTINCT schema_name || '.' || function_name FROM duckdb_functions()
+                WHERE database_name = current_database() AND NOT internal ORDER BY ALL""",
+    "sequence": """SELECT schema_name || '.' || sequence_name FROM duckdb_sequences()
+                   WHERE database_name = current_database() ORDER BY ALL""",
+    "index": """SELECT table_name || '.' || index_name FROM duckdb_indexes()
+                WHERE database_name = current_database() ORDER BY ALL""",
+    "type": """SELECT schema_name || '.' || type_name FROM duckdb_types()
+               WHERE database_name = current_database() AND NOT internal ORDER BY ALL""",
+    "schema": """SELECT schema_name FROM duckdb_schemas()
+                 WHERE database_name = current_database() AND NOT internal ORDER BY ALL""",
+}
 
 
 def create_schema(con: duckdb.DuckDBPyConnection) -> None:
@@ -226,3 +232,55 @@ def check_schema(con: duckdb.DuckDBPyConnection, where: str) -> None:
         raise SchemaVersionError(
             f"{where} has schema version {row[0]}, but this fgtrac reads version {SCHEMA_VERSION}"
         )
+
+
+def _catalog(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple]]:
+    return {what: con.execute(sql).fetchall() for what, sql in _CATALOG_QUERIES.items()}
+
+
+@cache
+def _expected_catalog() -> dict[str, list[tuple]]:
+    con = duckdb.connect(":memory:")
+    try:
+        create_schema(con)
+        return _catalog(con)
+    finally:
+        con.close()
+
+
+def check_catalog(con: duckdb.DuckDBPyConnection, where: str) -> None:
+    """Raise TamperedRunError unless the database holds exactly fgtrac's base tables, columns, types and
+    constraints, and nothing else.
+
+    A view, macro, sequence, index, user type, extra schema or table, or a changed column (type, default,
+    nullability) could make what a query returns depend on who asks (e.g. a view that consults
+    `current_query()` shows the verifier the recorded rows and everyone else forged ones), so none is allowed.
+    """
+    want = _expected_catalog()
+    for what, got in _catalog(con).items():
+        expected = want[what]
+        if got == expected:
+            continue
+        extra = [r for r in got if r not in expected]
+        missing = [r for r in expected if r not in got]
+        if extra:
+            detail = f"unexpected {what} {_name(extra[0])}"
+        else:
+            detail = f"{what} {_name(missing[0])} is missing or changed"
+        raise TamperedRunError(
+            f"{where}: {detail}; the database was altered outside fgtrac (tampering), refusing to read it"
+        )
+
+
+def _name(row: tuple) -> str:
+    return repr(row[0]) if len(row) == 1 or row[0] is not None else repr(row)
+
+
+def column_types(table: str) -> dict[str, str]:
+    """Column name -> DuckDB type name of one table, as the schema declares it."""
+    prefix = table + "."
+    return {
+        name[len(prefix) :]: dtype
+        for name, _, dtype, _, _ in _expected_catalog()["column"]
+        if name.startswith(prefix)
+    }

@@ -49,27 +49,27 @@ from fgtrac_core.errors import (
     FgtracError,
     RecorderStateError,
     RunExistsError,
+    TamperedRunError,
     UnknownSampleError,
 )
-from fgtrac_core.ledger import default_key_dir, fingerprint, load_or_create_signing_key, public_key_pem
+from fgtrac_core.ledger import (
+    default_key_dir,
+    fingerprint,
+    load_or_create_signing_key,
+    load_public_key,
+    public_key_pem,
+)
+from fgtrac_core.ledger.kinds import RESULT_TABLES
 from fgtrac_core.store.db import connect, insert_arrow, publish_snapshot
 from fgtrac_core.store.layout import RunLayout
 from fgtrac_core.store.ledger_log import LedgerLog, Touched
 from fgtrac_core.store.schema import create_schema
 from fgtrac_core.tracking._writer import Writer
 from fgtrac_core.tracking.thumbnails import as_png_list
+from fgtrac_core.verify import check_before_write
 
 CHECKPOINT_FORMAT = "fgtrac-checkpoint/1"
 CHECKPOINT_KINDS = ("periodic", "stage_start", "stage_end")
-# result table -> its ledger entry kind (fgtrac_core.ledger.entries.RESULT_KINDS)
-_RESULT_TABLES = {
-    "influence_tests": "influence_test",
-    "influence_topk": "influence_topk",
-    "self_influence": "self_influence",
-    "stage_effects": "stage_effect",
-    "stage_aggregates": "stage_aggregate",
-    "stage_faithfulness": "stage_faithfulness",
-}
 
 
 def _now() -> datetime:
@@ -269,9 +269,24 @@ class Run:
 
     @classmethod
     def open(cls, run_dir: str | Path, *, flush_every: int = 100_000) -> Run:
-        """Reopen a run for more recording; a stage left running by a crashed recorder is marked interrupted."""
+        """Reopen a run for more recording; a stage left running by a crashed recorder is marked interrupted.
+
+        Refuses (TamperedRunError, nothing written) unless the live database and the published snapshot still
+        match their ledger (`fgtrac_core.verify.check_before_write`): whatever is appended next gets signed, and
+        must not sign an edit made behind the recorder's back.
+        """
         layout = RunLayout.of(run_dir)
         con = connect(layout.live_db, read_only=False)
+        try:
+            # what is appended next gets signed: first make sure the run still is what its ledger says
+            recorded = dict(con.execute("SELECT key, value FROM meta").fetchall()).get("signer_public_key", "")
+            check_before_write(layout, con, load_public_key(recorded.encode()))
+        except ValueError as exc:
+            con.close()
+            raise TamperedRunError(f"{layout.live_db}: the recorded signer key is unusable ({exc})") from None
+        except BaseException:
+            con.close()
+            raise
         con.execute(
             """UPDATE stages SET status = 'interrupted', ended_at = ?,
                    end_step = (SELECT max(step) FROM batches b WHERE b.stage_id = stages.stage_id)
@@ -605,7 +620,7 @@ class Run:
         and published; returns the analysis id.  Result tables get `analysis_id` and `row_id` assigned here.
         """
         self._check_open()
-        unknown = set(results) - set(_RESULT_TABLES)
+        unknown = set(results) - set(RESULT_TABLES)
         if unknown:
             raise FgtracError(f"not result tables: {sorted(unknown)}")
         present = {t: d for t, d in results.items() if d is not None and d.num_rows}
@@ -614,7 +629,7 @@ class Run:
         analysis_id = self._scalar("SELECT coalesce(max(analysis_id) + 1, 0) FROM analyses")
         ops: list[Job] = []
         touched: list[Touched] = []
-        for table, entry_kind in _RESULT_TABLES.items():
+        for table, entry_kind in RESULT_TABLES.items():
             if table not in present:
                 continue
             data = present[table]
