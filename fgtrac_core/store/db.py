@@ -28,7 +28,8 @@ def connect(path: Path, *, read_only: bool) -> duckdb.DuckDBPyConnection:
     if not path.is_file():
         raise RunNotFoundError(f"no run database at {path}")
     try:
-        con = duckdb.connect(str(path), read_only=read_only)
+        # a run database never needs files beyond itself: a planted view or macro cannot read any either
+        con = duckdb.connect(str(path), read_only=read_only, config={"enable_external_access": False})
     except duckdb.Error as exc:
         msg = first_line(exc)
         if "lock" in msg.lower():

@@ -220,7 +220,14 @@ def create_schema(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def check_schema(con: duckdb.DuckDBPyConnection, where: str) -> None:
-    """Raise a one-line error unless `con` holds an fgtrac run of this schema version."""
+    """Raise a one-line error unless `con` holds an fgtrac run of this schema version (read from `meta` only once
+    it is known to be a base table: a planted view must not run before `check_catalog` names it)."""
+    is_table = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+        "AND schema_name = 'main' AND table_name = 'meta'"
+    ).fetchall()[0][0]
+    if not is_table:
+        raise CorruptRunError(f"{where} is a DuckDB file but not an fgtrac run (no meta table)")
     try:
         rows = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
         row = rows[0] if rows else None
