@@ -257,7 +257,7 @@ def _cmd_influence(args: argparse.Namespace) -> int:
     summary = run_influence(
         args.run, mode=args.mode, k=args.k, checkpoints=rule, tau=args.tau, test_ids=_ids(args.test_ids),
         include_bias=not args.no_bias, projection_dim=args.projection_dim, seed=args.seed, model=args.model,
-        inputs=args.inputs, layer=args.layer, device=args.device, progress=sys.stderr.isatty(),
+        inputs=args.inputs, layer=args.head_layer, device=args.device, progress=sys.stderr.isatty(),
     )  # fmt: skip
     if args.json:
         _print_json(summary.to_json())
@@ -317,12 +317,18 @@ def _store_stages(run_dir: str | Path, **options: Any) -> tuple[int, Any]:
 
 
 def _cmd_stages(args: argparse.Namespace) -> int:
+    from fgtrac_core.pipeline import load_pipeline
     from fgtrac_core.store import RunStore
 
+    pipeline = None
+    if args.model or args.inputs or args.head_layer:
+        with RunStore(args.run) as store:
+            config = store.meta().get("config", "{}")
+        pipeline = load_pipeline(config, model=args.model, inputs=args.inputs, head_layer=args.head_layer)
     aid, result = _store_stages(
         args.run, method=args.method, horizon=args.horizon, compare=args.compare,
         behaviours=tuple(b.strip() for b in args.behaviour.split(",") if b.strip()), budget_s=args.budget,
-        force=args.force,
+        force=args.force, pipeline=pipeline,
     )  # fmt: skip
     method = "compare" if args.compare else args.method
     with RunStore(args.run) as store:
@@ -428,11 +434,9 @@ def _parser() -> argparse.ArgumentParser:
     inf.add_argument("--tau", type=float, default=0.05, help="auto: relative validation-loss improvement")
     inf.add_argument("--test-ids", help="comma-separated test sample ids (default: every test example)")
     inf.add_argument("--no-bias", action="store_true", help="last_layer: leave out the bias gradient")
-    inf.add_argument("--projection-dim", type=int, help="full/adamw over --params: projected dimension")
+    inf.add_argument("--projection-dim", type=int, help="full/adamw: dimension of the random gradient projection")
     inf.add_argument("--seed", type=int, default=0, help="seed of the random projection")
-    inf.add_argument("--model", help="package.module:Class (overrides the run's config; trusted)")
-    inf.add_argument("--inputs", help="package.module:function (overrides the run's config; trusted)")
-    inf.add_argument("--layer", help="name of the final nn.Linear (overrides the run's config)")
+    _pipeline_args(inf)
     inf.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     inf.add_argument("--json", action="store_true")
     inf.set_defaults(func=_cmd_influence)
@@ -446,6 +450,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--behaviour", default="loss", help="comma-separated: loss, margin")
     st.add_argument("--budget", type=float, default=600.0, help="refuse replay work estimated above this (s)")
     st.add_argument("--force", action="store_true", help="run even above the budget")
+    _pipeline_args(st)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_stages)
     pr = sub.add_parser("prove", help="write a usage-proof bundle for one sample")
@@ -468,6 +473,14 @@ def _parser() -> argparse.ArgumentParser:
     ke.add_argument("--json", action="store_true", help="machine-readable output")
     ke.set_defaults(func=_cmd_key_export)
     return p
+
+
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    """The one option set of every command that rebuilds the run's model (see fgtrac_core.pipeline)."""
+    g = p.add_argument_group("pipeline (your own run: name the code that rebuilds its model; it is trusted)")
+    g.add_argument("--model", metavar="MODULE:NAME", help="class or function building the model with no arguments")
+    g.add_argument("--inputs", metavar="MODULE:NAME", help="function(config, sample_ids) -> input tensor")
+    g.add_argument("--head-layer", "--layer", dest="head_layer", metavar="NAME", help="the final nn.Linear")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:

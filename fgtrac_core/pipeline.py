@@ -8,13 +8,19 @@ A run names its pipeline in its config (``Run.create(config=...)``):
 
 Labels are never taken from the pipeline: they are the recorded labels (`samples.label`), the ones training saw.
 Importing a module runs its code, so fgtrac imports by itself only the bundled pipelines (`sample_runs.*`); any
-other run's pipeline must be named explicitly by the user (``--model``/``--inputs``), who thereby trusts it.
+other run's pipeline must be named explicitly by the user (``--model``/``--inputs``/``--head-layer`` on every
+command that rebuilds the model), who thereby trusts it; the current directory is then importable, as with
+``python -m``.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,29 +48,57 @@ class Pipeline:
 
     def inputs(self, sample_ids: np.ndarray) -> torch.Tensor:
         """Model inputs of these samples, in the given order."""
-        x = self.load_inputs(self.config, np.asarray(sample_ids, dtype=np.int64))
+        try:  # a fresh writable array: loaders may hand it to torch.from_numpy
+            x = self.load_inputs(self.config, np.array(sample_ids, dtype=np.int64))
+        except FgtracError:
+            raise
+        except Exception as e:
+            name = getattr(self.load_inputs, "__qualname__", "the inputs loader")
+            raise FgtracError(f"the pipeline's inputs loader {name} failed ({type(e).__name__}: {e})") from None
+        if not isinstance(x, torch.Tensor):
+            raise FgtracError(f"the pipeline's inputs loader returned a {type(x).__name__}, not a torch.Tensor")
         if len(x) != len(sample_ids):
             raise FgtracError(f"the pipeline returned {len(x)} inputs for {len(sample_ids)} sample ids")
         return x
 
 
-def _resolve(ref: str, what: str, trusted: bool) -> Any:
+def _importable_cwd() -> None:
+    """Make the current directory importable, as `python -m` does, for pipelines the user names explicitly."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def _resolve(ref: str, flag: str) -> Any:
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
-        raise FgtracError(f"{what} must be given as 'package.module:name', not {ref!r}")
-    if not trusted and not module_name.startswith(_TRUSTED_PREFIXES):
-        raise FgtracError(
-            f"this run names its {what} as {ref!r}; fgtrac imports only bundled pipelines by itself — "
-            f"pass it explicitly (--{what} {ref}) if you trust that code"
-        )
+        raise FgtracError(f"{flag} must be given as MODULE:NAME (e.g. mypkg.models:Net), not {ref!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise FgtracError(f"cannot import {module_name!r} for the {what}: {e}") from None
+        raise FgtracError(
+            f"{flag} {ref}: cannot import {module_name!r} ({e}); run fgtrac from the folder that holds it "
+            "or install it"
+        ) from None
+    except Exception as e:  # the module's own code failed on import
+        raise FgtracError(f"{flag} {ref}: importing {module_name!r} failed ({type(e).__name__}: {e})") from None
+    value = getattr(module, attr, None)
+    if value is None:
+        raise FgtracError(f"{flag} {ref}: {module_name!r} has no {attr!r}")
+    if not (inspect.isclass(value) or inspect.isfunction(value) or isinstance(value, functools.partial)):
+        raise FgtracError(f"{flag} {ref} is a {type(value).__name__}, not a class or a Python function")
+    return value
+
+
+def _build(model_ref: str, factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """Check once that the factory builds an nn.Module with no arguments (a clear error instead of a traceback)."""
     try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise FgtracError(f"{module_name!r} has no {attr!r} (the {what})") from None
+        built = factory()
+    except Exception as e:
+        raise FgtracError(f"--model {model_ref} could not be built with no arguments ({type(e).__name__}: {e})") from None
+    if not isinstance(built, nn.Module):
+        raise FgtracError(f"--model {model_ref} built a {type(built).__name__}, not a torch.nn.Module")
+    return factory
 
 
 def load_pipeline(
@@ -73,19 +107,33 @@ def load_pipeline(
     model: str | None = None,
     inputs: str | None = None,
     head_layer: str | None = None,
+    need_head: bool = False,
 ) -> Pipeline:
-    """The pipeline a run's config names; `model`/`inputs`/`head_layer` override it (and are trusted)."""
+    """The pipeline a run's config names; `model`/`inputs`/`head_layer` override it (and are trusted).
+
+    Everything missing — a model or inputs the config does not name, or names in a module fgtrac does not import
+    by itself, and the head layer when `need_head` — is named in one error, with the flags that supply it.
+    """
     cfg = json.loads(config) if isinstance(config, str) else dict(config)
-    model_ref = model or cfg.get("model")
-    inputs_ref = inputs or cfg.get("inputs")
-    if not model_ref or not inputs_ref:
+    refs = {"--model": (model, cfg.get("model")), "--inputs": (inputs, cfg.get("inputs"))}
+    missing = []
+    for flag, (given, recorded) in refs.items():
+        if given is None and not (isinstance(recorded, str) and recorded.split(":")[0].startswith(_TRUSTED_PREFIXES)):
+            missing.append(f"{flag} {recorded}" if isinstance(recorded, str) and recorded else f"{flag} MODULE:NAME")
+    head = head_layer or cfg.get("head_layer")
+    if need_head and not head:
+        missing.append("--head-layer NAME")
+    if missing:
         raise FgtracError(
-            "this run's config does not name its model and inputs ('model', 'inputs'); "
-            "pass --model package.module:Class --inputs package.module:function"
+            "name this run's pipeline: " + " ".join(missing) + " (fgtrac imports only its bundled pipelines by "
+            "itself; naming a module means you trust its code; run from the folder that holds it)"
         )
+    if model is not None or inputs is not None:
+        _importable_cwd()
+    model_ref = model or cfg["model"]
     return Pipeline(
-        model_factory=_resolve(model_ref, "model", trusted=model is not None),
-        load_inputs=_resolve(inputs_ref, "inputs", trusted=inputs is not None),
-        head_layer=head_layer or cfg.get("head_layer"),
+        model_factory=_build(model_ref, _resolve(model_ref, "--model")),
+        load_inputs=_resolve(inputs or cfg["inputs"], "--inputs"),
+        head_layer=head,
         config=cfg,
     )

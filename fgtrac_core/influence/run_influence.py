@@ -187,10 +187,8 @@ def run_influence(
     t0 = time.perf_counter()
     with RunStore(run_dir) as store:
         pipeline = load_pipeline(
-            store.meta().get("config", "{}"), model=model, inputs=inputs, head_layer=layer
+            store.meta().get("config", "{}"), model=model, inputs=inputs, head_layer=layer, need_head=True
         )
-        if pipeline.head_layer is None:
-            raise FgtracError("the run's config names no head layer; pass --layer NAME (the final nn.Linear)")
         chosen = _chosen_checkpoints(store, checkpoints, tau)
         train_ids, x_tr, y_tr = _split(store, pipeline, "train", None)
         test_ids_arr, x_te, y_te = _split(store, pipeline, "test", test_ids)
