@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fgtrac_core._cli_args import OneLineParser, check_port_free, device, float_in, host, int_in, port
 from fgtrac_core.errors import FgtracError, RunExistsError, RunNotFoundError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -33,6 +35,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise RunExistsError(
             f"{out} already holds an fgtrac run; refusing to overwrite it (open it: fgtrac app {out})"
         )
+    if not args.no_app:
+        check_port_free(args.host, args.port)  # now, not after minutes of building
     t0 = time.perf_counter()
     print(f"building the digits sample run into {out} ...", file=sys.stderr)
     digits.build(out, seed=args.seed, progress=sys.stderr.isatty())
@@ -61,6 +65,7 @@ def _serve(run_dir: Path, port: int, host: str) -> int:
     from fgtrac_core.store import RunStore
 
     RunStore(run_dir).close()  # fail fast, in one line, on a missing or unreadable run
+    check_port_free(host, port)  # before anything claims to be serving
     script = Path(__file__).resolve().parent.parent / "app" / "main.py"
     if not script.is_file():
         raise RunNotFoundError(f"the dashboard script is missing ({script})")
@@ -385,9 +390,7 @@ def _cmd_key_export(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fgtrac", description="Trace, audit and attribute PyTorch training runs."
-    )
+    p = OneLineParser(prog="fgtrac", description="Trace, audit and attribute PyTorch training runs.")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="build the bundled digits sample run, then open the dashboard")
@@ -429,15 +432,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     inf.add_argument("run")
     inf.add_argument("--mode", choices=["last_layer", "full", "adamw"], default="last_layer")
-    inf.add_argument("--k", type=int, default=50, help="proponents and opponents kept per test example")
+    inf.add_argument("--k", type=int_in(1, 1_000_000), default=50, help="proponents and opponents kept per test example")
     inf.add_argument("--checkpoints", default="auto", help="auto (FG-Trac), all, or comma-separated ids")
-    inf.add_argument("--tau", type=float, default=0.05, help="auto: relative validation-loss improvement")
+    inf.add_argument("--tau", type=float_in(0, 1, hi_open=True), default=0.05, help="auto: relative validation-loss improvement")
     inf.add_argument("--test-ids", help="comma-separated test sample ids (default: every test example)")
     inf.add_argument("--no-bias", action="store_true", help="last_layer: leave out the bias gradient")
-    inf.add_argument("--projection-dim", type=int, help="full/adamw: dimension of the random gradient projection")
+    inf.add_argument("--projection-dim", type=int_in(1, 1 << 24), help="full/adamw: dimension of the random gradient projection")
     inf.add_argument("--seed", type=int, default=0, help="seed of the random projection")
     _pipeline_args(inf)
-    inf.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    inf.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda when available)")
     inf.add_argument("--json", action="store_true")
     inf.set_defaults(func=_cmd_influence)
     st = sub.add_parser(
@@ -445,10 +448,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("run")
     st.add_argument("--method", choices=["replay", "fast", "propagated", "partial-replay"], default="replay")
-    st.add_argument("--horizon", type=int, help="partial-replay: steps replayed exactly after the stage")
+    st.add_argument("--horizon", type=int_in(1, 1 << 40), help="partial-replay: steps replayed exactly after the stage")
     st.add_argument("--compare", action="store_true", help="replay and every estimator, with faithfulness")
     st.add_argument("--behaviour", default="loss", help="comma-separated: loss, margin")
-    st.add_argument("--budget", type=float, default=600.0, help="refuse replay work estimated above this (s)")
+    st.add_argument("--budget", type=float_in(0, math.inf, lo_open=True, hi_open=True), default=600.0, help="refuse replay work estimated above this (s)")
     st.add_argument("--force", action="store_true", help="run even above the budget")
     _pipeline_args(st)
     st.add_argument("--json", action="store_true")
@@ -484,8 +487,8 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--port", type=int, default=8501)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, local only)")
+    p.add_argument("--port", type=port, default=8501, help="port to serve on (1-65535, default 8501)")
+    p.add_argument("--host", type=host, default="127.0.0.1", help="address to bind (default 127.0.0.1, local only)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
