@@ -153,7 +153,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     bar = _progress_bar("verifying")
     try:
-        report = verify_run(args.run, public_key=args.public_key, progress=bar.update if bar else None)
+        report = verify_run(
+            args.run, public_key=args.public_key, since=args.since or (), progress=bar.update if bar else None
+        )
     finally:
         if bar:
             bar.close()
@@ -201,7 +203,7 @@ def _progress_bar(desc: str) -> _Bar | None:
 def _cmd_prove(args: argparse.Namespace) -> int:
     from fgtrac_core.proofs import build_usage_proof
 
-    bundle = build_usage_proof(args.run, args.sample)
+    bundle = build_usage_proof(args.run, args.sample, since=[h for _, h in _pinned_heads(args.since)])
     text = json.dumps(bundle, indent=1) + "\n"
     if args.out:
         Path(args.out).write_text(text)
@@ -222,7 +224,7 @@ def _cmd_check_proof(args: argparse.Namespace) -> int:
     try:
         bundle = json.loads(Path(args.file).read_text())
         key = load_public_key(args.public_key) if args.public_key else None
-        result = check_bundle(bundle, public_key=key, run_id=args.run_id)
+        result = check_bundle(bundle, public_key=key, run_id=args.run_id, since=_pinned_heads(args.since))
     except (BundleError, ValueError) as exc:
         raise FgtracError(f"{args.file}: {exc}") from None
     if args.json:
@@ -423,6 +425,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("run", help="run directory")
     v.add_argument("--public-key", help="reviewer's pinned Ed25519 public key file (PEM)")
+    _since_arg(v)
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=_cmd_verify)
 
@@ -460,6 +463,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("run", help="run directory")
     pr.add_argument("--sample", type=int, required=True, help="sample id")
     pr.add_argument("--out", help="file to write (default: stdout)")
+    _since_arg(pr, "add the consistency proof from this pinned head (repeatable)")
     pr.set_defaults(func=_cmd_prove)
 
     c = sub.add_parser("check-proof", help="check a usage-proof bundle offline (no database needed)")
@@ -467,7 +471,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--public-key", help="pinned Ed25519 public key file (PEM)")
     c.add_argument("--run-id", help="expected run id")
     c.add_argument("--json", action="store_true", help="machine-readable output")
+    _since_arg(c)
     c.set_defaults(func=_cmd_check_proof)
+
+    h = sub.add_parser("head", help="export the run's latest signed tree head, for a reviewer to keep")
+    h.add_argument("run", help="run directory")
+    h.add_argument("--out", help="file to write (default: stdout)")
+    h.set_defaults(func=_cmd_head)
 
     k = sub.add_parser("key", help="signing key management")
     ksub = k.add_subparsers(dest="key_command", required=True)
@@ -476,6 +486,41 @@ def _parser() -> argparse.ArgumentParser:
     ke.add_argument("--json", action="store_true", help="machine-readable output")
     ke.set_defaults(func=_cmd_key_export)
     return p
+
+
+def _since_arg(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument(
+        "--since", action="append", metavar="HEAD", default=[],
+        help=help or "a signed tree head kept earlier (`fgtrac head`): fail if the run was truncated or "
+        "rewritten since (repeatable)",
+    )  # fmt: skip
+
+
+def _pinned_heads(files: Sequence[str]) -> list[tuple[str, Any]]:
+    from fgtrac_core.ledger.pinned import read_pinned_head
+
+    try:
+        return [(f"pinned head {Path(f).name}", read_pinned_head(f)) for f in files]
+    except ValueError as exc:
+        raise FgtracError(str(exc)) from None
+
+
+def _cmd_head(args: argparse.Namespace) -> int:
+    from fgtrac_core.store import RunStore
+
+    with RunStore(args.run) as store:
+        head = store.latest_tree_head()
+    text = json.dumps(head.to_json_dict(), indent=1) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(
+            f"wrote the signed tree head of run {head.run_id} (size {head.tree_size}, {head.timestamp}) to "
+            f"{args.out}; keep it and check later with: fgtrac verify RUN --since {args.out}",
+            file=sys.stderr,
+        )
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:

@@ -2,36 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fgtrac_core.errors import CorruptRunError, UnknownSampleError
+from fgtrac_core.errors import UnknownSampleError
 from fgtrac_core.ledger import SignedTreeHead, inclusion_proof_from_leaf_hashes
 from fgtrac_core.ledger.bundle import BUNDLE_FORMAT
 from fgtrac_core.ledger.entries import id_leaf_hashes
-from fgtrac_core.ledger.merkle import inclusion_proof_from_levels, perfect_subtree_levels
+from fgtrac_core.ledger.merkle import (
+    consistency_proof_from_levels,
+    inclusion_proof_from_levels,
+    perfect_subtree_levels,
+)
 from fgtrac_core.store.reader import RunStore
 
 
-def build_usage_proof(run_dir: str | Path, sample_id: int) -> dict[str, Any]:
+def build_usage_proof(
+    run_dir: str | Path, sample_id: int, *, since: Sequence[SignedTreeHead] = ()
+) -> dict[str, Any]:
     """A JSON-able bundle proving sample `sample_id`'s registration, preprocessing and uses in training.
 
     It lists every use recorded in the run, but a checker can only confirm that each listed use happened, not that
     none was omitted.  Proofs are against the run's latest signed tree head; entries after it (none in a closed
-    run) are left out.
+    run) are left out.  For each head in `since` (heads a reviewer pinned earlier) the bundle carries the RFC 9162
+    consistency proof from it to the bundle's head, so `check-proof --since` can tell the run was not truncated or
+    rewritten in between.
     """
     with RunStore(run_dir) as store:
         store.sample(sample_id)  # UnknownSampleError for an id that was never registered
-        head = store.df("SELECT * FROM tree_heads ORDER BY tree_size DESC, sth_id DESC LIMIT 1")
-        if head.empty:
-            raise CorruptRunError(f"{store.layout.root} has no signed tree head")
-        h = head.iloc[0]
-        sth = SignedTreeHead.from_json_dict(
-            {k: (int(h[k]) if k == "tree_size" else h[k])
-             for k in ("run_id", "tree_size", "root", "chain_head", "timestamp", "key_fingerprint", "signature")}
-        )  # fmt: skip
+        sth = store.latest_tree_head()
         size = sth.tree_size
         leaves = [
             bytes(x)
@@ -62,6 +64,11 @@ def build_usage_proof(run_dir: str | Path, sample_id: int) -> dict[str, Any]:
                 item["member"] = _member_proof(store, r.kind, int(r.ref_id), sid)
             entries.append(item)
         public_key = store.meta().get("signer_public_key")
+        consistency = [
+            {"tree_size": h.tree_size, "proof": [p.hex() for p in consistency_proof_from_levels(levels, h.tree_size, size)]}
+            for h in since
+            if 0 < h.tree_size <= size
+        ]
     return {
         "format": BUNDLE_FORMAT,
         "run_id": sth.run_id,
@@ -69,6 +76,7 @@ def build_usage_proof(run_dir: str | Path, sample_id: int) -> dict[str, Any]:
         "tree_head": sth.to_json_dict(),
         "public_key": public_key,
         "entries": entries,
+        **({"consistency": consistency} if since else {}),
     }
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import duckdb
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fgtrac_core.errors import CorruptRunError, RunLockedError, TamperedRunError
+from fgtrac_core.errors import CorruptRunError, FgtracError, RunLockedError, TamperedRunError
 from fgtrac_core.ledger import (
     GENESIS,
     SignedTreeHead,
@@ -42,6 +42,7 @@ from fgtrac_core.ledger import (
 from fgtrac_core.ledger.entries import ENTRY_KINDS
 from fgtrac_core.ledger.kinds import LINK_TABLES, ROW_KEYS
 from fgtrac_core.ledger.merkle import consistency_proof_from_levels, perfect_subtree_levels, prefix_root
+from fgtrac_core.ledger.pinned import pinned_head_problem, read_pinned_head
 from fgtrac_core.store.db import connect, first_line
 from fgtrac_core.store.entries import count_mismatches, iter_entries, table_of
 from fgtrac_core.store.layout import LIVE_DB, SNAPSHOT_DB, RunLayout
@@ -478,6 +479,31 @@ def check_prefix(snapshot: Tree, live: Tree) -> Failure | None:
     return None
 
 
+def check_pinned_heads(
+    heads: Sequence[tuple[str, SignedTreeHead]], tree: Tree | None, key: Ed25519PublicKey | None, run_id: str | None
+) -> Outcome:
+    """Every head the reviewer pinned earlier (name, head) is consistent with the current tree (RFC 9162): the
+    run was neither truncated nor rewritten since."""
+
+    def run() -> tuple[bool | None, int, str, Failure | None]:
+        if tree is None or key is None or run_id is None:
+            return None, len(heads), "the ledger did not verify: pinned heads not checked", None
+        for name, head in heads:
+            proof = (
+                consistency_proof_from_levels(tree.levels, head.tree_size, tree.size)
+                if 0 < head.tree_size <= tree.size
+                else []
+            )
+            problem = pinned_head_problem(
+                head, key, run_id=run_id, tree_size=tree.size, root=tree.root_at(tree.size), proof=proof, name=name
+            )
+            if problem is not None:
+                return False, len(heads), "not consistent", Failure("pinned_heads", None, None, None, problem)
+        return True, len(heads), "the current tree extends every pinned head (RFC 9162 consistency)", None
+
+    return _timed("pinned_heads", run)
+
+
 # ------------------------------------------------------------------------------------------- run files
 
 
@@ -540,6 +566,13 @@ def check_source_data(con: duckdb.DuckDBPyConnection, meta: dict[str, str], prog
 # ------------------------------------------------------------------------------------------- the run
 
 
+def _recorded_key(meta: dict[str, str]) -> Ed25519PublicKey | None:
+    try:
+        return load_public_key(meta["signer_public_key"].encode())
+    except (KeyError, ValueError):
+        return None
+
+
 def _last_session_closed(con: duckdb.DuckDBPyConnection) -> bool:
     row = con.execute("SELECT closed_at FROM run_sessions ORDER BY session_id DESC LIMIT 1").fetchall()
     return bool(row) and row[0][0] is not None
@@ -582,7 +615,11 @@ def _check_live(layout: RunLayout, snapshot: Tree | None, pinned: Ed25519PublicK
 
 
 def verify_run(
-    run_dir: str | Path, *, public_key: str | Path | bytes | None = None, progress: Progress | None = None
+    run_dir: str | Path,
+    *,
+    public_key: str | Path | bytes | None = None,
+    since: Sequence[str | Path] = (),
+    progress: Progress | None = None,
 ) -> VerifyReport:
     """Verify a run end to end (reads its published snapshot, its live database when no recorder holds it, and
     its checkpoint files; writes nothing).
@@ -590,7 +627,9 @@ def verify_run(
     `public_key`: a file (or bytes) holding the Ed25519 public key the reviewer expects (pinned). Without it the
     run's own recorded key is used, which proves integrity only against accidental change, not against someone
     able to rewrite and re-sign the whole run; the report says which.
-    Raises FgtracError subclasses for unusable input (missing run, unreadable key file).
+    `since`: files of signed tree heads the reviewer kept (`fgtrac head`); each must be consistent with the
+    current tree, or the run was truncated or rewritten since (named in the report).
+    Raises FgtracError subclasses for unusable input (missing run, unreadable key or head file).
     """
     t0 = time.perf_counter()
     report = progress or _noop
@@ -601,6 +640,10 @@ def verify_run(
             pinned = load_public_key(public_key)
         except (ValueError, OSError) as exc:
             raise CorruptRunError(f"cannot read public key {public_key}: {first_line(exc)}") from None
+    try:
+        heads = [(f"pinned head {Path(f).name}", read_pinned_head(f)) for f in since]
+    except ValueError as exc:
+        raise FgtracError(str(exc)) from None
     checks: list[Check] = []
     failures: list[Failure | None] = []
     meta: dict[str, str] = {}
@@ -620,8 +663,11 @@ def verify_run(
             meta, n, fp = result.meta, result.n_entries, result.key_fingerprint
             size = result.tree.size if result.tree else 0
             report(0.8, "checking the live database")
+            tree = result.tree if result.failure is None else None
+            key = pinned if pinned is not None else _recorded_key(meta)
             for check, failure in (
-                _check_live(layout, result.tree if result.failure is None else None, pinned),
+                *([check_pinned_heads(heads, tree, key, meta.get("run_id"))] if heads else []),
+                _check_live(layout, tree, pinned),
                 check_checkpoint_files(layout, con),
                 check_source_data(con, meta, report),
             ):

@@ -9,7 +9,7 @@ committed per-sample index).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from .encoding import decode_entry
 from .entries import id_leaf
 from .merkle import leaf_hash, verify_inclusion, verify_inclusion_leaf_hash
+from .pinned import pinned_head_problem
 from .signing import SignedTreeHead, fingerprint, load_public_key, verify_tree_head
 
 BUNDLE_FORMAT = "fgtrac-usage-proof/1"
@@ -56,9 +57,14 @@ def _hexes(value: Any, what: str) -> list[bytes]:
 
 
 def check_bundle(
-    bundle: Mapping[str, Any], *, public_key: Ed25519PublicKey | None = None, run_id: str | None = None
+    bundle: Mapping[str, Any],
+    *,
+    public_key: Ed25519PublicKey | None = None,
+    run_id: str | None = None,
+    since: Sequence[tuple[str, SignedTreeHead]] = (),
 ) -> BundleResult:
-    """Check every signature and inclusion proof in a bundle.
+    """Check every signature and inclusion proof in a bundle, and that its head extends every pinned head in
+    `since` ((name, head) pairs) through the consistency proofs the bundle carries (RFC 9162).
 
     Raises BundleError for unusable input (wrong format, a bundle for another run than `run_id`, a head signed by
     another key than the pinned `public_key`); returns a result with ok=False when a proof does not verify.
@@ -97,6 +103,24 @@ def check_bundle(
 
     if not verify_tree_head(sth, public_key):
         return bad("the tree head's signature does not verify")
+    proofs = {}
+    for item in bundle.get("consistency", []) or []:
+        try:
+            proofs[int(item["tree_size"])] = _hexes(item["proof"], "consistency proof")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"malformed consistency proof in bundle ({exc})") from None
+    for name, head in since:
+        if 0 < head.tree_size <= sth.tree_size and head.tree_size not in proofs:
+            raise BundleError(
+                f"the bundle carries no consistency proof from {name} (size {head.tree_size}); "
+                "make it with `fgtrac prove ... --since` that head"
+            )
+        problem = pinned_head_problem(
+            head, public_key, run_id=sth.run_id, tree_size=sth.tree_size, root=sth.root,
+            proof=proofs.get(head.tree_size, []), name=name,
+        )  # fmt: skip
+        if problem is not None:
+            return bad(problem)
     seen: set[int] = set()
     for item in entries:
         try:

@@ -14,6 +14,7 @@ import duckdb
 import pandas as pd
 
 from fgtrac_core.errors import CorruptRunError, RunNotFoundError, UnknownSampleError
+from fgtrac_core.ledger import SignedTreeHead
 from fgtrac_core.store.db import connect, first_line
 from fgtrac_core.store.layout import RunLayout
 
@@ -319,6 +320,21 @@ class RunStore:
             [[int(i) for i in sample_ids]],
         )
         return {int(i): bytes(t) for i, t in rows}
+
+    def latest_tree_head(self) -> SignedTreeHead:
+        """The latest signed tree head (largest, then newest); CorruptRunError when there is none or it is
+        malformed (its signature is not checked here: `verify` and whoever keeps it do that)."""
+        rows = self._rows(
+            "SELECT run_id, tree_size, root, chain_head, timestamp, key_fingerprint, signature FROM tree_heads "
+            "ORDER BY tree_size DESC, sth_id DESC LIMIT 1"
+        )
+        if not rows:
+            raise CorruptRunError(f"{self.layout.root} has no signed tree head")
+        keys = ("run_id", "tree_size", "root", "chain_head", "timestamp", "key_fingerprint", "signature")
+        try:
+            return SignedTreeHead.from_json_dict(dict(zip(keys, rows[0], strict=True)))
+        except ValueError as exc:
+            raise CorruptRunError(f"{self.layout.snapshot_db}: {first_line(exc)}") from None
 
     def signing(self) -> dict[str, Any]:
         """The ledger at a glance: entry count, the latest signed tree head and the recorded signer key."""
