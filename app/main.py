@@ -23,9 +23,11 @@ page = st.navigation(
         st.Page("views/audit.py", title="Audit", url_path="audit"),
     ]
 )
-if data.store().is_stale():
+shown = data.snapshot_id()  # before any read: a snapshot published during this run triggers one more rerun
+if data.fresh("is_stale"):
     st.warning(
         "This run is still being recorded (or its recording was interrupted): showing the latest published "
         f"snapshot, {data.snapshot_age()} old."
     )
+data.follow_snapshots(shown)
 page.run()

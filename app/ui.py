@@ -15,6 +15,10 @@ from app import data
 from app.data import LIFECYCLE, thumbnails
 
 _MD_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
+# GFM autolinks (`https://x.y`, `www.x.y`, `a@x.y`) are found in the *parsed* text, after backslash escapes are
+# resolved, so escaping cannot stop them: an invisible U+2060 WORD JOINER before every '.', ':' and '@' does
+_AUTOLINK_BREAK = re.compile(r"(?=[.:@])")
+WORD_JOINER = "\u2060"
 
 # what a positive stage effect means, per behaviour (fgtrac_core.stages.behaviours)
 EFFECT_MEANING = {
@@ -27,9 +31,14 @@ HELPED_SIGN = {"loss": -1.0, "margin": 1.0, "accuracy": 1.0}
 
 
 def md(text: Any) -> str:
-    """Recorded text made literal for Streamlit markdown: every ASCII punctuation character backslash-escaped,
-    so a stage or run name can never become a link, an image, LaTeX or a directive."""
-    return _MD_SPECIAL.sub(r"\\\1", str(text))
+    """Recorded text (anything read from the run database) made literal for Streamlit markdown — st.markdown,
+    st.caption, st.title, st.error... — the one helper every page uses for it.
+
+    Every ASCII punctuation character is backslash-escaped, so the text can never become markdown or HTML (a
+    link, an image, LaTeX, a directive, an icon or emoji shortcode), and a WORD JOINER (invisible) goes before
+    every '.', ':' and '@', so it can never become a GFM autolink either.  It reads the same on the page.
+    """
+    return _MD_SPECIAL.sub(r"\\\1", _AUTOLINK_BREAK.sub(WORD_JOINER, str(text)))
 
 
 def chart_text(text: Any) -> str:
@@ -120,7 +129,7 @@ def stage_bars(
         method=effects["method"].map(lambda m: "replay (ground truth)" if m == "replay" else chart_text(m)),
     ).sort_values("method", key=lambda m: m != "replay (ground truth)", kind="stable")
     fig = bars(
-        shown, "stage", "value", "method", title=title, y_title=f"effect on {behaviour}", height=height
+        shown, "stage", "value", "method", title=title, y_title=f"effect on {chart_text(behaviour)}", height=height
     )
     if on_select is None:
         st.plotly_chart(fig, key=key)

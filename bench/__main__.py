@@ -107,6 +107,7 @@ timed with the real recorder and with a `NullRun` (identical loop, no recording)
 |---|---|---|
 | training loop, not recorded | {ro["train_plain_s"]:.3f} | |
 | training loop, recorded | {ro["train_recorded_s"]:.3f} | **{ro["overhead_pct"]:+.1f}%** |
+| training loop with only the optimizer step hooks (hyperparameters, gradient copy and comparison, parameter fingerprint) | {ro.get("train_hooks_s", float("nan")):.3f} | **{ro.get("hooks_overhead_pct", float("nan")):+.1f}%** |
 | + `close()` (drains the background writer: everything committed, signed, snapshot published) | {ro["end_to_end_s"]:.3f} | **{ro["end_to_end_overhead_pct"]:+.1f}%** |
 | ingest before training (hashing, thumbnails, insert of 1,797 samples) | {ro["ingest_s"]:.3f} | |
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fgtrac_core._cli_args import OneLineParser, check_port_free, device, float_in, host, int_in, port
+from fgtrac_core._cli_proofs import add_parsers as add_proof_parsers
 from fgtrac_core.errors import FgtracError, RunExistsError, RunNotFoundError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -126,9 +127,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         info = store.sample(args.id)
         usage = store.sample_usage(args.id)
         transforms = store.sample_transforms(args.id)
+        relabels = store.sample_relabels(args.id)
     if args.json:
         info["transforms"] = json.loads(transforms.to_json(orient="records", date_format="iso"))
         info["usage"] = json.loads(usage.to_json(orient="records"))
+        info["relabelled"] = relabels
         _print_json(info)
         return EXIT_OK
     print(f"sample {info['sample_id']}  split {info['split']}  label {info['label']}")
@@ -136,6 +139,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     print(f"registered      {info['registered_at']}  from {info['source'] or '-'}")
     for t in transforms.itertuples():
         print(f"transform       {t.name} {t.params}")
+    for r in relabels:
+        print(f"relabelled: {r['from']} → {r['to']} from step {r['step']} (stage {r['stage']})")
     if usage.empty:
         print("never used in training")
     else:
@@ -200,54 +205,6 @@ def _progress_bar(desc: str) -> _Bar | None:
     return _Bar(desc) if sys.stderr.isatty() else None
 
 
-def _cmd_prove(args: argparse.Namespace) -> int:
-    from fgtrac_core.proofs import build_usage_proof
-
-    bundle = build_usage_proof(args.run, args.sample, since=[h for _, h in _pinned_heads(args.since)])
-    text = json.dumps(bundle, indent=1) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-        print(
-            f"wrote usage proof for sample {args.sample} ({len(bundle['entries'])} entries) to {args.out}",
-            file=sys.stderr,
-        )
-    else:
-        sys.stdout.write(text)
-    return EXIT_OK
-
-
-def _cmd_check_proof(args: argparse.Namespace) -> int:
-    # deliberately light: ledger code only (no torch, no duckdb), so a third party can check offline
-    from fgtrac_core.ledger import load_public_key
-    from fgtrac_core.ledger.bundle import BundleError, check_bundle
-
-    try:
-        bundle = json.loads(Path(args.file).read_text())
-        key = load_public_key(args.public_key) if args.public_key else None
-        result = check_bundle(bundle, public_key=key, run_id=args.run_id, since=_pinned_heads(args.since))
-    except (BundleError, ValueError) as exc:
-        raise FgtracError(f"{args.file}: {exc}") from None
-    if args.json:
-        _print_json(result.__dict__)
-        return EXIT_OK if result.ok else EXIT_FAILED
-    pin = (
-        "pinned" if result.key_pinned else "NOT pinned: the key inside the bundle was used; pass --public-key"
-    )
-    print(f"run {result.run_id}, sample {result.sample_id}, tree size {result.tree_size}")
-    print(f"signed by {result.key_fingerprint} ({pin})")
-    if not result.ok:
-        print(f"INVALID: {result.problem}")
-        return EXIT_FAILED
-    sample = result.sample or {}
-    print(
-        f"registered: split {sample.get('split')}, label {sample.get('label')}, content sha256 {sample.get('content_sha256')}"
-    )
-    steps = ", ".join(str(u["step"]) for u in result.uses) or "none"
-    print(f"used in {len(result.uses)} batches, at steps {steps}")
-    print("Proof valid")
-    return EXIT_OK
-
-
 def _ids(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -258,13 +215,17 @@ def _ids(text: str | None) -> list[int] | None:
 
 
 def _cmd_influence(args: argparse.Namespace) -> int:
+    from fgtrac_core.completeness import require_complete
     from fgtrac_core.influence.run_influence import run_influence
 
+    if not args.allow_incomplete:
+        require_complete(args.run, "fgtrac influence")
     rule = args.checkpoints if args.checkpoints in ("auto", "all") else _ids(args.checkpoints)
     summary = run_influence(
         args.run, mode=args.mode, k=args.k, checkpoints=rule, tau=args.tau, test_ids=_ids(args.test_ids),
         include_bias=not args.no_bias, projection_dim=args.projection_dim, seed=args.seed, model=args.model,
         inputs=args.inputs, layer=args.head_layer, device=args.device, progress=sys.stderr.isatty(),
+        weighting=args.weighting, check=args.check,
     )  # fmt: skip
     if args.json:
         _print_json(summary.to_json())
@@ -274,11 +235,18 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         f"analysis #{s.analysis_id}  {s.method}  top-{s.k} of {s.n_train} training samples for {s.n_test} test examples  ({s.seconds:.1f} s)"
     )
     print(f"final model: accuracy {s.accuracy:.3f}, {s.n_misclassified} misclassified test examples")
-    print("checkpoints")
+    print(f"checkpoints ({s.weighting} weighting)")
     for c in s.checkpoints:
+        iv = c.get("interval")
+        uses = (
+            f"steps {iv['first_step']}-{iv['last_step']} ({iv['n_uses']} uses) " if iv and iv["n_steps"] else
+            "no steps " if iv else ""
+        )  # fmt: skip
         print(
-            f"  #{c['checkpoint_id']:<3} step {c['step']:<6} {c['stage'] or '-':<10} lr {c['lr']:<10.4g} weight {c['weight']:<10.4g} {c['reason']}"
+            f"  #{c['checkpoint_id']:<3} step {c['step']:<6} {c['stage'] or '-':<10} lr {c['lr']:<10.4g} weight {c['weight']:<10.4g} {uses}{c['reason']}"
         )
+    if s.check:
+        print(f"measured on this run: LDS {s.check['lds']:.3f} ({s.check['replays']} replays without a random half, {s.check['seconds']:.1f} s)")
     print("highest self-influence (suspected label errors)")
     for r in s.top_self_influence:
         print(f"  sample {r['sample_id']:<6} label {r['label']}  {r['self_influence']:.4g}")
@@ -324,9 +292,12 @@ def _store_stages(run_dir: str | Path, **options: Any) -> tuple[int, Any]:
 
 
 def _cmd_stages(args: argparse.Namespace) -> int:
+    from fgtrac_core.completeness import require_complete
     from fgtrac_core.pipeline import load_pipeline
     from fgtrac_core.store import RunStore
 
+    if not args.allow_incomplete:
+        require_complete(args.run, "fgtrac stages")
     pipeline = None
     if args.model or args.inputs or args.head_layer:
         with RunStore(args.run) as store:
@@ -434,7 +405,16 @@ def _parser() -> argparse.ArgumentParser:
         help="TracInCP proponents/opponents of every test example and self-influence; stored, committed",
     )
     inf.add_argument("run")
-    inf.add_argument("--mode", choices=["last_layer", "full", "adamw"], default="last_layer")
+    inf.add_argument("--mode", choices=["last_layer", "full", "adamw", "exact"], default="last_layer")
+    inf.add_argument(
+        "--weighting", choices=["usage", "checkpoint"],
+        help="usage: each sample's uses (Σ lr/|batch|) in the steps a checkpoint stands for (default when the run "
+        "recorded batches); checkpoint: one lr per checkpoint (Captum)",
+    )  # fmt: skip
+    inf.add_argument(
+        "--check", type=int_in(2, 100_000), metavar="K",
+        help="also replay the run K times without a random half of the training data and store the LDS",
+    )  # fmt: skip
     inf.add_argument("--k", type=int_in(1, 1_000_000), default=50, help="proponents and opponents kept per test example")
     inf.add_argument("--checkpoints", default="auto", help="auto (FG-Trac), all, or comma-separated ids")
     inf.add_argument("--tau", type=float_in(0, 1, hi_open=True), default=0.05, help="auto: relative validation-loss improvement")
@@ -445,6 +425,7 @@ def _parser() -> argparse.ArgumentParser:
     _pipeline_args(inf)
     inf.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda when available)")
     inf.add_argument("--json", action="store_true")
+    inf.add_argument("--allow-incomplete", action="store_true", help="analyse a run with a failed or unfinished stage")
     inf.set_defaults(func=_cmd_influence)
     st = sub.add_parser(
         "stages", help="per-stage accountability: effect of each training stage on every test example"
@@ -458,26 +439,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--force", action="store_true", help="run even above the budget")
     _pipeline_args(st)
     st.add_argument("--json", action="store_true")
+    st.add_argument("--allow-incomplete", action="store_true", help="analyse a run with a failed or unfinished stage")
     st.set_defaults(func=_cmd_stages)
-    pr = sub.add_parser("prove", help="write a usage-proof bundle for one sample")
-    pr.add_argument("run", help="run directory")
-    pr.add_argument("--sample", type=int, required=True, help="sample id")
-    pr.add_argument("--out", help="file to write (default: stdout)")
-    _since_arg(pr, "add the consistency proof from this pinned head (repeatable)")
-    pr.set_defaults(func=_cmd_prove)
-
-    c = sub.add_parser("check-proof", help="check a usage-proof bundle offline (no database needed)")
-    c.add_argument("file", help="bundle written by `fgtrac prove`")
-    c.add_argument("--public-key", help="pinned Ed25519 public key file (PEM)")
-    c.add_argument("--run-id", help="expected run id")
-    c.add_argument("--json", action="store_true", help="machine-readable output")
-    _since_arg(c)
-    c.set_defaults(func=_cmd_check_proof)
-
-    h = sub.add_parser("head", help="export the run's latest signed tree head, for a reviewer to keep")
-    h.add_argument("run", help="run directory")
-    h.add_argument("--out", help="file to write (default: stdout)")
-    h.set_defaults(func=_cmd_head)
+    add_proof_parsers(sub, _since_arg)
 
     k = sub.add_parser("key", help="signing key management")
     ksub = k.add_subparsers(dest="key_command", required=True)
@@ -494,33 +458,6 @@ def _since_arg(p: argparse.ArgumentParser, help: str | None = None) -> None:
         help=help or "a signed tree head kept earlier (`fgtrac head`): fail if the run was truncated or "
         "rewritten since (repeatable)",
     )  # fmt: skip
-
-
-def _pinned_heads(files: Sequence[str]) -> list[tuple[str, Any]]:
-    from fgtrac_core.ledger.pinned import read_pinned_head
-
-    try:
-        return [(f"pinned head {Path(f).name}", read_pinned_head(f)) for f in files]
-    except ValueError as exc:
-        raise FgtracError(str(exc)) from None
-
-
-def _cmd_head(args: argparse.Namespace) -> int:
-    from fgtrac_core.store import RunStore
-
-    with RunStore(args.run) as store:
-        head = store.latest_tree_head()
-    text = json.dumps(head.to_json_dict(), indent=1) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-        print(
-            f"wrote the signed tree head of run {head.run_id} (size {head.tree_size}, {head.timestamp}) to "
-            f"{args.out}; keep it and check later with: fgtrac verify RUN --since {args.out}",
-            file=sys.stderr,
-        )
-    else:
-        sys.stdout.write(text)
-    return EXIT_OK
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:

@@ -38,3 +38,8 @@ class RecorderStateError(FgtracError):
 class TamperedRunError(CorruptRunError):
     """The run database holds objects or a schema fgtrac never creates (a view, macro, changed column...), or
     differs from its ledger where fgtrac is about to write."""
+
+
+class RunFileError(CorruptRunError):
+    """A file the run references (a checkpoint) is refused: outside the run, a link, not a regular file, or not the
+    size and SHA-256 its ledger entry committed (`fgtrac_core.store.run_files`)."""

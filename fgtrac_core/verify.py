@@ -207,7 +207,8 @@ def check_entries(con: duckdb.DuckDBPyConnection, progress: Progress = _noop) ->
 
     Fast path: DuckDB encodes and compares whole tables (`count_mismatches`).  Kinds it cannot do (Merkle roots
     over id sets) or where it reports any difference go through the Python reference encoder, which also names
-    the row and field.  Of several problems, the one earliest in the ledger is reported.
+    the row and field.  Of several problems, broken batch positions are reported first (the direct evidence: the
+    usage index derived from them differs as a consequence), then the one earliest in the ledger.
     """
 
     def run() -> tuple[bool, int, str, Failure | None]:
@@ -233,7 +234,7 @@ def check_entries(con: duckdb.DuckDBPyConnection, progress: Progress = _noop) ->
         if gap:
             msg = "positions within the batch must run 0..n-1 in batch order"
             problems.append(
-                (math.inf, Failure("entries", "batch_samples", f"rows batch_id={gap[0][0]}", "position", msg))
+                (-1, Failure("entries", "batch_samples", f"rows batch_id={gap[0][0]}", "position", msg))
             )
         n = con.execute("SELECT count(*) FROM ledger").fetchall()[0][0]
         if problems:

@@ -172,7 +172,7 @@ def train(
                     opt.step()
                     if sched is not None:
                         sched.step()
-                    run.log_batch(ids, step=step, epoch=epoch, lr=lr, loss=loss)
+                    run.log_batch(ids, step=step, epoch=epoch, lr=lr, loss=loss, targets=y)
                     step += 1
                 if (epoch + 1) % cfg["checkpoint_every"] == 0:
                     val_loss, val_acc = evaluate(model, x_val, y_val)

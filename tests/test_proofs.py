@@ -83,7 +83,7 @@ def test_train_sample_proof(digits_run: Path, proofs: dict[str, Any]) -> None:
     with RunStore(digits_run) as store:
         steps = [int(s) for s in store.sample_usage(proofs["used"])["step"]]
     assert steps
-    assert f"used in {len(steps)} batches, at steps {', '.join(map(str, steps))}" in proc.stdout
+    assert f"used {len(steps)} times, at steps {', '.join(map(str, steps))}" in proc.stdout
 
     proc = run_cli("check-proof", str(f), "--json")
     assert proc.returncode == 0, proc.stderr
@@ -97,7 +97,7 @@ def test_test_sample_proof(proofs: dict[str, Any]) -> None:
     """A never-used test sample's proof is valid and shows no use."""
     proc = run_cli("check-proof", str(proofs["files"]["test"]))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Proof valid" in proc.stdout and "used in 0 batches, at steps none" in proc.stdout
+    assert "Proof valid" in proc.stdout and "used 0 times, at steps none" in proc.stdout and "complete" in proc.stdout
     result = check_bundle(_load(proofs, "test"))
     assert result.ok and result.uses == [] and result.sample is not None
     assert result.sample["split"] == "test" and result.sample_id == proofs["unused"]
@@ -302,9 +302,11 @@ def test_check_bundle_api_errors(proofs: dict[str, Any], tmp_path: Path) -> None
 
 
 def test_prove_unusable_input(digits_run: Path, tmp_path: Path) -> None:
-    """`prove` with an unknown sample id or a missing run: exit 2, one line."""
-    _assert_usage_error(run_cli("prove", str(digits_run), "--sample", "99999999"))
-    _assert_usage_error(run_cli("prove", str(digits_run), "--sample", "-5"))
+    """`prove` on a missing run: exit 2, one line.  An id the run never registered is not an error: the closed
+    sample run has a usage index, so the answer is a proof of absence."""
+    for sid in ("99999999", "-5"):
+        bundle = json.loads(run_cli("prove", str(digits_run), "--sample", sid, check=True).stdout)
+        assert bundle["entries"] == [] and check_bundle(bundle).registered is False
     _assert_usage_error(run_cli("prove", str(tmp_path / "no-run"), "--sample", "0"))
     _assert_usage_error(run_cli("prove", str(tmp_path), "--sample", "0"))
 

@@ -35,6 +35,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "stages": ("stage_id",),
     "batches": ("batch_id",),
     "batch_samples": ("batch_id", "position"),
+    "optimizer_steps": ("step",),
     "checkpoints": ("checkpoint_id",),
     "analyses": ("analysis_id",),
     "influence_tests": ("row_id",),
@@ -43,6 +44,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "stage_effects": ("row_id",),
     "stage_aggregates": ("row_id",),
     "stage_faithfulness": ("row_id",),
+    "usage_indexes": ("index_id",),
     "ledger": ("seq",),
     "tree_heads": ("sth_id",),
 }
@@ -431,13 +433,13 @@ def _insert_sample(con: duckdb.DuckDBPyConnection) -> tuple[set[str], str]:
 def _insert_batch_sample(con: duckdb.DuckDBPyConnection) -> tuple[set[str], str]:
     b = _mid(con, "batches", "batch_id")
     pos = _one(con, "SELECT max(position) + 1 FROM batch_samples WHERE batch_id = ?", [b])
-    con.execute("INSERT INTO batch_samples VALUES (?, ?, (SELECT min(sample_id) FROM samples))", [b, pos])
+    con.execute("INSERT INTO batch_samples VALUES (?, ?, (SELECT min(sample_id) FROM samples), NULL)", [b, pos])
     return {"batches", "batch_samples"}, f"batch_id={b}"
 
 
 def _insert_orphan_batch_sample(con: duckdb.DuckDBPyConnection) -> tuple[set[str], str]:
     b = _one(con, "SELECT max(batch_id) + 1000 FROM batches")
-    con.execute("INSERT INTO batch_samples VALUES (?, 0, (SELECT min(sample_id) FROM samples))", [b])
+    con.execute("INSERT INTO batch_samples VALUES (?, 0, (SELECT min(sample_id) FROM samples), NULL)", [b])
     return {"batch_samples"}, f"batch_id={b}"
 
 

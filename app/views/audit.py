@@ -49,11 +49,12 @@ def render() -> None:
         return
     bar = st.progress(0.0, text="verifying")
     try:
-        report = verify_run(
-            data.run_dir(),
-            public_key=key_file.getvalue() if key_file is not None else None,
-            progress=lambda frac, label: bar.progress(min(frac, 1.0), text=label),
-        )
+        with data.holding_snapshot():
+            report = verify_run(
+                data.run_dir(),
+                public_key=key_file.getvalue() if key_file is not None else None,
+                progress=lambda frac, label: bar.progress(min(frac, 1.0), text=label),
+            )
     except FgtracError as exc:
         bar.empty()
         st.error(f"Cannot verify: {md(exc)}")

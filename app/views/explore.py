@@ -107,7 +107,7 @@ def _contributions(proponents: pd.DataFrame, analysis: dict[str, Any]) -> None:
     ckpts = analysis["checkpoints"]
     frame = pd.DataFrame(
         {
-            "checkpoint": [f"#{c['checkpoint_id']} step {c['step']}" for c in ckpts],
+            "checkpoint": [chart_text(f"#{c['checkpoint_id']} step {c['step']}") for c in ckpts],
             "stage": [chart_text(c["stage"]) for c in ckpts],
             "contribution": json.loads(row["contributions"]),
         }

@@ -17,7 +17,7 @@ from fgtrac_core.errors import UnknownSampleError
 
 def _record(sample_id: int) -> dict[str, Any]:
     try:
-        return data.store().sample(sample_id)
+        return data.query("sample", sample_id)
     except UnknownSampleError:
         st.error(f"Sample #{sample_id} is not in this run.")
         st.stop()
@@ -92,11 +92,11 @@ def _influence(sample_id: int, split: str) -> None:
     st.subheader("Test examples it most influences")
     top = data.query("most_influenced", aid, sample_id, 10)
     if top.empty:
-        st.caption(f"in no stored top-{analysis['params'].get('k', '')} list")
+        st.caption(f"in no stored top-{md(analysis['params'].get('k', ''))} list")
         return
 
     def caption(row: Any) -> str:
-        return f"{row.direction} #{row.rank}  \n{row.score:+.3g}"
+        return f"{md(row.direction)} #{row.rank}  \n{row.score:+.3g}"
 
     sample_grid(top, "test_id", caption, key="open_test", target=EXPLORE)
 

@@ -92,7 +92,7 @@ def _ledger() -> None:
 
 def render() -> None:
     summary = data.query("summary")
-    st.title(f"Run {md(summary['name'])}")
+    st.title(f"Run {md(summary['name'])}", anchor=False)  # an anchor would carry the name into a link
     st.caption(
         f"run id {md(summary['run_id'])} · schema v{summary['schema_version']} · {md(summary['run_dir'])}"
     )

@@ -76,7 +76,7 @@ def render() -> None:
     n = int(shown["n"].max()) if not shown.empty else 0
     on_click = functools.partial(_stage_clicked, list(dict.fromkeys(shown["stage"])))
     stage_bars(shown, behaviour, key="aggregate_chart", on_select=on_click,
-               title=f"Mean stage effect over {_slice_name(slice_)} (n = {n}); click a bar to pick its stage")  # fmt: skip
+               title=f"Mean stage effect over {chart_text(_slice_name(slice_))} (n = {n}); click a bar to pick its stage")  # fmt: skip
     st.caption(md(EFFECT_MEANING.get(behaviour, "")))
 
     faith = data.query("stage_faithfulness", aid)

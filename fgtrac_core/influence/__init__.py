@@ -13,12 +13,14 @@ from fgtrac_core.influence.tracin import (
     self_influence,
     tracin,
 )
+from fgtrac_core.influence.weighting import WEIGHTINGS, usage_weights
 
 __all__ = [
     "MODES",
     "Review",
     "SelectedCheckpoint",
     "TopK",
+    "WEIGHTINGS",
     "head_factors",
     "load_state_dict",
     "momentum_factor",
@@ -26,4 +28,5 @@ __all__ = [
     "select_checkpoints",
     "self_influence",
     "tracin",
+    "usage_weights",
 ]

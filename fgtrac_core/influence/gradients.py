@@ -38,11 +38,25 @@ class Features:
         return len(self.dense if self.dense is not None else self.delta)  # type: ignore[arg-type]
 
     def add_dots(
-        self, other: Features, sl: slice, bias: float, weight: float, out: torch.Tensor | None
+        self,
+        other: Features,
+        sl: slice,
+        bias: float,
+        weight: float | torch.Tensor,
+        out: torch.Tensor | None,
     ) -> torch.Tensor:
         """`out` + weight × the (len(self), len(sl)) gradient dot products with `other[sl]` (a new tensor when
         `out` is None).  Fused and in place: at these shapes each extra pass over the block costs about as much
-        as a matmul, and a fresh block per operation adds page faults."""
+        as a matmul, and a fresh block per operation adds page faults.  `weight` is one number, or one per
+        sample of `other[sl]` (a (len(sl),) tensor: usage weights), folded into those rows before the matmul."""
+        if isinstance(weight, torch.Tensor):
+            w = weight.to(self.dense if self.dense is not None else self.delta)[:, None]  # type: ignore[arg-type]
+            if self.dense is not None:
+                rows = other.dense[sl] * w  # type: ignore[index]
+                return self.dense @ rows.T if out is None else out.addmm_(self.dense, rows.T)
+            aa = (self.act @ other.act[sl].T).add_(bias)  # type: ignore[union-attr,index]
+            dd = self.delta @ (other.delta[sl] * w).T  # type: ignore[index,operator]
+            return aa.mul_(dd) if out is None else out.addcmul_(aa, dd)
         if self.dense is not None:
             if out is None:
                 return (self.dense * weight) @ other.dense[sl].T  # type: ignore[index]

@@ -9,7 +9,6 @@ the rows) go into the run's ledger, so `fgtrac verify` catches any edited score.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -22,12 +21,14 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from fgtrac_core.checkpoint_files import load_checkpoint_payload
 from fgtrac_core.errors import FgtracError, UnknownSampleError
 from fgtrac_core.influence.checkpoints import select_checkpoints
 from fgtrac_core.influence.tracin import MODES, load_state_dict, review
-from fgtrac_core.ledger import decode_entry
+from fgtrac_core.influence.weighting import WEIGHTINGS, has_batch_records, run_intervals, usage_weights
 from fgtrac_core.pipeline import Pipeline, load_pipeline
 from fgtrac_core.store.reader import RunStore
+from fgtrac_core.store.run_files import committed_checkpoints
 
 
 class CheckpointMismatchError(FgtracError):
@@ -48,21 +49,19 @@ class InfluenceSummary:
     accuracy: float
     n_misclassified: int
     top_self_influence: list[dict[str, Any]] = field(default_factory=list)
+    weighting: str = "checkpoint"
+    check: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _chosen_checkpoints(store: RunStore, rule: str | Sequence[int], tau: float) -> list[dict[str, Any]]:
-    """The checkpoints to sum over, each checked: file hash = recorded hash = the ledger entry's hash.
+def _chosen_checkpoints(
+    store: RunStore, rule: str | Sequence[int], tau: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The checkpoints to sum over and their loaded payloads, each file read once through the trusted reader
+    (`fgtrac_core.store.run_files`): inside the run, no links, a regular file of the size and SHA-256 its ledger
+    entry committed, and the `checkpoints` row agreeing with that entry (RunFileError, one line, otherwise).
 
     Checkpoints sharing a step hold the same parameters (a stage's end and the next stage's start): only the first
     is a candidate, so `all` does not count one set of parameters twice.  Explicit lists name checkpoint ids.
@@ -84,26 +83,12 @@ def _chosen_checkpoints(store: RunStore, rule: str | Sequence[int], tau: float) 
                 "checkpoints at an already-listed step are skipped)"
             )
         picks = select_checkpoints(ck["val_loss"].tolist(), [ids.index(i) for i in rule])
-    entries = store.df("SELECT ref_id, entry FROM ledger WHERE kind = 'checkpoint'")
-    committed = {
-        int(r): decode_entry(bytes(e))[1]["sha256"]
-        for r, e in zip(entries.ref_id, entries.entry, strict=True)
-    }
-    out = []
+    committed = committed_checkpoints(store)
+    out, payloads = [], []
     for pick in picks:
         row = ck.iloc[pick.index]
         cid = int(row["checkpoint_id"])
-        path = store.layout.resolve_inside(row["path"])
-        if not path.is_file():
-            raise CheckpointMismatchError(f"checkpoint file {row['path']} is missing")
-        digest = _sha256_file(path)
-        if committed.get(cid) is None:
-            raise CheckpointMismatchError(f"checkpoint {cid} ({row['path']}) has no ledger entry")
-        if digest != committed[cid] or digest != row["sha256"]:
-            raise CheckpointMismatchError(
-                f"checkpoint file {row['path']} does not match the ledger (sha256 {digest[:16]}..., "
-                f"committed {committed[cid][:16]}...); refusing to compute influence from it"
-            )
+        facts = committed[cid]
         if row["lr"] is None or not np.isfinite(row["lr"]):
             raise FgtracError(f"checkpoint {cid} has no recorded learning rate")
         out.append(
@@ -113,12 +98,13 @@ def _chosen_checkpoints(store: RunStore, rule: str | Sequence[int], tau: float) 
                 "stage": row["stage"],
                 "kind": row["kind"],
                 "lr": float(row["lr"]),
-                "sha256": digest,
+                "sha256": facts.sha256,
                 "reason": pick.reason,
-                "path": path,
+                "path": facts.path,
             }
         )
-    return out
+        payloads.append(load_checkpoint_payload(store.layout, facts))
+    return out, payloads
 
 
 def _split(
@@ -170,18 +156,28 @@ def run_influence(
     layer: str | None = None,
     device: str | None = None,
     progress: bool = False,
+    weighting: str | None = None,
+    check: int | None = None,
 ) -> InfluenceSummary:
     """Compute, store and commit a TracInCP analysis of a recorded run; returns what was stored.
 
     Scores are positive for proponents (the training sample lowered the test loss); see `tracin` for modes.
     `checkpoints` is `auto` (FG-Trac: validation loss improved by >= `tau` relative to the best so far in its
     stage, plus the final checkpoint), `all`, or checkpoint ids.  Refuses checkpoint files whose hash differs
-    from the ledger.
+    from the ledger.  `weighting`: `usage` (each checkpoint's term for a training sample weighted by that
+    sample's uses, Σ η_t/|B_t|, in the steps the checkpoint stands for; `fgtrac_core.influence.weighting`) or
+    `checkpoint` (one lr per checkpoint, Captum's convention); default `usage` when the run recorded its batches.
+    `check` K: also replay the run K times without a random half of the training samples and store the LDS of
+    these scores against the replays' test losses (`fgtrac_core.influence.check`).
     """
     from fgtrac_core.tracking.run import Run
 
-    if mode not in MODES:
-        raise FgtracError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode not in (*MODES, "exact"):
+        raise FgtracError(f"mode must be one of {', '.join(MODES)}, exact, not {mode!r}")
+    if weighting is not None and weighting not in WEIGHTINGS:
+        raise FgtracError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
+    if mode == "exact" and weighting == "checkpoint":
+        raise FgtracError("exact mode weighs every step's own use (η_t/|B_t|); --weighting checkpoint does not apply")
     if k < 1:
         raise FgtracError("k must be at least 1")
     t0 = time.perf_counter()
@@ -189,35 +185,85 @@ def run_influence(
         pipeline = load_pipeline(
             store.meta().get("config", "{}"), model=model, inputs=inputs, head_layer=layer, need_head=True
         )
-        chosen = _chosen_checkpoints(store, checkpoints, tau)
+        chosen, states = _chosen_checkpoints(store, checkpoints, tau)
         train_ids, x_tr, y_tr = _split(store, pipeline, "train", None)
         test_ids_arr, x_te, y_te = _split(store, pipeline, "test", test_ids)
+        batched = has_batch_records(store)
+        if weighting is None:
+            weighting = "usage" if batched else "checkpoint"
+        if weighting == "usage" and not batched:
+            raise FgtracError("usage weighting needs the run's batch records; this run has none (--weighting checkpoint)")
+        usage = (
+            usage_weights(store, train_ids, [c["checkpoint_id"] for c in chosen]) if weighting == "usage" else None
+        )
+        if mode == "exact" or check:
+            from fgtrac_core.stages._records import load_training
+
+            records = load_training(store, pipeline)
+            intervals = run_intervals(store, [c["checkpoint_id"] for c in chosen])
     net = pipeline.model()
-    rev = review(
-        net,
-        pipeline.head_layer,
-        (x_tr, y_tr),
-        (x_te, y_te),
-        [(c["path"], c["lr"]) for c in chosen],
-        k=k,
-        cosine=True,
-        mode=mode,
-        include_bias=include_bias,
-        projection_dim=projection_dim,
-        seed=seed,
-        device=device,
-        progress=progress,
-    )
-    net.load_state_dict(load_state_dict(chosen[-1]["path"]))
+    if mode == "exact":  # every step's own parameters, by replay; `usage` only supplies the interval summaries
+        from fgtrac_core.influence.exact import exact_review
+        from fgtrac_core.stages.replay import deterministic
+
+        with deterministic(records.config.get("torch_threads")):
+            rev: Any = exact_review(
+                records.training, pipeline.head_layer, train_ids, (x_te, y_te), k=k, include_bias=include_bias,
+                intervals=intervals, progress=progress,
+            )  # fmt: skip
+        rev.checkpoint_weights = [1.0] * len(chosen)
+    else:
+        rev = review(
+            net,
+            pipeline.head_layer,
+            (x_tr, y_tr),
+            (x_te, y_te),
+            [(state, c["lr"]) for c, state in zip(chosen, states, strict=True)],
+            k=k,
+            cosine=True,
+            mode=mode,
+            include_bias=include_bias,
+            projection_dim=projection_dim,
+            seed=seed,
+            device=device,
+            progress=progress,
+            sample_weights=usage.matrix if usage is not None else None,
+        )
+    measured = None
+    if check:
+        from fgtrac_core.influence.check import check as run_check
+        from fgtrac_core.influence.tracin import tracin
+        from fgtrac_core.stages.replay import deterministic
+
+        if mode == "exact":
+            full = rev.scores.scores
+        else:
+            full = tracin(
+                net, pipeline.head_layer, (x_tr, y_tr), (x_te, y_te),
+                [(state, c["lr"]) for c, state in zip(chosen, states, strict=True)],
+                mode=mode, include_bias=include_bias, projection_dim=projection_dim, seed=seed, device=device,
+                sample_weights=usage.matrix if usage is not None else None,
+            )  # fmt: skip
+        with deterministic(records.config.get("torch_threads")):
+            measured = run_check(
+                records.training, train_ids, (x_te, y_te), full.double().cpu().numpy(), k=int(check), seed=seed,
+                progress=progress,
+            )  # fmt: skip
+    net.load_state_dict(load_state_dict(states[-1]))
     preds = _predictions(net.cpu(), x_te, y_te)
     tables = _result_tables(rev, train_ids, test_ids_arr, y_te.numpy(), preds)
     seconds = time.perf_counter() - t0
-    for c, w in zip(chosen, rev.checkpoint_weights, strict=True):
-        c["weight"] = w  # lr, times κ for adamw on Adam checkpoints
-        c["path"] = str(c["path"].relative_to(Path(run_dir).resolve()))
+    for i, (c, w) in enumerate(zip(chosen, rev.checkpoint_weights, strict=True)):
+        c["kappa"] = rev.checkpoint_kappas[i] if rev.checkpoint_kappas else 1.0
+        if usage is None:
+            c["weight"] = w  # lr, times κ for adamw on Adam checkpoints
+        else:  # κ: the factor on each sample's Σ η_t/|B_t| over its uses in the interval
+            c["weight"] = c["kappa"]
+            c["interval"] = usage.intervals[i]
     method = f"tracin/{mode}"
     params = {
         "mode": mode,
+        "weighting": weighting,
         "k": min(k, len(train_ids)),
         "checkpoint_rule": checkpoints if isinstance(checkpoints, str) else [int(i) for i in checkpoints],
         "tau": tau,
@@ -230,6 +276,13 @@ def run_influence(
         "views": ["raw", "cosine"],
         "sign": "positive = proponent (lowered the test loss)",
     }
+    if usage is not None:
+        params["uncovered_steps"] = usage.uncovered_steps
+    if measured is not None:
+        params["check"] = measured.to_params()
+    if mode == "exact":
+        params["steps_replayed"] = rev.scores.n_steps
+        params["contributions"] = "per interval: the steps each checkpoint stands for (usage weighting's rule)"
     run = Run.open(run_dir)
     try:
         analysis_id = run.record_analysis("influence", method, params, chosen, tables, seconds=seconds)
@@ -254,6 +307,8 @@ def run_influence(
             }
             for i in order.tolist()
         ],
+        weighting=weighting,
+        check=params.get("check"),
     )
 
 

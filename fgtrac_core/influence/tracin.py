@@ -53,10 +53,15 @@ class TopK:
 
 @dataclass
 class _Checkpointed:
-    """Gradient features of each data set at one checkpoint, and the checkpoint's weight (η, or η κ for Adam)."""
+    """Gradient features of each data set at one checkpoint, and the checkpoint's weight (η, or η κ for Adam).
+
+    With usage weighting `train_weight` holds one weight per training sample (its Σ η_t/|B_t| over its uses in
+    the interval this checkpoint stands for, times κ) and replaces `weight` for training samples."""
 
     weight: float
     features: list[Features]
+    kappa: float = 1.0
+    train_weight: torch.Tensor | None = None
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -141,11 +146,11 @@ def _features(
             except RuntimeError as e:
                 name = ckpt if isinstance(ckpt, str | Path) else "a checkpoint"
                 raise FgtracError(f"{name} does not fit the model: {str(e).splitlines()[0]}") from None
-            weight, scale = float(lr), None
+            weight, scale, kappa = float(lr), None, 1.0
             if mode == "adamw":
                 adam = adam_state(model, opt_state, float(lr), names)
                 if adam is not None:
-                    weight, scale = float(lr) * adam.kappa, adam.sqrt_precond
+                    weight, scale, kappa = float(lr) * adam.kappa, adam.sqrt_precond, adam.kappa
             feats = []
             for d in datasets:
                 if uses_head:
@@ -162,7 +167,7 @@ def _features(
                         model, names, d, loss_fn=loss_fn, scale=scale, reduce=projection, device=device
                     )
                     feats.append(Features(dense=g))
-            out.append(_Checkpointed(weight, feats))
+            out.append(_Checkpointed(weight, feats, kappa))
     finally:
         model.load_state_dict(original)
     return out
@@ -173,12 +178,51 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def _squared_norms(per_ckpt: list[_Checkpointed], which: int, bias: float) -> torch.Tensor:
-    """Σ_c w_c ‖∇ℓ(θ_c, z)‖² of every sample of data set `which`: its self-influence."""
+def _squared_norms(
+    per_ckpt: list[_Checkpointed], which: int, bias: float, per_sample: bool = False
+) -> torch.Tensor:
+    """Σ_c w_c ‖∇ℓ(θ_c, z)‖² of every sample of data set `which`: its self-influence.  With `per_sample` (the
+    training set under usage weighting) w_c is each sample's own weight."""
+    if per_sample and per_ckpt[0].train_weight is not None:
+        out = None
+        for c in per_ckpt:
+            sq = c.features[which].sq_norms(bias)
+            part = c.train_weight.to(sq) * sq  # type: ignore[union-attr]
+            out = part if out is None else out.add_(part)
+        return out  # type: ignore[return-value]
     total = per_ckpt[0].weight * per_ckpt[0].features[which].sq_norms(bias)
     for c in per_ckpt[1:]:
         total += c.weight * c.features[which].sq_norms(bias)
     return total
+
+
+def _use_sample_weights(per_ckpt: list[_Checkpointed], weights: Any, which: int) -> None:
+    """Attach per-training-sample weights (n_train, n_checkpoints) — usage weighting — to the checkpoints; each
+    column is multiplied by its checkpoint's κ (1 for SGD-form checkpoints)."""
+    if weights is None:
+        return
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    n_train = len(per_ckpt[0].features[which])
+    if w.shape != (n_train, len(per_ckpt)):
+        raise FgtracError(
+            f"sample_weights must be (n_train, n_checkpoints) = ({n_train}, {len(per_ckpt)}), "
+            f"not {tuple(w.shape)}"
+        )
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise FgtracError("sample_weights must be finite and non-negative")
+    f = per_ckpt[0].features[which]
+    like = f.dense if f.dense is not None else f.delta
+    for i, c in enumerate(per_ckpt):
+        c.train_weight = (w[:, i] * c.kappa).to(device=like.device, dtype=like.dtype)  # type: ignore[union-attr]
+
+
+def _usage_test_sq(per_ckpt: list[_Checkpointed], bias: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under usage weighting: each test example's ‖∇ℓ(θ_c, test)‖² per checkpoint (n_test, C) and the training
+    weights (n_train, C).  Cauchy–Schwarz with the training sample's own weights bounds |score(t, z)| by
+    √(Σ_c W_zc ‖g_t,c‖² · Σ_c W_zc ‖g_z,c‖²): the cosine view's denominator, pair by pair."""
+    tsq = torch.stack([c.features[0].sq_norms(bias) for c in per_ckpt], 1)
+    w = torch.stack([c.train_weight for c in per_ckpt], 1)  # type: ignore[misc]
+    return tsq, w.to(tsq)
 
 
 @dataclass
@@ -224,21 +268,30 @@ class Review:
     checkpoint_weights: list[float]
     _per_ckpt: list[_Checkpointed]
     _bias: float
+    checkpoint_kappas: list[float] | None = None
 
     def pair_detail(
         self, test_idx: torch.Tensor, train_idx: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For index tensors of one shape: (raw score, cosine, per-checkpoint contributions [..., C]), where the
-        contributions w_c ∇ℓ(θ_c, test)·∇ℓ(θ_c, train) sum to the raw score."""
+        contributions w_c ∇ℓ(θ_c, test)·∇ℓ(θ_c, train) sum to the raw score (w_c: the training sample's own
+        weight under usage weighting, exactly 0 from a checkpoint whose interval never used it)."""
+        usage = self._per_ckpt[0].train_weight is not None
         parts = torch.stack(
             [
-                c.weight * c.features[0].pair_dots(c.features[1], test_idx, train_idx, self._bias)
+                (c.train_weight[train_idx] if c.train_weight is not None else c.weight)  # type: ignore[operator]
+                * c.features[0].pair_dots(c.features[1], test_idx, train_idx, self._bias)
                 for c in self._per_ckpt
             ],
             -1,
         )
         raw = parts.sum(-1)
-        norm = (self.test_self_influence[test_idx] * self.self_influence[train_idx]).sqrt().clamp_min(1e-30)
+        if usage:
+            tsq, w = _usage_test_sq(self._per_ckpt, self._bias)
+            test_sq = (tsq[test_idx] * w[train_idx]).sum(-1)
+            norm = (test_sq * self.self_influence[train_idx]).sqrt().clamp_min(1e-30)
+        else:
+            norm = (self.test_self_influence[test_idx] * self.self_influence[train_idx]).sqrt().clamp_min(1e-30)
         return raw, raw / norm, parts
 
 
@@ -260,6 +313,7 @@ def tracin(
     chunk_size: int = 8192,
     device: str | torch.device | None = None,
     progress: bool = False,
+    sample_weights: Any = None,
 ) -> torch.Tensor | TopK:
     """TracInCP scores of every test example against every training sample.
 
@@ -279,9 +333,15 @@ def tracin(
     Returns the (n_test, n_train) matrix, or with `k` the top-k proponents and opponents per test example,
     streamed over training chunks of `chunk_size` so the full matrix is never held.  `normalize` gives the
     cosine view: each score divided by both samples' gradient norms √(Σ_c w_c ‖∇ℓ‖²), in [-1, 1].
+
+    `sample_weights` (usage weighting, `fgtrac_core.influence.weighting`): an (n_train, n_checkpoints) array that
+    replaces lr_c per training sample — W[z, c] = Σ η_t/|B_t| over z's uses in the steps checkpoint c stands for
+    (times κ_c in adamw mode), so a sample unused there gets exactly 0 from c.  The cosine view then divides by
+    √(Σ_c W[z, c] ‖∇ℓ(θ_c, test)‖² · Σ_c W[z, c] ‖∇ℓ(θ_c, z)‖²) (Cauchy–Schwarz with z's own weights).
     """
     opts = _Options(mode, loss_fn, include_bias, params, projection_dim, seed, chunk_size, device, progress)
     per_ckpt = opts.features(model, layer, [(test, "test"), (train, "train")], checkpoints)
+    _use_sample_weights(per_ckpt, sample_weights, 1)
     views = ("cosine",) if normalize else ("raw",)
     if k is None:
         return _full_matrix(per_ckpt, opts, normalize)
@@ -306,21 +366,30 @@ def review(
     chunk_size: int = 8192,
     device: str | torch.device | None = None,
     progress: bool = False,
+    sample_weights: Any = None,
 ) -> Review:
     """`tracin(..., k=k)` and `self_influence(train)` in one pass, sharing the per-checkpoint gradient features
     (one forward/backward per sample and checkpoint); with `cosine` also the top-k by cosine.  Arguments as in
-    `tracin`."""
+    `tracin`.  Under usage weighting (`sample_weights`) the test examples' `test_self_influence` weighs each
+    checkpoint by the mean training weight (test examples have no uses); cosines use the pair's own weights."""
     opts = _Options(mode, loss_fn, include_bias, params, projection_dim, seed, chunk_size, device, progress)
     per_ckpt = opts.features(model, layer, [(test, "test"), (train, "train")], checkpoints)
+    _use_sample_weights(per_ckpt, sample_weights, 1)
     tops = _streamed_topk(per_ckpt, opts, int(k), ("raw", "cosine") if cosine else ("raw",))
+    if sample_weights is None:
+        test_si = _squared_norms(per_ckpt, 0, opts.bias)
+    else:
+        tsq, w = _usage_test_sq(per_ckpt, opts.bias)
+        test_si = tsq @ w.mean(0)
     return Review(
         top=tops["raw"],
         top_cosine=tops.get("cosine"),
-        self_influence=_squared_norms(per_ckpt, 1, opts.bias),
-        test_self_influence=_squared_norms(per_ckpt, 0, opts.bias),
+        self_influence=_squared_norms(per_ckpt, 1, opts.bias, per_sample=True),
+        test_self_influence=test_si,
         checkpoint_weights=[c.weight for c in per_ckpt],
         _per_ckpt=per_ckpt,
         _bias=opts.bias,
+        checkpoint_kappas=[c.kappa for c in per_ckpt],
     )
 
 
@@ -337,18 +406,22 @@ def self_influence(
     projection_dim: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
+    sample_weights: Any = None,
 ) -> torch.Tensor:
     """Σ_c w_c ‖∇ℓ(θ_c, z)‖² for every training sample (high = surprising, often mislabelled); modes and
-    arguments as in `tracin`."""
+    arguments as in `tracin` (with `sample_weights`, w_c is each sample's own usage weight)."""
     opts = _Options(mode, loss_fn, include_bias, params, projection_dim, seed, device=device)
-    return _squared_norms(opts.features(model, layer, [(train, "train")], checkpoints), 0, opts.bias)
+    per_ckpt = opts.features(model, layer, [(train, "train")], checkpoints)
+    _use_sample_weights(per_ckpt, sample_weights, 0)
+    return _squared_norms(per_ckpt, 0, opts.bias, per_sample=True)
 
 
 def _block(per_ckpt: list[_Checkpointed], sl: slice, bias: float) -> torch.Tensor:
     """Raw scores of all test examples against the training chunk `sl`."""
     block = None
     for c in per_ckpt:
-        block = c.features[0].add_dots(c.features[1], sl, bias, c.weight, block)
+        w = c.weight if c.train_weight is None else c.train_weight[sl]
+        block = c.features[0].add_dots(c.features[1], sl, bias, w, block)
     assert block is not None
     return block
 
@@ -369,11 +442,11 @@ def _train_chunks(n_train: int, opts: _Options) -> Iterator[slice]:
 def _full_matrix(per_ckpt: list[_Checkpointed], opts: _Options, normalize: bool) -> torch.Tensor:
     n_test, n_train = len(per_ckpt[0].features[0]), len(per_ckpt[0].features[1])
     out = None
-    norms = _norms(per_ckpt, opts.bias) if normalize else None
+    denominator = _cosine_denominator(per_ckpt, opts.bias) if normalize else None
     for sl in _train_chunks(n_train, opts):
         block = _block(per_ckpt, sl, opts.bias)
-        if norms is not None:
-            block /= norms[0][:, None] * norms[1][None, sl]
+        if denominator is not None:
+            block /= denominator(sl)
         if sl.stop - sl.start == n_train:  # one chunk: the block is the matrix
             out = block
             break
@@ -388,6 +461,18 @@ def _norms(per_ckpt: list[_Checkpointed], bias: float) -> tuple[torch.Tensor, to
     return tuple(_squared_norms(per_ckpt, i, bias).sqrt().clamp_min(1e-30) for i in (0, 1))  # type: ignore
 
 
+def _cosine_denominator(per_ckpt: list[_Checkpointed], bias: float) -> Any:
+    """sl ↦ the (n_test, len(sl)) cosine denominators of the training chunk `sl`: the product of both samples'
+    √self-influence, or under usage weighting the pair's own (Cauchy–Schwarz with the training sample's weights:
+    Σ_c W_zc ‖g_t,c‖² is one (n_test × C)(C × chunk) matmul)."""
+    if per_ckpt[0].train_weight is None:
+        norms = _norms(per_ckpt, bias)
+        return lambda sl: norms[0][:, None] * norms[1][None, sl]
+    train_n = _squared_norms(per_ckpt, 1, bias, per_sample=True).sqrt()
+    tsq, w = _usage_test_sq(per_ckpt, bias)
+    return lambda sl: ((tsq @ w[sl].T).sqrt_() * train_n[None, sl]).clamp_min_(1e-30)
+
+
 def _streamed_topk(
     per_ckpt: list[_Checkpointed], opts: _Options, k: int, views: Sequence[str]
 ) -> dict[str, TopK]:
@@ -396,13 +481,13 @@ def _streamed_topk(
     n_test, n_train = len(test0), len(per_ckpt[0].features[1])
     k = min(k, n_train)
     dev = (test0.dense if test0.dense is not None else test0.delta).device  # type: ignore[union-attr]
-    norms = _norms(per_ckpt, opts.bias) if "cosine" in views else None
+    denominator = _cosine_denominator(per_ckpt, opts.bias) if "cosine" in views else None
     empty = (torch.empty(n_test, 0, device=dev), torch.empty(n_test, 0, dtype=torch.long, device=dev))
     state = {(v, largest): empty for v in views for largest in (True, False)}
     for sl in _train_chunks(n_train, opts):
         block = _block(per_ckpt, sl, opts.bias)
         for v in views:
-            scores = block if v == "raw" else block / (norms[0][:, None] * norms[1][None, sl])  # type: ignore
+            scores = block if v == "raw" else block / denominator(sl)  # type: ignore[misc]
             for largest in (True, False):
                 state[v, largest] = _merge_topk(state[v, largest], scores, sl.start, k, largest=largest)
     return {

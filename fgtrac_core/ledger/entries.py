@@ -114,3 +114,19 @@ def id_leaf_hashes(sample_ids: Iterable[int]) -> list[bytes]:
 def ids_root(sample_ids: Sequence[int]) -> str:
     """Hex Merkle root over sample ids in the given order."""
     return root_from_leaf_hashes(id_leaf_hashes(sample_ids)).hex()
+
+
+def pair_leaf(sample_id: int, value: int | None) -> bytes:
+    """Leaf data of one (sample id, value) pair: the id, then the value, each 8-byte big-endian signed; a NULL
+    value leaves the id alone (8 bytes), so it never collides with a value."""
+    head = int(sample_id).to_bytes(8, "big", signed=True)
+    return head if value is None else head + int(value).to_bytes(8, "big", signed=True)
+
+
+def pairs_root(sample_ids: Sequence[int], values: Sequence[int | None]) -> str | None:
+    """Hex Merkle root over (id, value) pairs in the given order; None when every value is NULL."""
+    if all(v is None for v in values):
+        return None
+    return root_from_leaf_hashes(
+        [leaf_hash(pair_leaf(i, v)) for i, v in zip(sample_ids, values, strict=True)]
+    ).hex()

@@ -19,11 +19,13 @@ class RecordKind:
     """One kind of ledger entry and the table rows it commits.
 
     `fields` are the entry's body fields in declaration order; ``"name=column"`` where the entry renames a column
-    (``kind`` is reserved for the entry kind).  `computed` names the one body field, if any, that is not a column
-    but a Merkle root the store computes (`id_set` below, or an analysis' result rows).  `id_set` is
-    ``(link table, order column)``: the sample ids linked to a row, whose RFC 9162 root (ids as 8-byte big-endian
-    leaves, in that order) is the computed field.  `present_when` names a column that must be non-NULL for a row
-    to carry an entry of this kind (a session's close, a stage's end).
+    (``kind`` is reserved for the entry kind).  `computed` names the body fields that are not columns but Merkle
+    roots the store computes (`id_set` below, or an analysis' result rows); the first is the root of the id set.
+    `id_set` is ``(link table, order column)``: the sample ids linked to a row, whose RFC 9162 root (ids as 8-byte
+    big-endian leaves, in that order) is the first computed field.  `pair_column` names a nullable column of the
+    link table whose (id, value) pairs, in the same order, the second computed field commits (see
+    `fgtrac_core.ledger.entries.pairs_root`: a batch's targets as used).  `present_when` names a column that must
+    be non-NULL for a row to carry an entry of this kind (a session's close, a stage's end).
     """
 
     kind: str
@@ -32,8 +34,9 @@ class RecordKind:
     id_column: str | None
     key_column: str | None = None
     result: bool = False
-    computed: str | None = None
+    computed: tuple[str, ...] = ()
     id_set: tuple[str, str] | None = None
+    pair_column: str | None = None
     present_when: str | None = None
 
     @property
@@ -43,8 +46,8 @@ class RecordKind:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """The table columns an entry of this kind reads (the computed field excluded)."""
-        return tuple(col for _, col in self.field_columns if col != self.computed)
+        """The table columns an entry of this kind reads (the computed fields excluded)."""
+        return tuple(col for _, col in self.field_columns if col not in self.computed)
 
 
 def _result(kind: str, table: str, *fields: str) -> RecordKind:
@@ -69,7 +72,7 @@ KINDS: tuple[RecordKind, ...] = (
         "transforms",
         ("transform_id", "name", "params", "n_samples", "stage_id", "logged_at", "samples_root"),
         "transform_id",
-        computed="samples_root",
+        computed=("samples_root",),
         id_set=("transform_samples", "sample_id"),
     ),
     RecordKind(
@@ -84,10 +87,20 @@ KINDS: tuple[RecordKind, ...] = (
     RecordKind(
         "batch",
         "batches",
-        ("batch_id", "step", "stage_id", "epoch", "lr", "loss", "n_samples", "samples_root"),
+        ("batch_id", "step", "stage_id", "epoch", "lr", "loss", "n_samples", "samples_root", "targets_root"),
         "batch_id",
-        computed="samples_root",
+        computed=("samples_root", "targets_root"),
         id_set=("batch_samples", "position"),
+        pair_column="target",
+    ),
+    # one per optimizer step, as the recorder's step hooks saw it: the hyperparameters applied (canonical JSON, per
+    # param group only the keys changed since the stage's previous step; all keys at a stage's first step), the
+    # gradient clipping inferred, whether the loop altered gradients otherwise, and a parameter fingerprint
+    RecordKind(
+        "optimizer_step",
+        "optimizer_steps",
+        ("step", "stage_id", "hparams", "clip", "grads_altered", "param_fingerprint"),
+        "step",
     ),
     RecordKind(
         "checkpoint",
@@ -118,8 +131,17 @@ KINDS: tuple[RecordKind, ...] = (
         ("analysis_id", "analysis_kind=kind", "method", "params", "checkpoints", "n_rows", "seconds",
          "created_at", "rows_root"),
         "analysis_id",
-        computed="rows_root",
+        computed=("rows_root",),
     ),  # fmt: skip
+    # the usage index over the first `ledger_size` entries (appended when a recording session closes): counts and
+    # RFC 9162 roots of the sorted per-sample usage and content-hash trees (`usage_index.py`), all recomputed
+    RecordKind(
+        "usage_index",
+        "usage_indexes",
+        ("index_id", "ledger_size", "created_at", "n_samples", "n_uses", "usage_root", "content_root"),
+        "index_id",
+        computed=("n_samples", "n_uses", "usage_root", "content_root"),
+    ),
 )
 
 BY_KIND: dict[str, RecordKind] = {k.kind: k for k in KINDS}

@@ -7,8 +7,6 @@ file.  Labels are the recorded `samples.label`; inputs come from the run's pipel
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +15,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fgtrac_core.errors import CorruptRunError
+from fgtrac_core.checkpoint_files import load_run_checkpoint
 from fgtrac_core.pipeline import Pipeline, load_pipeline
 from fgtrac_core.stages.errors import MissingBoundaryStateError, StageAnalysisError
 from fgtrac_core.stages.training import Stage, Training
 from fgtrac_core.store.reader import RunStore
+from fgtrac_core.tracking.optimizer_hooks import expand_hparams
 
 
 @dataclass(frozen=True)
@@ -63,11 +62,18 @@ def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: s
            WHERE kind IN ('stage_start', 'stage_end') ORDER BY checkpoint_id"""
     )
     steps = _steps(store)
+    applied = store.df(
+        """SELECT step, stage_id, hparams, clip, grads_altered, param_fingerprint FROM optimizer_steps
+           ORDER BY step"""
+    )
     stages, used = [], []
     for row in stage_rows.itertuples():
         start, end = (_boundary(store, ckpts, row, kind) for kind in ("stage_start", "stage_end"))
         used += [start, end]
         mine = steps[steps["stage_id"] == row.stage_id]
+        ran = applied[applied["stage_id"] == row.stage_id]
+        _check_steps(row.name, mine["step"].astype(int).tolist(), ran["step"].astype(int).tolist())
+        hparams = expand_hparams(ran["hparams"].tolist())
         start_payload, end_payload = _load(store, start, row.name), _load(store, end, row.name)
         stages.append(
             Stage(
@@ -79,8 +85,13 @@ def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: s
                 end_model=end_payload["model"],
                 end_optimizer=end_payload["optimizer"],
                 steps=mine["step"].astype(int).tolist(),
-                lrs=mine["lr"].astype(float).tolist(),
+                lrs=[float(groups[0]["lr"]) for groups in hparams],
                 batches=[np.asarray(ids, dtype=np.int64) for ids in mine["ids"]],
+                hparams=hparams,
+                clips=[None if c is None or pd.isna(c) else json.loads(c) for c in ran["clip"]],
+                altered=[bool(a) for a in ran["grads_altered"]],
+                fingerprints=[None if pd.isna(f) else float(f) for f in ran["param_fingerprint"]],
+                targets=[_targets(t) for t in mine["targets"]],
             )
         )
         expected = (start.step, start.step + len(mine))
@@ -102,7 +113,8 @@ def _steps(store: RunStore) -> pd.DataFrame:
     """One row per optimizer step: step, stage_id, lr, sample ids in batch order."""
     steps = store.df(
         """SELECT b.step, b.stage_id, b.lr, count(DISTINCT b.batch_id) AS n_batches,
-                  list(bs.sample_id ORDER BY b.batch_id, bs.position) AS ids
+                  list(bs.sample_id ORDER BY b.batch_id, bs.position) AS ids,
+                  list(bs.target ORDER BY b.batch_id, bs.position) AS targets
            FROM batches b JOIN batch_samples bs USING (batch_id)
            GROUP BY b.step, b.stage_id, b.lr ORDER BY b.step"""
     )
@@ -111,9 +123,33 @@ def _steps(store: RunStore) -> pd.DataFrame:
             "several batches were logged for one optimizer step (gradient accumulation); stage replay needs "
             "one log_batch call per optimizer step"
         )
-    if steps["lr"].isna().any():
-        raise StageAnalysisError("some logged batches have no learning rate; replay needs the per-step lr")
     return steps
+
+
+def _targets(values: Any) -> list[int | None] | None:
+    """A step's recorded targets (None where a sample has none); None when the step recorded no targets."""
+    if isinstance(values, np.ma.MaskedArray):  # a list with NULLs, as DuckDB hands it to pandas
+        mask, data = np.ma.getmaskarray(values), np.ma.getdata(values)
+        out = [None if m else int(v) for v, m in zip(data.tolist(), mask.tolist(), strict=True)]
+    else:
+        out = [None if v is None or pd.isna(v) else int(v) for v in values]
+    return None if all(v is None for v in out) else out
+
+
+def _check_steps(stage: str, logged: list[int], ran: list[int]) -> None:
+    """Every optimizer step the recorder saw in a stage has one logged batch, and every batch a step."""
+    no_step = sorted(set(logged) - set(ran))
+    if no_step:
+        raise StageAnalysisError(
+            f"stage {stage!r}: a batch was logged for step {no_step[0]}, but no optimizer step of the stage's "
+            f"optimizer followed it; replay needs every logged batch to be stepped on"
+        )
+    no_batch = sorted(set(ran) - set(logged))
+    if no_batch:
+        raise StageAnalysisError(
+            f"stage {stage!r}: optimizer step {no_batch[0]} ran with no batch logged for it; call "
+            f"run.log_batch(ids) once per optimizer step"
+        )
 
 
 def _boundary(store: RunStore, ckpts: pd.DataFrame, stage: Any, kind: str) -> Any:
@@ -128,16 +164,9 @@ def _boundary(store: RunStore, ckpts: pd.DataFrame, stage: Any, kind: str) -> An
 
 
 def _load(store: RunStore, ckpt: Any, stage_name: str) -> dict[str, Any]:
-    path = store.layout.root / ckpt.path
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise MissingBoundaryStateError(
-            f"the {ckpt.kind} checkpoint of stage {stage_name!r} ({ckpt.path}) cannot be read: {exc.strerror}"
-        ) from None
-    if hashlib.sha256(data).hexdigest() != ckpt.sha256:
-        raise CorruptRunError(f"checkpoint {ckpt.path} does not match the SHA-256 the run recorded for it")
-    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    # through the one trusted reader: inside the run, no links, a regular file of the size and SHA-256 its
+    # ledger entry committed (RunFileError, one line, otherwise)
+    payload = load_run_checkpoint(store, store.layout, int(ckpt.checkpoint_id))
     if payload.get("optimizer") is None:
         raise MissingBoundaryStateError(
             f"the {ckpt.kind} checkpoint of stage {stage_name!r} holds no optimizer state; record the stage "

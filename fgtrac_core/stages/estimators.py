@@ -80,7 +80,7 @@ def schedule_point(training: Training, j: int, i: int) -> StepPoint:
     moment the recorder keeps for a stage that started fresh); the step size eta / bc1 uses the step's own count.
     """
     stage = training.stages[j]
-    hp = lin.step_hparams(stage.group_hparams(), stage.group_sizes(), stage.lrs[i])
+    hp = lin.step_hparams(stage.step_groups(i), stage.group_sizes())
     if stage.optimizer == "SGD":
         return StepPoint("SGD", hp, first=stage.fresh and i == 0)
     denom = lin.adam_denominators(stage.end_optimizer["state"], hp)
@@ -156,7 +156,7 @@ def hvp_at(cursor: Cursor) -> lin.Hvp:
 def live_step(cursor: Cursor, adam_mode: str) -> StepPoint:
     """Run the cursor's next recorded step and return that step's Jacobian (with curvature) on the trajectory."""
     stage = cursor.training.stages[cursor.stage_index]
-    hp = lin.step_hparams(stage.group_hparams(), stage.group_sizes(), stage.lrs[cursor.step_index])
+    hp = lin.step_hparams(stage.step_groups(cursor.step_index), stage.group_sizes())
     assert cursor.optimizer is not None
     first = stage.optimizer == "SGD" and "momentum_buffer" not in cursor.optimizer.state.get(
         cursor.params[0], {}

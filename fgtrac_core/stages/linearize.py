@@ -206,13 +206,11 @@ def _adam_transpose(point: StepPoint, a: Perturbation) -> Perturbation:
     return Perturbation(a_param, state)
 
 
-def step_hparams(groups: list[dict[str, Any]], sizes: list[int], lr: float) -> list[dict[str, Any]]:
-    """Per-parameter hyperparameters of one step whose first group ran at `lr` (other groups keep their ratio)."""
+def step_hparams(groups: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, Any]]:
+    """Per-parameter hyperparameters of one step from its param groups' applied values (`Stage.step_groups`)."""
     out: list[dict[str, Any]] = []
-    base = groups[0]["lr"]
     for group, size in zip(groups, sizes, strict=True):
-        step_lr = lr if group["lr"] == base else lr * group["lr"] / base
-        out += [{**group, "lr": step_lr}] * size
+        out += [dict(group)] * size
     return out
 
 

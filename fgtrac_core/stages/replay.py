@@ -24,6 +24,7 @@ import torch
 
 from fgtrac_core.stages.errors import ReplayMismatchError
 from fgtrac_core.stages.training import StateDict, Training
+from fgtrac_core.tracking.optimizer_hooks import apply_clip, fingerprints_differ, param_fingerprint
 
 
 @contextlib.contextmanager
@@ -85,6 +86,9 @@ class Cursor:
         self.stage_index = stage_index
         self.step_index = 0
         self.optimizer: torch.optim.Optimizer | None = None
+        # replay_full compares every step with its recorded parameter fingerprint: the first step that differs
+        self.check_fingerprints = False
+        self.divergence: Divergence | None = None
         self._enter_stage(carried)
 
     @property
@@ -110,19 +114,28 @@ class Cursor:
         """
         stage = self.training.stages[self.stage_index]
         assert self.optimizer is not None
-        lr = stage.lrs[self.step_index]
-        base = stage.group_hparams()
-        for group, hp in zip(self.optimizer.param_groups, base, strict=True):
-            # only the first group's lr is logged; other groups keep their recorded ratio to it
-            group["lr"] = lr if hp["lr"] == base[0]["lr"] else lr * hp["lr"] / base[0]["lr"]
+        # every group's hyperparameters as the recorded step applied them (lr, momentum, betas, weight decay...)
+        for group, hp in zip(self.optimizer.param_groups, stage.step_groups(self.step_index), strict=True):
+            group.update(hp)
         x, y = self.batch()
         self.optimizer.zero_grad()
         self.training.loss_fn(self.model(x), y).backward()
+        apply_clip(self.params, stage.clip(self.step_index))
         self.optimizer.step()
+        if self.check_fingerprints and self.divergence is None:
+            self._compare_fingerprint(stage)
         if observe is not None:
             observe(self.optimizer)
         self.step_index += 1
         self._advance_past_empty_stages()
+
+    def _compare_fingerprint(self, stage: Any) -> None:
+        recorded = stage.fingerprints[self.step_index] if stage.fingerprints else None
+        if recorded is None:
+            return
+        replayed = param_fingerprint(self.params)
+        if fingerprints_differ(recorded, replayed):
+            self.divergence = Divergence(self.stage_index, self.step_index, recorded, replayed)
 
     def run(self, n_steps: int | None = None, bar: Any = None) -> None:
         """Run `n_steps` recorded steps (None: to the end of the run); `bar` is an optional tqdm to update."""
@@ -160,6 +173,16 @@ class Cursor:
 
 
 @dataclass
+class Divergence:
+    """The first replayed step whose parameters differ from the recorded fingerprint."""
+
+    stage_index: int
+    step_index: int
+    recorded: float
+    replayed: float
+
+
+@dataclass
 class ReplayResult:
     """Final parameters of one replay and what it cost (seconds of wall time, optimizer steps run)."""
 
@@ -177,6 +200,7 @@ def replay_full(training: Training, bar: Any = None) -> ReplayResult:
     t0 = time.perf_counter()
     first = training.stages[0]
     cursor = Cursor(training, 0, first.start_model, None)
+    cursor.check_fingerprints = True
     for k, stage in enumerate(training.stages):
         cursor.run_through_stage(k, bar)
         replayed = cursor.model_state()
@@ -185,12 +209,64 @@ def replay_full(training: Training, bar: Any = None) -> ReplayResult:
             raise ReplayMismatchError(
                 f"replaying the recorded batches does not reproduce the parameters at the end of stage "
                 f"{stage.name!r} (max abs difference {diff:.3g}); stage effects would be wrong, so none are "
-                f"reported — replay on the machine and thread count the run was recorded with"
+                f"reported — {_diagnosis(training, cursor.divergence, k)}"
             )
         if k + 1 < training.n_stages and not training.stages[k + 1].fresh:
             _check_optimizer_state(cursor, stage.end_optimizer, stage.name)
     return ReplayResult(
         cursor.model_state(), time.perf_counter() - t0, sum(s.n_steps for s in training.stages)
+    )
+
+
+def _describe_step(training: Training, j: int, i: int) -> str:
+    """The recorded facts of step index i of stage j, in words."""
+    stage = training.stages[j]
+    groups = stage.step_groups(i)
+    shown = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay")
+    parts = []
+    for g, hp in enumerate(groups):
+        values = ", ".join(f"{k} {hp[k]!r}" for k in shown if k in hp)
+        parts.append(values if len(groups) == 1 else f"group {g}: {values}")
+    clip = stage.clip(i)
+    if clip is None:
+        clipping = "no gradient clipping"
+    elif clip["rule"] == "norm":
+        clipping = f"clip_grad_norm_(max_norm={clip['max_norm']!r}, norm_type={clip['norm_type']!r})"
+    else:
+        clipping = f"clip_grad_value_(clip_value={clip['clip_value']!r})"
+    return (
+        f"optimizer {stage.optimizer}, {'; '.join(parts)}, {clipping}, a batch of {len(stage.batches[i])} "
+        f"samples"
+    )
+
+
+def _diagnosis(training: Training, div: Divergence | None, k: int) -> str:
+    """What the evidence (the per-step parameter fingerprints) says about why replay diverged in stage k."""
+    stage = training.stages[k]
+    if div is None:
+        if not stage.fingerprints or any(f is None for f in stage.fingerprints):
+            return "replay on the machine and thread count the run was recorded with"
+        return (
+            f"every step of stage {stage.name!r} reproduced its recorded parameter fingerprint, so the parameters "
+            f"were changed after the stage's last optimizer step, before its stage_end checkpoint"
+        )
+    j, i = div.stage_index, div.step_index
+    where = training.stages[j]
+    head = (
+        f"replay first diverges at step {where.steps[i]} (stage {where.name!r}): the parameters after it differ "
+        f"from the recorded fingerprint ({div.recorded!r} recorded, {div.replayed!r} replayed); recorded at that "
+        f"step: {_describe_step(training, j, i)}. "
+    )
+    if j == 0 and i == 0:
+        return head + (
+            "It is the first step, so the model, inputs or loss the pipeline rebuilds may differ from the ones "
+            "trained, a recorded fact of that step (hyperparameters, clipping, batch, targets) may not be what "
+            "the loop used, or this machine / thread count computes differently from the recording one"
+        )
+    return head + (
+        "Every earlier step matched, so the pipeline and this machine's numerics reproduce the recording: a "
+        "recorded fact of that step (hyperparameters, clipping, batch, targets) differs from what the loop did, "
+        "or the loop changed parameters or optimizer state outside optimizer.step() there"
     )
 
 

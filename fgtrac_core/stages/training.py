@@ -44,8 +44,11 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class Stage:
     """One recorded stage: its optimizer, boundary states and per-step schedule.
 
-    `lrs[i]` is the learning rate of the first param group in effect for step `steps[i]` (what the recorder
-    logs); `batches[i]` the sample ids of that step in batch order.
+    `lrs[i]` is the learning rate of the first param group applied at step `steps[i]`; `batches[i]` the sample
+    ids of that step in batch order.  From a recorded run also, per step: `hparams[i]` every param group's
+    hyperparameters as applied, `clips[i]` the gradient clipping rule (or None), `altered[i]` whether the loop
+    changed the gradients otherwise, `fingerprints[i]` the parameter fingerprint after the step.  Without
+    `hparams` (in-memory trainings) the other groups keep their recorded ratio to the first group's lr.
     """
 
     stage_id: int
@@ -58,6 +61,11 @@ class Stage:
     steps: list[int]
     lrs: list[float]
     batches: list[np.ndarray]
+    hparams: list[list[dict[str, Any]]] | None = None
+    clips: list[dict[str, Any] | None] | None = None
+    altered: list[bool] | None = None
+    fingerprints: list[float | None] | None = None
+    targets: list[list[int | None] | None] | None = None  # per step: the recorded target of each sample, if any
 
     @property
     def n_steps(self) -> int:
@@ -74,6 +82,18 @@ class Stage:
 
     def group_sizes(self) -> list[int]:
         return [len(g["params"]) for g in self.start_optimizer["param_groups"]]
+
+    def step_groups(self, i: int) -> list[dict[str, Any]]:
+        """Every param group's hyperparameters as applied at step index `i` (lists as tuples, e.g. betas)."""
+        if self.hparams is not None:
+            return [{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()} for g in self.hparams[i]]
+        base = self.group_hparams()
+        lr = self.lrs[i]
+        return [{**hp, "lr": lr if hp["lr"] == base[0]["lr"] else lr * hp["lr"] / base[0]["lr"]} for hp in base]
+
+    def clip(self, i: int) -> dict[str, Any] | None:
+        """The gradient clipping applied at step index `i` (None: the gradients as accumulated)."""
+        return None if self.clips is None else self.clips[i]
 
 
 @dataclass
@@ -107,7 +127,14 @@ class Training:
         """(inputs, targets) of one recorded step; cached, since every replay revisits the same steps."""
         key = (stage_index, step_index)
         if key not in self._batch_cache:
-            self._batch_cache[key] = self.load_batch(self.stages[stage_index].batches[step_index])
+            stage = self.stages[stage_index]
+            x, y = self.load_batch(stage.batches[step_index])
+            used = stage.targets[step_index] if stage.targets is not None else None
+            if used is not None:  # the targets the loop logged for this use (targets=), else the labels
+                known = [v is not None for v in used]
+                y = y.clone()
+                y[torch.tensor(known)] = torch.tensor([v for v in used if v is not None], dtype=y.dtype)
+            self._batch_cache[key] = (x, y)
         return self._batch_cache[key]
 
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,12 +161,20 @@ class Training:
                     f"stage {stage.name!r}: its optimizer holds {sum(stage.group_sizes())} parameters, the model "
                     f"has {n_params}; the optimizer must be built over model.parameters() in order"
                 )
-            for hp in stage.group_hparams():
+            per_step = [stage.step_groups(i) for i in range(stage.n_steps)] if stage.hparams else []
+            for hp in [*stage.group_hparams(), *(g for groups in per_step for g in groups)]:
                 for flag in ("amsgrad", "maximize"):
                     if hp.get(flag):
                         raise StageAnalysisError(f"stage {stage.name!r}: {flag}=True is not supported")
             if len(stage.lrs) != stage.n_steps or len(stage.batches) != stage.n_steps:
                 raise StageAnalysisError(f"stage {stage.name!r}: steps, learning rates and batches disagree")
+            altered = [s for s, a in zip(stage.steps, stage.altered or [], strict=False) if a]
+            if altered:
+                raise StageAnalysisError(
+                    f"the training loop altered the gradients between backward and optimizer.step() at step "
+                    f"{altered[0]} (stage {stage.name!r}) other than by torch.nn.utils.clip_grad_norm_ / "
+                    f"clip_grad_value_; replay cannot reproduce that step, so no stage effects are computed"
+                )
             if j == 0:
                 continue
             prev = self.stages[j - 1]

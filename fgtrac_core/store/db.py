@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -10,6 +11,7 @@ import duckdb
 import pyarrow as pa
 
 from fgtrac_core.errors import CorruptRunError, RunLockedError, RunNotFoundError
+from fgtrac_core.store.run_files import create_exclusive, open_directory, temporary_name
 from fgtrac_core.store.schema import check_catalog, check_schema
 
 
@@ -57,13 +59,34 @@ def publish_snapshot(con: duckdb.DuckDBPyConnection, live: Path, snapshot: Path)
     The copy runs in a child `cp` process on purpose: DuckDB guards the live file with a POSIX fcntl lock, and
     POSIX drops all of a process's locks on a file when that process closes *any* descriptor of it — copying
     in-process would silently unlock the live database for a second writer.
+
+    The copy goes into a temporary created exclusively (O_CREAT|O_EXCL|O_NOFOLLOW) under an unpredictable name in
+    the run directory and already open here: `cp` writes through that descriptor (`/dev/fd/N`), so a link planted
+    at a temporary's name is never written through.
     """
     con.execute("CHECKPOINT")
-    tmp = snapshot.with_name(snapshot.name + f".tmp-{os.getpid()}")
-    proc = subprocess.run(["cp", "--reflink=auto", str(live), str(tmp)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise OSError(f"could not publish a snapshot of {live}: {proc.stderr.strip()}")
-    os.replace(tmp, snapshot)
+    dir_fd = open_directory(snapshot.parent)
+    try:
+        tmp = temporary_name(snapshot.name)
+        fd = create_exclusive(dir_fd, tmp)
+        try:
+            try:
+                proc = subprocess.run(
+                    ["cp", "--reflink=auto", str(live), f"/dev/fd/{fd}"], pass_fds=(fd,), capture_output=True, text=True
+                )
+                if proc.returncode != 0:
+                    raise OSError(f"could not publish a snapshot of {live}: {proc.stderr.strip()}")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, snapshot.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:

@@ -19,10 +19,12 @@ from fgtrac_core.ledger.entries import (
     encode_columns,
     ids_root,
     json_string,
+    pairs_root,
 )
 from fgtrac_core.ledger.kinds import BY_KIND, KINDS, RecordKind
 from fgtrac_core.ledger.merkle import leaf_hash, root_from_leaf_hashes
 from fgtrac_core.store.schema import column_types
+from fgtrac_core.store.usage_index import read_usage_index
 
 
 def _select(kind: RecordKind) -> str:
@@ -49,24 +51,33 @@ _PYTHON_ONLY = {k.kind for k in KINDS if k.computed}
 Entry = tuple[int | None, str | None, bytes]
 
 
-def _id_roots(con: duckdb.DuckDBPyConnection, kind: str, keys: np.ndarray) -> dict[int, str]:
-    """Merkle root (hex) of each set's sample ids, for the sets whose key is in `keys`."""
+def _id_roots(
+    con: duckdb.DuckDBPyConnection, kind: str, keys: np.ndarray
+) -> tuple[dict[int, str], dict[int, str | None]]:
+    """Merkle root (hex) of each set's sample ids, and of its (id, pair column) pairs when the kind has a pair
+    column, for the sets whose key is in `keys`."""
     record = BY_KIND[kind]
     assert record.id_set is not None and record.id_column is not None
     (link, order), key = record.id_set, record.id_column
+    pair = record.pair_column
     lo, hi = (int(keys.min()), int(keys.max())) if len(keys) else (0, -1)
-    cols = con.execute(
-        f"SELECT {key} AS k, sample_id FROM {link} WHERE {key} BETWEEN ? AND ? ORDER BY {key}, {order}",
-        [lo, hi],
-    ).fetchnumpy()
-    k, ids = cols["k"], cols["sample_id"].tolist()
+    table = con.sql(  # lo, hi are ints
+        f"SELECT {key} AS k, sample_id{f', {pair} AS pair' if pair else ''} FROM {link} "
+        f"WHERE {key} BETWEEN {lo} AND {hi} ORDER BY {key}, {order}"
+    ).to_arrow_table()
+    k = table.column("k").to_numpy()
+    ids = table.column("sample_id").to_pylist()
+    values = table.column("pair").to_pylist() if pair else None
     roots: dict[int, str] = {}
+    pair_roots: dict[int, str | None] = {}
     if len(k):
         starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
         ends = np.r_[starts[1:], len(k)]
         for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             roots[int(k[s])] = ids_root(ids[s:e])
-    return roots
+            if values is not None:
+                pair_roots[int(k[s])] = pairs_root(ids[s:e], values[s:e])
+    return roots, pair_roots
 
 
 def _analysis_roots(con: duckdb.DuckDBPyConnection, analysis_ids: list[int]) -> dict[int, str]:
@@ -116,13 +127,22 @@ def iter_entries(
     ).to_arrow_table()  # fully fetched: _id_roots queries too
     for batch in table.to_batches(max_chunksize=262_144):
         cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
-        if BY_KIND[kind].id_set is not None:
-            roots = _id_roots(con, kind, np.asarray(cols["ref_id"], dtype=np.int64))
+        record = BY_KIND[kind]
+        if record.id_set is not None:
+            roots, pair_roots = _id_roots(con, kind, np.asarray(cols["ref_id"], dtype=np.int64))
             empty = ids_root([])
-            cols["samples_root"] = [roots.get(r, empty) for r in cols["ref_id"]]
+            cols[record.computed[0]] = [roots.get(r, empty) for r in cols["ref_id"]]
+            if record.pair_column is not None:
+                cols[record.computed[1]] = [pair_roots.get(r) for r in cols["ref_id"]]
         elif kind == "analysis":
             roots = _analysis_roots(con, cols["ref_id"])
             cols["rows_root"] = [roots[r] for r in cols["ref_id"]]
+        elif kind == "usage_index":
+            indexes = {size: read_usage_index(con, size) for size in set(cols["ledger_size"])}
+            cols["n_samples"] = [len(indexes[s].usage_leaves) for s in cols["ledger_size"]]
+            cols["n_uses"] = [indexes[s].n_uses for s in cols["ledger_size"]]
+            cols["usage_root"] = [indexes[s].usage_root.hex() for s in cols["ledger_size"]]
+            cols["content_root"] = [indexes[s].content_root.hex() for s in cols["ledger_size"]]
         yield from zip(cols["ref_id"], cols["ref_key"], encode_columns(kind, cols), strict=True)
 
 
@@ -141,6 +161,8 @@ def _json_sql(column: str, duck_type: str) -> str:
         )
     if duck_type in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UBIGINT", "UINTEGER"):
         return f"coalesce({c}::VARCHAR, 'null')"
+    if duck_type == "BOOLEAN":
+        return f"CASE WHEN {c} IS NULL THEN 'null' WHEN {c} THEN 'true' ELSE 'false' END"
     if duck_type == "VARCHAR":
         return f"coalesce(to_json({c})::VARCHAR, 'null')"
     raise TypeError(f"no SQL encoding for {duck_type}")

@@ -17,6 +17,7 @@ from fgtrac_core.errors import CorruptRunError, RunNotFoundError, UnknownSampleE
 from fgtrac_core.ledger import SignedTreeHead
 from fgtrac_core.store.db import connect, first_line
 from fgtrac_core.store.layout import RunLayout
+from fgtrac_core.store.usage_index import UsageIndex, read_usage_index
 
 
 class RunStore:
@@ -188,14 +189,28 @@ class RunStore:
         return out
 
     def sample_usage(self, sample_id: int) -> pd.DataFrame:
-        """When was the sample used: one row per use (step, epoch, stage, lr, batch loss, position in batch)."""
+        """When was the sample used: one row per use (step, epoch, stage, lr, batch loss, position in batch, and
+        the target it was trained on when the loop logged targets, else NULL: the registered label)."""
         self.sample(sample_id)
         return self.df(
-            """SELECT b.step, b.epoch, s.name AS stage, b.lr, b.loss, bs.position, b.batch_id
+            """SELECT b.step, b.epoch, s.name AS stage, b.lr, b.loss, bs.position, b.batch_id, bs.target
                FROM batch_samples bs JOIN batches b USING (batch_id) JOIN stages s USING (stage_id)
                WHERE bs.sample_id = ? ORDER BY b.batch_id""",
             [int(sample_id)],
         )
+
+    def sample_relabels(self, sample_id: int) -> list[dict[str, Any]]:
+        """Lifecycle events where the target a sample was trained on changed: from the registered label, or from
+        the target of its previous use (``{"step", "stage", "from", "to"}``, in step order)."""
+        label = self.sample(sample_id)["label"]
+        usage = self.sample_usage(sample_id)
+        events, current = [], label
+        for u in usage.itertuples():
+            used = label if pd.isna(u.target) else int(u.target)
+            if used != current:
+                events.append({"step": int(u.step), "stage": u.stage, "from": current, "to": used})
+                current = used
+        return events
 
     def sample_transforms(self, sample_id: int) -> pd.DataFrame:
         """The preprocessing applied to a sample, in recording order."""
@@ -320,6 +335,14 @@ class RunStore:
             [[int(i) for i in sample_ids]],
         )
         return {int(i): bytes(t) for i, t in rows}
+
+    def usage_index(self, ledger_size: int) -> UsageIndex:
+        """The usage index over the first `ledger_size` ledger entries (`fgtrac_core.store.usage_index`)."""
+        try:
+            with self._con.cursor() as cur:
+                return read_usage_index(cur, ledger_size)
+        except duckdb.Error as exc:
+            raise CorruptRunError(f"{self.layout.snapshot_db} is damaged ({first_line(exc)})") from None
 
     def latest_tree_head(self) -> SignedTreeHead:
         """The latest signed tree head (largest, then newest); CorruptRunError when there is none or it is

@@ -13,7 +13,7 @@ import duckdb
 
 from fgtrac_core.errors import CorruptRunError, SchemaVersionError, TamperedRunError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _DDL = """
 CREATE TABLE meta (
@@ -77,7 +77,16 @@ CREATE TABLE batches (
 CREATE TABLE batch_samples (
     batch_id BIGINT NOT NULL,
     position INTEGER NOT NULL,
-    sample_id BIGINT NOT NULL
+    sample_id BIGINT NOT NULL,
+    target INTEGER
+);
+CREATE TABLE optimizer_steps (
+    step BIGINT PRIMARY KEY,
+    stage_id INTEGER NOT NULL,
+    hparams VARCHAR NOT NULL,
+    clip VARCHAR,
+    grads_altered BOOLEAN NOT NULL,
+    param_fingerprint DOUBLE
 );
 CREATE TABLE checkpoints (
     checkpoint_id INTEGER PRIMARY KEY,
@@ -165,6 +174,11 @@ CREATE TABLE stage_faithfulness (
     seconds DOUBLE,
     reference_seconds DOUBLE,
     confidence DOUBLE
+);
+CREATE TABLE usage_indexes (
+    index_id INTEGER PRIMARY KEY,
+    ledger_size BIGINT NOT NULL,
+    created_at TIMESTAMP NOT NULL
 );
 CREATE TABLE ledger (
     seq BIGINT PRIMARY KEY,

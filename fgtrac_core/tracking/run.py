@@ -12,8 +12,13 @@ Usage (see README for a complete loop)::
     run.close()
 
 Conventions:
-  * ``step`` of a batch is its 0-based global optimizer-step index; several ``log_batch`` calls may share a step
-    (gradient accumulation), steps never decrease.
+  * The recorder numbers optimizer steps itself (0-based, globally across stages and epochs) from hooks on the
+    stage's optimizer (`fgtrac_core.tracking.optimizer_hooks`), which also record every param group's
+    hyperparameters as applied, gradient clipping and a parameter fingerprint per step (`optimizer_steps`).
+    ``step`` of a batch is the optimizer step it was used for: a ``log_batch`` right after a step that has no
+    batch yet belongs to that step (log after ``optimizer.step()``), otherwise to the next step (log before it;
+    gradient accumulation: several batches share a step).  A ``step=`` given by the loop is only checked never
+    to go backwards.
   * ``step`` of a checkpoint is the number of optimizer steps completed when it was taken, so checkpoint step s
     holds the parameters *before* the update of batch step s.
   * Batches are buffered in memory and committed in one Arrow insert at every checkpoint, stage boundary, at
@@ -29,7 +34,6 @@ from __future__ import annotations
 import atexit
 import hashlib
 import io
-import os
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -63,8 +67,10 @@ from fgtrac_core.ledger.kinds import RESULT_TABLES
 from fgtrac_core.store.db import connect, insert_arrow, publish_snapshot
 from fgtrac_core.store.layout import RunLayout
 from fgtrac_core.store.ledger_log import LedgerLog, Touched
+from fgtrac_core.store.run_files import remove_stale_temporaries, write_file_atomic
 from fgtrac_core.store.schema import create_schema
 from fgtrac_core.tracking._writer import Writer
+from fgtrac_core.tracking.optimizer_hooks import StepBuffer, StepFacts, StepHooks, hparams_delta
 from fgtrac_core.tracking.thumbnails import as_png_list
 from fgtrac_core.verify import check_before_write
 
@@ -128,6 +134,9 @@ class _ActiveStage:
     name: str
     optimizer: torch.optim.Optimizer
     last_lr: float | None = None
+    hooks: StepHooks | None = None
+    groups: list[dict[str, Any]] | None = None  # the hyperparameters applied at the stage's previous step
+    last_step_open: bool = False  # the stage's last optimizer step has no batch yet
 
 
 class _BatchBuffer:
@@ -144,10 +153,23 @@ class _BatchBuffer:
         self.lr: list[float | None] = []
         self.loss: list[Any] = []
         self.ids: list[np.ndarray] = []
+        self.targets: list[np.ndarray | None] = []
         self.n_sample_rows = 0
 
     def __len__(self) -> int:
         return len(self.batch_id)
+
+    def split(self, n_tail: int) -> tuple[_BatchBuffer, _BatchBuffer]:
+        """(all rows but the last `n_tail`, the last `n_tail` rows) as two buffers."""
+        head, tail = _BatchBuffer(), _BatchBuffer()
+        cut = len(self) - n_tail
+        for name in ("batch_id", "step", "stage_id", "epoch", "lr", "loss", "ids", "targets"):
+            rows = getattr(self, name)
+            setattr(head, name, rows[:cut])
+            setattr(tail, name, rows[cut:])
+        head.n_sample_rows = sum(len(a) for a in head.ids)
+        tail.n_sample_rows = sum(len(a) for a in tail.ids)
+        return head, tail
 
     def tables(self) -> tuple[pa.Table, pa.Table]:
         sizes = np.fromiter((len(a) for a in self.ids), dtype=np.int64, count=len(self.ids))
@@ -165,11 +187,17 @@ class _BatchBuffer:
         )
         ids = np.concatenate(self.ids) if self.ids else np.empty(0, np.int64)
         starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
+        targets, given = np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)  # NULL where none was logged
+        for start, t in zip((np.cumsum(sizes) - sizes).tolist(), self.targets, strict=True):
+            if t is not None:
+                targets[start : start + len(t)] = t
+                given[start : start + len(t)] = True
         samples = pa.table(
             {
                 "batch_id": pa.array(np.repeat(np.asarray(self.batch_id, np.int64), sizes)),
                 "position": pa.array((np.arange(len(ids)) - starts).astype(np.int32)),
                 "sample_id": pa.array(ids),
+                "target": pa.array(targets.astype(np.int32), pa.int32(), mask=~given),
             }
         )
         return batches, samples
@@ -185,6 +213,7 @@ class Run:
     def __init__(self, layout: RunLayout, con: duckdb.DuckDBPyConnection, *, flush_every: int) -> None:
         self.layout = layout
         self._con = con
+        remove_stale_temporaries(layout)  # left by a crashed recorder; we hold the live database, none is in use
         self._flush_every = flush_every
         self._buffer = _BatchBuffer()
         self._stage: _ActiveStage | None = None
@@ -197,10 +226,19 @@ class Run:
             con.execute("SELECT sample_id FROM samples").fetchnumpy()["sample_id"].astype(np.int64)
         )
         self._next_batch_id = self._scalar("SELECT coalesce(max(batch_id) + 1, 0) FROM batches")
-        self._next_step = self._scalar("SELECT coalesce(max(step) + 1, 0) FROM batches")
+        self._next_step = self._scalar(
+            "SELECT greatest((SELECT coalesce(max(step) + 1, 0) FROM batches), "
+            "(SELECT coalesce(max(step) + 1, 0) FROM optimizer_steps))"
+        )
+        self._last_batch_step = self._scalar("SELECT coalesce(max(step), -1) FROM batches")
+        self._last_user_step = -1
+        self._steps = StepBuffer()
+        self._pending_lrs: list[float | None] = []  # lr= of the batches awaiting their step (the buffer's tail)
+        self._deferred: str | None = None  # a refusal found inside an optimizer step, raised at the next call
         self._next_stage_id = self._scalar("SELECT coalesce(max(stage_id) + 1, 0) FROM stages")
         self._next_checkpoint_id = self._scalar("SELECT coalesce(max(checkpoint_id) + 1, 0) FROM checkpoints")
         self._next_transform_id = self._scalar("SELECT coalesce(max(transform_id) + 1, 0) FROM transforms")
+        self._next_usage_index = self._scalar("SELECT coalesce(max(index_id) + 1, 0) FROM usage_indexes")
         self._stage_names = {r[0] for r in con.execute("SELECT name FROM stages").fetchall()}
         # the writer's small statements gain nothing from DuckDB's thread pool, and its threads would compete
         # with the training loop's for the cores
@@ -307,13 +345,24 @@ class Run:
                 )
             ],
             [("session_close", session_id, session_id)],
-            publish=True,
         )
+        # the usage index over everything committed so far, under the session's last signed head: what proves a
+        # sample's uses complete, or its absence (fgtrac_core.ledger.usage_index)
+        index_id, created_at = self._next_usage_index, _now()
+
+        def usage_index(con: duckdb.DuckDBPyConnection) -> None:
+            row = {"index_id": [index_id], "ledger_size": [self._ledger.size], "created_at": [created_at]}
+            insert_arrow(con, "usage_indexes", pa.table(row, schema=_USAGE_INDEX_SCHEMA))
+
+        self._commit([usage_index], [("usage_index", index_id, index_id)], publish=True)
         self._closed = True
         try:
             self._writer.stop()
         finally:
             self._con.close()
+        if self._deferred is not None:  # found by the last optimizer step: the run is closed, the refusal stands
+            message, self._deferred = self._deferred, None
+            raise RecorderStateError(message)
 
     def __enter__(self) -> Run:
         return self
@@ -435,7 +484,8 @@ class Run:
         """Mark a training stage; parameters and optimizer state are checkpointed at its start and end.
 
         Records the optimizer class and every param group's hyperparameters, the scheduler's class and state
-        (the per-step learning rates are in `batches.lr`), and any extra `hparams` given.
+        (what each optimizer step applied is recorded per step in `optimizer_steps` by hooks on `optimizer`,
+        attached until the stage ends), and any extra `hparams` given.
         """
         self._check_open()
         if self._stage is not None:
@@ -472,6 +522,7 @@ class Run:
         self._next_stage_id += 1
         self._stage = _ActiveStage(stage_id, name, optimizer)
         self.checkpoint(self._model, optimizer, kind="stage_start")
+        self._stage.hooks = StepHooks(optimizer, self._on_optimizer_step)
         status = "failed"
         try:
             yield self
@@ -483,6 +534,11 @@ class Run:
     def _end_stage(self, status: str) -> None:
         assert self._stage is not None
         stage_id, ended_at = self._stage.stage_id, _now()
+        if self._stage.hooks is not None:
+            self._stage.hooks.remove()
+        if self._pending_lrs:  # batches logged for a step that never ran: they keep a step number of their own
+            self._resolve_pending(self._next_step, None)
+            self._next_step += 1
 
         def end(con: duckdb.DuckDBPyConnection) -> None:
             con.execute(
@@ -503,36 +559,81 @@ class Run:
         epoch: int | None = None,
         lr: float | None = None,
         loss: Any = None,
+        targets: Any = None,
     ) -> None:
-        """Record that `sample_ids` (in batch order) were used for optimizer step `step`.
+        """Record that `sample_ids` (in batch order) were used for an optimizer step.
 
-        `lr` defaults to the stage optimizer's first param group lr at call time (log before `scheduler.step()`).
+        The step is the recorder's own count (see the module docstring); `step`, if given, must not go backwards.
+        The recorded lr is the one the step applied (first param group); `lr`, if given, must equal it — checked
+        now when the step already ran, else when it runs (the refusal is then raised at the next recorder call).
         `loss` may be a tensor; it is converted at flush time, so logging never forces a device sync.
+        `targets` (optional, one integer class per sample, in batch order) are the targets the batch was trained
+        on; without them the registered labels are assumed.  A target that differs from the registered label is
+        a relabelling (`fgtrac sample` shows it); replay trains on the recorded targets.
         """
         stage = self._require_stage()
         ids = self._require_known(_as_ids(sample_ids))
-        if step is None:
-            step = self._next_step
-        elif step < self._next_step - 1:
+        target_arr = None if targets is None else _as_ids(targets)
+        if target_arr is not None and len(target_arr) != len(ids):
+            raise FgtracError(f"log_batch: targets has {len(target_arr)} entries for {len(ids)} sample ids")
+        floor = max(self._last_user_step, self._last_batch_step)
+        if step is not None and int(step) < floor:
             raise RecorderStateError(
-                f"log_batch step {step} is before the last logged step {self._next_step - 1}"
+                f"log_batch step {step} is before the last logged step {floor}; steps never go backwards "
+                f"(omit step=: the recorder numbers optimizer steps itself)"
             )
-        if lr is None:
-            lr = float(stage.optimizer.param_groups[0]["lr"])
+        given_lr = _as_float(lr)
+        after_step = stage.last_step_open and not self._pending_lrs
+        if after_step and given_lr is not None and stage.last_lr is not None and given_lr != stage.last_lr:
+            raise RecorderStateError(_lr_refusal(given_lr, self._next_step - 1, stage.last_lr))
         buf = self._buffer
         buf.batch_id.append(self._next_batch_id)
-        buf.step.append(int(step))
         buf.stage_id.append(stage.stage_id)
         buf.epoch.append(None if epoch is None else int(epoch))
-        buf.lr.append(float(lr))
         buf.loss.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
         buf.ids.append(ids)
+        buf.targets.append(target_arr)
         buf.n_sample_rows += len(ids)
-        stage.last_lr = float(lr)
+        if after_step:  # logged after optimizer.step(): the batch of the step that just ran
+            buf.step.append(self._next_step - 1)
+            buf.lr.append(stage.last_lr)
+            stage.last_step_open = False
+            self._last_batch_step = self._next_step - 1
+        else:  # logged before its step: step and lr are filled in when the step runs
+            buf.step.append(self._next_step)
+            buf.lr.append(None)
+            self._pending_lrs.append(given_lr)
+        if step is not None:
+            self._last_user_step = int(step)
         self._next_batch_id += 1
-        self._next_step = int(step) + 1
         if buf.n_sample_rows >= self._flush_every:
             self._commit([], [])
+
+    def _on_optimizer_step(self, facts: StepFacts) -> None:
+        """Step post-hook (training thread): number the step, buffer its row, give it the batches awaiting it."""
+        stage = self._stage
+        if stage is None or self._closed:
+            return
+        step = self._next_step
+        self._steps.add(step, stage.stage_id, hparams_delta(stage.groups, facts.groups), facts)
+        stage.groups = facts.groups
+        lr = facts.groups[0].get("lr") if facts.groups else None
+        stage.last_lr = float(lr) if isinstance(lr, int | float) else None
+        self._next_step += 1
+        stage.last_step_open = not self._pending_lrs
+        if self._pending_lrs:
+            self._resolve_pending(step, stage.last_lr)
+
+    def _resolve_pending(self, step: int, lr: float | None) -> None:
+        buf, n = self._buffer, len(self._pending_lrs)
+        for j in range(len(buf) - n, len(buf)):
+            buf.step[j] = step
+            buf.lr[j] = lr
+        for given in self._pending_lrs:
+            if given is not None and lr is not None and given != lr and self._deferred is None:
+                self._deferred = _lr_refusal(given, step, lr)
+        self._last_batch_step = step
+        self._pending_lrs = []
 
     def checkpoint(
         self,
@@ -547,9 +648,9 @@ class Run:
     ) -> CheckpointRecord:
         """Save model (and optimizer) state next to the database and record it; publishes a snapshot.
 
-        `step` defaults to the number of optimizer steps completed.  The recorded `lr` is the learning rate of
-        the last batch logged in the current stage (the rate that produced these parameters), else the
-        optimizer's current rate.  The file is a `torch.save` dict loadable with `weights_only=True`.
+        `step` defaults to the number of optimizer steps completed.  The recorded `lr` is the first group's rate
+        applied by the last optimizer step of the current stage (the rate that produced these parameters), else
+        the optimizer's current rate.  The file is a `torch.save` dict loadable with `weights_only=True`.
         """
         self._check_open()
         if kind not in CHECKPOINT_KINDS:
@@ -672,10 +773,16 @@ class Run:
     ) -> None:
         """Queue one transaction: pending batches first (rows reach the database in recording order), then `ops`,
         then the ledger entries of the rows they wrote (`kinds`, in order)."""
-        pending, self._buffer = (self._buffer, _BatchBuffer()) if len(self._buffer) else (None, self._buffer)
+        n_waiting = len(self._pending_lrs)  # batches still waiting for their optimizer step stay buffered
+        pending: _BatchBuffer | None = None
+        if len(self._buffer) > n_waiting:
+            pending, self._buffer = self._buffer.split(n_waiting)
+        steps, self._steps = (self._steps, StepBuffer()) if len(self._steps) else (None, self._steps)
         batch_entries: list[Touched] = (
             [] if pending is None else [("batch", pending.batch_id[0], pending.batch_id[-1])]
         )
+        if steps is not None:
+            batch_entries.append(("optimizer_step", steps.step[0], steps.step[-1]))
 
         def transaction(con: duckdb.DuckDBPyConnection) -> None:
             con.begin()
@@ -684,6 +791,8 @@ class Run:
                     batches, samples = pending.tables()
                     insert_arrow(con, "batches", batches)
                     insert_arrow(con, "batch_samples", samples)
+                if steps is not None:
+                    insert_arrow(con, "optimizer_steps", steps.table())
                 for op in ops:
                     op(con)
                 self._ledger.append(con, batch_entries + list(kinds))
@@ -708,6 +817,9 @@ class Run:
     def _check_open(self) -> None:
         if self._closed:
             raise RecorderStateError("this run is closed")
+        if self._deferred is not None:
+            message, self._deferred = self._deferred, None
+            raise RecorderStateError(message)
 
     def _require_stage(self) -> _ActiveStage:
         self._check_open()
@@ -726,6 +838,18 @@ class Run:
 
 
 Job = Callable[[duckdb.DuckDBPyConnection], None]
+
+
+_USAGE_INDEX_SCHEMA = pa.schema(
+    [("index_id", pa.int32()), ("ledger_size", pa.int64()), ("created_at", pa.timestamp("us"))]
+)
+
+
+def _lr_refusal(given: float, step: int, applied: float) -> str:
+    return (
+        f"log_batch was given lr={given!r}, but optimizer step {step} applied lr={applied!r}; omit lr= "
+        f"(the recorder reads the rate each step applies)"
+    )
 
 
 def _inserter(table: str, data: pa.Table) -> Job:
@@ -750,9 +874,5 @@ def _close_at_exit(ref: weakref.ref[Run]) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    # an exclusively created, unpredictable temporary (O_EXCL|O_NOFOLLOW): a planted link is never written through
+    write_file_atomic(path, data)

@@ -23,8 +23,8 @@ PAGES = ["views/explore.py", "views/overview.py", "views/stages.py", "views/life
 
 
 def plain(markdown: str) -> str:
-    """Undo the app's markdown escaping of recorded text."""
-    return re.sub(r"\\(.)", r"\1", markdown)
+    """Undo the app's markdown escaping of recorded text (backslashes, and the word joiners that break autolinks)."""
+    return re.sub(r"\\(.)", r"\1", markdown).replace("\u2060", "")
 
 
 def open_page(run: Path, page: str, monkeypatch: pytest.MonkeyPatch, **params: str) -> AppTest:

@@ -104,6 +104,7 @@ def test_flush_every_commits_while_recording(tmp_path: Path) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with run.stage("s", optimizer=opt, model=model):
         for step in range(3):
+            opt.step()  # batches belong to optimizer steps: each is committed once its step ran
             run.log_batch([1, 2], step=step)
         # the second batch reached 4 pending sample rows and was committed; the third is still buffered
         run._writer.drain()

@@ -24,6 +24,7 @@ _CHILD = textwrap.dedent(
     with run.stage("train", optimizer=opt, model=model):
         step = 0
         while True:
+            opt.step()
             run.log_batch(np.arange(step % 90, step % 90 + 10), step=step, loss=0.5)
             step += 1
             if step % 10 == 0:

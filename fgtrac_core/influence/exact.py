@@ -1,0 +1,233 @@
+"""Step-exact TracIn: the idealised form of Pruthi et al. (2020, eq. 1) along the recorded trajectory.
+
+    score(test, z) = Σ_{t : z ∈ B_t} η_t / |B_t| · ∇ℓ(test, θ_t) · ∇ℓ(z, θ_t)
+
+over every optimizer step t whose batch B_t held z (with multiplicity), θ_t the parameters the step's gradient
+was taken at (before its update), η_t the first param group's rate the step applied, and 1/|B_t| the mean-loss
+scaling.  θ_t comes from replaying the run (`fgtrac_core.stages.replay.Cursor`: the recorded batches, targets,
+per-step hyperparameters and clipping, from the first stage's start checkpoint — bit-exact on the recording's
+kind of machine), so no checkpoint stands in for another step's parameters.  It is the SGD form: for Adam(W)
+stages each step still contributes η_t ∇ℓ_test·∇ℓ_z (no preconditioner or momentum; AdamW-influence is separate).
+
+Gradients are the last `nn.Linear` layer's, exact from the (δ, a) factors of `gradients.head_factors`
+(∇ℓ(z)·∇ℓ(z') = (δ·δ')(a·a' + 1), `include_bias=False` drops the + 1), taken in eval mode like the
+checkpoint modes.  Streamed: per step the test set's and the batch's factors are formed, dotted and added into
+one (n_test, n_train) float64 score matrix (plus the same-shaped cosine denominators and the training samples'
+self-influence), then dropped, so memory does not grow with the number of steps.  Cost: one forward/backward of
+the test set and the batch per step, on top of the replay itself.
+
+Cosine view: score / √(Σ_{uses of z} w_t ‖∇ℓ(test, θ_t)‖² · Σ_{uses of z} w_t ‖∇ℓ(z, θ_t)‖²), w_t = η_t/|B_t|
+(Cauchy–Schwarz with z's own weights: in [-1, 1]).  Per-interval contributions (`interval_of_step`, e.g. the
+steps each chosen checkpoint stands for, as in usage weighting) are gathered for given pairs in a second pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fgtrac_core.errors import FgtracError
+from fgtrac_core.influence.gradients import LossFn, head_factors, linear_layer
+from fgtrac_core.influence.tracin import TopK, _merge_topk
+
+
+@dataclass
+class ExactScores:
+    """The streamed sums of one pass over the trajectory."""
+
+    scores: torch.Tensor  # (n_test, n_train) float64
+    test_sq: torch.Tensor  # (n_test, n_train): Σ over z's uses of w_t ‖∇ℓ(test, θ_t)‖²
+    self_influence: torch.Tensor  # (n_train,): Σ over z's uses of w_t ‖∇ℓ(z, θ_t)‖²
+    n_steps: int
+    seconds: float
+    uses: int  # training-sample uses scored (uses of samples outside `train_ids` are left out)
+
+
+def _columns(train_ids: np.ndarray) -> Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]:
+    """ids -> (positions in the batch that are training samples, their columns)."""
+    order = np.argsort(train_ids, kind="stable")
+    ordered = train_ids[order]
+
+    def cols(ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = np.searchsorted(ordered, ids).clip(0, len(ordered) - 1)
+        hit = ordered[pos] == ids
+        return torch.from_numpy(np.nonzero(hit)[0]), torch.from_numpy(order[pos[hit]])
+
+    return cols
+
+
+def replay_steps(training: Any, progress: bool = False) -> Any:
+    """Yield (stage, step index in stage, model at θ_t, (x, y) of the batch) for every recorded step, then run
+    the step.  The batch cache of `training` is emptied as it goes (memory stays flat)."""
+    from fgtrac_core.stages.replay import Cursor
+
+    first = training.stages[0]
+    cursor = Cursor(training, 0, first.start_model, None)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cursor.remaining, desc="exact TracIn", unit="step", leave=False)
+    try:
+        while not cursor.done:
+            j, i = cursor.stage_index, cursor.step_index
+            yield training.stages[j], i, cursor.model, cursor.batch()
+            cursor.step()
+            training._batch_cache.pop((j, i), None)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def exact_pass(
+    training: Any,
+    layer: str,
+    train_ids: np.ndarray,
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    include_bias: bool = True,
+    loss_fn: LossFn | None = None,
+    interval_of_step: Callable[[int, int], int] | None = None,
+    on_interval_end: Callable[[int, torch.Tensor], None] | None = None,
+    progress: bool = False,
+) -> ExactScores:
+    """One streamed pass: the step-exact score matrix of `test` against the training samples `train_ids`.
+
+    With `interval_of_step(stage_id, step) -> column` (−1: none) and `on_interval_end(column, block)`, the
+    scores are also accumulated per interval: when the column changes (and at the end) the finished interval's
+    (n_test, n_train) block is handed over and restarted at zero (one extra matrix, not one per interval).
+    """
+    t0 = time.perf_counter()
+    train_ids = np.asarray(train_ids, dtype=np.int64)
+    x_te, y_te = test
+    bias = 1.0 if include_bias else 0.0
+    n_test, n_train = len(x_te), len(train_ids)
+    scores = torch.zeros(n_test, n_train, dtype=torch.float64)
+    test_sq = torch.zeros(n_test, n_train, dtype=torch.float64)
+    self_inf = torch.zeros(n_train, dtype=torch.float64)
+    block = torch.zeros(n_test, n_train, dtype=torch.float64) if on_interval_end is not None else None
+    current = -1
+    cols_of = _columns(train_ids)
+    linear_layer(training.model_factory(), layer)  # a one-line error before any work
+    n_steps = uses = 0
+    for stage, i, model, (xb, yb) in replay_steps(training, progress):
+        n_steps += 1
+        ids = np.asarray(stage.batches[i], dtype=np.int64)
+        if block is not None and interval_of_step is not None:
+            col = interval_of_step(stage.stage_id, stage.steps[i])
+            if col != current:
+                if current >= 0:
+                    on_interval_end(current, block)  # type: ignore[misc]
+                block.zero_()
+                current = col
+        at, cols = cols_of(ids)
+        if len(cols) == 0:
+            continue
+        weight = float(stage.lrs[i]) / len(ids)
+        d_te, a_te = head_factors(model, layer, (x_te, y_te), loss_fn=loss_fn)
+        d_b, a_b = head_factors(model, layer, (xb[at], yb[at]), loss_fn=loss_fn)
+        part = ((d_te @ d_b.T) * (a_te @ a_b.T + bias)).double().mul_(weight)
+        scores.index_add_(1, cols, part)
+        if block is not None and current >= 0:
+            block.index_add_(1, cols, part)
+        t_sq = (d_te.pow(2).sum(1) * (a_te.pow(2).sum(1) + bias)).double().mul_(weight)
+        test_sq.index_add_(1, cols, t_sq[:, None].expand(-1, len(cols)))
+        self_inf.index_add_(0, cols, (d_b.pow(2).sum(1) * (a_b.pow(2).sum(1) + bias)).double().mul_(weight))
+        uses += len(cols)
+    if block is not None and current >= 0:
+        on_interval_end(current, block)  # type: ignore[misc]
+    if n_steps == 0:
+        raise FgtracError("the run has no recorded steps to replay")
+    return ExactScores(scores, test_sq, self_inf, n_steps, time.perf_counter() - t0, uses)
+
+
+def _topk(matrix: torch.Tensor, k: int) -> TopK:
+    empty = (torch.empty(len(matrix), 0, dtype=matrix.dtype), torch.empty(len(matrix), 0, dtype=torch.long))
+    k = min(k, matrix.shape[1])
+    hi = _merge_topk(empty, matrix, 0, k, largest=True)
+    lo = _merge_topk(empty, matrix, 0, k, largest=False)
+    return TopK(hi[1], hi[0], lo[1], lo[0])
+
+
+@dataclass
+class ExactReview:
+    """What `run_influence` stores, like `tracin.Review`: top-k by raw score and cosine, self-influence, and per
+    pair the contributions of each interval (`pair_detail`, from `add_contributions`)."""
+
+    top: TopK
+    top_cosine: TopK
+    self_influence: torch.Tensor
+    scores: ExactScores
+    n_intervals: int
+    checkpoint_weights: list[float] = field(default_factory=list)
+    checkpoint_kappas: list[float] | None = None
+    _pairs: torch.Tensor | None = None  # (n_test, m) candidate train columns
+    _parts: torch.Tensor | None = None  # (n_test, m, n_intervals)
+
+    def candidates(self) -> torch.Tensor:
+        """(n_test, 4k) train columns of every stored pair (raw and cosine, proponents and opponents)."""
+        t, c = self.top, self.top_cosine
+        return torch.cat([t.proponent_indices, t.opponent_indices, c.proponent_indices, c.opponent_indices], 1)
+
+    def pair_detail(
+        self, test_idx: torch.Tensor, train_idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self.scores
+        raw = s.scores[test_idx, train_idx]
+        norm = (s.test_sq[test_idx, train_idx] * s.self_influence[train_idx]).sqrt().clamp_min(1e-300)
+        if self._pairs is None or self._parts is None:
+            parts = raw[..., None]
+        else:  # locate each pair among its test row's candidates
+            cand = self._pairs[test_idx]  # (..., m)
+            pos = (cand == train_idx[..., None]).to(torch.int8).argmax(-1)
+            parts = self._parts[test_idx, pos]  # (..., n_intervals)
+        return raw, raw / norm, parts
+
+
+def exact_review(
+    training: Any,
+    layer: str,
+    train_ids: np.ndarray,
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    k: int,
+    include_bias: bool = True,
+    loss_fn: LossFn | None = None,
+    intervals: Sequence[tuple[Any, int, int]] | None = None,
+    progress: bool = False,
+) -> ExactReview:
+    """Step-exact scores, their top-k (raw and cosine) and self-influence; with `intervals` (per chosen
+    checkpoint (stage_id or None, lo, hi), as `weighting.checkpoint_intervals` gives) a second replay gathers
+    each stored pair's contribution per interval (they sum to the raw score when every step is covered)."""
+    first = exact_pass(training, layer, train_ids, test, include_bias=include_bias, loss_fn=loss_fn, progress=progress)
+    s = first
+    top = _topk(s.scores, k)
+    cosine = s.scores / (s.test_sq * s.self_influence[None, :]).sqrt().clamp_min(1e-300)
+    rev = ExactReview(top, _topk(cosine, k), s.self_influence, s, len(intervals or []))
+    if not intervals:
+        return rev
+    pairs = rev.candidates()
+    parts = torch.zeros(*pairs.shape, len(intervals), dtype=torch.float64)
+
+    def interval_of_step(stage_id: int, step: int) -> int:
+        for c, (stage, lo, hi) in enumerate(intervals):
+            if (stage is None or stage == stage_id) and lo <= step < hi:
+                return c
+        return -1
+
+    def gather(col: int, block: torch.Tensor) -> None:
+        parts[:, :, col] = block.gather(1, pairs)
+
+    exact_pass(
+        training, layer, train_ids, test, include_bias=include_bias, loss_fn=loss_fn,
+        interval_of_step=interval_of_step, on_interval_end=gather, progress=progress,
+    )  # fmt: skip
+    rev._pairs, rev._parts = pairs, parts
+    return rev

@@ -1,0 +1,86 @@
+"""`fgtrac influence RUN --check K`: the stored LDS equals an independent computation (hand retraining without
+each random half, scipy's Spearman), and replaying with nothing removed reproduces the recorded run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from fgtrac_core import RunStore
+from fgtrac_core.influence import tracin
+from fgtrac_core.influence.check import replay_without
+from fgtrac_core.influence.run_influence import run_influence
+from fgtrac_core.stages._records import load_training
+from fgtrac_core.stages.replay import deterministic
+from tests.conftest import run_cli
+from tests.influence import _tiny
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("tiny_check") / "run"
+    _tiny.record(run)
+    return run
+
+
+def test_replay_without_nothing_is_the_recorded_run(tiny: Path) -> None:
+    x, y = _tiny.dataset()
+    with RunStore(tiny) as store:
+        records = load_training(store, _tiny.pipeline())
+        final = store.checkpoints().path.iloc[-1]
+    model = _tiny.MLP()
+    model.load_state_dict(torch.load(tiny / final, weights_only=True)["model"])
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(x[_tiny.N_TRAIN :]), y[_tiny.N_TRAIN :], reduction="none")
+    with deterministic(records.config.get("torch_threads")):
+        got = replay_without(
+            records.training, np.arange(_tiny.N_TRAIN), np.ones(_tiny.N_TRAIN, bool),
+            (x[_tiny.N_TRAIN :], y[_tiny.N_TRAIN :]),
+        )  # fmt: skip
+    assert np.array_equal(got, want.double().numpy())
+
+
+def test_check_lds_equals_an_independent_computation(tiny: Path) -> None:
+    k, seed = 6, 3
+    summary = run_influence(
+        tiny, k=3, checkpoints="all", check=k, seed=seed, model=_tiny.MODEL, inputs=_tiny.INPUTS, layer="head"
+    )
+    with RunStore(tiny) as store:
+        a = store.latest_analysis("influence")
+        ids = [c["checkpoint_id"] for c in a["checkpoints"]]
+        ckpts = [(str(tiny / c["path"]), c["lr"]) for c in a["checkpoints"]]
+    stored = a["params"]["check"]
+    assert stored == summary.check and stored["replays"] == k
+    # independent: the documented subsets, hand retraining, scores from hand-counted usage weights, scipy
+    rng = np.random.default_rng(seed)
+    keeps = [set(rng.permutation(_tiny.N_TRAIN)[: _tiny.N_TRAIN // 2].tolist()) for _ in range(k)]
+    losses = np.stack([_tiny.hand_losses_without(tiny, set(range(_tiny.N_TRAIN)) - keep) for keep in keeps])
+    w, _ = _tiny.hand_usage(tiny, ids)
+    x, y = _tiny.dataset()
+    scores = tracin(
+        _tiny.MLP(), "head", (x[: _tiny.N_TRAIN], y[: _tiny.N_TRAIN]), (x[_tiny.N_TRAIN :], y[_tiny.N_TRAIN :]),
+        ckpts, sample_weights=w,
+    ).double().numpy()  # fmt: skip
+    masks = np.array([[i in keep for i in range(_tiny.N_TRAIN)] for keep in keeps], float)
+    predicted = masks @ scores.T  # (k, n_test)
+    rhos = [spearmanr(predicted[:, t], -losses[:, t])[0] for t in range(_tiny.N_TEST)]
+    assert stored["lds"] == pytest.approx(float(np.nanmean(rhos)), abs=1e-6)
+    assert stored["test_loss_spread"] == pytest.approx(float(losses.std(0).mean()), rel=1e-4)
+
+
+def test_check_through_the_cli(tiny: Path) -> None:
+    proc = run_cli(
+        "influence", str(tiny), "--mode", "exact", "--k", "2", "--check", "3",
+        "--model", _tiny.MODEL, "--inputs", _tiny.INPUTS, "--head-layer", "head",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "measured on this run: LDS" in proc.stdout and "(3 replays" in proc.stdout
+    proc = run_cli("influence", str(tiny), "--check", "1", "--model", _tiny.MODEL, "--inputs", _tiny.INPUTS)
+    assert proc.returncode == 2 and "--check" in proc.stderr
+    with RunStore(tiny) as store:
+        assert json.loads(store.analyses().params.iloc[-1])["check"]["replays"] == 3

@@ -1,0 +1,102 @@
+"""Step-exact TracIn: equals a hand computation (plain-torch replay, autograd per step) on a 3-step toy and on a
+two-stage run (SGD then AdamW); stored through `fgtrac influence --mode exact` with per-interval contributions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fgtrac_core import RunStore
+from fgtrac_core.influence.exact import ExactScores, exact_pass
+from fgtrac_core.influence.run_influence import run_influence
+from fgtrac_core.stages._records import load_training
+from fgtrac_core.stages.replay import deterministic
+from tests.conftest import run_cli
+from tests.influence import _tiny
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("toy") / "run"
+    _tiny.record(run, steps_a=3, stages=("a",))
+    return run
+
+
+@pytest.fixture(scope="module")
+def two_stages(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("two") / "run"
+    _tiny.record(run)
+    return run
+
+
+def _exact(run: Path, bias: bool = True) -> ExactScores:
+    x, y = _tiny.dataset()
+    with RunStore(run) as store:
+        records = load_training(store, _tiny.pipeline())
+    with deterministic(records.config.get("torch_threads")):
+        s = exact_pass(
+            records.training, "head", np.arange(_tiny.N_TRAIN), (x[_tiny.N_TRAIN :], y[_tiny.N_TRAIN :]),
+            include_bias=bias,
+        )  # fmt: skip
+    return s
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_three_step_toy_equals_a_hand_computation(toy: Path, bias: bool) -> None:
+    with RunStore(toy) as store:
+        assert store.df("SELECT count(DISTINCT step) AS n FROM batches")["n"].iloc[0] == 3
+    s = _exact(toy, bias)
+    assert s.n_steps == 3 and s.uses == 15
+    want = _tiny.hand_exact(toy, bias=bias)
+    np.testing.assert_allclose(s.scores.numpy(), want.numpy(), rtol=1e-5, atol=1e-10)
+    used = (want != 0).any(0)
+    assert used.sum() == 15 and (s.scores[:, ~used] == 0).all()  # samples no step used: exactly 0
+
+
+def test_two_stages_equal_a_hand_computation(two_stages: Path) -> None:
+    s = _exact(two_stages)
+    want = _tiny.hand_exact(two_stages)
+    np.testing.assert_allclose(s.scores.numpy(), want.numpy(), rtol=1e-4, atol=1e-9)
+
+
+def test_stored_exact_analysis(two_stages: Path) -> None:
+    summary = run_influence(
+        two_stages, mode="exact", k=_tiny.N_TRAIN, checkpoints="all", model=_tiny.MODEL, inputs=_tiny.INPUTS,
+        layer="head",
+    )  # fmt: skip
+    assert summary.method == "tracin/exact"
+    want = _tiny.hand_exact(two_stages)
+    with RunStore(two_stages) as store:
+        a = store.latest_analysis("influence")
+        assert a["params"]["steps_replayed"] == 16 and a["params"]["uncovered_steps"] == 0
+        for t in range(_tiny.N_TRAIN, _tiny.N_TRAIN + _tiny.N_TEST):
+            for view in ("raw", "cosine"):
+                table = store.influence_topk(a["analysis_id"], t, view)
+                pro = table[table.direction == "proponent"]
+                parts = np.array([json.loads(p) for p in pro.contributions])
+                assert parts.shape == (_tiny.N_TRAIN, len(a["checkpoints"]))
+                np.testing.assert_allclose(parts.sum(1), pro.score, rtol=1e-9, atol=1e-12)
+                np.testing.assert_allclose(
+                    pro.score, want[t - _tiny.N_TRAIN, pro.train_id.to_numpy().copy()].numpy(), rtol=1e-4, atol=1e-9
+                )
+                assert (pro.cosine.abs() <= 1 + 1e-9).all()
+                stages = np.array([c["stage"] for c in a["checkpoints"]])
+                only_b = pro.train_id.isin(_tiny.ONLY_B).to_numpy()
+                assert (parts[only_b][:, stages == "a"] == 0).all()
+
+
+def test_exact_through_the_cli_refuses_checkpoint_weighting(two_stages: Path) -> None:
+    proc = run_cli(
+        "influence", str(two_stages), "--mode", "exact", "--weighting", "checkpoint",
+        "--model", _tiny.MODEL, "--inputs", _tiny.INPUTS, "--head-layer", "head",
+    )  # fmt: skip
+    assert proc.returncode == 2 and "does not apply" in proc.stderr
+    proc = run_cli(
+        "influence", str(two_stages), "--mode", "exact", "--k", "2", "--json",
+        "--model", _tiny.MODEL, "--inputs", _tiny.INPUTS, "--head-layer", "head",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["method"] == "tracin/exact"

@@ -1,0 +1,185 @@
+"""Small real runs recorded with ordinary user loops (the README's "Instrument your own loop"), and an independent
+reference replay that reads the run's tables with plain SQL — not fgtrac's replay code.
+
+The pipeline is importable (`tests.stages._loops:MLP`, `tests.stages._loops:inputs`) so that `fgtrac stages
+--model ... --inputs ...` can rebuild it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fgtrac_core.pipeline import Pipeline
+from fgtrac_core.tracking import Run
+
+N_TRAIN, N_TEST, D_IN, N_CLASSES = 48, 16, 6, 3
+MODEL_REF, INPUTS_REF = "tests.stages._loops:MLP", "tests.stages._loops:inputs"
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(D_IN, 10)
+        self.head = nn.Linear(10, N_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+def dataset() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N_TRAIN + N_TEST, D_IN, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    return x, y
+
+
+def inputs(config: dict[str, Any], ids: np.ndarray) -> torch.Tensor:
+    return dataset()[0][torch.as_tensor(np.asarray(ids, dtype=np.int64))]
+
+
+def pipeline() -> Pipeline:
+    return Pipeline(model_factory=MLP, load_inputs=inputs, head_layer="head", config={})
+
+
+Hook = Callable[[nn.Module, int], None]
+
+
+@dataclass
+class StageCfg:
+    """One stage of a recorded loop."""
+
+    name: str
+    optimizer: (
+        Callable[[nn.Module], torch.optim.Optimizer] | None
+    )  # None: carry the previous stage's optimizer
+    scheduler: Callable[[torch.optim.Optimizer, int], Any] | None = None
+    epochs: int = 2
+    order: str = "step_sched_log"  # step_sched_log | step_log_sched | log_step_sched
+    clip: Hook | None = None  # called between backward and optimizer.step() (clipping, or altering grads)
+    labels: dict[int, int] = field(default_factory=dict)  # sample id -> the target this stage trains on
+
+
+def record(run_dir: Path, stages: list[StageCfg], *, batch: int = 8, targets: bool = False) -> nn.Module:
+    """Record `stages` with the README loop (no step=, no lr=); returns the trained model.
+
+    With `targets`, every log_batch passes the targets the batch was trained on (`targets=y`).
+    """
+    torch.manual_seed(0)
+    x, y = dataset()
+    model = MLP()
+    run = Run.create(run_dir, name="loop", config={"torch_threads": torch.get_num_threads()})
+    run.register_samples(
+        np.arange(N_TRAIN), split="train", labels=y[:N_TRAIN].numpy(), raw=x[:N_TRAIN].numpy()
+    )
+    test = np.arange(N_TRAIN, N_TRAIN + N_TEST)
+    run.register_samples(test, split="test", labels=y[N_TRAIN:].numpy(), raw=x[N_TRAIN:].numpy())
+    opt = None
+    step = 0
+    try:
+        for k, cfg in enumerate(stages):
+            y_stage = y.clone()
+            for sid, label in cfg.labels.items():
+                y_stage[sid] = label
+            ids = torch.arange(N_TRAIN)
+            loader = DataLoader(
+                TensorDataset(ids, x[ids], y_stage[ids]),
+                batch_size=batch,
+                shuffle=True,
+                generator=torch.Generator().manual_seed(100 + k),
+            )
+            if cfg.optimizer is not None:
+                opt = cfg.optimizer(model)
+            assert opt is not None
+            sched = cfg.scheduler(opt, cfg.epochs * len(loader)) if cfg.scheduler else None
+            with run.stage(cfg.name, optimizer=opt, scheduler=sched, model=model):
+                for epoch in range(cfg.epochs):
+                    for b_ids, xb, yb in loader:
+                        extra = {"targets": yb} if targets else {}
+                        if cfg.order == "log_step_sched":
+                            run.log_batch(b_ids, epoch=epoch, **extra)
+                        opt.zero_grad()
+                        loss = F.cross_entropy(model(xb), yb)
+                        loss.backward()
+                        if cfg.clip is not None:
+                            cfg.clip(model, step)
+                        opt.step()
+                        if cfg.order == "step_log_sched":
+                            run.log_batch(b_ids, epoch=epoch, loss=loss, **extra)
+                        if sched is not None:
+                            sched.step()
+                        if cfg.order == "step_sched_log":
+                            run.log_batch(b_ids, epoch=epoch, loss=loss, **extra)
+                        step += 1
+    finally:
+        run.close()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- reference replay
+
+
+def _load_ckpt(run_dir: Path, path: str) -> dict[str, Any]:
+    return torch.load(io.BytesIO((run_dir / path).read_bytes()), weights_only=True)
+
+
+def reference_replay(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Replay the recorded run from its tables alone: per step the batch, its targets (recorded, else the
+    registered label), every group's applied hyperparameters and the clipping rule, with plain torch."""
+    x, _ = dataset()
+    con = duckdb.connect(str(run_dir / "snapshot.duckdb"), read_only=True)
+    try:
+        labels = dict(con.execute("SELECT sample_id, label FROM samples").fetchall())
+        stages = con.execute("SELECT stage_id, optimizer FROM stages ORDER BY stage_id").fetchall()
+        starts = dict(
+            con.execute("SELECT stage_id, path FROM checkpoints WHERE kind = 'stage_start'").fetchall()
+        )
+        has_target = "target" in {r[0] for r in con.execute("DESCRIBE batch_samples").fetchall()}
+        target = "bs.target" if has_target else "NULL"
+        rows = con.execute(
+            f"""SELECT o.step, o.stage_id, o.hparams, o.clip, list(bs.sample_id ORDER BY bs.position),
+                       list({target} ORDER BY bs.position)
+                FROM optimizer_steps o JOIN batches b USING (step) JOIN batch_samples bs USING (batch_id)
+                GROUP BY ALL ORDER BY o.step"""
+        ).fetchall()
+    finally:
+        con.close()
+    model = MLP()
+    model.load_state_dict(_load_ckpt(run_dir, starts[stages[0][0]])["model"])
+    opt = None
+    for stage_id, opt_name in stages:
+        start = _load_ckpt(run_dir, starts[stage_id])["optimizer"]
+        if opt is None or not start["state"]:  # a fresh optimizer, else the same one continues
+            opt = getattr(torch.optim, opt_name)(model.parameters())
+            opt.load_state_dict(start)
+        groups: list[dict[str, Any]] = []
+        for _, _, hparams, clip, ids, targets in (r for r in rows if r[1] == stage_id):
+            delta = json.loads(hparams)
+            groups = delta if not groups else [{**g, **d} for g, d in zip(groups, delta, strict=True)]
+            for group, hp in zip(opt.param_groups, groups, strict=True):
+                group.update({k: tuple(v) if isinstance(v, list) else v for k, v in hp.items()})
+            yb = torch.tensor([labels[i] if t is None else t for i, t in zip(ids, targets, strict=True)])
+            opt.zero_grad()
+            F.cross_entropy(model(x[torch.tensor(ids)]), yb).backward()
+            rule = json.loads(clip) if clip else None
+            if rule and rule["rule"] == "norm":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), rule["max_norm"], rule["norm_type"])
+            elif rule:
+                torch.nn.utils.clip_grad_value_(model.parameters(), rule["clip_value"])
+            opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,216 @@
+"""Runs recorded with ordinary loops (README loop, schedulers in either order, clipping, one optimizer carried
+across stages, several epochs without step=) replay bit for bit: against the trained model, against an
+independent replay written here from the run's tables, through `replay_full` and through `fgtrac stages`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+import torch
+
+from fgtrac_core.stages._records import load_training
+from fgtrac_core.stages.errors import ReplayMismatchError, StageAnalysisError
+from fgtrac_core.stages.replay import deterministic, replay_full
+from fgtrac_core.store import RunStore
+from tests.conftest import run_cli
+from tests.stages._loops import (
+    INPUTS_REF,
+    MODEL_REF,
+    StageCfg,
+    dataset,
+    pipeline,
+    record,
+    reference_replay,
+    same_state,
+)
+
+sched = torch.optim.lr_scheduler
+
+
+def _sgd(lr: float = 0.1, **kw: float):
+    return lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3, **kw)
+
+
+def _adam(lr: float = 0.01):
+    return lambda m: torch.optim.Adam(m.parameters(), lr=lr)
+
+
+def _clip_norm(model: torch.nn.Module, step: int) -> None:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.3)
+
+
+def _clip_value(model: torch.nn.Module, step: int) -> None:
+    torch.nn.utils.clip_grad_value_(model.parameters(), clip_value=0.05)
+
+
+def _step_lr(opt, n):
+    return sched.StepLR(opt, step_size=4, gamma=0.7)
+
+
+# sample id -> the target stage "b" trains on (differs from the registered label)
+RELABELLED = {i: (int(dataset()[1][i]) + 1) % 3 for i in (0, 5, 9)}
+WITH_TARGETS = {"relabelled_later_stage", "readme_literal_sched_then_log", "readme_literal_log_then_sched"}
+
+
+def _readme_stage(order: str) -> list[StageCfg]:
+    """README.md's "Instrument your own loop", as printed: SGD with momentum and weight decay, OneCycleLR,
+    clip_grad_norm_(max_norm=1.0), several epochs, log_batch without step= or lr=, with targets=y."""
+    return [
+        StageCfg(
+            "pretrain",
+            lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4),
+            lambda o, n: sched.OneCycleLR(o, max_lr=0.1, total_steps=n),
+            epochs=3,
+            order=order,
+            clip=lambda model, step: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0),
+        )
+    ]
+
+
+LOOPS: dict[str, list[StageCfg]] = {
+    "readme_literal_sched_then_log": _readme_stage("step_sched_log"),
+    "readme_literal_log_then_sched": _readme_stage("step_log_sched"),
+    "readme_sched_then_log": [StageCfg("a", _sgd(), _step_lr, epochs=3, order="step_sched_log")],
+    "readme_log_then_sched": [StageCfg("a", _sgd(), _step_lr, epochs=3, order="step_log_sched")],
+    "log_before_step": [StageCfg("a", _sgd(), _step_lr, epochs=3, order="log_step_sched")],
+    "onecycle_momentum": [
+        StageCfg("a", _sgd(), lambda o, n: sched.OneCycleLR(o, max_lr=0.3, total_steps=n), epochs=2),
+        StageCfg("b", _adam(), lambda o, n: sched.OneCycleLR(o, max_lr=0.02, total_steps=n), epochs=2),
+    ],
+    "cosine_warm_restarts": [
+        StageCfg("a", _sgd(), lambda o, n: sched.CosineAnnealingWarmRestarts(o, T_0=5, T_mult=2), epochs=3)
+    ],
+    "clip_grad_norm": [StageCfg("a", _sgd(0.5), _step_lr, epochs=2, clip=_clip_norm)],
+    "clip_grad_value": [StageCfg("a", _sgd(0.5), None, epochs=2, clip=_clip_value)],
+    "relabelled_later_stage": [
+        StageCfg("a", _sgd(), None, epochs=2),
+        StageCfg("b", _adam(), None, epochs=2, labels=RELABELLED),
+    ],
+    "adam_carried": [
+        StageCfg("a", _adam(), lambda o, n: sched.CosineAnnealingLR(o, T_max=n), epochs=2),
+        StageCfg("b", None, None, epochs=2),
+        StageCfg("c", None, lambda o, n: sched.StepLR(o, step_size=3, gamma=0.5), epochs=1),
+    ],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(LOOPS))
+def recorded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    run_dir = tmp_path_factory.mktemp(request.param) / "run"
+    with deterministic(1):
+        model = record(run_dir, LOOPS[request.param], targets=request.param in WITH_TARGETS)
+    return request.param, run_dir, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_reference_replay_reproduces_the_trained_model(recorded) -> None:
+    name, run_dir, trained = recorded
+    with deterministic(1):
+        assert same_state(reference_replay(run_dir), trained), name
+
+
+def test_fgtrac_replay_is_bit_exact(recorded) -> None:
+    name, run_dir, trained = recorded
+    with RunStore(run_dir) as store, deterministic(1):
+        training = load_training(store, pipeline()).training
+        result = replay_full(training)
+    assert same_state(result.model, trained), name
+
+
+def test_recorded_facts(recorded) -> None:
+    """Steps are numbered by the recorder from 0 without gaps, every step has one batch whose lr is the applied
+    one, clipping is recorded where the loop clipped and nothing was marked altered."""
+    name, run_dir, _ = recorded
+    with duckdb.connect(str(run_dir / "snapshot.duckdb"), read_only=True) as con:
+        steps = con.execute(
+            "SELECT step, hparams, clip, grads_altered FROM optimizer_steps ORDER BY step"
+        ).fetchall()
+        batches = con.execute("SELECT step, lr FROM batches ORDER BY batch_id").fetchall()
+    assert [s[0] for s in steps] == list(range(len(steps))) == [b[0] for b in batches]
+    assert not any(s[3] for s in steps)
+    clips = [json.loads(s[2]) for s in steps if s[2]]
+    if name == "clip_grad_norm" or (name.startswith("readme_literal") and clips):
+        max_norm = 0.3 if name == "clip_grad_norm" else 1.0
+        assert clips and all(c == {"rule": "norm", "max_norm": max_norm, "norm_type": 2.0} for c in clips)
+    elif name == "clip_grad_value":
+        assert clips and all(c == {"rule": "value", "clip_value": 0.05} for c in clips)
+    else:
+        assert not clips
+    if name == "onecycle_momentum":  # momentum cycles: recorded as a changed key, step after step
+        assert sum("momentum" in json.loads(s[1])[0] for s in steps[1:]) > 5
+        assert sum("betas" in json.loads(s[1])[0] for s in steps[1:]) > 5
+
+
+@pytest.mark.parametrize(
+    "loop", ["readme_literal_sched_then_log", "log_before_step", "clip_grad_norm", "adam_carried"]
+)
+def test_cli_stages_replay_succeeds(tmp_path: Path, loop: str) -> None:
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(run_dir, LOOPS[loop], targets=loop in WITH_TARGETS)
+    proc = run_cli("stages", str(run_dir), "--method", "replay", "--model", MODEL_REF, "--inputs", INPUTS_REF)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_relabelled_targets_are_lifecycle_events(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(run_dir, LOOPS["relabelled_later_stage"], targets=True)
+    with duckdb.connect(str(run_dir / "snapshot.duckdb"), read_only=True) as con:
+        (first_b,) = con.execute("SELECT start_step FROM stages WHERE name = 'b'").fetchone()
+        uses = con.execute(
+            "SELECT min(b.step) FROM batch_samples bs JOIN batches b USING (batch_id) "
+            "WHERE bs.sample_id = 5 AND b.step >= ?",
+            [first_b],
+        ).fetchone()
+    with RunStore(run_dir) as store:
+        label = store.sample(5)["label"]
+        assert store.sample_relabels(5) == [
+            {"step": uses[0], "stage": "b", "from": label, "to": RELABELLED[5]}
+        ]
+        assert store.sample_relabels(1) == []
+    proc = run_cli("sample", str(run_dir), "5")
+    assert proc.returncode == 0, proc.stderr
+    assert f"relabelled: {label} → {RELABELLED[5]} from step {uses[0]} (stage b)" in proc.stdout, proc.stdout
+
+
+def test_hand_scaled_gradients_are_refused_naming_the_first_altered_step(tmp_path: Path) -> None:
+    def scale(model: torch.nn.Module, step: int) -> None:
+        if step >= 3:
+            for p in model.parameters():
+                p.grad.mul_(0.9)
+
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(run_dir, [StageCfg("a", _sgd(), None, epochs=1, clip=scale)])
+    with duckdb.connect(str(run_dir / "snapshot.duckdb"), read_only=True) as con:
+        altered = [
+            s
+            for (s,) in con.execute(
+                "SELECT step FROM optimizer_steps WHERE grads_altered ORDER BY step"
+            ).fetchall()
+        ]
+    assert altered == list(range(3, 6))
+    with RunStore(run_dir) as store, pytest.raises(StageAnalysisError, match=r"at step 3 \(stage 'a'\)"):
+        load_training(store, pipeline())
+
+
+def test_changed_lr_is_diagnosed_at_the_first_diverging_step(tmp_path: Path) -> None:
+    """An lr edited after the fact in optimizer_steps: the mismatch names that step and its recorded lr."""
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(run_dir, [StageCfg("a", _sgd(), None, epochs=2), StageCfg("b", _adam(), None, epochs=1)])
+    with duckdb.connect(str(run_dir / "snapshot.duckdb")) as con:
+        (hp,) = con.execute("SELECT hparams FROM optimizer_steps WHERE step = 7").fetchone()
+        groups = json.loads(hp)
+        groups[0]["lr"] = 0.125
+        con.execute("UPDATE optimizer_steps SET hparams = ? WHERE step = 7", [json.dumps(groups)])
+    with RunStore(run_dir) as store, deterministic(1):
+        training = load_training(store, pipeline()).training
+        with pytest.raises(ReplayMismatchError) as err:
+            replay_full(training)
+    message = str(err.value)
+    assert "first diverges at step 7 (stage 'a')" in message and "lr 0.125" in message, message
+    assert "thread count" not in message and "\n" not in message

@@ -1,0 +1,263 @@
+"""The recorder's optimizer step hooks: its own step numbering, hyperparameters as applied, batch association in
+either loop order, refusals of a step that goes backwards or an lr that was not applied, clipping inference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fgtrac_core import RecorderStateError, Run, RunStore
+from fgtrac_core.errors import FgtracError
+from fgtrac_core.tracking.optimizer_hooks import expand_hparams, hparams_delta, infer_clip
+
+
+def _run(run_dir: Path) -> tuple[Run, nn.Module]:
+    torch.manual_seed(0)
+    run = Run.create(run_dir, name="hooks")
+    run.register_samples(
+        np.arange(20), split="train", labels=np.arange(20) % 2, raw=[bytes([i]) for i in range(20)]
+    )
+    return run, nn.Linear(3, 2)
+
+
+def _backward(model: nn.Module) -> torch.Tensor:
+    loss = model(torch.randn(4, 3)).pow(2).mean()
+    loss.backward()
+    return loss
+
+
+def _rows(run_dir: Path, sql: str) -> list[tuple]:
+    with duckdb.connect(str(run_dir / "snapshot.duckdb"), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+@pytest.mark.parametrize("order", ["sched_then_log", "log_then_sched", "log_first"])
+def test_batches_get_the_applied_lr_whatever_the_order(tmp_path: Path, order: str) -> None:
+    run, model = _run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with run.stage("s", optimizer=opt, model=model):
+        for epoch in range(2):
+            for i in range(3):
+                ids = [2 * i, 2 * i + 1]
+                if order == "log_first":
+                    run.log_batch(ids, epoch=epoch)
+                opt.zero_grad()
+                _backward(model)
+                opt.step()
+                if order == "log_then_sched":
+                    run.log_batch(ids, epoch=epoch)
+                sched.step()
+                if order == "sched_then_log":
+                    run.log_batch(ids, epoch=epoch)
+    run.close()
+    rows = _rows(tmp_path / "r", "SELECT step, lr FROM batches ORDER BY batch_id")
+    assert rows == [(s, 0.1 * 0.5**s) for s in range(6)]
+    assert _rows(tmp_path / "r", "SELECT start_step, end_step FROM stages") == [(0, 5)]
+
+
+def test_hparams_are_stored_as_changes_and_expand_back(tmp_path: Path) -> None:
+    run, model = _run(tmp_path / "r")
+    opt = torch.optim.Adam([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.5}], lr=0.01)
+    with run.stage("s", optimizer=opt, model=model):
+        for step in range(4):
+            opt.zero_grad()
+            _backward(model)
+            if step == 2:
+                opt.param_groups[1]["betas"] = (0.8, 0.99)
+            opt.step()
+            run.log_batch([step])
+    run.close()
+    deltas = [
+        json.loads(h) for (h,) in _rows(tmp_path / "r", "SELECT hparams FROM optimizer_steps ORDER BY step")
+    ]
+    assert deltas[0][0]["lr"] == 0.01 and deltas[0][1]["lr"] == 0.5 and deltas[0][0]["betas"] == [0.9, 0.999]
+    assert {"eps", "weight_decay", "amsgrad", "maximize"} <= set(deltas[0][0])
+    assert deltas[1] == [{}, {}] and deltas[2] == [{}, {"betas": [0.8, 0.99]}] and deltas[3] == [{}, {}]
+    full = expand_hparams([json.dumps(d) for d in deltas])
+    assert full[3][1]["betas"] == [0.8, 0.99] and full[3][0]["betas"] == [0.9, 0.999]
+    assert hparams_delta(None, full[0]) == full[0]
+
+
+def test_steps_are_numbered_across_stages_epochs_and_sessions(tmp_path: Path) -> None:
+    run, model = _run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for name in ("a", "b"):
+        with run.stage(name, optimizer=opt, model=model):
+            for _ in range(2):  # epochs
+                for i in range(3):
+                    opt.zero_grad()
+                    _backward(model)
+                    opt.step()
+                    run.log_batch([i])
+    run.close()
+    run = Run.open(tmp_path / "r")
+    with run.stage("c", optimizer=opt, model=model):
+        opt.step()
+        run.log_batch([0])
+        assert run.checkpoint(model).step == 13
+    run.close()
+    assert [s for (s,) in _rows(tmp_path / "r", "SELECT step FROM batches ORDER BY batch_id")] == list(
+        range(13)
+    )
+    assert _rows(tmp_path / "r", "SELECT name, start_step, end_step FROM stages ORDER BY stage_id") == [
+        ("a", 0, 5),
+        ("b", 6, 11),
+        ("c", 12, 12),
+    ]
+
+
+def test_gradient_accumulation_batches_share_their_step(tmp_path: Path) -> None:
+    run, model = _run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with run.stage("s", optimizer=opt, model=model):
+        opt.zero_grad()
+        for micro in range(6):
+            _backward(model)
+            run.log_batch([micro])
+            if micro % 3 == 2:
+                opt.step()
+                opt.zero_grad()
+    run.close()
+    assert [s for (s,) in _rows(tmp_path / "r", "SELECT step FROM batches ORDER BY batch_id")] == [
+        0,
+        0,
+        0,
+        1,
+        1,
+        1,
+    ]
+
+
+def test_step_going_backwards_is_one_line_and_leaves_the_stage_open(tmp_path: Path) -> None:
+    """`enumerate(loader)` as step= restarts at 0 in epoch 2: refused, nothing recorded, the stage goes on."""
+    run, model = _run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with run.stage("s", optimizer=opt, model=model):
+        for epoch in range(2):
+            for step in range(3):
+                opt.zero_grad()
+                _backward(model)
+                opt.step()
+                if epoch == 1 and step == 0:
+                    with pytest.raises(RecorderStateError) as err:
+                        run.log_batch([step], step=step, epoch=epoch)
+                    assert "\n" not in str(err.value) and "before the last logged step 2" in str(err.value)
+                    run.log_batch([step], epoch=epoch)  # without step= the recorder's numbering carries on
+                else:
+                    run.log_batch([step], step=step if epoch == 0 else None, epoch=epoch)
+    run.close()
+    with RunStore(tmp_path / "r") as store:
+        assert store.stages()["status"].tolist() == ["done"]
+    assert [s for (s,) in _rows(tmp_path / "r", "SELECT step FROM batches ORDER BY batch_id")] == list(
+        range(6)
+    )
+
+
+def test_lr_that_was_not_applied_is_refused(tmp_path: Path) -> None:
+    run, model = _run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with run.stage("s", optimizer=opt, model=model):
+        opt.zero_grad()
+        _backward(model)
+        opt.step()
+        sched.step()
+        # log after step: checked at once, the batch is not recorded
+        with pytest.raises(RecorderStateError, match=r"given lr=0\.05, but optimizer step 0 applied lr=0\.1"):
+            run.log_batch([0], lr=opt.param_groups[0]["lr"])
+        run.log_batch([0], lr=0.1)
+        # log before step: checked when the step runs, raised at the next recorder call
+        run.log_batch([1], lr=0.3)
+        opt.zero_grad()
+        _backward(model)
+        opt.step()
+        with pytest.raises(RecorderStateError, match=r"given lr=0\.3, but optimizer step 1 applied lr=0\.05"):
+            run.flush()
+        run.flush()  # raised once; the run stays usable
+    run.close()
+    assert _rows(tmp_path / "r", "SELECT step, lr FROM batches ORDER BY batch_id") == [(0, 0.1), (1, 0.05)]
+
+
+def test_hooks_are_removed_at_the_stage_end(tmp_path: Path) -> None:
+    run, model = _run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with run.stage("s", optimizer=opt, model=model):
+        opt.step()
+        run.log_batch([0])
+    opt.step()  # outside any stage: not recorded
+    run.close()
+    assert len(_rows(tmp_path / "r", "SELECT * FROM optimizer_steps")) == 1
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert not model.weight._post_accumulate_grad_hooks
+
+
+@pytest.mark.parametrize(
+    ("clip", "expected"),
+    [
+        (
+            lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5),
+            {"rule": "norm", "max_norm": 0.5, "norm_type": 2.0},
+        ),
+        (
+            lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.25, norm_type=float("inf")),
+            {"rule": "norm", "max_norm": 0.25, "norm_type": float("inf")},
+        ),
+        (lambda ps: torch.nn.utils.clip_grad_value_(ps, 0.1), {"rule": "value", "clip_value": 0.1}),
+        (lambda ps: [p.grad.mul_(0.9) for p in ps], None),
+        (lambda ps: [p.grad.add_(1e-3) for p in ps], None),
+    ],
+    ids=["norm2", "norm_inf", "value", "scaled", "shifted"],
+)
+def test_infer_clip(clip, expected) -> None:
+    torch.manual_seed(1)
+    params = [torch.zeros(5, 4, requires_grad=True), torch.zeros(7, requires_grad=True)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    acc = [p.grad.clone() for p in params]
+    clip(params)
+    assert infer_clip(acc, [p.grad for p in params]) == expected
+
+
+def test_overhead_is_small_without_clipping(tmp_path: Path) -> None:
+    """The hooks cost one gradient copy per parameter and a fingerprint per step; no database work per step."""
+    run, model = _run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with run.stage("s", optimizer=opt, model=model):
+        for i in range(50):
+            opt.zero_grad()
+            _backward(model)
+            opt.step()
+            run.log_batch([i % 20])
+        assert len(run._steps) == 50  # buffered, inserted at the stage end in one Arrow insert
+    run.close()
+    assert len(_rows(tmp_path / "r", "SELECT * FROM optimizer_steps")) == 50
+
+
+def test_targets_are_recorded_per_use_and_checked(tmp_path: Path) -> None:
+    run, model = _run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with run.stage("s", optimizer=opt, model=model):
+        opt.step()
+        with pytest.raises(FgtracError, match="targets has 1 entries for 2 sample ids"):
+            run.log_batch([0, 1], targets=[1])
+        run.log_batch([0, 1], targets=torch.tensor([1, 1]))  # sample 0 is registered with label 0
+        opt.step()
+        run.log_batch([0, 3])
+    run.close()
+    rows = _rows(
+        tmp_path / "r", "SELECT batch_id, sample_id, target FROM batch_samples ORDER BY batch_id, position"
+    )
+    assert rows == [(0, 0, 1), (0, 1, 1), (1, 0, None), (1, 3, None)]
+    with RunStore(tmp_path / "r") as store:
+        assert store.sample_relabels(0) == [
+            {"step": 0, "stage": "s", "from": 0, "to": 1},
+            {"step": 1, "stage": "s", "from": 1, "to": 0},
+        ]
+        assert store.sample_relabels(1) == []
