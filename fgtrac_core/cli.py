@@ -351,9 +351,13 @@ def _cmd_stages(args: argparse.Namespace) -> int:
 
 
 def _cmd_key_export(args: argparse.Namespace) -> int:
-    from fgtrac_core.ledger import fingerprint, load_or_create_signing_key, public_key_pem
+    from fgtrac_core.errors import SigningKeyError
+    from fgtrac_core.ledger import KeyFileError, fingerprint, load_or_create_signing_key, public_key_pem
 
-    key = load_or_create_signing_key(args.key_dir).public_key()
+    try:
+        key = load_or_create_signing_key(args.key_dir).public_key()
+    except KeyFileError as exc:
+        raise SigningKeyError(str(exc)) from None
     if args.json:
         _print_json({"fingerprint": fingerprint(key), "public_key_pem": public_key_pem(key).decode()})
     else:

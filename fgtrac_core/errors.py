@@ -43,3 +43,8 @@ class TamperedRunError(CorruptRunError):
 class RunFileError(CorruptRunError):
     """A file the run references (a checkpoint) is refused: outside the run, a link, not a regular file, or not the
     size and SHA-256 its ledger entry committed (`fgtrac_core.store.run_files`)."""
+
+
+class SigningKeyError(FgtracError):
+    """The signing key is missing where a run needs it, or refused: a key file others may access, a key directory
+    others may write, an empty or corrupt key file (`fgtrac_core.ledger.KeyFileError`, mapped for the CLI)."""

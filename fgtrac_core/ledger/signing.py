@@ -2,7 +2,10 @@
 
 Key management: the private key lives outside every run directory, in :func:`default_key_dir`, as
 ``signing_key.pem`` (PKCS#8 PEM, unencrypted, mode 0600; the directory is created with mode 0700).  A key
-stored inside a run would prove nothing against someone able to rewrite the run.
+stored inside a run would prove nothing against someone able to rewrite the run.  A key file that group or others
+may access, or a key directory that group or others may write (where the key could be swapped), is refused with
+:class:`KeyFileError`, as is an empty or corrupt key file; :func:`load_signing_key` never creates a key (an
+existing run must not be re-keyed), :func:`load_or_create_signing_key` creates one for a new run.
 
 Key fingerprint: ``"SHA256:" + hex(SHA-256(raw 32-byte Ed25519 public key))``, lowercase hex.
 
@@ -29,6 +32,8 @@ import hashlib
 import os
 import re
 import secrets
+import shlex
+import stat
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,10 +48,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 __all__ = [
     "KEY_FILENAME",
     "STH_FORMAT",
+    "KeyFileError",
+    "MissingKeyError",
     "SignedTreeHead",
     "default_key_dir",
     "fingerprint",
     "load_or_create_signing_key",
+    "load_signing_key",
     "load_public_key",
     "public_key_pem",
     "sign_tree_head",
@@ -71,6 +79,15 @@ _JSON_FIELDS = ("run_id", "tree_size", "root", "chain_head", "timestamp", "key_f
 # --------------------------------------------------------------------------------------------------- keys
 
 
+class KeyFileError(ValueError):
+    """A signing key file or key directory that fgtrac refuses to use; the message is one line naming the path
+    and the fix."""
+
+
+class MissingKeyError(KeyFileError):
+    """The key directory holds no signing key (raised by :func:`load_signing_key`, which never creates one)."""
+
+
 def default_key_dir() -> Path:
     """Return the key directory: ``$FGTRAC_KEY_DIR``, else ``$XDG_CONFIG_HOME/fgtrac``, else ``~/.config/fgtrac``.
 
@@ -85,17 +102,54 @@ def default_key_dir() -> Path:
     return Path.home() / ".config" / "fgtrac"
 
 
+def _who(mode: int) -> str:
+    return " and ".join(w for w, bits in (("group", 0o070), ("others", 0o007)) if mode & bits)
+
+
+def _check_key_dir(directory: Path) -> None:
+    """Refuse a key directory that group or others may write: whoever can write there can swap the key."""
+    if os.name == "nt":
+        return
+    try:
+        mode = stat.S_IMODE(directory.stat().st_mode)
+    except OSError as exc:
+        raise KeyFileError(f"{directory}: cannot read the key directory ({exc.strerror or exc})") from None
+    if mode & 0o022:
+        raise KeyFileError(
+            f"{directory} (the signing key directory) is writable by {_who(mode & 0o022)} (mode {mode:04o}); "
+            f"run: chmod go-w {shlex.quote(str(directory))}"
+        )
+
+
 def _load_private_key_file(path: Path) -> Ed25519PrivateKey:
-    """Read an unencrypted PKCS#8 PEM Ed25519 private key, with clear ``ValueError`` messages."""
-    data = path.read_bytes()
+    """Read an unencrypted PKCS#8 PEM Ed25519 private key that only its owner may access, or raise
+    :class:`KeyFileError` with a one-line message."""
+    quoted = shlex.quote(str(path))
+    try:
+        if os.name != "nt":
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode & 0o077:
+                raise KeyFileError(
+                    f"{path} is {'readable' if mode & 0o044 else 'accessible'} by {_who(mode & 0o077)} "
+                    f"(mode {mode:04o}); run: chmod 600 {quoted}"
+                )
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read the signing key ({exc.strerror or exc})") from None
+    if not data.strip():
+        raise KeyFileError(
+            f"{path} is empty: restore the signing key from a backup (or move the file away to create a new key "
+            "for new runs)"
+        )
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        raise ValueError(f"{path}: the signing key is encrypted; fgtrac needs an unencrypted key") from None
+        raise KeyFileError(f"{path}: the signing key is encrypted; fgtrac needs an unencrypted key") from None
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise ValueError(f"{path}: not a PEM private key ({exc})") from None
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise KeyFileError(f"{path}: not a PEM private key ({detail}); restore it from a backup") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path}: the signing key is {type(key).__name__}, expected Ed25519")
+        raise KeyFileError(f"{path}: the signing key is {type(key).__name__}, expected Ed25519")
     return key
 
 
@@ -113,23 +167,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def load_signing_key(key_dir: str | os.PathLike[str] | None = None) -> Ed25519PrivateKey:
+    """Return the Ed25519 signing key in ``key_dir`` (default :func:`default_key_dir`); never creates one.
+
+    Raises :class:`MissingKeyError` when there is no key file, :class:`KeyFileError` when the key file may be
+    accessed by group or others, the directory written by them, or the file is empty, corrupt, encrypted or not
+    Ed25519.
+    """
+    directory = Path(key_dir).expanduser() if key_dir is not None else default_key_dir()
+    path = directory / KEY_FILENAME
+    if not path.exists() and not path.is_symlink():
+        raise MissingKeyError(f"{directory} holds no signing key ({KEY_FILENAME})")
+    _check_key_dir(directory)
+    return _load_private_key_file(path)
+
+
 def load_or_create_signing_key(key_dir: str | os.PathLike[str] | None = None) -> Ed25519PrivateKey:
     """Return the Ed25519 signing key in ``key_dir`` (default :func:`default_key_dir`), creating it once.
+
+    For new runs only: a run that already exists loads its key with :func:`load_signing_key`, which never
+    creates one.
 
     On first use the directory is created with mode 0700 and ``signing_key.pem`` is written atomically:
     a temporary file is created with ``O_EXCL`` and mode 0600, synced, then hard-linked to the final name,
     which fails rather than overwrite a key that appeared meanwhile.  An existing key is never replaced;
-    if two processes race, both return the key that won.  Raises ``ValueError`` if the existing file is
-    not an unencrypted Ed25519 PKCS#8 PEM key.
+    if two processes race, both return the key that won.  Raises :class:`KeyFileError` (a ``ValueError``)
+    as :func:`load_signing_key` does, and for a directory that group or others may write.
     """
     directory = Path(key_dir).expanduser() if key_dir is not None else default_key_dir()
     path = directory / KEY_FILENAME
-    if path.exists():
-        return _load_private_key_file(path)
+    if path.exists() or path.is_symlink():
+        return load_signing_key(directory)
 
     if not directory.exists():
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+    _check_key_dir(directory)
 
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(

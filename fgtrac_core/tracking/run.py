@@ -53,14 +53,18 @@ from fgtrac_core.errors import (
     FgtracError,
     RecorderStateError,
     RunExistsError,
+    SigningKeyError,
     TamperedRunError,
     UnknownSampleError,
 )
 from fgtrac_core.ledger import (
+    KeyFileError,
+    MissingKeyError,
     default_key_dir,
     fingerprint,
     load_or_create_signing_key,
     load_public_key,
+    load_signing_key,
     public_key_pem,
 )
 from fgtrac_core.ledger.kinds import RESULT_TABLES
@@ -244,7 +248,17 @@ class Run:
         # with the training loop's for the cores
         con.execute("SET threads = 1")
         self._session_id = self._scalar("SELECT coalesce(max(session_id) + 1, 0) FROM run_sessions")
-        key = load_or_create_signing_key()
+        try:  # never creates a key: a run whose key is gone must not be re-keyed (Run.create made a new run's)
+            key = load_signing_key()
+        except MissingKeyError:
+            con.close()
+            raise SigningKeyError(
+                f"this run is signed by key {meta['signer_fingerprint']}, but {default_key_dir()} holds no signing "
+                "key; restore that key (or set FGTRAC_KEY_DIR); fgtrac never re-keys an existing run"
+            ) from None
+        except KeyFileError as exc:
+            con.close()
+            raise SigningKeyError(str(exc)) from None
         if meta["signer_fingerprint"] != fingerprint(key.public_key()):
             con.close()
             raise FgtracError(
@@ -289,7 +303,10 @@ class Run:
         if layout.holds_run():
             raise RunExistsError(f"{layout.root} already holds an fgtrac run; refusing to overwrite it")
         layout.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        public = load_or_create_signing_key().public_key()
+        try:
+            public = load_or_create_signing_key().public_key()
+        except KeyFileError as exc:
+            raise SigningKeyError(str(exc)) from None
         con = duckdb.connect(str(layout.live_db))
         create_schema(con)
         meta = {

@@ -98,6 +98,7 @@ def test_key_creation_under_permissive_umask(tmp_path: Path) -> None:
 
 def test_existing_bad_key_file_is_reported_not_replaced(tmp_path: Path) -> None:
     (tmp_path / KEY_FILENAME).write_bytes(b"garbage")
+    (tmp_path / KEY_FILENAME).chmod(0o600)  # a looser file is refused for that first (test_key_files.py)
     with pytest.raises(ValueError, match="not a PEM private key"):
         load_or_create_signing_key(tmp_path)
     assert (tmp_path / KEY_FILENAME).read_bytes() == b"garbage"
@@ -110,6 +111,7 @@ def test_encrypted_key_is_reported(tmp_path: Path, key: Ed25519PrivateKey) -> No
         serialization.BestAvailableEncryption(b"pw"),
     )
     (tmp_path / KEY_FILENAME).write_bytes(pem)
+    (tmp_path / KEY_FILENAME).chmod(0o600)
     with pytest.raises(ValueError, match="encrypted"):
         load_or_create_signing_key(tmp_path)
 

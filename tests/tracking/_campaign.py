@@ -24,6 +24,7 @@ from tests.tracking import _recording
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 150  # per stage: 300 optimizer steps in all
 EVERY = 50  # a checkpoint every 50 steps (plus the recorder's own at each stage start and end)
+CHECKPOINTS = "checkpoints"
 
 # where a kill lands, by the last marker the child printed before it
 PHASE_OF_MARKER = {
@@ -137,16 +138,22 @@ class Child:
 @dataclass(frozen=True)
 class Kill:
     phase: str  # the phase aimed at
-    marker: str  # the child is killed `offset` seconds after this marker's `occurrence`-th appearance
+    marker: str  # the child is killed `offset` seconds after this marker's `occurrence`-th appearance ...
     occurrence: int
     offset: float
+    # ... or, when set, `offset` seconds after a temporary whose name starts with this appears in the run directory
+    # after that marker: the background writer is then writing a checkpoint file or publishing a snapshot
+    temporary: str | None = None
+
+
+SHARES = {"register": 3, "mid-stage": 5, "checkpoint": 4, "publish": 4, "close": 4}  # of 20 kills
 
 
 def phase_windows(markers: list[tuple[str, float, int]]) -> dict[str, list[tuple[str, int, float]]]:
     """From a complete recording's markers: for each phase aimed at, the (marker, occurrence, window seconds)
     spans in which a kill lands in that phase."""
     count: dict[str, int] = {}
-    spans: dict[str, list[tuple[str, int, float]]] = {"register": [], "mid-stage": [], "checkpoint": [], "close": []}
+    spans: dict[str, list[tuple[str, int, float]]] = {p: [] for p in SHARES}
     for (name, t, _), nxt in zip(markers, markers[1:] + [("", markers[-1][1], 0)], strict=True):
         occ = count.get(name, 0)
         count[name] = occ + 1
@@ -156,29 +163,59 @@ def phase_windows(markers: list[tuple[str, float, int]]) -> dict[str, list[tuple
         elif name in ("stage", "resume"):
             spans["mid-stage"].append((name, occ, gap))
         elif name == "checkpoint":
-            # the call returns at once; the writer thread serialises, fsyncs, commits, signs and publishes after it
-            spans["checkpoint"].append((name, occ, 0.08))
+            # the call returns at once; the writer thread then serialises the checkpoint, writes it through a
+            # temporary, commits, signs and publishes (a snapshot temporary): kills follow those temporaries
+            spans["checkpoint"].append((name, occ, 0.003))
+            spans["publish"].append((name, occ, 0.003))
         elif name == "close":
             spans["close"].append((name, occ, 0.9 * gap))
     return spans
 
 
 def schedule(markers: list[tuple[str, float, int]], n: int, seed: int) -> list[Kill]:
-    """`n` kills spread over the phases (register, mid-stage, checkpoint/publish, close), each at a random moment
-    of a randomly chosen span of its phase (seeded)."""
+    """`n` kills spread over the phases (registration, mid-stage, checkpoint file write, snapshot publish, close),
+    each at a random moment of a randomly chosen span of its phase (seeded)."""
     rng = np.random.default_rng(seed)
     spans = phase_windows(markers)
-    shares = {"register": 0.15, "mid-stage": 0.3, "checkpoint": 0.3, "close": 0.25}
     phases: list[str] = []
-    for name, share in shares.items():
-        phases += [name] * max(1, round(share * n))
+    for name, share in SHARES.items():
+        phases += [name] * max(1, round(share * n / sum(SHARES.values())))
     phases = phases[:n] + ["mid-stage"] * (n - len(phases))
     rng.shuffle(phases)
     kills = []
     for phase in phases:
         marker, occ, window = spans[phase][rng.integers(len(spans[phase]))]
-        kills.append(Kill(phase, marker, occ, float(rng.uniform(0.0, max(window, 0.0)))))
+        temporary = {"checkpoint": f"{CHECKPOINTS}/", "publish": "snapshot.duckdb.tmp"}.get(phase)
+        kills.append(Kill(phase, marker, occ, float(rng.uniform(0.0, max(window, 0.0))), temporary))
     return kills
+
+
+def wait_temporary(child: Child, prefix: str, timeout: float = 20.0) -> bool:
+    """Poll the child's run directory (every ~1 ms) until a temporary named `prefix`* exists; False if the child
+    ended or `timeout` passed first."""
+    sub, _, start = prefix.rpartition("/")
+    where = child.run_dir / sub
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.proc.poll() is None:
+        try:
+            with os.scandir(where) as it:
+                if any(e.name.startswith(start) and ".tmp" in e.name for e in it):
+                    return True
+        except FileNotFoundError:
+            pass
+        time.sleep(0.001)
+    return False
+
+
+def landed_phase(child: Child, temporaries: list[str]) -> str:
+    """Where the kill landed: a publish or checkpoint write it interrupted (its temporary is still there),
+    else the phase of the child's last marker."""
+    if any(t.startswith("snapshot.duckdb.tmp") for t in temporaries):
+        return "publish"
+    if any(t.startswith(f"{CHECKPOINTS}/") for t in temporaries):
+        return "checkpoint"
+    name, _ = child.last_marker()
+    return PHASE_OF_MARKER.get(name, name)
 
 
 # ------------------------------------------------------------------------------------------- recovery checks
@@ -278,12 +315,14 @@ def campaign(workdir: Path, n_kills: int, seed: int, on_result=None) -> tuple[li
             child = nxt
             child.go()
             child.wait_marker(kill.marker, kill.occurrence)
+            if kill.temporary is not None:
+                wait_temporary(child, kill.temporary)
             time.sleep(kill.offset)
             child.kill()
             if i + 1 < len(kills):
                 nxt = Child(workdir / f"kill{i + 1:02d}")
-            name, logged = child.last_marker()
-            landed = PHASE_OF_MARKER.get(name, name)
+            _, logged = child.last_marker()
+            landed = landed_phase(child, stale_temporaries(child.run_dir))
             try:
                 rec, err = recover_and_check(child.run_dir, plan, logged), None
             except Exception as exc:  # reported, with its exact text, by the caller
