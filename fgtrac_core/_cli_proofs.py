@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fgtrac_core._text import echo
 from fgtrac_core.errors import FgtracError
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -85,33 +86,33 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
         return EXIT_OK if result.ok else EXIT_FAILED
     pin = "pinned" if result.key_pinned else "NOT pinned: the key inside the bundle was used; pass --public-key"
     subject = f"sample {result.sample_id}" if hasattr(result, "sample_id") else f"content {result.content_sha256}"
-    print(f"run {result.run_id}, {subject}, tree size {result.tree_size}")
-    print(f"signed by {result.key_fingerprint} ({pin})")
+    echo(f"run {result.run_id}, {subject}, tree size {result.tree_size}")
+    echo(f"signed by {result.key_fingerprint} ({pin})")
     if not result.ok:
-        print(f"INVALID: {result.problem}")
+        echo(f"INVALID: {result.problem}")
         return EXIT_FAILED
     covers = f"as of ledger entry {result.index_covers}" if result.index_covers is not None else ""
     if hasattr(result, "samples"):
         if result.samples:
             for s in result.samples:
-                print(f"registered as sample {s['sample_id']}, used {s['n_uses']} times ({covers})")
+                echo(f"registered as sample {s['sample_id']}, used {s['n_uses']} times ({covers})")
         else:
-            print(f"no sample with this content hash was ever registered in this run ({covers})")
+            echo(f"no sample with this content hash was ever registered in this run ({covers})")
     elif result.registered is False:
-        print(f"sample {result.sample_id} was never registered in this run ({covers})")
+        echo(f"sample {result.sample_id} was never registered in this run ({covers})")
     else:
         sample = result.sample or {}
-        print(
+        echo(
             f"registered: split {sample.get('split')}, label {sample.get('label')}, "
             f"content sha256 {sample.get('content_sha256')}"
         )
         steps = ", ".join(str(u["step"]) for u in result.uses) or "none"
-        print(f"used {len(result.uses)} times, at steps {steps}")
+        echo(f"used {len(result.uses)} times, at steps {steps}")
         if result.complete:
-            print(f"the list of uses is complete ({covers}; proven by the committed usage index)")
+            echo(f"the list of uses is complete ({covers}; proven by the committed usage index)")
         else:
-            print("the list of uses is not proven complete (no usage index covers this sample yet)")
-    print("Proof valid")
+            echo("the list of uses is not proven complete (no usage index covers this sample yet)")
+    echo("Proof valid")
     return EXIT_OK
 
 

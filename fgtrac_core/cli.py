@@ -17,6 +17,7 @@ from typing import Any
 
 from fgtrac_core._cli_args import OneLineParser, check_port_free, device, float_in, host, int_in, port
 from fgtrac_core._cli_proofs import add_parsers as add_proof_parsers
+from fgtrac_core._text import echo, for_terminal
 from fgtrac_core.errors import FgtracError, RunExistsError, RunNotFoundError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -92,31 +93,31 @@ def _cmd_info(args: argparse.Namespace) -> int:
         _print_json(summary)
         return EXIT_OK
     s = summary
-    print(f"run        {s['name']} ({s['run_id']})  schema v{s['schema_version']}")
-    print(f"directory  {s['run_dir']}")
-    print(f"created    {s['created_at']}   closed {s['closed_at'] or '- (not closed)'}")
+    echo(f"run        {s['name']} ({s['run_id']})  schema v{s['schema_version']}")
+    echo(f"directory  {s['run_dir']}")
+    echo(f"created    {s['created_at']}   closed {s['closed_at'] or '- (not closed)'}")
     if s["snapshot_stale"]:
-        print(
+        echo(
             "warning    the live database is newer than this snapshot (recording, or interrupted: Run.open recovers)"
         )
-    print("samples    " + ", ".join(f"{k} {v}" for k, v in s["samples"].items()))
-    print(f"training   {s['n_steps']} steps, {s['n_batches']} batches, {s['n_sample_uses']} sample uses")
-    print("stages")
+    echo("samples    " + ", ".join(f"{k} {v}" for k, v in s["samples"].items()))
+    echo(f"training   {s['n_steps']} steps, {s['n_batches']} batches, {s['n_sample_uses']} sample uses")
+    echo("stages")
     for st in s["stages"]:
-        print(
+        echo(
             f"  {st['name']:<12} {st['optimizer']:<8} steps {st['start_step']}..{st['end_step']}"
             f"  ({st['n_steps']} steps, {st['n_sample_uses']} uses)  {st['status']}"
         )
-    print("checkpoints")
+    echo("checkpoints")
     for c in s["checkpoints"]:
         val = "-" if c["val_loss"] is None else f"{c['val_loss']:.4f}"
-        print(
+        echo(
             f"  #{c['checkpoint_id']:<3} step {c['step']:<6} {c['stage'] or '-':<10} {c['kind']:<11} val_loss {val:<8} {c['sha256'][:16]}"
         )
     if s["transforms"]:
-        print("transforms")
+        echo("transforms")
         for t in s["transforms"]:
-            print(f"  {t['name']:<12} {json.dumps(t['params'])}  on {t['n_samples']} samples")
+            echo(f"  {t['name']:<12} {json.dumps(t['params'])}  on {t['n_samples']} samples")
     return EXIT_OK
 
 
@@ -134,20 +135,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         info["relabelled"] = relabels
         _print_json(info)
         return EXIT_OK
-    print(f"sample {info['sample_id']}  split {info['split']}  label {info['label']}")
-    print(f"content sha256  {info['content_sha256']}")
-    print(f"registered      {info['registered_at']}  from {info['source'] or '-'}")
+    echo(f"sample {info['sample_id']}  split {info['split']}  label {info['label']}")
+    echo(f"content sha256  {info['content_sha256']}")
+    echo(f"registered      {info['registered_at']}  from {info['source'] or '-'}")
     for t in transforms.itertuples():
-        print(f"transform       {t.name} {t.params}")
+        echo(f"transform       {t.name} {t.params}")
     for r in relabels:
-        print(f"relabelled: {r['from']} → {r['to']} from step {r['step']} (stage {r['stage']})")
+        echo(f"relabelled: {r['from']} → {r['to']} from step {r['step']} (stage {r['stage']})")
     if usage.empty:
-        print("never used in training")
+        echo("never used in training")
     else:
         per_stage = usage.groupby("stage", sort=False).size()
-        print(f"used {len(usage)} times: " + ", ".join(f"{k} x{v}" for k, v in per_stage.items()))
+        echo(f"used {len(usage)} times: " + ", ".join(f"{k} x{v}" for k, v in per_stage.items()))
         for u in usage.itertuples():
-            print(
+            echo(
                 f"  step {u.step:<6} epoch {u.epoch:<3} {u.stage:<10} lr {u.lr:.3g}  batch loss {u.loss:.4f}"
             )
     return EXIT_OK
@@ -167,20 +168,20 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report.to_json())
         return EXIT_OK if report.ok else EXIT_FAILED
-    print(f"run {report.run_id}: {report.n_entries} ledger entries")
+    echo(f"run {report.run_id}: {report.n_entries} ledger entries")
     for c in report.checks:
         mark = {True: "ok  ", False: "FAIL", None: "skip"}[c.ok]
-        print(f"  {mark} {c.name:<17} {c.count:>8}  {c.seconds * 1000:8.1f} ms  {c.detail}")
+        echo(f"  {mark} {c.name:<17} {c.count:>8}  {c.seconds * 1000:8.1f} ms  {c.detail}")
     if report.key_pinned:
-        print(f"public key {report.key_fingerprint} (pinned)")
+        echo(f"public key {report.key_fingerprint} (pinned)")
     else:
-        print(
+        echo(
             f"public key {report.key_fingerprint} (NOT pinned: the run's own key was used; pass --public-key to pin)"
         )
     if report.ok:
-        print("Ledger intact")
+        echo("Ledger intact")
         return EXIT_OK
-    print(f"TAMPERED: {report.first_failure}")
+    echo(f"TAMPERED: {report.first_failure}")
     return EXIT_FAILED
 
 
@@ -231,26 +232,26 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         _print_json(summary.to_json())
         return EXIT_OK
     s = summary
-    print(
+    echo(
         f"analysis #{s.analysis_id}  {s.method}  top-{s.k} of {s.n_train} training samples for {s.n_test} test examples  ({s.seconds:.1f} s)"
     )
-    print(f"final model: accuracy {s.accuracy:.3f}, {s.n_misclassified} misclassified test examples")
-    print(f"checkpoints ({s.weighting} weighting)")
+    echo(f"final model: accuracy {s.accuracy:.3f}, {s.n_misclassified} misclassified test examples")
+    echo(f"checkpoints ({s.weighting} weighting)")
     for c in s.checkpoints:
         iv = c.get("interval")
         uses = (
             f"steps {iv['first_step']}-{iv['last_step']} ({iv['n_uses']} uses) " if iv and iv["n_steps"] else
             "no steps " if iv else ""
         )  # fmt: skip
-        print(
+        echo(
             f"  #{c['checkpoint_id']:<3} step {c['step']:<6} {c['stage'] or '-':<10} lr {c['lr']:<10.4g} weight {c['weight']:<10.4g} {uses}{c['reason']}"
         )
     if s.check:
-        print(f"measured on this run: LDS {s.check['lds']:.3f} ({s.check['replays']} replays without a random half, {s.check['seconds']:.1f} s)")
-    print("highest self-influence (suspected label errors)")
+        echo(f"measured on this run: LDS {s.check['lds']:.3f} ({s.check['replays']} replays without a random half, {s.check['seconds']:.1f} s)")
+    echo("highest self-influence (suspected label errors)")
     for r in s.top_self_influence:
-        print(f"  sample {r['sample_id']:<6} label {r['label']}  {r['self_influence']:.4g}")
-    print(f"stored and committed to the ledger; open it with: fgtrac app {args.run}")
+        echo(f"  sample {r['sample_id']:<6} label {r['label']}  {r['self_influence']:.4g}")
+    echo(f"stored and committed to the ledger; open it with: fgtrac app {args.run}")
     return EXIT_OK
 
 
@@ -324,29 +325,29 @@ def _cmd_stages(args: argparse.Namespace) -> int:
             }
         )
         return EXIT_OK
-    print(f"analysis #{aid}  stages/{method}  ({result.seconds:.1f} s)  stored and committed to the ledger")
+    echo(f"analysis #{aid}  stages/{method}  ({result.seconds:.1f} s)  stored and committed to the ledger")
     overall = agg[(agg.slice == "all")]
-    print(
+    echo(
         "effect of each stage on the test set (f(final) - f(without the stage); loss: positive = the stage hurt)"
     )
     for (m, b), rows in overall.groupby(["method", "behaviour"], sort=False):
         bars = "  ".join(
             f"{names.get(int(r.stage_id), r.stage_id)} {r.value:+.4f}" for r in rows.itertuples()
         )
-        print(f"  {m:<22} {b:<9} {bars}")
+        echo(f"  {m:<22} {b:<9} {bars}")
     if args.compare and not faith.empty:
-        print("faithfulness against replay (pooled over stages; per-stage rows in --json)")
-        print(
+        echo("faithfulness against replay (pooled over stages; per-stage rows in --json)")
+        echo(
             f"  {'method':<22} {'pearson':>8} {'spearman':>9} {'sign':>6} {'top-1':>6} {'agg err':>9} {'seconds':>8}"
         )
         for r in faith[faith.stage_id.isna()].itertuples():
-            print(
+            echo(
                 f"  {r.method:<22} {r.pearson:>8.3f} {r.spearman:>9.3f} {r.sign_agreement:>6.2f} "
                 f"{r.top1_agreement:>6.2f} {r.aggregate_error:>9.4f} {r.seconds:>8.2f}"
             )
         ref = faith.reference_seconds.dropna()
         if len(ref):
-            print(f"  replay (reference) took {ref.iloc[0]:.2f} s")
+            echo(f"  replay (reference) took {ref.iloc[0]:.2f} s")
     return EXIT_OK
 
 
@@ -482,13 +483,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except FgtracError as exc:
-        print(f"fgtrac: error: {exc}", file=sys.stderr)
+    except FgtracError as exc:  # messages may quote recorded text: escaped for the terminal
+        print(f"fgtrac: error: {for_terminal(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `fgtrac info RUN | head`
         return EXIT_OK
     except OSError as exc:  # unreadable/unwritable paths: still one line, never a traceback
-        print(f"fgtrac: error: {exc}", file=sys.stderr)
+        print(f"fgtrac: error: {for_terminal(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fgtrac: interrupted", file=sys.stderr)

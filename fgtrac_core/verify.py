@@ -28,7 +28,7 @@ from typing import Any
 import duckdb
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fgtrac_core.errors import CorruptRunError, FgtracError, RunLockedError, TamperedRunError
+from fgtrac_core.errors import CorruptRunError, FgtracError, RunFileError, RunLockedError, TamperedRunError
 from fgtrac_core.ledger import (
     GENESIS,
     SignedTreeHead,
@@ -47,6 +47,7 @@ from fgtrac_core.store.db import connect, first_line
 from fgtrac_core.store.entries import count_mismatches, iter_entries, table_of
 from fgtrac_core.store.layout import LIVE_DB, SNAPSHOT_DB, RunLayout
 from fgtrac_core.store.reader import RunStore
+from fgtrac_core.store.run_files import checkpoint_file_problem, committed_checkpoints
 
 Progress = Callable[[float, str], None]
 
@@ -509,30 +510,23 @@ def check_pinned_heads(
 
 
 def check_checkpoint_files(layout: RunLayout, con: duckdb.DuckDBPyConnection) -> Outcome:
-    """Every checkpoint file is inside the run, a regular file, and hashes to its recorded SHA-256."""
+    """Every checkpoint file passes the one trusted loader's checks (`fgtrac_core.store.run_files`): inside the
+    run, no links, a regular file of the size and SHA-256 its ledger entry committed."""
 
     def run() -> tuple[bool | None, int, str, Failure | None]:
-        rows = con.execute(
-            "SELECT checkpoint_id, path, sha256, size_bytes FROM checkpoints ORDER BY checkpoint_id"
-        ).fetchall()
+        rows = con.execute("SELECT checkpoint_id FROM checkpoints ORDER BY checkpoint_id").fetchall()
+        try:
+            committed = committed_checkpoints(con)
+        except RunFileError as exc:  # a row and its entry disagree: the entries check names the field
+            return False, len(rows), "checkpoint rows differ from the ledger", Failure("checkpoint_files", "checkpoints", None, None, str(exc))
         total = 0
-        for cid, rel, sha, _size in rows:
-            where = f"row checkpoint_id={cid}"
-            try:
-                path = layout.resolve_inside(rel)
-            except CorruptRunError as exc:
-                return False, len(rows), "path outside the run", Failure("checkpoint_files", "checkpoints", where, "path", str(exc))
-            if not path.is_file():
-                msg = f"checkpoint file {rel} is missing"
-                return False, len(rows), f"{rel} missing", Failure("checkpoint_files", "checkpoints", where, "path", msg)
-            h = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            total += path.stat().st_size
-            if h.hexdigest() != sha:
-                msg = f"checkpoint file {rel} was changed or replaced (SHA-256 differs)"
-                return False, len(rows), f"{rel} changed", Failure("checkpoint_files", "checkpoints", where, "sha256", msg)
+        for cid in sorted(committed):
+            problem = checkpoint_file_problem(layout, committed[cid])
+            if problem is not None:
+                fld = "sha256" if "SHA-256" in problem else "path"
+                failure = Failure("checkpoint_files", "checkpoints", f"row checkpoint_id={cid}", fld, problem)
+                return False, len(rows), f"checkpoint {cid} file refused", failure
+            total += committed[cid].size_bytes
         return True, len(rows), f"{total / 1e6:.1f} MB hashed", None
 
     return _timed("checkpoint_files", run)

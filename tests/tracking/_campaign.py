@@ -43,7 +43,11 @@ PHASE_OF_MARKER = {
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """`fgtrac ARGS` in a fresh interpreter."""
     return subprocess.run(
-        [sys.executable, "-m", "fgtrac_core.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [sys.executable, "-m", "fgtrac_core.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
 
 
@@ -57,7 +61,9 @@ def stale_temporaries(run_dir: Path) -> list[str]:
 class Child:
     """The recording script as a child process; a thread collects its marker lines with their arrival times."""
 
-    def __init__(self, run_dir: Path, *, steps: int = STEPS, every: int = EVERY, wait_go: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, *, steps: int = STEPS, every: int = EVERY, wait_go: bool = True
+    ) -> None:
         self.run_dir = run_dir
         cmd = [sys.executable, "-W", "ignore", "-m", "tests.tracking._recording", str(run_dir)]
         cmd += ["--steps", str(steps), "--every", str(every)] + (["--wait-go"] if wait_go else [])
@@ -89,7 +95,9 @@ class Child:
                 if len(seen) > occurrence:
                     return seen[occurrence]
                 if self._eof:
-                    raise AssertionError(f"recording ended without marker {name}#{occurrence}: {self.stderr()}")
+                    raise AssertionError(
+                        f"recording ended without marker {name}#{occurrence}: {self.stderr()}"
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(f"no marker {name}#{occurrence} within {timeout} s")
@@ -272,7 +280,9 @@ def recover_and_check(run_dir: Path, plan: list[tuple[int, int, np.ndarray]], lo
         got = (int(r.batch_id), int(r.step), r.stage, int(r.epoch), list(map(int, r.ids)))
         want = (i, i, _recording.STAGES[stage], epoch, ids.tolist())
         if got != want:
-            problems.append(f"batch #{i}: recorded {got[:4]} ids {got[4][:4]}..., logged {want[:4]} ids {want[4][:4]}...")
+            problems.append(
+                f"batch #{i}: recorded {got[:4]} ids {got[4][:4]}..., logged {want[:4]} ids {want[4][:4]}..."
+            )
             break
     if "running" in status:
         problems.append(f"a stage is still 'running' after recovery and close: {status}")
@@ -292,6 +302,7 @@ def recover_and_check(run_dir: Path, plan: list[tuple[int, int, np.ndarray]], lo
 
 @dataclass
 class KillResult:
+    run_dir: Path
     kill: Kill
     landed: str  # the phase the child was in (its last marker)
     logged: int  # batches logged by the last marker
@@ -327,7 +338,7 @@ def campaign(workdir: Path, n_kills: int, seed: int, on_result=None) -> tuple[li
                 rec, err = recover_and_check(child.run_dir, plan, logged), None
             except Exception as exc:  # reported, with its exact text, by the caller
                 rec, err = None, f"{type(exc).__name__}: {exc}"
-            results.append(KillResult(kill, landed, logged, rec, err))
+            results.append(KillResult(child.run_dir, kill, landed, logged, rec, err))
             if on_result is not None:
                 on_result(i, results[-1])
     finally:

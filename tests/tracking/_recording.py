@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ids = np.arange(N_TRAIN, dtype=np.int64)
     thumbs = ((x_np[:, :16].reshape(-1, 4, 4) + 4) * 32).clip(0, 255).astype(np.uint8)
     for chunk in np.array_split(ids, REGISTER_CHUNKS):
-        run.register_samples(chunk, split="train", labels=y_np[chunk], raw=x_np[chunk], thumbnails=thumbs[chunk])
+        run.register_samples(
+            chunk, split="train", labels=y_np[chunk], raw=x_np[chunk], thumbnails=thumbs[chunk]
+        )
     loop_start = time.perf_counter()
     i = 0
     for s, name in enumerate(STAGES):
