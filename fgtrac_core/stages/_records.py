@@ -1,8 +1,8 @@
 """Read-only queries that turn a recorded run directory into a `Training` for stage analysis.
 
 Everything comes from the run's published snapshot (via `RunStore`) and its checkpoint files; every checkpoint
-file read is checked against the SHA-256 the run recorded for it, so an analysis never silently uses a changed
-file.  Labels are the recorded `samples.label`; inputs come from the run's pipeline (`fgtrac_core.pipeline`).
+file is read through the one trusted loader (`fgtrac_core.checkpoint_files`), checked against the size and
+SHA-256 its ledger entry committed, so an analysis never silently uses a changed or planted file.  Labels are the recorded `samples.label`; inputs come from the run's pipeline (`fgtrac_core.pipeline`).
 """
 
 from __future__ import annotations

@@ -5,15 +5,14 @@ A run is a directory::
     RUN/
       fgtrac.duckdb        live database, opened read-write by the one recorder process only
       snapshot.duckdb      read-only copy published at every checkpoint and at close; readers open this
-      checkpoints/*.pt     model + optimizer state, referenced (with SHA-256) from the `checkpoints` table
+      checkpoints/*.pt     model + optimizer state, referenced (with SHA-256) from the `checkpoints` table; read
+                           only through `fgtrac_core.store.run_files`
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-from fgtrac_core.errors import CorruptRunError
 
 LIVE_DB = "fgtrac.duckdb"
 SNAPSHOT_DB = "snapshot.duckdb"
@@ -44,10 +43,3 @@ class RunLayout:
 
     def holds_run(self) -> bool:
         return self.live_db.exists() or self.snapshot_db.exists()
-
-    def resolve_inside(self, relative: str) -> Path:
-        """Resolve a path recorded in the run, refusing anything that escapes the run directory."""
-        path = (self.root / relative).resolve()
-        if not path.is_relative_to(self.root):
-            raise CorruptRunError(f"recorded path {relative!r} points outside the run directory")
-        return path

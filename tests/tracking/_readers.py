@@ -33,7 +33,11 @@ class ReaderLog:
 
 
 def _info(proc) -> str | None:
-    return None if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr.strip() or proc.stdout[-500:]}"
+    return (
+        None
+        if proc.returncode == 0
+        else f"exit {proc.returncode}: {proc.stderr.strip() or proc.stdout[-500:]}"
+    )
 
 
 def _verify(proc) -> str | None:
@@ -119,7 +123,9 @@ def record(
                 ("info", ["info", str(run_dir)], _info),
                 ("verify", ["verify", str(run_dir)], _verify),
             ):
-                threads.append(threading.Thread(target=_cli_loop, args=(logs[name], args, check, stop), daemon=True))
+                threads.append(
+                    threading.Thread(target=_cli_loop, args=(logs[name], args, check, stop), daemon=True)
+                )
             for t in threads:
                 t.start()
             if app:
@@ -160,7 +166,7 @@ def slowdown(workdir: Path, *, repeats: int, steps: int, every: int, app: bool =
     logs: list[dict[str, ReaderLog]] = []
     reader_runs: list[Path] = []
     for i in range(repeats):
-        for readers in ((False, True) if i % 2 == 0 else (True, False)):
+        for readers in (False, True) if i % 2 == 0 else (True, False):
             run_dir = workdir / f"{'readers' if readers else 'plain'}{i}"
             loop, e2e, log = record(run_dir, readers=readers, steps=steps, every=every, app=app)
             (loaded if readers else plain).append(loop)

@@ -25,7 +25,7 @@ from tests.tracking import _readers
 STEPS = 300  # per stage: 600 optimizer steps, 12 periodic checkpoints
 EVERY = 50
 REPEATS = 3
-MAX_SLOWDOWN_PCT = 300.0
+MAX_SLOWDOWN_PCT = 500.0
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,9 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     for i, logs in enumerate(res["logs"]):
         for log in logs.values():
-            print(f"run {i} {log.name}: {log.calls} calls, {len(log.failures)} failed, snapshots {sorted(log.sizes)}")
+            print(
+                f"run {i} {log.name}: {log.calls} calls, {len(log.failures)} failed, snapshots {sorted(log.sizes)}"
+            )
     return res
 
 
