@@ -248,23 +248,11 @@ class Run:
         # with the training loop's for the cores
         con.execute("SET threads = 1")
         self._session_id = self._scalar("SELECT coalesce(max(session_id) + 1, 0) FROM run_sessions")
-        try:  # never creates a key: a run whose key is gone must not be re-keyed (Run.create made a new run's)
-            key = load_signing_key()
-        except MissingKeyError:
+        try:
+            key = _run_signing_key(meta)
+        except FgtracError:
             con.close()
-            raise SigningKeyError(
-                f"this run is signed by key {meta['signer_fingerprint']}, but {default_key_dir()} holds no signing "
-                "key; restore that key (or set FGTRAC_KEY_DIR); fgtrac never re-keys an existing run"
-            ) from None
-        except KeyFileError as exc:
-            con.close()
-            raise SigningKeyError(str(exc)) from None
-        if meta["signer_fingerprint"] != fingerprint(key.public_key()):
-            con.close()
-            raise FgtracError(
-                f"this run is signed by key {meta['signer_fingerprint']}, but the signing key in {default_key_dir()} "
-                f"is {fingerprint(key.public_key())}; point FGTRAC_KEY_DIR at the run's key to record into it"
-            )
+            raise
         self._ledger = LedgerLog(con, self.run_id, key)
         self._writer = Writer(con, self._sign_and_publish)
         # a script that forgets close() still commits what it recorded
@@ -334,8 +322,9 @@ class Run:
         con = connect(layout.live_db, read_only=False)
         try:
             # what is appended next gets signed: first make sure the run still is what its ledger says
-            recorded = dict(con.execute("SELECT key, value FROM meta").fetchall()).get("signer_public_key", "")
-            check_before_write(layout, con, load_public_key(recorded.encode()))
+            meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+            check_before_write(layout, con, load_public_key(meta.get("signer_public_key", "").encode()))
+            _run_signing_key(meta)  # before the recovery below changes anything
         except ValueError as exc:
             con.close()
             raise TamperedRunError(f"{layout.live_db}: the recorded signer key is unusable ({exc})") from None
@@ -860,6 +849,26 @@ Job = Callable[[duckdb.DuckDBPyConnection], None]
 _USAGE_INDEX_SCHEMA = pa.schema(
     [("index_id", pa.int32()), ("ledger_size", pa.int64()), ("created_at", pa.timestamp("us"))]
 )
+
+
+def _run_signing_key(meta: Mapping[str, str]) -> Any:
+    """The signing key of an existing run, from the key directory; never creates one (a run whose key is gone
+    must not be re-keyed: only Run.create makes a new run's key)."""
+    try:
+        key = load_signing_key()
+    except MissingKeyError:
+        raise SigningKeyError(
+            f"this run is signed by key {meta['signer_fingerprint']}, but {default_key_dir()} holds no signing "
+            "key; restore that key (or set FGTRAC_KEY_DIR); fgtrac never re-keys an existing run"
+        ) from None
+    except KeyFileError as exc:
+        raise SigningKeyError(str(exc)) from None
+    if meta["signer_fingerprint"] != fingerprint(key.public_key()):
+        raise FgtracError(
+            f"this run is signed by key {meta['signer_fingerprint']}, but the signing key in {default_key_dir()} "
+            f"is {fingerprint(key.public_key())}; point FGTRAC_KEY_DIR at the run's key to record into it"
+        )
+    return key
 
 
 def _lr_refusal(given: float, step: int, applied: float) -> str:
