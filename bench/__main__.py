@@ -16,6 +16,7 @@ import sklearn
 import torch
 
 from bench import (
+    crash_concurrency,
     dashboard_speed,
     faithfulness,
     influence_scale,
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         ("mislabel", lambda: mislabel.measure(quick=q), mislabel.summarise),
         ("faithfulness", lambda: faithfulness.measure(quick=q), faithfulness.summarise),
         ("stage_faithfulness", lambda: stage_faithfulness.measure(quick=q), stage_faithfulness.summarise),
-    ] + ([] if q else [("dashboard_speed", dashboard_speed.measure, dashboard_speed.report)])  # fmt: skip
+    ] + ([] if q else [("dashboard_speed", dashboard_speed.measure, dashboard_speed.report),
+                       ("crash_concurrency", crash_concurrency.measure, crash_concurrency.report)])  # fmt: skip
     texts: dict[str, str] = {}
     for key, measure, text in benches:
         results[key] = measure()
@@ -76,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         texts["mislabel"],
         texts["faithfulness"],
         texts["stage_faithfulness"],
+        crash_concurrency.markdown(results["crash_concurrency"])
+        if "crash_concurrency" in results
+        else "## Crash recovery and concurrent readers\n\n(not measured in a quick run)\n",
     ]
     Path(args.out).write_text("\n".join(sections))
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

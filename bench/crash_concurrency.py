@@ -93,7 +93,9 @@ def report(r: dict[str, Any]) -> str:
         f"Run.open {r['temporaries_after_open']}\n"
         f"concurrent readers: training loop {rd['loop_plain_s']:.2f} s alone vs {rd['loop_readers_s']:.2f} s with "
         f"readers (median of {rd['repeats']}) -> {rd['slowdown_pct']:+.0f}%; loop + close {rd['e2e_plain_s']:.2f} s "
-        f"vs {rd['e2e_readers_s']:.2f} s -> {rd['e2e_slowdown_pct']:+.0f}%; {calls}; verify found the recorder "
+        f"vs {rd['e2e_readers_s']:.2f} s -> {rd['e2e_slowdown_pct']:+.0f}%; training thread CPU in the loop "
+        f"{rd['cpu_plain_s']:.2f} s vs {rd['cpu_readers_s']:.2f} s -> {rd['cpu_slowdown_pct']:+.0f}%; {calls}; "
+        f"verify checked snapshots of ledger sizes {r['verify_snapshot_sizes']}; verify found the recorder "
         f"holding the live database {r['verify_saw_recorder']} times; load average {r['load_before']:.1f} before, "
         f"{r['load_after']:.1f} after"
     )
@@ -124,7 +126,7 @@ shared).
 | batches the script had logged but the run lost | {r["batches_lost"]["median"]:.0f} | {r["batches_lost"]["max"]:.0f} |
 
 Temporaries left behind by the kill: {r["temporaries_after_kill"]} runs; still there after `Run.open`:
-{r["temporaries_after_open"]}.
+{r["temporaries_after_open"]}.{_failed(r)}
 
 Readers: the same recording with 600 steps, with and without `fgtrac info` and `fgtrac verify` (back to back,
 fresh processes) and the dashboard (AppTest: Overview rerun, Audit's Verify ledger) hammering it, interleaved,
@@ -134,11 +136,18 @@ median of {rd["repeats"]}:
 |---|---|---|---|
 | training loop | {rd["loop_plain_s"]:.2f} s | {rd["loop_readers_s"]:.2f} s | **{rd["slowdown_pct"]:+.0f}%** |
 | loop + `close()` | {rd["e2e_plain_s"]:.2f} s | {rd["e2e_readers_s"]:.2f} s | {rd["e2e_slowdown_pct"]:+.0f}% |
+| training thread's CPU time in the loop | {rd["cpu_plain_s"]:.2f} s | {rd["cpu_readers_s"]:.2f} s | {rd["cpu_slowdown_pct"]:+.0f}% |
 
 Reader calls: info {rc["info"]["calls"]} ({rc["info"]["failed"]} failed, median {rc["info"]["median_s"]:.1f} s),
 verify {rc["verify"]["calls"]} ({rc["verify"]["failed"]} failed, median {rc["verify"]["median_s"]:.1f} s; {r["verify_saw_recorder"]} found the
 live database held by the recorder), dashboard {rc["app"]["calls"]} ({rc["app"]["failed"]} failed).
 """
+
+
+def _failed(r: dict[str, Any]) -> str:
+    if not r["failures"]:
+        return ""
+    return "\n\nKills that did not recover:\n\n" + "\n".join(f"- {f}" for f in r["failures"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -343,24 +343,25 @@ class Run:
         """Commit everything pending, publish the final snapshot, release the database."""
         if self._closed:
             return
+        self._commit([], [])  # pending batches first: the index below covers every entry before it
+        # then, in the one transaction that also signs the tail: the usage index over everything committed (what
+        # proves a sample's uses complete, or its absence: fgtrac_core.ledger.usage_index) and the session's close.
+        # A crash before it leaves the session open, so Run.open accepts the unsigned tail and recovers.
         closed_at, session_id = _now(), self._session_id
-        self._commit(
-            [
-                lambda con: con.execute(
-                    "UPDATE run_sessions SET closed_at = ? WHERE session_id = ?", [closed_at, session_id]
-                )
-            ],
-            [("session_close", session_id, session_id)],
-        )
-        # the usage index over everything committed so far, under the session's last signed head: what proves a
-        # sample's uses complete, or its absence (fgtrac_core.ledger.usage_index)
         index_id, created_at = self._next_usage_index, _now()
 
         def usage_index(con: duckdb.DuckDBPyConnection) -> None:
             row = {"index_id": [index_id], "ledger_size": [self._ledger.size], "created_at": [created_at]}
             insert_arrow(con, "usage_indexes", pa.table(row, schema=_USAGE_INDEX_SCHEMA))
 
-        self._commit([usage_index], [("usage_index", index_id, index_id)], publish=True)
+        def close_session(con: duckdb.DuckDBPyConnection) -> None:
+            con.execute("UPDATE run_sessions SET closed_at = ? WHERE session_id = ?", [closed_at, session_id])
+
+        self._commit(
+            [usage_index, close_session],
+            [("usage_index", index_id, index_id), ("session_close", session_id, session_id)],
+            publish=True,
+        )
         self._closed = True
         try:
             self._writer.stop()

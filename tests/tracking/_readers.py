@@ -108,8 +108,9 @@ def _app_problem(at) -> str | None:
 
 def record(
     run_dir: Path, *, readers: bool, steps: int, every: int, app: bool = True
-) -> tuple[float, float, dict[str, ReaderLog]]:
-    """One recording (its loop seconds, loop + close seconds as the child measured them) with or without readers
+) -> tuple[float, float, float, dict[str, ReaderLog]]:
+    """One recording (its loop seconds, loop + close seconds, the training thread's CPU seconds in the loop, as the
+    child measured them) with or without readers
     hammering the run from the moment `Run.create` returned until the recorder exited."""
     logs = {n: ReaderLog(n) for n in ("info", "verify", "app")}
     child = Child(run_dir, steps=steps, every=every)
@@ -146,7 +147,7 @@ def record(
         if child.proc.poll() is None:
             child.kill()
     assert rc == 0, f"recording failed ({rc}): {child.stderr()}"
-    return child.value("loop"), _loop_close(child), logs
+    return child.value("loop"), _loop_close(child), child.value("loop_cpu"), logs
 
 
 def _loop_close(child: Child) -> float:
@@ -162,15 +163,18 @@ def slowdown(workdir: Path, *, repeats: int, steps: int, every: int, app: bool =
     plain: list[float] = []
     loaded: list[float] = []
     plain_e2e: list[float] = []
+    plain_cpu: list[float] = []
+    loaded_cpu: list[float] = []
     loaded_e2e: list[float] = []
     logs: list[dict[str, ReaderLog]] = []
     reader_runs: list[Path] = []
     for i in range(repeats):
         for readers in (False, True) if i % 2 == 0 else (True, False):
             run_dir = workdir / f"{'readers' if readers else 'plain'}{i}"
-            loop, e2e, log = record(run_dir, readers=readers, steps=steps, every=every, app=app)
+            loop, e2e, cpu, log = record(run_dir, readers=readers, steps=steps, every=every, app=app)
             (loaded if readers else plain).append(loop)
             (loaded_e2e if readers else plain_e2e).append(e2e)
+            (loaded_cpu if readers else plain_cpu).append(cpu)
             if readers:
                 logs.append(log)
                 reader_runs.append(run_dir)
@@ -183,6 +187,11 @@ def slowdown(workdir: Path, *, repeats: int, steps: int, every: int, app: bool =
         "slowdown_pct": 100.0 * (r - p) / p,
         "loop_plain_all": plain,
         "loop_readers_all": loaded,
+        "cpu_plain_s": statistics.median(plain_cpu),
+        "cpu_readers_s": statistics.median(loaded_cpu),
+        "cpu_slowdown_pct": 100.0
+        * (statistics.median(loaded_cpu) - statistics.median(plain_cpu))
+        / statistics.median(plain_cpu),
         "e2e_plain_s": pe,
         "e2e_readers_s": re_,
         "e2e_slowdown_pct": 100.0 * (re_ - pe) / pe,

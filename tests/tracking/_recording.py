@@ -8,6 +8,7 @@ kill it at a chosen moment and know what it was doing:
     ready                         imports done; with --wait-go, waits for a line on stdin before starting
     <phase> <seconds> <n_logged>  phase in create, register, stage, checkpoint, resume, stage_end, close, closed
     loop <seconds>                wall time of the two stages' loops (first stage entry to last stage exit)
+    loop_cpu <seconds>            CPU time of the training thread over the same span
 
 <seconds> counts from the start of Run.create; <n_logged> is the number of log_batch calls made so far.
 Which samples each batch holds is a function of the seed alone (`batch_plan`), so a parent can check that
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         run.register_samples(
             chunk, split="train", labels=y_np[chunk], raw=x_np[chunk], thumbnails=thumbs[chunk]
         )
-    loop_start = time.perf_counter()
+    loop_start, loop_cpu = time.perf_counter(), time.thread_time()
     i = 0
     for s, name in enumerate(STAGES):
         opt = optimizers[s]
@@ -120,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                     run.checkpoint(model, opt, val_loss=float(loss.detach()))
                     mark("resume")
             mark("stage_end")
-    loop = time.perf_counter() - loop_start
+    loop, loop_cpu = time.perf_counter() - loop_start, time.thread_time() - loop_cpu
     mark("close")
     run.close()
     mark("closed")
     print(f"loop {loop:.4f}", flush=True)
+    print(f"loop_cpu {loop_cpu:.4f}", flush=True)
     return 0
 
 

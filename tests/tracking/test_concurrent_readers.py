@@ -8,10 +8,12 @@ always a consistent signed state; the live database is skipped while the recorde
 must never raise or show an error.
 
 Slowdown: the same recording with and without readers, interleaved, median of REPEATS each.  On the 2-core
-reference machine the readers (two CLI loops, each a fresh Python process, plus the dashboard) are three
-CPU-bound streams against the training loop's one, so the loop cannot stay within 10%: with a fair scheduler it
-gets about half of a core's time back.  The bound below only catches a reader that blocks or starves the
-recorder (see BENCHMARKS.md, "Crash recovery and concurrent readers", for the measured figures).
+reference machine the readers (two CLI loops, each a fresh Python process, plus the dashboard in this process)
+are three CPU-bound streams against the training loop's one, so the loop cannot stay within 10%: measured +190%
+to +370% (medians of 3, machine shared with other test runs), while the training thread's own CPU time in the
+loop grew by only ~30% — the loop waits for a core, not for the readers.  So the wall-clock bound below is loose
+(it catches a recorder blocked by readers, not CPU contention), and the CPU-time bound checks that readers do not
+make the recorder do more work.  Figures: BENCHMARKS.md, "Crash recovery and concurrent readers".
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from tests.tracking import _readers
 STEPS = 300  # per stage: 600 optimizer steps, 12 periodic checkpoints
 EVERY = 50
 REPEATS = 3
-MAX_SLOWDOWN_PCT = 500.0
+MAX_SLOWDOWN_PCT = 600.0  # wall clock of the loop, median of REPEATS
+MAX_CPU_SLOWDOWN_PCT = 100.0  # the training thread's CPU time in the loop
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,9 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict:
     print(
         f"loop {res['loop_plain_s']:.2f} s plain vs {res['loop_readers_s']:.2f} s with readers "
         f"({res['slowdown_pct']:+.0f}%; all: {res['loop_plain_all']} / {res['loop_readers_all']}); loop + close "
-        f"{res['e2e_plain_s']:.2f} s vs {res['e2e_readers_s']:.2f} s ({res['e2e_slowdown_pct']:+.0f}%)"
+        f"{res['e2e_plain_s']:.2f} s vs {res['e2e_readers_s']:.2f} s ({res['e2e_slowdown_pct']:+.0f}%); training "
+        f"thread CPU in the loop {res['cpu_plain_s']:.2f} s vs {res['cpu_readers_s']:.2f} s "
+        f"({res['cpu_slowdown_pct']:+.0f}%)"
     )
     for i, logs in enumerate(res["logs"]):
         for log in logs.values():
@@ -76,4 +81,11 @@ def test_loop_slowdown_under_readers_is_bounded(measured: dict) -> None:
     assert measured["slowdown_pct"] < MAX_SLOWDOWN_PCT, (
         f"training loop {measured['loop_readers_s']:.2f} s with readers vs {measured['loop_plain_s']:.2f} s "
         f"without: {measured['slowdown_pct']:+.0f}%"
+    )
+
+
+def test_readers_do_not_make_the_recorder_work_more(measured: dict) -> None:
+    assert measured["cpu_slowdown_pct"] < MAX_CPU_SLOWDOWN_PCT, (
+        f"training thread CPU time in the loop {measured['cpu_readers_s']:.2f} s with readers vs "
+        f"{measured['cpu_plain_s']:.2f} s without: {measured['cpu_slowdown_pct']:+.0f}%"
     )

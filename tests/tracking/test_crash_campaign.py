@@ -55,7 +55,14 @@ def test_every_kill_recovers_to_a_verified_prefix(killed: list[KillResult]) -> N
             failures.append(f"{_where(i, r)}: verify_run after Run.open + close: {r.recovery.verify_failure}")
         elif r.recovery.problems:
             failures.append(f"{_where(i, r)}: {'; '.join(r.recovery.problems)}")
-    assert not failures, f"{len(failures)} of {len(killed)} kills did not recover:\n" + "\n".join(failures)
+    n_failed = len(failures)
+    if any("not covered by any signed tree head" in f for f in failures):
+        failures.append(
+            "(known, issue 14: a kill inside close() between the transaction that sets run_sessions.closed_at and "
+            "the one that signs the tail leaves a closed session with an unsigned tail, which Run.open and "
+            "`fgtrac verify` then treat as tampering)"
+        )
+    assert not failures, f"{n_failed} of {len(killed)} kills did not recover:\n" + "\n".join(failures)
 
 
 def test_kills_cover_every_phase(killed: list[KillResult]) -> None:
