@@ -329,20 +329,33 @@ def test_recording_with_planted_links_leaves_the_targets_alone(tmp_path: Path) -
 def _rewrite_checkpoint_paths(db: Path, new_path: str) -> None:
     """Point every checkpoint at `new_path` in its table row and its ledger entry (leaf and chain hashes
     recomputed), so a command reaches the file itself."""
+    import pyarrow as pa
+
     with duckdb.connect(str(db)) as con:
         con.execute("UPDATE checkpoints SET path = ?", [new_path])
         rows = con.execute("SELECT seq, kind, entry FROM ledger ORDER BY seq").fetchall()
-        leaves = []
+        entries, leaves = {}, []
         for seq, kind, entry in rows:
             data = bytes(entry)
             if kind == "checkpoint":
                 k, body = decode_entry(data)
                 body["path"] = new_path
-                data = encode_entry(k, body)
-                con.execute("UPDATE ledger SET entry = ? WHERE seq = ?", [data, seq])
+                entries[seq] = data = encode_entry(k, body)
             leaves.append(leaf_hash(data))
-        for (seq, _, _), leaf, chain in zip(rows, leaves, chain_hashes(leaves), strict=True):
-            con.execute("UPDATE ledger SET leaf_hash = ?, chain_hash = ? WHERE seq = ?", [leaf, chain, seq])
+        new = pa.table(
+            {
+                "seq": [r[0] for r in rows],
+                "entry": [entries.get(r[0], bytes(r[2])) for r in rows],
+                "leaf": leaves,
+                "chain": chain_hashes(leaves),
+            }
+        )
+        con.from_arrow(new).create("_new")
+        con.execute(
+            "UPDATE ledger SET entry = n.entry, leaf_hash = n.leaf, chain_hash = n.chain FROM _new n "
+            "WHERE ledger.seq = n.seq"
+        )
+        con.execute("DROP TABLE _new")
 
 
 @pytest.mark.parametrize("target", ["../outside.pt", "/etc/passwd", "/dev/zero", "checkpoints/link.pt"])
