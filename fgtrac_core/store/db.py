@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import duckdb
 import pyarrow as pa
 
 from fgtrac_core.errors import CorruptRunError, RunLockedError, RunNotFoundError
-from fgtrac_core.store.run_files import create_exclusive, open_directory, temporary_name
+from fgtrac_core.store.run_files import replace_atomically
 from fgtrac_core.store.schema import check_catalog, check_schema
 
 
@@ -65,28 +63,15 @@ def publish_snapshot(con: duckdb.DuckDBPyConnection, live: Path, snapshot: Path)
     at a temporary's name is never written through.
     """
     con.execute("CHECKPOINT")
-    dir_fd = open_directory(snapshot.parent)
-    try:
-        tmp = temporary_name(snapshot.name)
-        fd = create_exclusive(dir_fd, tmp)
-        try:
-            try:
-                proc = subprocess.run(
-                    ["cp", "--reflink=auto", str(live), f"/dev/fd/{fd}"], pass_fds=(fd,), capture_output=True, text=True
-                )
-                if proc.returncode != 0:
-                    raise OSError(f"could not publish a snapshot of {live}: {proc.stderr.strip()}")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, snapshot.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+    def copy(fd: int) -> None:
+        proc = subprocess.run(
+            ["cp", "--reflink=auto", str(live), f"/dev/fd/{fd}"], pass_fds=(fd,), capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise OSError(f"could not publish a snapshot of {live}: {proc.stderr.strip()}")
+
+    replace_atomically(snapshot, copy)
 
 
 def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:

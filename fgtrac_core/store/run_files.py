@@ -341,9 +341,9 @@ def remove_stale_temporaries(layout: RunLayout) -> list[str]:
     return removed
 
 
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically and durably: through an exclusively created temporary beside it (never a
-    planted file or link), fsync'd, then renamed over `path` (which replaces a link there, never its target).
+def replace_atomically(path: Path, fill: Callable[[int], None]) -> None:
+    """Replace `path` atomically and durably: `fill(fd)` writes an exclusively created temporary beside it (never a
+    planted file or link), which is fsync'd, then renamed over `path` (replacing a link there, never its target).
     Refuses (OSError) when `path`'s directory is itself a symbolic link."""
     dir_fd = open_directory(path.parent)
     try:
@@ -351,9 +351,7 @@ def write_file_atomic(path: Path, data: bytes) -> None:
         fd = create_exclusive(dir_fd, tmp)
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                fill(fd)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -365,3 +363,14 @@ def write_file_atomic(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through `replace_atomically`."""
+
+    def fill(fd: int) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    replace_atomically(path, fill)
