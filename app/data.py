@@ -193,8 +193,9 @@ def show_command(text: str, command: str) -> None:
 
 
 def influence() -> dict[str, Any]:
-    """The latest influence analysis, or a message naming the command to compute one (stops the page)."""
-    analysis = query("latest_analysis", "influence")
+    """The influence analysis picked in the sidebar (the newest unless `?influence=ID`), or a message naming the
+    command to compute one (stops the page)."""
+    analysis = pick_analysis("influence")
     if analysis is None:
         if not query("split_counts").get("train"):
             show_command(
@@ -209,8 +210,51 @@ def influence() -> dict[str, Any]:
 
 
 def stage_analysis() -> dict[str, Any] | None:
-    """The latest stage-accountability analysis, or None (callers say how to compute one: `no_stages`)."""
-    return query("latest_analysis", "stages")
+    """The stage-accountability analysis picked in the sidebar (newest unless `?stage_analysis=ID`), or None
+    (callers say how to compute one: `no_stages`)."""
+    return pick_analysis("stages")
+
+
+# URL parameter of each kind's analysis picker
+_PICKER_KEYS = {"influence": "influence", "stages": "stage_analysis"}
+
+
+def pick_analysis(kind: str) -> dict[str, Any] | None:
+    """A sidebar picker over the run's analyses of `kind` (newest first; method, date and parameters shown),
+    bound to the URL; the picked analysis, or None when the run has none."""
+    from fgtrac_core._text import abbreviate
+
+    table = query("analyses", kind)
+    if table.empty:
+        return None
+    rows = {int(r.analysis_id): r for r in table.itertuples(index=False)}
+
+    def label(aid: int) -> str:
+        r = rows[aid]
+        return f"#{aid} · {r.method} · {r.created_at:%Y-%m-%d %H:%M} · {abbreviate(json.loads(r.params), width=60)}"
+
+    picked = st.sidebar.selectbox(
+        f"{'Influence' if kind == 'influence' else 'Stage'} analysis",
+        sorted(rows, reverse=True),
+        format_func=label,
+        key=_PICKER_KEYS[kind],
+        bind="query-params",
+    )
+    return query("analysis", picked, kind)
+
+
+def mark() -> str:
+    """The boolean annotation that marks a sample as suspect (⚠), picked in the sidebar and bound to the URL
+    (`?mark=`); default `label_flipped`."""
+    from fgtrac_core.store.reader import DEFAULT_MARK
+
+    marks = query("marks")
+    if not marks:
+        return DEFAULT_MARK
+    return st.sidebar.selectbox(
+        "⚠ marks samples annotated", marks, key="mark", bind="query-params",
+        help="a boolean annotation recorded with `Run.annotate_samples` (true = suspect)",
+    )  # fmt: skip
 
 
 def no_stages() -> None:

@@ -13,6 +13,7 @@ import streamlit as st
 
 from app import data
 from app.data import LIFECYCLE, thumbnails
+from fgtrac_core.sample_display import feature_contrast
 
 _MD_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
 # GFM autolinks (`https://x.y`, `www.x.y`, `a@x.y`) are found in the *parsed* text, after backslash escapes are
@@ -46,24 +47,31 @@ def chart_text(text: Any) -> str:
     return html.escape(str(text))
 
 
-def is_flipped(value: Any) -> bool:
-    """True when a `label_flipped` annotation says the recorded label is known to be wrong."""
-    return isinstance(value, str) and value.lower() == "true"
+FEATURES_SHOWN = 8  # feature columns in a sample table: the ones that differ most from the reference
+
+
+def caption(sample_id: int, facts: dict[str, str]) -> str:
+    """A thumbnail's caption: the id, then one `name value` line per fact (markdown line breaks)."""
+    return "  \n".join([f"#{sample_id}", *(f"{k} {v}" for k, v in facts.items())])
 
 
 def sample_grid(
     frame: pd.DataFrame,
     id_column: str,
-    caption: Callable[[Any], str],
+    facts: Callable[[Any], dict[str, str]],
     *,
     key: str,
     target: str = LIFECYCLE,
     width: int = 88,
+    reference: int | None = None,
 ) -> None:
-    """Thumbnails captioned with their id and `caption(row)` (markdown: callers build it from numbers only), and
-    below them one row of ids: picking one opens that sample's page, `target` LIFECYCLE (`?sample=`) or EXPLORE
-    (`?test=`).
+    """The listed samples, each with its id and `facts(row)` (name -> text, e.g. label, score, ⚠; callers build
+    the text from numbers only), then one row of ids: picking one opens that sample's page, `target` LIFECYCLE
+    (`?sample=`) or EXPLORE (`?test=`).
 
+    Samples with a thumbnail are drawn as images; the others as one table row each, with the text or feature
+    values recorded by `register_samples(display=...)`.  Feature columns are ordered by how far the listed
+    samples are from sample `reference` (the test example; else from their mean) and shaded where they are far.
     All thumbnails go into one image element and all ids into one widget: drawn as one element per sample (in
     columns, each with its own link), the grids were about a third of the browser's time to draw Explore.
     """
@@ -72,14 +80,68 @@ def sample_grid(
         return
     ids = [int(i) for i in frame[id_column]]
     thumbs = thumbnails(ids)
-    shown = [(sid, row) for sid, row in zip(ids, frame.itertuples(index=False), strict=True) if sid in thumbs]
-    if shown:
-        st.image([thumbs[sid] for sid, _ in shown], width=width,
-                 caption=[f"#{sid}  \n{caption(row)}" for sid, row in shown])  # fmt: skip
+    rows = list(zip(ids, frame.itertuples(index=False), strict=True))
+    imaged = [(sid, facts(row)) for sid, row in rows if sid in thumbs]
+    if imaged:
+        st.image([thumbs[sid] for sid, _ in imaged], width=width, caption=[caption(sid, f) for sid, f in imaged])
+    plain = [(sid, facts(row)) for sid, row in rows if sid not in thumbs]
+    if plain:
+        _sample_table(plain, reference, key=f"{key}_table")
     param, label = ("sample", "Open the lifecycle of") if target == LIFECYCLE else ("test", "Open in Explore")
     pick = st.pills(label, ids, format_func=lambda i: f"#{i}", key=key, wrap=True)
     if pick is not None:
         st.switch_page(target, query_params={param: str(pick)})
+
+
+def _sample_table(rows: list[tuple[int, dict[str, str]]], reference: int | None, *, key: str) -> None:
+    """Samples without a thumbnail as a table: id, facts, then their recorded text or feature values."""
+    wanted = [sid for sid, _ in rows] + ([reference] if reference is not None else [])
+    shown = data.query("displays", wanted)
+    table = pd.DataFrame([f for _, f in rows], index=[f"#{sid}" for sid, _ in rows])
+    texts = {sid: d for sid, d in shown.items() if isinstance(d, str)}
+    if texts:
+        table["text"] = [texts.get(sid, "") for sid, _ in rows]
+    features = {sid: shown[sid] for sid, _ in rows if isinstance(shown.get(sid), dict)}
+    if not features:
+        st.dataframe(table, key=key)
+        return
+    ref = shown.get(reference) if reference is not None else None
+    ref = ref if isinstance(ref, dict) else None
+    distance = feature_contrast(ref, features)
+    columns = list(distance.columns[:FEATURES_SHOWN])
+    values = pd.DataFrame.from_dict(features, orient="index").reindex(columns=columns)
+    values.index = distance.index = [f"#{sid}" for sid in values.index]
+    values, distance = values.reindex(table.index), distance.reindex(table.index)
+    if ref is not None:  # the reference's own values first, to read the others against
+        first = pd.DataFrame([{c: ref.get(c) for c in columns}], index=[f"test #{reference}"])
+        values = pd.concat([first, values])
+        distance = pd.concat([pd.DataFrame(0.0, index=first.index, columns=columns), distance])
+        table = pd.concat([pd.DataFrame([{}], index=first.index), table])
+    styled = (
+        pd.concat([table, values.astype(object)], axis=1)
+        .style.format(lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)))
+        .apply(lambda col: [_shade(d) for d in distance[col.name]], subset=columns, axis=0)
+    )
+    n = len(next(iter(features.values())))
+    against = f"test example #{reference}" if ref is not None else "the listed samples' mean"
+    st.caption(f"{len(columns)} of {n} features, those furthest from {md(against)} first; shaded: more than one "
+               "spread (std over these rows) away")  # fmt: skip
+    st.dataframe(styled, key=key)
+
+
+def display(shown: Any, *, key: str | None = None) -> None:
+    """One sample's recorded text (plain, never markdown) or feature values (a one-row table); nothing when it
+    has none."""
+    if isinstance(shown, dict):
+        st.dataframe(pd.DataFrame([shown]).astype(object), hide_index=True, key=key)
+    elif shown is not None:
+        st.text(shown)
+
+
+def _shade(distance: float) -> str:
+    if not distance >= 1.0:  # NaN included
+        return ""
+    return f"background-color: rgba(255, 140, 0, {min(distance / 3.0, 1.0) * 0.55:.2f})"
 
 
 def bars(

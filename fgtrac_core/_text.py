@@ -10,6 +10,7 @@ what it is.  `for_terminal` shows every such character as a visible escape inste
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from typing import IO
@@ -33,3 +34,22 @@ def for_terminal(text: object) -> str:
 def echo(*parts: object, file: IO[str] | None = None) -> None:
     """`print` for lines that carry recorded text: each part goes through `for_terminal`."""
     print(*(for_terminal(p) for p in parts), file=file if file is not None else sys.stdout)
+
+
+def abbreviate(value: object, *, items: int = 4, width: int = 100) -> str:
+    """A JSON-like value shortened for one terminal line: lists longer than `items` show their first `items`
+    values and a count ("[0.1, 0.2, 0.3, 0.4, … 30 values]"), and the whole is cut at `width` characters with
+    "…".  Full values are in `--json`."""
+    text = _short(value, items)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _short(value: object, items: int) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_short(v, items)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        head = ", ".join(_short(v, items) for v in value[:items])
+        return f"[{head}, … {len(value)} values]" if len(value) > items else f"[{head}]"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value if isinstance(value, str) else json.dumps(value)

@@ -17,7 +17,7 @@ import pandas as pd
 import streamlit as st
 
 from app import data
-from app.ui import EFFECT_MEANING, bars, chart_text, is_flipped, md, sample_grid, stage_bars
+from app.ui import EFFECT_MEANING, bars, chart_text, display, md, sample_grid, stage_bars
 
 TOP_CHOICES = (5, 10, 20, 50)
 # tab labels are their URL values (`?tab=Stage+effects`)
@@ -75,7 +75,7 @@ def _test_row_picked(ids: list[int]) -> None:
 def _show_test(test: pd.Series) -> None:
     test_id = int(test.name)
     thumb = data.thumbnails([test_id]).get(test_id)
-    left, right = st.columns([1, 4])
+    left, right = (st.columns([1, 4]) if thumb is not None else (None, st.container()))
     if thumb is not None:
         left.image(thumb, width=160)
     right.subheader(f"Test example #{test_id}")
@@ -85,15 +85,16 @@ def _show_test(test: pd.Series) -> None:
                    delta_color="inverse" if test["misclassified"] else "normal", delta_arrow="off")  # fmt: skip
     cols[2].metric("confidence", f"{test['confidence']:.1%}")
     cols[3].metric("loss", f"{test['loss']:.3f}")
+    if thumb is None:
+        display(data.query("displays", [test_id]).get(test_id))
 
 
-def _caption(view: str) -> Callable[[Any], str]:
-    def caption(row: Any) -> str:
-        value = f"{row.score:+.3g}" if view == "raw" else f"cos {row.cosine:+.2f}"
-        mark = " ⚠" if is_flipped(row.label_flipped) else ""
-        return f"label {row.label}{mark}  \n{value}"  # two spaces and a newline: a markdown line break
+def _facts(view: str) -> Callable[[Any], dict[str, str]]:
+    def facts(row: Any) -> dict[str, str]:
+        value = f"{row.score:+.3g}" if view == "raw" else f"{row.cosine:+.2f}"
+        return {"label": f"{row.label}{' ⚠' if row.flagged else ''}", "score" if view == "raw" else "cos": value}
 
-    return caption
+    return facts
 
 
 def _contributions(proponents: pd.DataFrame, analysis: dict[str, Any]) -> None:
@@ -137,6 +138,7 @@ def _stage_panel(test_id: int) -> None:
 
 def render() -> None:
     analysis = data.influence()
+    mark = data.mark()
     aid = analysis["analysis_id"]
     st.title("Explore")
     st.caption(f"Influence analysis #{aid} · {md(analysis['method'])} · "
@@ -153,7 +155,7 @@ def render() -> None:
     choices = [n for n in TOP_CHOICES if n <= k] or [k]
     top = c2.segmented_control("Show top", choices, default=min(10, choices[-1]), required=True, key="top",
                                bind="query-params")  # fmt: skip
-    ranked = data.query("influence_topk", aid, test_id, view)
+    ranked = data.query("influence_topk", aid, test_id, view, mark)
     ranked = ranked[ranked["rank"] <= top]
     proponents = ranked[ranked["direction"] == "proponent"]
     opponents = ranked[ranked["direction"] == "opponent"]
@@ -165,12 +167,12 @@ def render() -> None:
             left, right = st.columns(2, gap="large")
             with left:
                 st.subheader("Proponents")
-                st.caption("lowered this example's loss; ⚠ = label recorded as flipped")
-                sample_grid(proponents, "train_id", _caption(view), key="open_proponent")
+                st.caption(f"lowered this example's loss; ⚠ = annotated {md(mark)}")
+                sample_grid(proponents, "train_id", _facts(view), key="open_proponent", reference=test_id)
             with right:
                 st.subheader("Opponents")
-                st.caption("raised this example's loss; ⚠ = label recorded as flipped")
-                sample_grid(opponents, "train_id", _caption(view), key="open_opponent")
+                st.caption(f"raised this example's loss; ⚠ = annotated {md(mark)}")
+                sample_grid(opponents, "train_id", _facts(view), key="open_opponent", reference=test_id)
     if stages.open:
         with stages:
             _stage_panel(test_id)

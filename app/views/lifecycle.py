@@ -3,6 +3,7 @@ downloadable usage proof (the same bundle as `fgtrac prove`)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pandas as pd
@@ -11,7 +12,7 @@ import streamlit as st
 
 from app import data
 from app.data import EXPLORE
-from app.ui import chart_text, is_flipped, md, sample_grid
+from app.ui import chart_text, display, md, sample_grid
 from fgtrac_core.errors import UnknownSampleError
 
 
@@ -23,10 +24,10 @@ def _record(sample_id: int) -> dict[str, Any]:
         st.stop()
 
 
-def _header(record: dict[str, Any]) -> None:
+def _header(record: dict[str, Any], mark: str) -> None:
     sid = record["sample_id"]
     thumb = data.thumbnails([sid]).get(sid)
-    left, right = st.columns([1, 4])
+    left, right = (st.columns([1, 4]) if thumb is not None else (None, st.container()))
     if thumb is not None:
         left.image(thumb, width=160)
     right.subheader(f"Sample #{sid}")
@@ -36,8 +37,10 @@ def _header(record: dict[str, Any]) -> None:
     cols[2].metric(
         "registered", record["registered_at"][:10], help=f"registered at {record['registered_at']} UTC"
     )
-    if is_flipped(record["annotations"].get("label_flipped")):
-        right.warning("Annotated label_flipped = true: the recorded label is known to be wrong.")
+    if record["annotations"].get(mark) is True:
+        right.warning(f"Annotated {md(mark)} = true: marked as suspect (e.g. its recorded label is known wrong).")
+    with right:
+        display(record["display"], key="display")
     right.caption("content sha256 (of the raw sample bytes)")
     right.text(record["content_sha256"])
     if record["source"]:
@@ -71,11 +74,14 @@ def _usage(sample_id: int) -> None:
     fig.update_yaxes(categoryorder="array", categoryarray=names, range=[-0.5, len(names) - 0.5])
     fig.update_layout(height=260, margin={"t": 40, "b": 10}, showlegend=False)
     st.plotly_chart(fig, key="usage_chart")
+    for r in data.query("sample_relabels", sample_id):
+        st.warning(f"Relabelled: trained on target {r['to']} (was {r['from']}) from step {r['step']}, stage "
+                   f"{md(r['stage'])}.")  # fmt: skip
     st.dataframe(usage, hide_index=True, height="auto" if len(usage) <= 10 else 300)
 
 
-def _influence(sample_id: int, split: str) -> None:
-    analysis = data.query("latest_analysis", "influence")
+def _influence(sample_id: int, split: str, mark: str) -> None:
+    analysis = data.pick_analysis("influence")
     if analysis is None:
         data.show_command("No influence results in this run yet: compute them with", "fgtrac influence {run}")
         return
@@ -95,10 +101,14 @@ def _influence(sample_id: int, split: str) -> None:
         st.caption(f"in no stored top-{md(analysis['params'].get('k', ''))} list")
         return
 
-    def caption(row: Any) -> str:
-        return f"{md(row.direction)} #{row.rank}  \n{row.score:+.3g}"
+    known = data.query("labels_and_marks", [int(t) for t in top["test_id"]], mark).set_index("sample_id")
 
-    sample_grid(top, "test_id", caption, key="open_test", target=EXPLORE)
+    def facts(row: Any) -> dict[str, str]:
+        label, flagged = known.loc[int(row.test_id), ["label", "flagged"]]
+        return {"label": f"{'-' if pd.isna(label) else int(label)}{' ⚠' if flagged else ''}",
+                md(row.direction): f"#{row.rank}", "score": f"{row.score:+.3g}"}  # fmt: skip
+
+    sample_grid(top, "test_id", facts, key="open_test", target=EXPLORE, reference=sample_id)
 
 
 def render() -> None:
@@ -110,7 +120,8 @@ def render() -> None:
         return
     sample_id = int(sample_id)
     record = _record(sample_id)
-    _header(record)
+    mark = data.mark()
+    _header(record, mark)
     st.download_button(
         "Download usage proof",
         data=lambda: data.usage_proof(sample_id),
@@ -121,7 +132,7 @@ def render() -> None:
         "signed tree head; check it offline with `fgtrac check-proof FILE --public-key KEY`.",
     )
     _usage(sample_id)
-    _influence(sample_id, record["split"])
+    _influence(sample_id, record["split"], mark)
     transforms = data.query("sample_transforms", sample_id)
     st.subheader("Preprocessing")
     if transforms.empty:
@@ -131,7 +142,8 @@ def render() -> None:
     if record["annotations"]:
         st.subheader("Annotations")
         st.dataframe(
-            pd.DataFrame(list(record["annotations"].items()), columns=["key", "value"]), hide_index=True
+            pd.DataFrame([(k, json.dumps(v)) for k, v in record["annotations"].items()], columns=["key", "value (JSON)"]),
+            hide_index=True,
         )
 
 

@@ -8,18 +8,19 @@ from typing import Any
 import streamlit as st
 
 from app import data
-from app.ui import is_flipped, sample_grid
+from app.ui import md, sample_grid
 
 
-def _detection(aid: int) -> None:
-    table = data.query("mislabel_detection", aid)
+def _detection(aid: int, mark: str) -> None:
+    table = data.query("mislabel_detection", aid, (0.05, 0.10, 0.20), mark)
     if table is None:
         st.caption(
-            "No `label_flipped` annotations recorded in this run: nothing to score the ranking against."
+            "No boolean annotation recorded in this run (e.g. `label_flipped`, see `Run.annotate_samples`): "
+            "nothing to score the ranking against."
         )
         return
-    st.subheader("Finding the recorded flipped labels")
-    st.caption(f"{int(table['flipped_total'].iloc[0])} training samples are annotated label_flipped = true. "
+    st.subheader(f"Finding the samples annotated {md(mark)}")
+    st.caption(f"{int(table['flipped_total'].iloc[0])} training samples are annotated {md(mark)} = true. "
                "Inspecting the top of the ranking:")  # fmt: skip
     cols = st.columns(len(table))
     for col, row in zip(cols, table.itertuples(index=False), strict=True):
@@ -30,21 +31,22 @@ def _detection(aid: int) -> None:
 def render() -> None:
     st.title("Data quality")
     analysis = data.influence()
+    mark = data.mark()
     aid = analysis["analysis_id"]
-    ranked = data.query("self_influence", aid)
+    ranked = data.query("self_influence", aid, mark)
     st.caption(f"Self-influence from influence analysis #{aid} over {len(ranked)} training samples; ⚠ marks a "
-               "label recorded as flipped.")  # fmt: skip
-    _detection(aid)
+               f"sample annotated {md(mark)} (pick another boolean annotation in the sidebar).")  # fmt: skip
+    _detection(aid, mark)
     st.subheader("Highest self-influence")
     n = st.segmented_control(
         "Show", [20, 50, 100, 200], default=50, required=True, key="n", bind="query-params"
     )
 
-    def caption(row: Any) -> str:
-        mark = " ⚠" if is_flipped(row.label_flipped) else ""
-        return f"rank {row.rank}  \nlabel {row.label}{mark}  \n{row.value:.3g}"
+    def facts(row: Any) -> dict[str, str]:
+        return {"rank": str(row.rank), "label": f"{row.label}{' ⚠' if row.flagged else ''}",
+                "self-influence": f"{row.value:.3g}"}  # fmt: skip
 
-    sample_grid(ranked.head(n), "sample_id", caption, key="open_sample", width=72)
+    sample_grid(ranked.head(n), "sample_id", facts, key="open_sample", width=72)
 
 
 render()

@@ -31,7 +31,7 @@ def _slice_name(name: str) -> str:
     )
 
 
-def _extremes(effects: pd.DataFrame, behaviour: str, stage: str, method: str) -> None:
+def _extremes(effects: pd.DataFrame, behaviour: str, stage: str, method: str, mark: str) -> None:
     """The test examples this stage most helped and most hurt under one method."""
     rows = effects[
         (effects["behaviour"] == behaviour) & (effects["stage"] == stage) & (effects["method"] == method)
@@ -39,17 +39,22 @@ def _extremes(effects: pd.DataFrame, behaviour: str, stage: str, method: str) ->
     helped = rows.assign(helped=rows["value"] * HELPED_SIGN.get(behaviour, 1.0)).dropna(subset=["helped"])
     left, right = st.columns(2)
 
-    def caption(row: Any) -> str:
-        return f"effect {row.value:+.3g}"
+    shown = pd.concat([helped.nlargest(PER_LIST, "helped"), helped.nsmallest(PER_LIST, "helped")])
+    known = data.query("labels_and_marks", [int(t) for t in shown["test_id"]], mark).set_index("sample_id")
+
+    def facts(row: Any) -> dict[str, str]:
+        label, flagged = known.loc[int(row.test_id), ["label", "flagged"]]
+        return {"label": f"{'-' if pd.isna(label) else int(label)}{' ⚠' if flagged else ''}",
+                "effect": f"{row.value:+.3g}"}  # fmt: skip
 
     with left:
         st.markdown(f"**Most helped by {md(stage)}**")
         sample_grid(
-            helped.nlargest(PER_LIST, "helped"), "test_id", caption, key="open_helped", target=EXPLORE
+            helped.nlargest(PER_LIST, "helped"), "test_id", facts, key="open_helped", target=EXPLORE
         )
     with right:
         st.markdown(f"**Most hurt by {md(stage)}**")
-        sample_grid(helped.nsmallest(PER_LIST, "helped"), "test_id", caption, key="open_hurt", target=EXPLORE)
+        sample_grid(helped.nsmallest(PER_LIST, "helped"), "test_id", facts, key="open_hurt", target=EXPLORE)
 
 
 def render() -> None:
@@ -95,7 +100,7 @@ def render() -> None:
     c1, c2 = st.columns(2)
     stage = c1.selectbox("Stage", stages, key="stage", bind="query-params")
     method = c2.selectbox("Method (replay is the ground truth)", methods, key="method", bind="query-params")
-    _extremes(per_example, behaviour, stage, method)
+    _extremes(per_example, behaviour, stage, method, data.mark())
 
 
 render()

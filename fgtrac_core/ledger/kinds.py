@@ -63,7 +63,7 @@ KINDS: tuple[RecordKind, ...] = (
     RecordKind(
         "sample",
         "samples",
-        ("sample_id", "split", "label", "content_sha256", "thumbnail_sha256", "source", "registered_at"),
+        ("sample_id", "split", "label", "content_sha256", "thumbnail_sha256", "display", "source", "registered_at"),
         "sample_id",
     ),
     RecordKind("annotation", "sample_annotations", ("sample_id", "key", "value"), "sample_id", "key"),

@@ -13,11 +13,15 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from fgtrac_core import sample_display
 from fgtrac_core.errors import CorruptRunError, RunNotFoundError, UnknownSampleError
 from fgtrac_core.ledger import SignedTreeHead
 from fgtrac_core.store.db import connect, first_line
 from fgtrac_core.store.layout import RunLayout
 from fgtrac_core.store.usage_index import UsageIndex, read_usage_index
+
+# the boolean annotation that marks a sample as suspect unless a reader picks another
+DEFAULT_MARK = "label_flipped"
 
 
 class RunStore:
@@ -162,30 +166,22 @@ class RunStore:
 
     # ------------------------------------------------------------------ sample level
     def sample(self, sample_id: int) -> dict[str, Any]:
-        """A sample's registration record and annotations; raises UnknownSampleError."""
-        rows = self._rows(
-            """SELECT sample_id, split, label, content_sha256, thumbnail_sha256, source, registered_at
-               FROM samples WHERE sample_id = ?""",
-            [int(sample_id)],
-        )
+        """A sample's registration record (with `display`: its text or feature mapping, or None) and its
+        annotations (JSON values, read back with their types); raises UnknownSampleError."""
+        keys = ("sample_id", "split", "label", "content_sha256", "thumbnail_sha256", "display", "source",
+                "registered_at")  # fmt: skip
+        rows = self._rows(f"SELECT {', '.join(keys)} FROM samples WHERE sample_id = ?", [int(sample_id)])
         if not rows:
             raise UnknownSampleError(f"sample id {sample_id} is not in this run")
-        keys = (
-            "sample_id",
-            "split",
-            "label",
-            "content_sha256",
-            "thumbnail_sha256",
-            "source",
-            "registered_at",
-        )
         out = dict(zip(keys, rows[0], strict=True))
         out["registered_at"] = out["registered_at"].isoformat()
-        out["annotations"] = dict(
-            self._rows(
+        out["display"] = sample_display.decode(out["display"])
+        out["annotations"] = {
+            key: None if value is None else json.loads(value)
+            for key, value in self._rows(
                 "SELECT key, value FROM sample_annotations WHERE sample_id = ? ORDER BY key", [int(sample_id)]
             )
-        )
+        }
         return out
 
     def sample_usage(self, sample_id: int) -> pd.DataFrame:
@@ -250,12 +246,13 @@ class RunStore:
     def latest_analysis(self, kind: str) -> dict[str, Any] | None:
         """The newest analysis of `kind` with params and checkpoints decoded, or None."""
         df = self.analyses(kind)
-        if df.empty:
-            return None
-        row = df.iloc[-1].to_dict()
-        row["params"], row["checkpoints"] = json.loads(row["params"]), json.loads(row["checkpoints"])
-        row["analysis_id"] = int(row["analysis_id"])
-        return row
+        return None if df.empty else _decoded(df.iloc[-1])
+
+    def analysis(self, analysis_id: int, kind: str) -> dict[str, Any] | None:
+        """Analysis `analysis_id` if it is of `kind`, params and checkpoints decoded; else None."""
+        df = self.analyses(kind)
+        df = df[df["analysis_id"] == int(analysis_id)]
+        return None if df.empty else _decoded(df.iloc[0])
 
     def influence_tests(self, analysis_id: int) -> pd.DataFrame:
         """Per test example of an influence analysis: recorded label, prediction, confidence, loss."""
@@ -265,29 +262,43 @@ class RunStore:
             [int(analysis_id)],
         )
 
-    def influence_topk(self, analysis_id: int, test_id: int, view: str = "raw") -> pd.DataFrame:
-        """Ranked proponents and opponents of one test example (`view` 'raw' or 'cosine' is the ranking),
-        with each training sample's recorded label and its `label_flipped` annotation when present;
+    def influence_topk(
+        self, analysis_id: int, test_id: int, view: str = "raw", mark: str = DEFAULT_MARK
+    ) -> pd.DataFrame:
+        """Ranked proponents and opponents of one test example (`view` 'raw' or 'cosine' is the ranking), with
+        each training sample's recorded label and `flagged`: its boolean annotation `mark` is true;
         `contributions` maps checkpoint id -> its part of the raw score."""
         return self.df(
             """SELECT k.direction, k.rank, k.train_id, k.score, k.cosine, k.contributions, s.label,
-                      lower(a.value) AS label_flipped
+                      coalesce(a.value = 'true', false) AS flagged
                FROM influence_topk k JOIN samples s ON s.sample_id = k.train_id
-               LEFT JOIN sample_annotations a ON a.sample_id = k.train_id AND a.key = 'label_flipped'
+               LEFT JOIN sample_annotations a ON a.sample_id = k.train_id AND a.key = ?
                WHERE k.analysis_id = ? AND k.test_id = ? AND k.view = ?
                ORDER BY k.direction DESC, k.rank""",
-            [int(analysis_id), int(test_id), view],
+            [mark, int(analysis_id), int(test_id), view],
         )
 
-    def self_influence(self, analysis_id: int) -> pd.DataFrame:
-        """Every training sample's self-influence, highest first, with label and `label_flipped` if recorded."""
+    def self_influence(self, analysis_id: int, mark: str = DEFAULT_MARK) -> pd.DataFrame:
+        """Every training sample's self-influence, highest first, with its label and `flagged` (see
+        `influence_topk`)."""
         return self.df(
-            """SELECT si.rank, si.sample_id, si.value, s.label, lower(a.value) AS label_flipped
+            """SELECT si.rank, si.sample_id, si.value, s.label, coalesce(a.value = 'true', false) AS flagged
                FROM self_influence si JOIN samples s USING (sample_id)
-               LEFT JOIN sample_annotations a ON a.sample_id = si.sample_id AND a.key = 'label_flipped'
+               LEFT JOIN sample_annotations a ON a.sample_id = si.sample_id AND a.key = ?
                WHERE si.analysis_id = ? ORDER BY si.rank""",
-            [int(analysis_id)],
+            [mark, int(analysis_id)],
         )
+
+    def marks(self) -> list[str]:
+        """Annotation keys whose values are all booleans: what the dashboard can mark samples as suspect by."""
+        return [
+            key
+            for (key,) in self._rows(
+                """SELECT key FROM sample_annotations GROUP BY key
+                   HAVING bool_and(value IN ('true', 'false')) ORDER BY key <> ?, key""",
+                [DEFAULT_MARK],
+            )
+        ]
 
     def most_influenced(self, analysis_id: int, train_id: int, limit: int = 10) -> pd.DataFrame:
         """The test examples whose stored top-k lists hold this training sample (raw view), by |score|."""
@@ -335,6 +346,27 @@ class RunStore:
             [[int(i) for i in sample_ids]],
         )
         return {int(i): bytes(t) for i, t in rows}
+
+    def labels_and_marks(self, sample_ids: list[int], mark: str = DEFAULT_MARK) -> pd.DataFrame:
+        """sample_id, recorded label and `flagged` (boolean annotation `mark` is true) of these samples."""
+        return self.df(
+            """SELECT s.sample_id, s.label, coalesce(a.value = 'true', false) AS flagged
+               FROM samples s LEFT JOIN sample_annotations a ON a.sample_id = s.sample_id AND a.key = ?
+               WHERE s.sample_id IN (SELECT unnest(?::BIGINT[])) ORDER BY s.sample_id""",
+            [mark, [int(i) for i in sample_ids]],
+        )
+
+    def displays(self, sample_ids: list[int]) -> dict[int, sample_display.Display]:
+        """What `register_samples(display=...)` recorded for these samples (text or feature mapping), in one
+        query; ids without one are left out."""
+        if not sample_ids:
+            return {}
+        rows = self._rows(
+            "SELECT sample_id, display FROM samples WHERE sample_id IN (SELECT unnest(?::BIGINT[]))"
+            " AND display IS NOT NULL",
+            [[int(i) for i in sample_ids]],
+        )
+        return {int(i): sample_display.decode(d) for i, d in rows}
 
     def usage_index(self, ledger_size: int) -> UsageIndex:
         """The usage index over the first `ledger_size` ledger entries (`fgtrac_core.store.usage_index`)."""
@@ -396,18 +428,21 @@ class RunStore:
         return {"value": float(value), "rank": int(rank), "n_train": int(n)}
 
     def mislabel_detection(
-        self, analysis_id: int, fractions: tuple[float, ...] = (0.05, 0.10, 0.20)
+        self,
+        analysis_id: int,
+        fractions: tuple[float, ...] = (0.05, 0.10, 0.20),
+        mark: str = DEFAULT_MARK,
     ) -> pd.DataFrame | None:
-        """Precision and recall of "inspect the top fraction by self-influence" against the recorded
-        `label_flipped` annotations (unannotated samples count as clean); None when none is recorded."""
+        """Precision and recall of "inspect the top fraction by self-influence" against the samples whose
+        boolean annotation `mark` is true (unannotated samples count as clean); None when none is recorded."""
         df = self.df(
-            """SELECT si.rank, coalesce(lower(a.value) = 'true', false) AS flipped
+            """SELECT si.rank, coalesce(a.value = 'true', false) AS flipped
                FROM self_influence si
-               LEFT JOIN sample_annotations a ON a.sample_id = si.sample_id AND a.key = 'label_flipped'
+               LEFT JOIN sample_annotations a ON a.sample_id = si.sample_id AND a.key = ?
                WHERE si.analysis_id = ? ORDER BY si.rank""",
-            [int(analysis_id)],
+            [mark, int(analysis_id)],
         )
-        annotated = self._rows("SELECT count(*) FROM sample_annotations WHERE key = 'label_flipped'")[0][0]
+        annotated = self._rows("SELECT count(*) FROM sample_annotations WHERE key = ?", [mark])[0][0]
         if df.empty or not annotated:
             return None
         found = df["flipped"].cumsum().to_numpy()
@@ -427,3 +462,10 @@ class RunStore:
                 }
             )
         return pd.DataFrame(rows)
+
+
+def _decoded(row: pd.Series) -> dict[str, Any]:
+    out = row.to_dict()
+    out["params"], out["checkpoints"] = json.loads(out["params"]), json.loads(out["checkpoints"])
+    out["analysis_id"] = int(out["analysis_id"])
+    return out

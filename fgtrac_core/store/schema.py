@@ -13,7 +13,7 @@ import duckdb
 
 from fgtrac_core.errors import CorruptRunError, SchemaVersionError, TamperedRunError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _DDL = """
 CREATE TABLE meta (
@@ -32,6 +32,7 @@ CREATE TABLE samples (
     content_sha256 VARCHAR NOT NULL,
     thumbnail BLOB,
     thumbnail_sha256 VARCHAR,
+    display VARCHAR,
     source VARCHAR,
     registered_at TIMESTAMP NOT NULL
 );

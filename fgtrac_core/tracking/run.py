@@ -48,6 +48,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from fgtrac_core import sample_display
 from fgtrac_core._json import canonical_json, to_jsonable
 from fgtrac_core.errors import (
     FgtracError,
@@ -388,13 +389,16 @@ class Run:
         content_sha256: Sequence[str] | None = None,
         thumbnails: Sequence[bytes] | np.ndarray | None = None,
         thumbnail_scale: int = 1,
+        display: Sequence[str | Mapping[str, Any] | None] | Any = None,
         source: str | None = None,
     ) -> None:
         """Register samples as ingested: ids, split, label and SHA-256 of the raw bytes (give `raw` or the hashes).
 
         `raw` may be a list of bytes (e.g. file contents) or an array whose rows are hashed as C-order bytes.
         `thumbnails` are PNG bytes or an image array (N, H, W[, C]) encoded to PNG (upscaled by
-        `thumbnail_scale`).
+        `thumbnail_scale`).  `display` is what a reviewer sees of a sample without an image: per sample a short
+        text (text data) or a mapping of feature name to value (tabular data), or a DataFrame with one row per
+        sample; it is committed with the sample (`fgtrac_core.sample_display`).
         """
         self._check_open()
         ids = _as_ids(sample_ids)
@@ -404,6 +408,7 @@ class Run:
         hashes = _sha256_rows(raw) if raw is not None else [str(h).lower() for h in content_sha256]
         label_arr = None if labels is None else _as_ids(labels)
         pngs = None if thumbnails is None else as_png_list(thumbnails, scale=thumbnail_scale)
+        shown = [None] * n if display is None else sample_display.encode(display, n)
         for what, seq in (("labels", label_arr), ("raw/content_sha256", hashes), ("thumbnails", pngs)):
             if seq is not None and len(seq) != n:
                 raise FgtracError(f"register_samples: {what} has {len(seq)} entries for {n} sample ids")
@@ -427,6 +432,7 @@ class Run:
                     [hashlib.sha256(p).hexdigest() for p in pngs] if pngs is not None else [None] * n,
                     pa.string(),
                 ),
+                "display": pa.array(shown, pa.string()),
                 "source": pa.array([source] * n, pa.string()),
                 "registered_at": pa.array([_now()] * n, pa.timestamp("us")),
             }
@@ -435,7 +441,9 @@ class Run:
         self._known_ids = np.union1d(self._known_ids, ids)
 
     def annotate_samples(self, sample_ids: Any, key: str, values: Sequence[Any]) -> None:
-        """Attach a named value per sample (e.g. benchmark ground truth); no fgtrac algorithm reads these."""
+        """Attach a named value per sample (e.g. benchmark ground truth), stored as JSON so it reads back with its
+        type.  No fgtrac algorithm reads these; the dashboard's data-quality page scores its ranking against a
+        boolean one the reviewer picks (default `label_flipped`: true = the recorded label is known wrong)."""
         self._check_open()
         ids = self._require_known(_as_ids(sample_ids))
         if len(values) != len(ids):
@@ -444,7 +452,7 @@ class Run:
             {
                 "sample_id": pa.array(ids),
                 "key": pa.array([key] * len(ids), pa.string()),
-                "value": pa.array([None if v is None else str(to_jsonable(v)) for v in values], pa.string()),
+                "value": pa.array([None if v is None else canonical_json(v) for v in values], pa.string()),
             }
         )
         self._commit([_inserter("sample_annotations", table)], ["annotation"])

@@ -96,12 +96,12 @@ def test_explore_marks_flipped_labels(digits_run: Path, facts: dict, monkeypatch
         aid = facts["analysis"]["analysis_id"]
         for test_id in store.influence_tests(aid)["sample_id"]:
             raw = store.influence_topk(aid, int(test_id), "raw")
-            if (raw["rank"].le(10) & raw["label_flipped"].eq("true")).any():
+            if (raw["rank"].le(10) & raw["flagged"]).any():
                 break
     at = open_page(digits_run, "views/explore.py", monkeypatch, test=str(int(test_id)))
     shown = raw[raw["rank"] <= 10].sort_values(["direction", "rank"], ascending=[False, True])
     captions = _grid_captions(at)
-    assert ["⚠" in c for c in captions] == (shown["label_flipped"] == "true").tolist()
+    assert ["⚠" in c for c in captions] == shown["flagged"].tolist()
     assert any("⚠" in c for c in captions)
 
 

@@ -113,7 +113,7 @@ def test_misclassified_examples_have_mislabelled_proponents(digits_copy: Path, w
         for t in wrong.sample_id:
             top = store.influence_topk(aid, int(t))
             top5 = top[(top.direction == "proponent") & (top["rank"] <= 5)]
-            hits.append(bool((top5.label_flipped == "true").any()))
+            hits.append(bool(top5.flagged.any()))
     assert len(wrong) >= 3
     print(
         f"{weighting} weighting: {sum(hits)}/{len(hits)} misclassified test digits have a flipped-label proponent "

@@ -80,10 +80,10 @@ def test_sample_run_lifecycle_and_ground_truth(digits_run: Path) -> None:
         assert len(samples) == 1797
         assert store.df("SELECT count(*) AS n FROM samples WHERE thumbnail IS NULL")["n"][0] == 0
         flips = store.df("SELECT sample_id, value FROM sample_annotations WHERE key = 'label_flipped'")
-        rate = (flips["value"] == "True").mean()
+        rate = (flips["value"] == "true").mean()  # JSON: annotations keep their type
         assert 0.08 <= rate <= 0.12
         # the finetune subset carries the noisy labels; the recorded label is what training used
-        flipped = flips.loc[flips["value"] == "True", "sample_id"].to_numpy()
+        flipped = flips.loc[flips["value"] == "true", "sample_id"].to_numpy()
         assert np.all(samples.set_index("sample_id").loc[flipped, "label"].to_numpy() != data.true_y[flipped])
         # "when was sample X used?": every use of a pretrain sample is in pretrain or adapt, once per epoch
         sid = int(data.subsets["pretrain"][0])
