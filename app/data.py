@@ -222,6 +222,7 @@ _PICKER_KEYS = {"influence": "influence", "stages": "stage_analysis"}
 def pick_analysis(kind: str) -> dict[str, Any] | None:
     """A sidebar picker over the run's analyses of `kind` (newest first; method, date and parameters shown),
     bound to the URL; the picked analysis, or None when the run has none."""
+    from app.ui import md  # app.ui imports this module
     from fgtrac_core._text import abbreviate
 
     table = query("analyses", kind)
@@ -229,17 +230,15 @@ def pick_analysis(kind: str) -> dict[str, Any] | None:
         return None
     rows = {int(r.analysis_id): r for r in table.itertuples(index=False)}
 
-    def label(aid: int) -> str:
-        r = rows[aid]
-        return f"#{aid} · {r.method} · {r.created_at:%Y-%m-%d %H:%M} · {abbreviate(json.loads(r.params), width=60)}"
-
+    # plain ids as options: a bound widget writes its displayed option text into the URL
     picked = st.sidebar.selectbox(
-        f"{'Influence' if kind == 'influence' else 'Stage'} analysis",
+        f"{'Influence' if kind == 'influence' else 'Stage'} analysis (newest first)",
         sorted(rows, reverse=True),
-        format_func=label,
         key=_PICKER_KEYS[kind],
         bind="query-params",
     )
+    r = rows[picked]
+    st.sidebar.caption(md(f"{r.method} · {r.created_at:%Y-%m-%d %H:%M} UTC · {abbreviate(json.loads(r.params))}"))
     return query("analysis", picked, kind)
 
 

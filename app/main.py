@@ -11,6 +11,7 @@ import plotly.graph_objects as go  # noqa: F401
 import streamlit as st
 
 from app import data
+from app.ui import md
 
 st.set_page_config(page_title="fgtrac", layout="wide")
 page = st.navigation(
@@ -29,5 +30,8 @@ if data.fresh("is_stale"):
         "This run is still being recorded (or its recording was interrupted): showing the latest published "
         f"snapshot, {data.snapshot_age()} old."
     )
+for name, status in data.query("incomplete_stages"):
+    st.warning(f"Stage {md(name)} is {md(status)}: this run is incomplete, so its analyses describe a partly "
+               "trained model.")  # fmt: skip
 data.follow_snapshots(shown)
 page.run()

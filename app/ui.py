@@ -48,6 +48,7 @@ def chart_text(text: Any) -> str:
 
 
 FEATURES_SHOWN = 8  # feature columns in a sample table: the ones that differ most from the reference
+_ROW_PX = 35  # st.dataframe's row height: tables of listed samples are drawn whole, without a scrollbar
 
 
 def caption(sample_id: int, facts: dict[str, str]) -> str:
@@ -103,11 +104,11 @@ def _sample_table(rows: list[tuple[int, dict[str, str]]], reference: int | None,
         table["text"] = [texts.get(sid, "") for sid, _ in rows]
     features = {sid: shown[sid] for sid, _ in rows if isinstance(shown.get(sid), dict)}
     if not features:
-        st.dataframe(table, key=key)
+        st.dataframe(table, key=key, height=_ROW_PX * (len(table) + 1) + 3)
         return
     ref = shown.get(reference) if reference is not None else None
     ref = ref if isinstance(ref, dict) else None
-    distance = feature_contrast(ref, features)
+    distance = feature_contrast(ref, features, data.query("feature_spread"))
     columns = list(distance.columns[:FEATURES_SHOWN])
     values = pd.DataFrame.from_dict(features, orient="index").reindex(columns=columns)
     values.index = distance.index = [f"#{sid}" for sid in values.index]
@@ -116,7 +117,7 @@ def _sample_table(rows: list[tuple[int, dict[str, str]]], reference: int | None,
         first = pd.DataFrame([{c: ref.get(c) for c in columns}], index=[f"test #{reference}"])
         values = pd.concat([first, values])
         distance = pd.concat([pd.DataFrame(0.0, index=first.index, columns=columns), distance])
-        table = pd.concat([pd.DataFrame([{}], index=first.index), table])
+        table = pd.concat([pd.DataFrame([dict.fromkeys(table.columns, "")], index=first.index), table])
     styled = (
         pd.concat([table, values.astype(object)], axis=1)
         .style.format(lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)))
@@ -124,9 +125,9 @@ def _sample_table(rows: list[tuple[int, dict[str, str]]], reference: int | None,
     )
     n = len(next(iter(features.values())))
     against = f"test example #{reference}" if ref is not None else "the listed samples' mean"
-    st.caption(f"{len(columns)} of {n} features, those furthest from {md(against)} first; shaded: more than one "
-               "spread (std over these rows) away")  # fmt: skip
-    st.dataframe(styled, key=key)
+    st.caption(f"{len(columns)} of {n} features, those furthest from {md(against)} first; shaded: more than "
+               "one standard deviation (over the training set) away, darker further")  # fmt: skip
+    st.dataframe(styled, key=key, height=_ROW_PX * (len(values) + 1) + 3)
 
 
 def display(shown: Any, *, key: str | None = None) -> None:
@@ -197,6 +198,21 @@ def stage_bars(
         st.plotly_chart(fig, key=key)
     else:
         st.plotly_chart(fig, key=key, on_select=on_select, selection_mode="points")
+
+
+def stage_method(analysis: dict[str, Any]) -> None:
+    """What a stage analysis's effects are (replayed or estimated, by which method) and, when it is not verified
+    against exact replay, a warning that says why."""
+    method = analysis["method"]
+    if method in ("replay", "compare"):
+        how = "later stages replayed exactly" + (", estimators measured against it" if method == "compare" else "")
+        st.caption(f"Stage analysis #{analysis['analysis_id']} · method {md(method)} · effect = f(final model) − "
+                   f"f(model trained without the stage, {how})")  # fmt: skip
+    else:
+        st.caption(f"Stage analysis #{analysis['analysis_id']} · method {md(method)} · effect = f(final model) − "
+                   f"f(the {md(method)} estimate of the model trained without the stage); nothing was replayed")  # fmt: skip
+    if analysis["params"].get("verified") is False:
+        st.warning(f"Not verified against exact replay: {md(analysis['params'].get('verified_reason'))}")
 
 
 def ledger_metrics() -> dict[str, Any]:

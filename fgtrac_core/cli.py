@@ -17,11 +17,13 @@ from typing import Any
 
 from fgtrac_core._cli_args import OneLineParser, check_port_free, device, float_in, host, int_in, port
 from fgtrac_core._cli_proofs import add_parsers as add_proof_parsers
-from fgtrac_core._text import echo, for_terminal
+from fgtrac_core._text import abbreviate, echo, for_terminal
 from fgtrac_core.errors import FgtracError, RunExistsError, RunNotFoundError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_DEMO_DIR = "runs/demo"
+# `fgtrac demo --pipeline NAME`: the bundled sample run `sample_runs.NAME` -> its default --out
+DEMO_PIPELINES = {"digits": DEFAULT_DEMO_DIR, "tabular": "runs/tabular"}
 
 
 def _print_json(obj: Any) -> None:
@@ -29,10 +31,12 @@ def _print_json(obj: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from fgtrac_core.store.layout import RunLayout
-    from sample_runs import digits
+    import importlib
 
-    out = Path(args.out)
+    from fgtrac_core.store.layout import RunLayout
+
+    pipeline = importlib.import_module(f"sample_runs.{args.pipeline}")  # a DEMO_PIPELINES key (argparse choices)
+    out = Path(args.out if args.out is not None else DEMO_PIPELINES[args.pipeline])
     if RunLayout.of(out).holds_run():
         raise RunExistsError(
             f"{out} already holds an fgtrac run; refusing to overwrite it (open it: fgtrac app {out})"
@@ -40,8 +44,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not args.no_app:
         check_port_free(args.host, args.port)  # now, not after minutes of building
     t0 = time.perf_counter()
-    print(f"building the digits sample run into {out} ...", file=sys.stderr)
-    digits.build(out, seed=args.seed, progress=sys.stderr.isatty())
+    print(f"building the {args.pipeline} sample run into {out} ...", file=sys.stderr)
+    pipeline.build(out, seed=args.seed, progress=sys.stderr.isatty())
     print(
         f"trained and recorded in {time.perf_counter() - t0:.1f} s; computing influence ...", file=sys.stderr
     )
@@ -53,7 +57,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     _store_stages(out, method="replay")
-    print(f"built in {time.perf_counter() - t0:.1f} s: {out}", file=sys.stderr)
+    print(f"{args.pipeline} sample run built in {time.perf_counter() - t0:.1f} s: {out}", file=sys.stderr)
     if args.no_app:
         return EXIT_OK
     return _serve(out, args.port, args.host)
@@ -117,7 +121,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if s["transforms"]:
         echo("transforms")
         for t in s["transforms"]:
-            echo(f"  {t['name']:<12} {json.dumps(t['params'])}  on {t['n_samples']} samples")
+            echo(f"  {t['name']:<12} {abbreviate(t['params'])}  on {t['n_samples']} samples")
     return EXIT_OK
 
 
@@ -138,8 +142,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     echo(f"sample {info['sample_id']}  split {info['split']}  label {info['label']}")
     echo(f"content sha256  {info['content_sha256']}")
     echo(f"registered      {info['registered_at']}  from {info['source'] or '-'}")
+    shown = info["display"]
+    if isinstance(shown, dict):
+        echo("features        " + abbreviate(", ".join(f"{k}={v}" for k, v in shown.items())))
+    elif shown is not None:
+        echo(f"text            {abbreviate(shown)}")
+    for key, value in info["annotations"].items():
+        echo(f"annotation      {key} = {json.dumps(value)}")
     for t in transforms.itertuples():
-        echo(f"transform       {t.name} {t.params}")
+        echo(f"transform       {t.name} {abbreviate(json.loads(t.params))}")
     for r in relabels:
         echo(f"relabelled: {r['from']} → {r['to']} from step {r['step']} (stage {r['stage']})")
     if usage.empty:
@@ -320,12 +331,16 @@ def _cmd_stages(args: argparse.Namespace) -> int:
                 "analysis_id": aid,
                 "method": method,
                 "seconds": round(result.seconds, 3),
+                "verified": result.params["verified"],
+                "verified_reason": result.params["verified_reason"],
                 "aggregates": json.loads(agg.to_json(orient="records")),
                 "faithfulness": json.loads(faith.to_json(orient="records")),
             }
         )
         return EXIT_OK
     echo(f"analysis #{aid}  stages/{method}  ({result.seconds:.1f} s)  stored and committed to the ledger")
+    if not result.params["verified"]:
+        echo(f"UNVERIFIED: {result.params['verified_reason']}")
     overall = agg[(agg.slice == "all")]
     echo(
         "effect of each stage on the test set (f(final) - f(without the stage); loss: positive = the stage hurt)"
@@ -371,9 +386,23 @@ def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="fgtrac", description="Trace, audit and attribute PyTorch training runs.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="build the bundled digits sample run, then open the dashboard")
+    d = sub.add_parser(
+        "demo", help="build a bundled sample run (digits CNN or tabular MLP), then open the dashboard"
+    )
     d.add_argument(
-        "--out", default=DEFAULT_DEMO_DIR, help=f"run directory to create (default {DEFAULT_DEMO_DIR})"
+        "--pipeline",
+        choices=list(DEMO_PIPELINES),
+        default="digits",
+        help="which sample run: digits (images, CNN, three stages) or tabular (breast-cancer table, MLP, two "
+        "stages); default digits",
+    )
+    d.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="run directory to create (default "
+        + ", ".join(f"{d} for {k}" for k, d in DEMO_PIPELINES.items())
+        + ")",
     )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-app", action="store_true", help="build only; do not start the dashboard")

@@ -19,16 +19,10 @@ class IncompleteRunError(FgtracError):
     """The run has a stage that did not finish."""
 
 
-def incomplete_stages(store: RunStore) -> list[tuple[str, str]]:
-    """(name, status) of every stage whose status is not ``done``, in stage order."""
-    rows = store.df("SELECT name, status FROM stages WHERE status <> 'done' ORDER BY stage_id")
-    return list(zip(rows["name"].tolist(), rows["status"].tolist(), strict=True))
-
-
 def require_complete(run_dir: str | Path, command: str) -> None:
     """Raise IncompleteRunError (one line) naming the first unfinished stage of the run, if any."""
     with RunStore(run_dir) as store:
-        stages = incomplete_stages(store)
+        stages = store.incomplete_stages()
     if stages:
         name, status = stages[0]
         more = f" (and {len(stages) - 1} more)" if len(stages) > 1 else ""

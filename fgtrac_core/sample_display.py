@@ -66,17 +66,28 @@ def decode(stored: str | None) -> Display | None:
     """The text (str) or the feature mapping (dict, in recorded order) stored for a sample, or None."""
     if stored is None:
         return None
-    value = json.loads(stored)
-    return value["text"] if "text" in value else value["features"]
+    try:
+        value = json.loads(stored)
+    except json.JSONDecodeError:
+        value = None
+    if isinstance(value, dict) and isinstance(value.get("features"), dict):
+        return value["features"]
+    if isinstance(value, dict) and isinstance(value.get("text"), str):
+        return value["text"]
+    return stored  # not what register_samples writes (an edited run): shown as the text it is
 
 
 def feature_contrast(
-    reference: Mapping[str, Any] | None, rows: Mapping[int, Mapping[str, Any]]
+    reference: Mapping[str, Any] | None,
+    rows: Mapping[int, Mapping[str, Any]],
+    spread: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
-    """How far each listed sample's features are from the reference's (the test example), in units of the
-    feature's spread over the listed samples and the reference: |x − x_ref| / std.  One row per sample id, one
-    column per numeric feature, columns ordered by their mean distance (largest first); NaN where a value is
-    missing or not a number.  Without a reference, the distance is from the listed samples' mean."""
+    """How far each listed sample's features are from the reference's (the test example): |x − x_ref| / s, where
+    s is the feature's spread in `spread` (e.g. its standard deviation over the training set,
+    `RunStore.feature_spread`), else its standard deviation over the listed samples and the reference.  One row
+    per sample id, one column per feature, ordered by mean distance (largest first); NaN where a value is
+    missing or not a number, or the spread is 0.  Without a reference, the distance is from the listed samples'
+    mean."""
     frame = pd.DataFrame.from_dict(dict(rows), orient="index")
     numeric = frame.apply(pd.to_numeric, errors="coerce").astype(float)
     ref = (
@@ -84,8 +95,10 @@ def feature_contrast(
         if reference is not None
         else numeric.mean()
     )
-    spread = pd.concat([numeric, ref.to_frame().T]).std(ddof=0)
-    spread = spread.where(spread > 0)
-    distance = (numeric - ref).abs() / spread
+    if spread is not None:
+        scale = pd.Series(spread, dtype=float).reindex(numeric.columns)
+    else:
+        scale = pd.concat([numeric, ref.to_frame().T]).std(ddof=0)
+    distance = (numeric - ref).abs() / scale.where(scale > 0)
     order = distance.mean().fillna(-math.inf).sort_values(ascending=False, kind="stable").index
     return distance[order]

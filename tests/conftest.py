@@ -27,6 +27,14 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tabular_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled tabular sample run (breast-cancer MLP), built through the CLI (read-only for tests)."""
+    out = tmp_path_factory.mktemp("tabular") / "run"
+    run_cli("demo", "--pipeline", "tabular", "--no-app", "--out", str(out), check=True)
+    return out
+
+
 @pytest.fixture
 def digits_copy(digits_run: Path, tmp_path: Path) -> Path:
     """A private copy of the sample run that a test may damage."""

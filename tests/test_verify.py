@@ -423,7 +423,7 @@ def _delete_batch_sample(con: duckdb.DuckDBPyConnection) -> tuple[set[str], str]
 def _insert_sample(con: duckdb.DuckDBPyConnection) -> tuple[set[str], str]:
     new = _one(con, "SELECT max(sample_id) + 1 FROM samples")
     con.execute(
-        "INSERT INTO samples SELECT ?, split, label, content_sha256, thumbnail, thumbnail_sha256, source, "
+        "INSERT INTO samples SELECT ?, split, label, content_sha256, thumbnail, thumbnail_sha256, display, source, "
         "registered_at FROM samples WHERE sample_id = (SELECT min(sample_id) FROM samples)",
         [new],
     )

@@ -116,8 +116,9 @@ def test_live_only_insert_with_a_forged_entry_is_refused(digits_copy: Path) -> N
     signed by the owner's next session; after a clean close there may be no unsigned entries."""
     with duckdb.connect(str(digits_copy / LIVE)) as con:
         row = {"sample_id": 10**9, "split": "train", "label": 3, "content_sha256": "0" * 64,
-               "thumbnail_sha256": None, "source": "forged", "registered_at": "2026-01-01T00:00:00.000000"}  # fmt: skip
-        con.execute("INSERT INTO samples VALUES (?, ?, ?, ?, NULL, NULL, ?, ?)",
+               "thumbnail_sha256": None, "display": None, "source": "forged",
+               "registered_at": "2026-01-01T00:00:00.000000"}  # fmt: skip
+        con.execute("INSERT INTO samples VALUES (?, ?, ?, ?, NULL, NULL, NULL, ?, ?)",
                     [row["sample_id"], "train", 3, "0" * 64, "forged", "2026-01-01 00:00:00"])  # fmt: skip
         seq, chain = con.execute("SELECT seq, chain_hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchall()[0]
         entry = entry_bytes("sample", row)

@@ -17,7 +17,7 @@ import pandas as pd
 import streamlit as st
 
 from app import data
-from app.ui import EFFECT_MEANING, bars, chart_text, display, md, sample_grid, stage_bars
+from app.ui import EFFECT_MEANING, bars, chart_text, display, md, sample_grid, stage_bars, stage_method
 
 TOP_CHOICES = (5, 10, 20, 50)
 # tab labels are their URL values (`?tab=Stage+effects`)
@@ -123,6 +123,7 @@ def _stage_panel(test_id: int) -> None:
     if analysis is None:
         data.no_stages()
         return
+    stage_method(analysis)
     effects = data.query("stage_effects", analysis["analysis_id"], test_id)
     if effects.empty:
         st.info(f"The stage analysis (#{analysis['analysis_id']}) did not cover test example #{test_id}.")

@@ -11,7 +11,7 @@ import streamlit as st
 
 from app import data
 from app.data import EXPLORE
-from app.ui import EFFECT_MEANING, HELPED_SIGN, chart_text, md, sample_grid, stage_bars
+from app.ui import EFFECT_MEANING, HELPED_SIGN, chart_text, md, sample_grid, stage_bars, stage_method
 
 PER_LIST = 10
 
@@ -64,8 +64,7 @@ def render() -> None:
         data.no_stages()
         return
     aid = analysis["analysis_id"]
-    st.caption(f"Stage analysis #{aid} · method {md(analysis['method'])} · effect = f(final model) − f(model "
-               "trained without the stage, later stages replayed)")  # fmt: skip
+    stage_method(analysis)
     aggregates = data.query("stage_aggregates", aid)
     if aggregates.empty:
         st.info(f"Stage analysis #{aid} stored no aggregates.")

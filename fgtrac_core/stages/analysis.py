@@ -33,7 +33,7 @@ from fgtrac_core.stages import faithfulness as faith
 from fgtrac_core.stages._records import load_training
 from fgtrac_core.stages.errors import BudgetExceededError, StageAnalysisError
 from fgtrac_core.stages.linearize import ADAM_MODES
-from fgtrac_core.stages.replay import Cursor, deterministic, replay_full, replay_without
+from fgtrac_core.stages.replay import Cursor, deterministic, replay_full, replay_without, require_replayable
 from fgtrac_core.stages.training import StateDict, Training
 from fgtrac_core.store.reader import RunStore
 
@@ -178,7 +178,11 @@ def analyze(
     show = sys.stderr.isatty() if progress is None else progress
     with RunStore(run_dir) as store:
         records = load_training(store, pipeline)
+        unfinished = store.incomplete_stages()
     training = records.training
+    refusal = training.replay_refusal()
+    if method == "replay" or compare:
+        require_replayable(training)  # now, not after the estimators' minutes
     fns = {**fns, "margin": beh.BEHAVIOURS["margin"]}  # accuracy aggregates are read from the margin
     with deterministic(records.config.get("torch_threads")):
         jobs = _plan(method, horizon, compare, readout)
@@ -220,6 +224,7 @@ def analyze(
         "force": force,
         "estimated_seconds": round(estimate.seconds, 3),
         "replay_verified": reference is not None and training.n_stages > 1,
+        **_verification(reference is not None, refusal, unfinished, method),
         "test_split": "test",
         "n_test": len(training.test_ids),
         "torch_threads": records.config.get("torch_threads"),
@@ -234,6 +239,19 @@ def analyze(
         checkpoint_ids=sorted({int(c.checkpoint_id) for c in records.checkpoints}),
         seconds=time.perf_counter() - t_start,
     )
+
+
+def _verification(
+    replayed: bool, refusal: str | None, unfinished: list[tuple[str, str]], method: str
+) -> dict[str, Any]:
+    """`verified`: the effects come from (or were checked against) an exact replay that reproduced the recorded
+    final parameters bit for bit, of a run whose stages all finished; else `verified_reason` says why not."""
+    reasons = [f"stage {name!r} is {status}: the run is incomplete" for name, status in unfinished]
+    if refusal is not None:
+        reasons.append(f"exact replay is refused: {refusal}")
+    elif not replayed:
+        reasons.append(f"{method} is an estimate; exact replay was not run (run --method replay or --compare)")
+    return {"verified": not reasons, "verified_reason": "; ".join(reasons) or None}
 
 
 def _check_options(method: str, horizon: int | None, readout: str, adam: str) -> None:

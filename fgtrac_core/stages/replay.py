@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from fgtrac_core.stages.errors import ReplayMismatchError
+from fgtrac_core.stages.errors import ReplayMismatchError, StageAnalysisError
 from fgtrac_core.stages.training import StateDict, Training
 from fgtrac_core.tracking.optimizer_hooks import apply_clip, fingerprints_differ, param_fingerprint
 
@@ -197,6 +197,7 @@ def replay_full(training: Training, bar: Any = None) -> ReplayResult:
     Raises ReplayMismatchError naming the first stage whose replayed parameters (or optimizer state) differ from
     the recorded ones, with the largest absolute difference.  Never returns numbers from a diverged replay.
     """
+    require_replayable(training)
     t0 = time.perf_counter()
     first = training.stages[0]
     cursor = Cursor(training, 0, first.start_model, None)
@@ -216,6 +217,14 @@ def replay_full(training: Training, bar: Any = None) -> ReplayResult:
     return ReplayResult(
         cursor.model_state(), time.perf_counter() - t0, sum(s.n_steps for s in training.stages)
     )
+
+
+def require_replayable(training: Training) -> None:
+    """Raise StageAnalysisError when exact replay cannot reproduce this training (`Training.replay_refusal`)."""
+    refusal = training.replay_refusal()
+    if refusal is not None:
+        raise StageAnalysisError(f"{refusal}; no exact stage effects can be computed (estimators still run, marked "
+                                 "unverified: --method fast | propagated | partial-replay)")  # fmt: skip
 
 
 def _describe_step(training: Training, j: int, i: int) -> str:
@@ -283,6 +292,7 @@ def check_final(training: Training, model: StateDict) -> None:
 
 def replay_without(training: Training, k: int, bar: Any = None) -> ReplayResult:
     """theta~_T: the final parameters when stage `k` is skipped (its start state restored, later stages replayed)."""
+    require_replayable(training)
     t0 = time.perf_counter()
     stage = training.stages[k]
     if k + 1 >= training.n_stages:

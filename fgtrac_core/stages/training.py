@@ -168,13 +168,6 @@ class Training:
                         raise StageAnalysisError(f"stage {stage.name!r}: {flag}=True is not supported")
             if len(stage.lrs) != stage.n_steps or len(stage.batches) != stage.n_steps:
                 raise StageAnalysisError(f"stage {stage.name!r}: steps, learning rates and batches disagree")
-            altered = [s for s, a in zip(stage.steps, stage.altered or [], strict=False) if a]
-            if altered:
-                raise StageAnalysisError(
-                    f"the training loop altered the gradients between backward and optimizer.step() at step "
-                    f"{altered[0]} (stage {stage.name!r}) other than by torch.nn.utils.clip_grad_norm_ / "
-                    f"clip_grad_value_; replay cannot reproduce that step, so no stage effects are computed"
-                )
             if j == 0:
                 continue
             prev = self.stages[j - 1]
@@ -191,6 +184,21 @@ class Training:
                     f"stage {stage.name!r} starts from optimizer state that is neither fresh nor the state "
                     f"{prev.name!r} ended with; start each stage with a new optimizer, or carry the same one"
                 )
+
+
+    def replay_refusal(self) -> str | None:
+        """Why exact replay cannot reproduce this training although estimators can still linearise it (the loop
+        altered gradients by hand at some step), or None.  Replay refuses with this reason; an estimator's results
+        carry it as `verified: false`."""
+        for stage in self.stages:
+            altered = [s for s, a in zip(stage.steps, stage.altered or [], strict=False) if a]
+            if altered:
+                return (
+                    f"the training loop altered the gradients between backward and optimizer.step() at step "
+                    f"{altered[0]} (stage {stage.name!r}) other than by torch.nn.utils.clip_grad_norm_ / "
+                    f"clip_grad_value_, so replay cannot reproduce that step"
+                )
+        return None
 
 
 def _same_tensors(a: StateDict, b: StateDict) -> bool:

@@ -177,7 +177,7 @@ class RunStore:
         out["registered_at"] = out["registered_at"].isoformat()
         out["display"] = sample_display.decode(out["display"])
         out["annotations"] = {
-            key: None if value is None else json.loads(value)
+            key: _annotation(value)
             for key, value in self._rows(
                 "SELECT key, value FROM sample_annotations WHERE sample_id = ? ORDER BY key", [int(sample_id)]
             )
@@ -347,6 +347,10 @@ class RunStore:
         )
         return {int(i): bytes(t) for i, t in rows}
 
+    def incomplete_stages(self) -> list[tuple[str, str]]:
+        """(name, status) of every stage whose status is not ``done`` (failed, interrupted, running), in order."""
+        return [tuple(r) for r in self._rows("SELECT name, status FROM stages WHERE status <> 'done' ORDER BY stage_id")]
+
     def labels_and_marks(self, sample_ids: list[int], mark: str = DEFAULT_MARK) -> pd.DataFrame:
         """sample_id, recorded label and `flagged` (boolean annotation `mark` is true) of these samples."""
         return self.df(
@@ -355,6 +359,21 @@ class RunStore:
                WHERE s.sample_id IN (SELECT unnest(?::BIGINT[])) ORDER BY s.sample_id""",
             [mark, [int(i) for i in sample_ids]],
         )
+
+    def feature_spread(self, split: str = "train") -> dict[str, float]:
+        """Each numeric display feature's standard deviation (population) over a split's samples: the scale the
+        dashboard measures "differs from the test example" in.  Empty when no sample records features."""
+        return {
+            key: float(std)
+            for key, std in self._rows(
+                """SELECT j.key, stddev_pop(TRY_CAST(j.value AS DOUBLE)) FROM samples s,
+                          json_each(s.display, '$.features') j
+                   WHERE s.split = ? AND s.display IS NOT NULL AND json_valid(s.display)
+                   GROUP BY j.key HAVING count(TRY_CAST(j.value AS DOUBLE)) > 0""",
+                [split],
+            )
+            if std is not None
+        }
 
     def displays(self, sample_ids: list[int]) -> dict[int, sample_display.Display]:
         """What `register_samples(display=...)` recorded for these samples (text or feature mapping), in one
@@ -469,3 +488,11 @@ def _decoded(row: pd.Series) -> dict[str, Any]:
     out["params"], out["checkpoints"] = json.loads(out["params"]), json.loads(out["checkpoints"])
     out["analysis_id"] = int(out["analysis_id"])
     return out
+
+
+def _annotation(stored: str | None) -> Any:
+    """An annotation's value with its JSON type; stored text that is not JSON (an edited run) reads as text."""
+    try:
+        return None if stored is None else json.loads(stored)
+    except json.JSONDecodeError:
+        return stored

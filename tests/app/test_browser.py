@@ -154,3 +154,54 @@ def test_dashboard_in_chromium(staged_copy: Path, tmp_path: Path) -> None:
     with _server(tampered) as url, _browser() as page:
         _verify(page, url, "influence_topk row row_id=5 field score", "audit-tampered.png")
         assert page.get_by_text("Ledger check failed").count() == 1
+
+
+def _cells(page: object) -> list[str]:
+    """Text of every table cell on the page (st.dataframe draws on a canvas, with an accessible grid beside it)."""
+    page.wait_for_selector("[role='gridcell']", state="attached", timeout=60_000)
+    return [c.strip() for c in page.locator("[role='gridcell']").all_text_contents()]
+
+
+def test_tabular_dashboard_in_chromium(tabular_run: Path, tmp_path: Path) -> None:
+    """The tabular sample run (no images): proponents and opponents with scores, labels, ⚠ marks and feature
+    values; Stages' helped/hurt lists and Data quality with scores; the influence analysis switched by URL."""
+    run = tmp_path / "run"
+    shutil.copytree(tabular_run, run)
+    with RunStore(run) as store:
+        first = store.latest_analysis("influence")["analysis_id"]
+        tests = store.influence_tests(first)
+        for test_id in tests["sample_id"].astype(int):
+            ranked = store.influence_topk(first, test_id, "raw")
+            if (ranked["rank"].le(10) & ranked["flagged"]).any():
+                break
+        features = store.sample(test_id)["display"]
+    from tests.conftest import run_cli
+
+    run_cli("influence", str(run), "--k", "5", check=True)  # a second, newer analysis
+    with RunStore(run) as store:
+        newer = store.latest_analysis("influence")["analysis_id"]
+    top = ranked[(ranked["direction"] == "proponent") & (ranked["rank"] <= 10)]
+    with _server(run) as url, _browser() as page:
+        page.goto(f"{url}/?test={test_id}&influence={first}", timeout=60_000)
+        _settle(page, f"Test example #{test_id}")
+        assert page.get_by_text(f"Influence analysis #{first} ").count() == 1
+        assert page.locator("[data-testid='stImage'] img").count() == 0
+        cells = _cells(page)
+        assert all(f"{s:+.3g}" in cells for s in top["score"]), cells
+        assert all(f"#{i}" in cells for i in top["train_id"])
+        assert any(c.endswith("⚠") for c in cells)
+        assert f"{next(iter(features.values())):.4g}" in cells  # the test example's own feature values
+        _shoot(page, "explore-tabular.png")
+        # the newer analysis (k 5) by URL: five per list
+        page.goto(f"{url}/?test={test_id}&influence={newer}", timeout=60_000)
+        _settle(page, f"Influence analysis #{newer} ")
+        assert len([c for c in _cells(page) if c.startswith("#")]) == 10
+        page.goto(f"{url}/stages", timeout=60_000)
+        _settle(page, "Examples a stage most helped and hurt")
+        cells = _cells(page)
+        assert sum(c[:1] in "+-" and c[1:2].isdigit() for c in cells) >= 20, cells  # 2 x 10 effects
+        _shoot(page, "stages-tabular.png")
+        page.goto(f"{url}/quality", timeout=60_000)
+        _settle(page, "Highest self-influence")
+        assert page.get_by_text("precision").count() >= 1
+        assert len([c for c in _cells(page) if c.startswith("#")]) == 50

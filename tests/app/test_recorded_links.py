@@ -48,8 +48,20 @@ def inject_payloads(run_dir: Path) -> dict[str, int]:
         ).fetchone()[0]
         con.execute("DELETE FROM sample_annotations WHERE sample_id = ? AND key <> 'label_flipped'", [train_id])
         con.executemany(
-            "INSERT INTO sample_annotations VALUES (?, ?, ?)", [[train_id, p[1], p[0]], [train_id, p[4], p[2]]]
+            "INSERT INTO sample_annotations VALUES (?, ?, ?)",
+            [[train_id, p[1], json.dumps(p[0])], [train_id, p[4], p[2]]],  # the second is not even JSON
         )
+        # shown without images: the text and feature values a recorder gave as `display=`
+        features = json.dumps({"features": {p[0]: 1.5, p[1]: p[2], p[3]: 2.0}})
+        con.execute("UPDATE samples SET thumbnail = NULL, display = ? WHERE sample_id IN (?, ?)",
+                    [features, test_id, train_id])  # fmt: skip
+        second = con.execute(
+            "SELECT train_id FROM influence_topk WHERE analysis_id = ? AND test_id = ? AND rank = 2 "
+            "AND direction = 'proponent' AND view = 'raw'",
+            [aid, test_id],
+        ).fetchone()[0]
+        con.execute("UPDATE samples SET thumbnail = NULL, display = ? WHERE sample_id = ?",
+                    [json.dumps({"text": " ".join(p)}), second])  # fmt: skip
     return {"test": int(test_id), "sample": int(train_id)}
 
 

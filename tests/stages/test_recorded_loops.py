@@ -11,6 +11,7 @@ import duckdb
 import pytest
 import torch
 
+from fgtrac_core.stages import analyze
 from fgtrac_core.stages._records import load_training
 from fgtrac_core.stages.errors import ReplayMismatchError, StageAnalysisError
 from fgtrac_core.stages.replay import deterministic, replay_full
@@ -193,8 +194,30 @@ def test_hand_scaled_gradients_are_refused_naming_the_first_altered_step(tmp_pat
             ).fetchall()
         ]
     assert altered == list(range(3, 6))
-    with RunStore(run_dir) as store, pytest.raises(StageAnalysisError, match=r"at step 3 \(stage 'a'\)"):
-        load_training(store, pipeline())
+    with RunStore(run_dir) as store:
+        training = load_training(store, pipeline()).training
+    with pytest.raises(StageAnalysisError, match=r"at step 3 \(stage 'a'\)"):
+        replay_full(training)
+    with pytest.raises(StageAnalysisError, match=r"at step 3 \(stage 'a'\)"):
+        analyze(run_dir, method="replay", pipeline=pipeline(), progress=False)
+    # an estimator still runs, and says it cannot be checked, and why
+    with deterministic(1):
+        result = analyze(run_dir, method="fast", pipeline=pipeline(), progress=False)
+    assert result.params["verified"] is False
+    assert "exact replay is refused" in result.params["verified_reason"]
+    assert "at step 3 (stage 'a')" in result.params["verified_reason"]
+    assert not result.effects.empty
+
+
+def test_estimates_of_a_replayable_run_are_marked_as_estimates(tmp_path: Path) -> None:
+    """fast on a replayable run: verified false, 'not replayed'; replay: verified true."""
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(run_dir, [StageCfg("a", _sgd(), None, epochs=1), StageCfg("b", _adam(), None, epochs=1)])
+        fast = analyze(run_dir, method="fast", pipeline=pipeline(), progress=False)
+        exact = analyze(run_dir, method="replay", pipeline=pipeline(), progress=False)
+    assert fast.params["verified"] is False and "exact replay was not run" in fast.params["verified_reason"]
+    assert exact.params["verified"] is True and exact.params["verified_reason"] is None
 
 
 def test_changed_lr_is_diagnosed_at_the_first_diverging_step(tmp_path: Path) -> None:

@@ -109,3 +109,14 @@ def test_feature_contrast_matches_hand_computation() -> None:
     without_ref = feature_contrast(None, rows)  # distance from the listed samples' mean
     mean_a = 0.5
     assert without_ref.loc[7, "a"] == pytest.approx(1.5 / np.std([2.0, -1.0, mean_a]))
+
+
+def test_feature_contrast_in_units_of_a_given_spread(shown_run: Path) -> None:
+    """With the training set's spread (RunStore.feature_spread, checked against numpy) as the unit."""
+    with RunStore(shown_run) as store:
+        spread = store.feature_spread()
+    assert spread == pytest.approx({"age": np.std([41.0, 29.5]), "income": np.std([52000, 31000])})
+    got = feature_contrast({"age": 30.0, "income": 50000}, {0: FEATURES[0]}, spread)
+    assert got.loc[0, "age"] == pytest.approx(11.0 / spread["age"])
+    assert got.loc[0, "income"] == pytest.approx(2000 / spread["income"])
+    assert np.isnan(got.loc[0, "city"])
