@@ -106,6 +106,7 @@ def _contributions(proponents: pd.DataFrame, analysis: dict[str, Any]) -> None:
     pick = st.selectbox("Proponent id", ids, key="proponent", bind="query-params")
     row = proponents[proponents["train_id"] == pick].iloc[0]
     ckpts = analysis["checkpoints"]
+    intervals = [c.get("interval") for c in ckpts]
     frame = pd.DataFrame(
         {
             "checkpoint": [chart_text(f"#{c['checkpoint_id']} step {c['step']}") for c in ckpts],
@@ -114,8 +115,15 @@ def _contributions(proponents: pd.DataFrame, analysis: dict[str, Any]) -> None:
         }
     )
     title = f"#{pick}: raw score {row['score']:+.4g} split over the influence checkpoints"
-    st.plotly_chart(bars(frame, "checkpoint", "contribution", "stage", title=title, y_title="contribution",
-                         height=300), key="contrib_chart")  # fmt: skip
+    fig = bars(frame, "checkpoint", "contribution", "stage", title=title, y_title="contribution", height=300)
+    if all(intervals):  # usage weighting: each term is weighted by the sample's uses in its checkpoint's steps
+        uses = data.query("uses_in_steps", pick, [(i["first_step"], i["last_step"]) for i in intervals])
+        by_checkpoint = dict(zip(frame["checkpoint"], uses, strict=True))
+        for trace in fig.data:
+            trace.text = [f"{by_checkpoint[x]} uses" for x in trace.x]
+        st.caption(f"Usage weighting: each checkpoint's term counts #{pick}'s uses in the steps that checkpoint "
+                   "stands for (bar labels); a checkpoint whose steps never used it adds exactly 0.")  # fmt: skip
+    st.plotly_chart(fig, key="contrib_chart")
 
 
 def _stage_panel(test_id: int) -> None:
@@ -144,6 +152,10 @@ def render() -> None:
     st.title("Explore")
     st.caption(f"Influence analysis #{aid} · {md(analysis['method'])} · "
                f"{len(analysis['checkpoints'])} checkpoints · positive score = proponent")  # fmt: skip
+    measured = analysis["params"].get("check")
+    if measured:
+        st.badge(f"measured on this run: LDS {measured['lds']:.2f} ({measured['replays']} replays)",
+                 icon=":material/verified:", color="blue")  # fmt: skip
     tests = data.query("influence_tests", aid)
     test = _pick_test(tests)
     test_id = int(test.name)

@@ -351,6 +351,23 @@ class RunStore:
         """(name, status) of every stage whose status is not ``done`` (failed, interrupted, running), in order."""
         return [tuple(r) for r in self._rows("SELECT name, status FROM stages WHERE status <> 'done' ORDER BY stage_id")]
 
+    def uses_in_steps(self, sample_id: int, spans: list[tuple[int | None, int | None]]) -> list[int]:
+        """How many times a sample was used in each inclusive step span (first, last); 0 for an empty span
+        (None bounds): e.g. the steps each influence checkpoint stands for."""
+        lo = [-1 if a is None else int(a) for a, _ in spans]
+        hi = [-2 if b is None else int(b) for _, b in spans]
+        rows = dict(
+            self._rows(
+                """WITH spans AS (SELECT unnest(range(?)) AS i, unnest(?::BIGINT[]) AS lo, unnest(?::BIGINT[]) AS hi)
+                   SELECT spans.i, count(b.step) FROM spans
+                   LEFT JOIN (SELECT b.step FROM batch_samples bs JOIN batches b USING (batch_id)
+                              WHERE bs.sample_id = ?) b ON b.step BETWEEN spans.lo AND spans.hi
+                   GROUP BY spans.i""",
+                [len(spans), lo, hi, int(sample_id)],
+            )
+        )
+        return [int(rows.get(i, 0)) for i in range(len(spans))]
+
     def labels_and_marks(self, sample_ids: list[int], mark: str = DEFAULT_MARK) -> pd.DataFrame:
         """sample_id, recorded label and `flagged` (boolean annotation `mark` is true) of these samples."""
         return self.df(

@@ -4,6 +4,7 @@ unverified stage estimates and unfinished stages are flagged."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def picked_run(tabular_run: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     an unverified stage estimate and a stage that failed."""
     dst = tmp_path_factory.mktemp("picked") / "run"
     shutil.copytree(tabular_run, dst)
-    run_cli("influence", str(dst), "--k", "5", "--weighting", "checkpoint", check=True)
+    run_cli("influence", str(dst), "--k", "5", "--weighting", "checkpoint", "--check", "2", check=True)
     run_cli("stages", str(dst), "--method", "fast", check=True)
     with RunStore(dst) as store:
         train = store.samples("train")["sample_id"].astype(int).tolist()
@@ -201,3 +202,39 @@ def test_unverified_estimate_and_failed_stage_are_flagged(
     for page in PAGES:  # the incomplete run is said on every page
         at = open_page(picked_run, page, monkeypatch)
         assert any("is failed: this run is incomplete" in plain(w.value) for w in at.warning), page
+
+
+def test_measured_lds_is_shown(picked_run: Path, facts: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    with RunStore(picked_run) as store:
+        measured = store.latest_analysis("influence")["params"]["check"]
+    at = open_page(picked_run, PAGES[0], monkeypatch, test=str(facts["test_id"]))
+    badge = f"measured on this run: LDS {measured['lds']:.2f} (2 replays)"
+    assert any(badge in plain(m.value) for m in at.markdown), [m.value for m in at.markdown]
+    older = open_page(
+        picked_run, PAGES[0], monkeypatch, test=str(facts["test_id"]), influence=str(facts["aid"])
+    )
+    assert not any(
+        "measured on this run" in m.value for m in older.markdown
+    )  # the demo's analysis has no check
+
+
+def test_contributions_show_the_uses_behind_each_term(
+    tabular_run: Path, facts: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Usage weighting (the demo's): each checkpoint's bar is labelled with the proponent's uses in its steps,
+    counted here by hand from the batches."""
+    at = open_page(
+        tabular_run, PAGES[0], monkeypatch, test=str(facts["test_id"]), tab="Per-checkpoint contributions"
+    )
+    pick = at.selectbox(key="proponent").value
+    with RunStore(tabular_run) as store:
+        analysis = store.latest_analysis("influence")
+        steps = store.sample_usage(pick)["step"].tolist()
+    expected = []
+    for c in analysis["checkpoints"]:
+        iv = c["interval"]
+        n = 0 if iv["first_step"] is None else sum(iv["first_step"] <= s <= iv["last_step"] for s in steps)
+        expected.append(f"{n} uses")
+    chart = json.loads(at.get("plotly_chart")[0].proto.spec)
+    shown = [t for trace in chart["data"] for t in trace["text"]]
+    assert shown == expected and any(t != "0 uses" for t in shown), shown
