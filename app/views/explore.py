@@ -120,7 +120,7 @@ def _contributions(proponents: pd.DataFrame, analysis: dict[str, Any]) -> None:
         uses = data.query("uses_in_steps", pick, [(i["first_step"], i["last_step"]) for i in intervals])
         by_checkpoint = dict(zip(frame["checkpoint"], uses, strict=True))
         for trace in fig.data:
-            trace.text = [f"{by_checkpoint[x]} uses" for x in trace.x]
+            trace.text = [f"{by_checkpoint[x]} use{'' if by_checkpoint[x] == 1 else 's'}" for x in trace.x]
         st.caption(f"Usage weighting: each checkpoint's term counts #{pick}'s uses in the steps that checkpoint "
                    "stands for (bar labels); a checkpoint whose steps never used it adds exactly 0.")  # fmt: skip
     st.plotly_chart(fig, key="contrib_chart")

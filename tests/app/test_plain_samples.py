@@ -234,7 +234,7 @@ def test_contributions_show_the_uses_behind_each_term(
     for c in analysis["checkpoints"]:
         iv = c["interval"]
         n = 0 if iv["first_step"] is None else sum(iv["first_step"] <= s <= iv["last_step"] for s in steps)
-        expected.append(f"{n} uses")
+        expected.append(f"{n} use{'' if n == 1 else 's'}")
     chart = json.loads(at.get("plotly_chart")[0].proto.spec)
     shown = [t for trace in chart["data"] for t in trace["text"]]
     assert shown == expected and any(t != "0 uses" for t in shown), shown
