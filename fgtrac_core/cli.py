@@ -237,7 +237,7 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         args.run, mode=args.mode, k=args.k, checkpoints=rule, tau=args.tau, test_ids=_ids(args.test_ids),
         include_bias=not args.no_bias, projection_dim=args.projection_dim, seed=args.seed, model=args.model,
         inputs=args.inputs, layer=args.head_layer, device=args.device, progress=sys.stderr.isatty(),
-        weighting=args.weighting, check=args.check,
+        weighting=args.weighting, check=args.check, ray_address=args.ray,
     )  # fmt: skip
     if args.json:
         _print_json(summary.to_json())
@@ -439,7 +439,12 @@ def _parser() -> argparse.ArgumentParser:
         help="TracInCP proponents/opponents of every test example and self-influence; stored, committed",
     )
     inf.add_argument("run")
-    inf.add_argument("--mode", choices=["last_layer", "full", "adamw", "exact"], default="last_layer")
+    inf.add_argument(
+        "--mode", choices=["last_layer", "full", "adamw", "exact", "adamw_influence"], default="last_layer",
+        help="last_layer | full | adamw: TracInCP at the chosen checkpoints; exact: every step's own parameters "
+        "(replayed); adamw_influence: each use's effect through the optimizer's recorded dynamics to the final "
+        "model (docs/influence.md)",
+    )  # fmt: skip
     inf.add_argument(
         "--weighting", choices=["usage", "checkpoint"],
         help="usage: each sample's uses (Σ lr/|batch|) in the steps a checkpoint stands for (default when the run "
@@ -458,6 +463,11 @@ def _parser() -> argparse.ArgumentParser:
     inf.add_argument("--seed", type=int, default=0, help="seed of the random projection")
     _pipeline_args(inf)
     inf.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda when available)")
+    inf.add_argument(
+        "--ray", nargs="?", const=True, metavar="ADDRESS",
+        help="shard over the training set on Ray (same results; needs fgtrac[ray]): the cluster at ADDRESS, or a "
+        "local one started for this run; put it after RUN",
+    )  # fmt: skip
     inf.add_argument("--json", action="store_true")
     inf.add_argument("--allow-incomplete", action="store_true", help="analyse a run with a failed or unfinished stage")
     inf.set_defaults(func=_cmd_influence)

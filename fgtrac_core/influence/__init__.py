@@ -1,7 +1,8 @@
-"""Training-data attribution: TracInCP (exact last-layer, projected full-model and AdamW-aware gradients) and
-self-influence, with FG-Trac checkpoint selection.  Scores: positive = proponent (lowered the test loss)."""
+"""Training-data attribution: TracInCP (exact last-layer, projected full-model and AdamW-aware gradients),
+AdamW-influence along the replayed trajectory, and self-influence, with FG-Trac checkpoint selection.  Scores: positive = proponent (lowered the test loss)."""
 
 from fgtrac_core.influence.adamw import momentum_factor
+from fgtrac_core.influence.adamw_influence import adamw_influence, unrolled_influence
 from fgtrac_core.influence.checkpoints import SelectedCheckpoint, select_checkpoints
 from fgtrac_core.influence.gradients import head_factors
 from fgtrac_core.influence.tracin import (
@@ -21,6 +22,7 @@ __all__ = [
     "SelectedCheckpoint",
     "TopK",
     "WEIGHTINGS",
+    "adamw_influence",
     "head_factors",
     "load_state_dict",
     "momentum_factor",
@@ -28,5 +30,6 @@ __all__ = [
     "select_checkpoints",
     "self_influence",
     "tracin",
+    "unrolled_influence",
     "usage_weights",
 ]

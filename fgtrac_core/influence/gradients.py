@@ -190,6 +190,13 @@ class Projection:
         else:
             self.matrix = (torch.randn(n_params, dim, generator=gen) / math.sqrt(dim)).to(device)
 
+    @classmethod
+    def from_matrix(cls, matrix: torch.Tensor) -> Projection:
+        """The map with a given (P × d) matrix: one built elsewhere, shared by processes that must agree on it."""
+        projection = cls.__new__(cls)
+        projection.matrix = matrix
+        return projection
+
     def __call__(self, g: torch.Tensor) -> torch.Tensor:
         return g @ self.matrix.to(g.dtype)
 

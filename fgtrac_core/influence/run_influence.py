@@ -51,6 +51,7 @@ class InfluenceSummary:
     top_self_influence: list[dict[str, Any]] = field(default_factory=list)
     weighting: str = "checkpoint"
     check: dict[str, Any] | None = None
+    shards: int | None = None  # sharded on Ray: the number of shards
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,6 +159,8 @@ def run_influence(
     progress: bool = False,
     weighting: str | None = None,
     check: int | None = None,
+    ray_address: str | bool | None = None,
+    shard_size: int | None = None,
 ) -> InfluenceSummary:
     """Compute, store and commit a TracInCP analysis of a recorded run; returns what was stored.
 
@@ -169,17 +172,28 @@ def run_influence(
     `checkpoint` (one lr per checkpoint, Captum's convention); default `usage` when the run recorded its batches.
     `check` K: also replay the run K times without a random half of the training samples and store the LDS of
     these scores against the replays' test losses (`fgtrac_core.influence.check`).
+    `ray_address`: shard the scoring over the training set on Ray (`fgtrac_core.influence.sharded`; same stored
+    results): True for a local cluster started for this call, or a cluster's address; `shard_size` training
+    samples per task (default: about four shards per CPU).  Not for exact mode.
     """
+    from fgtrac_core.influence.adamw_influence import MODE as ADAMW_INFLUENCE
     from fgtrac_core.tracking.run import Run
 
-    if mode not in (*MODES, "exact"):
-        raise FgtracError(f"mode must be one of {', '.join(MODES)}, exact, not {mode!r}")
+    replayed = mode in ("exact", ADAMW_INFLUENCE)  # scored along the replayed trajectory, not at checkpoints
+    if mode not in (*MODES, "exact", ADAMW_INFLUENCE):
+        raise FgtracError(f"mode must be one of {', '.join(MODES)}, exact, {ADAMW_INFLUENCE}, not {mode!r}")
     if weighting is not None and weighting not in WEIGHTINGS:
         raise FgtracError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
-    if mode == "exact" and weighting == "checkpoint":
-        raise FgtracError("exact mode weighs every step's own use (η_t/|B_t|); --weighting checkpoint does not apply")
+    if replayed and weighting == "checkpoint":
+        raise FgtracError(f"{mode} mode weighs every step's own use (η_t/|B_t|); --weighting checkpoint does not apply")
     if k < 1:
         raise FgtracError("k must be at least 1")
+    if ray_address is not None and ray_address is not False:
+        if replayed:
+            raise FgtracError(f"--ray does not apply to {mode} mode (it replays the run's steps in one process)")
+        from fgtrac_core.influence.sharded import import_ray
+
+        import_ray()  # the missing extra is reported before any work
     t0 = time.perf_counter()
     with RunStore(run_dir) as store:
         pipeline = load_pipeline(
@@ -196,7 +210,7 @@ def run_influence(
         usage = (
             usage_weights(store, train_ids, [c["checkpoint_id"] for c in chosen]) if weighting == "usage" else None
         )
-        if mode == "exact" or check:
+        if replayed or check:
             from fgtrac_core.stages._records import load_training
 
             records = load_training(store, pipeline)
@@ -212,8 +226,24 @@ def run_influence(
                 intervals=intervals, progress=progress,
             )  # fmt: skip
         rev.checkpoint_weights = [1.0] * len(chosen)
+    elif mode == ADAMW_INFLUENCE:  # uses at Adam(W) steps followed through the optimizer to θ_T; SGD steps: exact
+        from fgtrac_core.influence.adamw_influence import adamw_influence_review
+        from fgtrac_core.stages.replay import deterministic
+
+        with deterministic(records.config.get("torch_threads")):
+            rev = adamw_influence_review(
+                records.training, pipeline.head_layer, train_ids, (x_te, y_te), k=k, include_bias=include_bias,
+                intervals=intervals, progress=progress,
+            )  # fmt: skip
+        rev.checkpoint_weights = [1.0] * len(chosen)
     else:
-        rev = review(
+        score = review
+        sharding: dict[str, Any] = {}
+        if ray_address is not None and ray_address is not False:
+            from fgtrac_core.influence.sharded import sharded_review as score
+
+            sharding = {"address": None if ray_address is True else str(ray_address), "shard_size": shard_size}
+        rev = score(
             net,
             pipeline.head_layer,
             (x_tr, y_tr),
@@ -228,6 +258,7 @@ def run_influence(
             device=device,
             progress=progress,
             sample_weights=usage.matrix if usage is not None else None,
+            **sharding,
         )
     measured = None
     if check:
@@ -235,7 +266,7 @@ def run_influence(
         from fgtrac_core.influence.tracin import tracin
         from fgtrac_core.stages.replay import deterministic
 
-        if mode == "exact":
+        if replayed:
             full = rev.scores.scores
         else:
             full = tracin(
@@ -260,7 +291,7 @@ def run_influence(
         else:  # κ: the factor on each sample's Σ η_t/|B_t| over its uses in the interval
             c["weight"] = c["kappa"]
             c["interval"] = usage.intervals[i]
-    method = f"tracin/{mode}"
+    method = "adamw_influence" if mode == ADAMW_INFLUENCE else f"tracin/{mode}"
     params = {
         "mode": mode,
         "weighting": weighting,
@@ -278,11 +309,23 @@ def run_influence(
     }
     if usage is not None:
         params["uncovered_steps"] = usage.uncovered_steps
+    shards = getattr(rev, "n_shards", None)
+    if shards is not None:  # how it ran, not what it found: the stored rows are those of one process
+        params["sharded"] = {"engine": "ray", "shards": shards, "shard_size": rev.shard_size}
     if measured is not None:
         params["check"] = measured.to_params()
-    if mode == "exact":
+    if replayed:
         params["steps_replayed"] = rev.scores.n_steps
         params["contributions"] = "per interval: the steps each checkpoint stands for (usage weighting's rule)"
+    if mode == ADAMW_INFLUENCE:
+        s = rev.scores
+        params["definition"] = (
+            "-d test loss(theta_T)/d w_z per unit weight of z in the mean batch loss, gradients held, through "
+            "the recorded Adam/AdamW dynamics (arXiv 2605.18814); uses at SGD steps: step-exact TracIn"
+        )
+        params["adam_steps"], params["sgd_steps"] = s.adam_steps, s.sgd_steps
+        params["propagated_uses"], params["tracin_uses"] = s.propagated_uses, s.uses - s.propagated_uses
+        params["cosine"] = "score / sqrt(test side * training side), Cauchy-Schwarz over the SGD terms and theta_T"
     run = Run.open(run_dir)
     try:
         analysis_id = run.record_analysis("influence", method, params, chosen, tables, seconds=seconds)
@@ -309,6 +352,7 @@ def run_influence(
         ],
         weighting=weighting,
         check=params.get("check"),
+        shards=shards,
     )
 
 

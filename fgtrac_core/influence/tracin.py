@@ -120,22 +120,20 @@ def _features(
     projection_dim: int | None,
     seed: int,
     device: torch.device,
+    projection: Projection | None = None,
 ) -> list[_Checkpointed]:
-    """Gradient features of every data set at every checkpoint (the model's own parameters are restored)."""
+    """Gradient features of every data set at every checkpoint (the model's own parameters are restored).
+    `projection`: the map of `_projection` to use (one shared by processes that compute parts of one review)."""
     if mode not in MODES:
         raise FgtracError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if not checkpoints:
         raise FgtracError("no checkpoints given")
-    uses_head = mode == "last_layer" or (mode == "adamw" and params is None)
     model = model.to(device)
+    uses_head, names = _gradient_names(model, layer, mode, include_bias, params)
     if uses_head:
-        head = linear_layer(model, layer)
-        names = [f"{layer}.weight"] + ([f"{layer}.bias"] if include_bias and head.bias is not None else [])
         projection = None
-    else:
-        names = _param_names(model, params)
-        n_params = sum(dict(model.named_parameters())[n].numel() for n in names)
-        projection = Projection(n_params, projection_dim or min(n_params, 1024), seed, device)
+    elif projection is None:
+        projection = _projection(model, names, projection_dim, seed, device)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out = []
     try:
@@ -173,6 +171,23 @@ def _features(
     return out
 
 
+def _gradient_names(
+    model: nn.Module, layer: str, mode: str, include_bias: bool, params: str | Sequence[str] | None
+) -> tuple[bool, list[str]]:
+    """(whether the features are the head's (δ, a), the parameters whose gradients they stand for)."""
+    if mode == "last_layer" or (mode == "adamw" and params is None):
+        head = linear_layer(model, layer)
+        return True, [f"{layer}.weight"] + ([f"{layer}.bias"] if include_bias and head.bias is not None else [])
+    return False, _param_names(model, params)
+
+
+def _projection(
+    model: nn.Module, names: list[str], projection_dim: int | None, seed: int, device: torch.device
+) -> Projection:
+    n_params = sum(dict(model.named_parameters())[n].numel() for n in names)
+    return Projection(n_params, projection_dim or min(n_params, 1024), seed, device)
+
+
 def _chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -196,13 +211,16 @@ def _squared_norms(
     return total
 
 
-def _use_sample_weights(per_ckpt: list[_Checkpointed], weights: Any, which: int) -> None:
+def _use_sample_weights(
+    per_ckpt: list[_Checkpointed], weights: Any, which: int, n_train: int | None = None
+) -> None:
     """Attach per-training-sample weights (n_train, n_checkpoints) — usage weighting — to the checkpoints; each
-    column is multiplied by its checkpoint's κ (1 for SGD-form checkpoints)."""
+    column is multiplied by its checkpoint's κ (1 for SGD-form checkpoints).  The weights take the dtype and
+    device of data set `which`, the training set unless `n_train` is given (a driver holding test features only)."""
     if weights is None:
         return
     w = torch.as_tensor(weights, dtype=torch.float64)
-    n_train = len(per_ckpt[0].features[which])
+    n_train = len(per_ckpt[0].features[which]) if n_train is None else n_train
     if w.shape != (n_train, len(per_ckpt)):
         raise FgtracError(
             f"sample_weights must be (n_train, n_checkpoints) = ({n_train}, {len(per_ckpt)}), "
@@ -223,6 +241,15 @@ def _usage_test_sq(per_ckpt: list[_Checkpointed], bias: float) -> tuple[torch.Te
     tsq = torch.stack([c.features[0].sq_norms(bias) for c in per_ckpt], 1)
     w = torch.stack([c.train_weight for c in per_ckpt], 1)  # type: ignore[misc]
     return tsq, w.to(tsq)
+
+
+def _test_self_influence(per_ckpt: list[_Checkpointed], bias: float) -> torch.Tensor:
+    """Σ_c w_c ‖∇ℓ(θ_c, test)‖² of every test example (data set 0); under usage weighting w_c is the mean
+    training weight of checkpoint c (test examples have no uses)."""
+    if per_ckpt[0].train_weight is None:
+        return _squared_norms(per_ckpt, 0, bias)
+    tsq, w = _usage_test_sq(per_ckpt, bias)
+    return tsq @ w.mean(0)
 
 
 @dataclass
@@ -376,16 +403,11 @@ def review(
     per_ckpt = opts.features(model, layer, [(test, "test"), (train, "train")], checkpoints)
     _use_sample_weights(per_ckpt, sample_weights, 1)
     tops = _streamed_topk(per_ckpt, opts, int(k), ("raw", "cosine") if cosine else ("raw",))
-    if sample_weights is None:
-        test_si = _squared_norms(per_ckpt, 0, opts.bias)
-    else:
-        tsq, w = _usage_test_sq(per_ckpt, opts.bias)
-        test_si = tsq @ w.mean(0)
     return Review(
         top=tops["raw"],
         top_cosine=tops.get("cosine"),
         self_influence=_squared_norms(per_ckpt, 1, opts.bias, per_sample=True),
-        test_self_influence=test_si,
+        test_self_influence=_test_self_influence(per_ckpt, opts.bias),
         checkpoint_weights=[c.weight for c in per_ckpt],
         _per_ckpt=per_ckpt,
         _bias=opts.bias,
@@ -506,7 +528,20 @@ def _merge_topk(
     """Merge the running top-k with a chunk's: top-k of the chunk first, so only (n, 2k) candidates are
     concatenated (never the chunk's full index matrix)."""
     top, pos = block.topk(min(k, block.shape[1]), dim=1, largest=largest, sorted=False)
-    scores = torch.cat([current[0].to(block.dtype), top], 1)
-    indices = torch.cat([current[1], pos.add_(offset)], 1)
-    top, pos = scores.topk(min(k, scores.shape[1]), dim=1, largest=largest, sorted=True)
-    return top, indices.gather(1, pos)
+    parts = [(current[0].to(block.dtype), current[1]), (top, pos.add_(offset))]
+    return _merge_candidates(parts, k, largest=largest)  # type: ignore[return-value]
+
+
+def _merge_candidates(
+    parts: Sequence[tuple[torch.Tensor, ...]], k: int, *, largest: bool
+) -> tuple[torch.Tensor, ...]:
+    """The k best candidates per row of the concatenated `parts`, sorted best first.  Each part is (scores
+    (n, m), training indices (n, m), payload...) with payloads (n, m) or (n, m, d) carried along.  Equal scores
+    rank by training index (lowest first), so the result does not depend on the order of the parts: the same
+    for a chunked pass and for shards merged as they finish."""
+    cat = [torch.cat(ts, 1) for ts in zip(*parts, strict=True)]
+    scores, indices = cat[0], cat[1]
+    by_index = indices.argsort(dim=1)
+    best = scores.gather(1, by_index).sort(dim=1, descending=largest, stable=True).indices[:, :k]
+    pos = by_index.gather(1, best)
+    return tuple(t.gather(1, pos) if t.ndim == 2 else torch.take_along_dim(t, pos[..., None], 1) for t in cat)
