@@ -22,6 +22,7 @@ from bench import (
     influence_scale,
     influence_speed,
     mislabel,
+    ray_scaling,
     recorder_overhead,
     stage_faithfulness,
     verify_throughput,
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
          verify_throughput.report),
         ("influence_speed", lambda: influence_speed.measure(repeats=2 if q else 5), influence_speed.report),
         ("influence_scale", lambda: influence_scale.measure(quick=q), influence_scale.report),
+        ("ray_scaling", lambda: ray_scaling.measure(quick=q), ray_scaling.report),
         ("mislabel", lambda: mislabel.measure(quick=q), mislabel.summarise),
         ("faithfulness", lambda: faithfulness.measure(quick=q), faithfulness.summarise),
         ("stage_faithfulness", lambda: stage_faithfulness.measure(quick=q), stage_faithfulness.summarise),
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     sections = [
         _markdown(results),
+        "## Influence sharded on Ray\n\n" + texts["ray_scaling"] + "\n\nHow to run it on a cluster, and what the "
+        "projection leaves out: [docs/scale.md](docs/scale.md).\n",
         dash,
         texts["mislabel"],
         texts["faithfulness"],

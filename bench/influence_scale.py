@@ -30,9 +30,8 @@ class _MLP(nn.Module):
         return self.head(self.body(x))
 
 
-def _job(n_train: int, n_test: int, n_checkpoints: int, k: int) -> dict[str, Any]:
-    from fgtrac_core.influence import review
-
+def _problem(n_train: int, n_test: int, n_checkpoints: int) -> tuple[nn.Module, Any, Any, list[Any]]:
+    """The synthetic task: model, (x, y) train and test, and `n_checkpoints` (state, lr) after SGD epochs."""
     gen = torch.Generator().manual_seed(0)
     centers = torch.randn(10, 64, generator=gen)
     y_tr = torch.randint(0, 10, (n_train,), generator=gen)
@@ -49,6 +48,13 @@ def _job(n_train: int, n_test: int, n_checkpoints: int, k: int) -> dict[str, Any
             F.cross_entropy(model(x_tr[b : b + 1024]), y_tr[b : b + 1024]).backward()
             opt.step()
         checkpoints.append(({k_: v.clone() for k_, v in model.state_dict().items()}, 0.05))
+    return model, (x_tr, y_tr), (x_te, y_te), checkpoints
+
+
+def _job(n_train: int, n_test: int, n_checkpoints: int, k: int) -> dict[str, Any]:
+    from fgtrac_core.influence import review
+
+    model, (x_tr, y_tr), (x_te, y_te), checkpoints = _problem(n_train, n_test, n_checkpoints)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     rev = review(model, "head", (x_tr, y_tr), (x_te, y_te), checkpoints, k=k)
