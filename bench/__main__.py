@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sections = [
         _markdown(results),
-        "## Influence sharded on Ray\n\n" + texts["ray_scaling"] + "\n\nHow to run it on a cluster, and what the "
+        "## Influence sharded on Ray\n\n" + texts["ray_scaling"].replace("\n  ", "\n- ") + "\n\nHow to run it on a cluster, and what the "
         "projection leaves out: [docs/scale.md](docs/scale.md).\n",
         dash,
         texts["mislabel"],
