@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import torch
 
@@ -123,3 +126,21 @@ def test_unknown_pipeline_is_one_line_exit_2() -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "nope" in lines[0] and "tabular" in lines[0]
+
+
+def test_an_edited_feature_value_is_detected(tabular_run: Path, tmp_path: Path) -> None:
+    """One feature value of the middle sample changed in the snapshot: verify names its row and the display
+    field (what a reviewer sees of a tabular sample is covered like every recorded value)."""
+    run = tmp_path / "run"
+    shutil.copytree(tabular_run, run)
+    with duckdb.connect(str(run / "snapshot.duckdb")) as con:
+        sid, shown = con.execute(
+            "SELECT sample_id, display FROM samples ORDER BY sample_id LIMIT 1 OFFSET (SELECT count(*) // 2 FROM samples)"
+        ).fetchone()
+        value = json.loads(shown)
+        name = next(iter(value["features"]))
+        value["features"][name] *= 1.01
+        con.execute("UPDATE samples SET display = ? WHERE sample_id = ?", [json.dumps(value), sid])
+    proc = run_cli("verify", str(run))
+    assert proc.returncode == 1, proc.stdout
+    assert f"samples row sample_id={sid} field display" in proc.stdout, proc.stdout
