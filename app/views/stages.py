@@ -98,7 +98,8 @@ def render() -> None:
     methods = sorted(per_example["method"].unique(), key=lambda m: (m != "replay", m))
     c1, c2 = st.columns(2)
     stage = c1.selectbox("Stage", stages, key="stage", bind="query-params")
-    method = c2.selectbox("Method (replay is the ground truth)", methods, key="method", bind="query-params")
+    label = "Method (replay is the ground truth)" if "replay" in methods else "Method (an estimate: not replayed)"
+    method = c2.selectbox(label, methods, key="method", bind="query-params")
     _extremes(per_example, behaviour, stage, method, data.mark())
 
 

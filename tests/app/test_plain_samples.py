@@ -199,6 +199,7 @@ def test_unverified_estimate_and_failed_stage_are_flagged(
         warnings
     )
     assert "nothing was replayed" in plain(at.caption[0].value)
+    assert at.selectbox(key="method").label == "Method (an estimate: not replayed)"
     for page in PAGES:  # the incomplete run is said on every page
         at = open_page(picked_run, page, monkeypatch)
         assert any("is failed: this run is incomplete" in plain(w.value) for w in at.warning), page
