@@ -7,6 +7,7 @@ Only public entry points touch the run: `Run.open`/`close`, `verify_run`, `RunSt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import statistics
@@ -111,7 +112,10 @@ class Child:
         return time.perf_counter()
 
     def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
+        # a kill aimed just after the last marker can come after the recording has already exited (and been
+        # reaped): then there is nothing to kill, and recovering a completed run is checked like any other
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGKILL)
         self.finish()
 
     def finish(self, timeout: float = 300) -> int:
