@@ -191,9 +191,11 @@ def run_influence(
     if ray_address is not None and ray_address is not False:
         if replayed:
             raise FgtracError(f"--ray does not apply to {mode} mode (it replays the run's steps in one process)")
-        from fgtrac_core.influence.sharded import import_ray
+        from fgtrac_core.influence.sharded import import_ray, require_reachable
 
-        import_ray()  # the missing extra is reported before any work
+        import_ray()  # the missing extra and an address nothing answers at are reported before any work
+        if isinstance(ray_address, str):
+            require_reachable(ray_address)
     t0 = time.perf_counter()
     with RunStore(run_dir) as store:
         pipeline = load_pipeline(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import resource
+import socket
 import sys
 import time
 import warnings
@@ -83,6 +84,8 @@ def connected(address: str | None = None, num_cpus: int | None = None) -> Iterat
     if ray.is_initialized():
         yield ray
         return
+    if address is not None:
+        require_reachable(address)
     try:
         if address is None:
             ray.init(num_cpus=num_cpus, include_dashboard=False)
@@ -95,6 +98,19 @@ def connected(address: str | None = None, num_cpus: int | None = None) -> Iterat
         yield ray
     finally:
         ray.shutdown()
+
+
+def require_reachable(address: str, timeout: float = 5.0) -> None:
+    """One line, in seconds, for a HOST:PORT (or ray://HOST:PORT) that nothing answers at: Ray itself keeps
+    retrying such an address without end."""
+    rest = address.split("://", 1)[-1]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # `auto` and other forms Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise FgtracError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
 
 
 def default_shard_size(n_train: int, cpus: int, chunk_size: int, bytes_per_sample: int) -> int:

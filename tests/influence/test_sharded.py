@@ -203,3 +203,17 @@ def test_exact_mode_refuses_ray(tiny_run: Path, capsys: pytest.CaptureFixture[st
     assert main(["influence", str(tiny_run), "--mode", "exact", "--ray"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fgtrac: error: --ray does not apply to exact mode"), err
+
+
+def test_an_unreachable_cluster_is_one_line_not_a_hang(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ray retries an address nothing answers at without end; fgtrac checks it first (5 s at most)."""
+    pytest.importorskip("ray")
+    with RunStore(tiny_run) as store:
+        before = len(store.analyses("influence"))
+    for address in ("127.0.0.1:1", "ray://127.0.0.1:1"):
+        flags = f"--model {_tiny.MODEL} --inputs {_tiny.INPUTS} --layer head".split()
+        assert main(["influence", str(tiny_run), *flags, "--ray", address]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"fgtrac: error: cannot reach the Ray cluster at {address}"), err
+    with RunStore(tiny_run) as store:
+        assert len(store.analyses("influence")) == before  # nothing stored
