@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fgtrac_core.tracking import NullRun, Run
+from sample_runs.digits import _iter as _iter  # the same loop helpers as the digits pipeline
+from sample_runs.digits import evaluate
 
 NOISE_RATE = 0.15
 BATCH_SIZE = 32
@@ -133,13 +134,6 @@ def _loader(data: TabularData, idx: np.ndarray, seed: int, batch_size: int) -> D
     )
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy."""
-    logits = model(x)
-    return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
-
-
 STAGES: dict[str, dict[str, Any]] = {
     "pretrain": {"epochs": 16, "checkpoint_every": 2},
     "finetune": {"epochs": 10, "checkpoint_every": 2},
@@ -191,14 +185,6 @@ def train(
                         model, opt, epoch=epoch, val_loss=val_loss, metrics={"val_accuracy": val_acc}
                     )
     return model
-
-
-def _iter(loader: DataLoader, progress: bool, desc: str) -> Iterator[Any]:
-    if not progress:
-        return iter(loader)
-    from tqdm.auto import tqdm
-
-    return iter(tqdm(loader, desc=desc, leave=False))
 
 
 def record_dataset(run: Run | NullRun, data: TabularData) -> None:
