@@ -74,6 +74,9 @@ def measure(repeats: int = 5) -> dict[str, Any]:
             run.close()
             close.append(time.perf_counter() - t0)
     p, r, h = statistics.median(plain), statistics.median(recorded), statistics.median(hooked)
+    # each repeat runs the arms back to back, so a per-repeat ratio cancels slow drifts of the machine; their
+    # spread says how far one median can be trusted on a shared 2-core box
+    hooks_paired = sorted(100.0 * (b - a) / a for a, b in zip(plain, hooked, strict=True))
     end_to_end = statistics.median([a + b for a, b in zip(recorded, close, strict=True)])
     return {
         "repeats": repeats,
@@ -82,6 +85,7 @@ def measure(repeats: int = 5) -> dict[str, Any]:
         "overhead_pct": 100.0 * (r - p) / p,
         "train_hooks_s": h,
         "hooks_overhead_pct": 100.0 * (h - p) / p,
+        "hooks_overhead_paired_pct": hooks_paired,
         "close_s": statistics.median(close),
         "end_to_end_s": end_to_end,
         "end_to_end_overhead_pct": 100.0 * (end_to_end - p) / p,
@@ -90,11 +94,16 @@ def measure(repeats: int = 5) -> dict[str, Any]:
     }
 
 
+def _span(values: list[float]) -> str:
+    return f"{values[0]:+.1f}% to {values[-1]:+.1f}%" if values else "n/a"
+
+
 def report(res: dict[str, Any]) -> str:
     return (
         f"recorder overhead: training loop {res['train_plain_s']:.3f} s plain vs {res['train_recorded_s']:.3f} s "
         f"recorded (median of {res['repeats']}) -> {res['overhead_pct']:+.1f}%; optimizer step hooks alone "
-        f"{res['train_hooks_s']:.3f} s -> {res['hooks_overhead_pct']:+.1f}%; until everything is durable "
+        f"{res['train_hooks_s']:.3f} s -> {res['hooks_overhead_pct']:+.1f}% (per repeat "
+        f"{_span(res.get('hooks_overhead_paired_pct', []))}); until everything is durable "
         f"(loop + close, which drains the background writer) {res['end_to_end_s']:.3f} s -> "
         f"{res['end_to_end_overhead_pct']:+.1f}%; ingest of 1,797 samples (hash, thumbnails, insert) "
         f"{res['ingest_s']:.3f} s"
