@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -156,10 +156,21 @@ def test_dashboard_in_chromium(staged_copy: Path, tmp_path: Path) -> None:
         assert page.get_by_text("Ledger check failed").count() == 1
 
 
-def _cells(page: object) -> list[str]:
-    """Text of every table cell on the page (st.dataframe draws on a canvas, with an accessible grid beside it)."""
+def _cells(page: object, ready: Callable[[list[str]], bool] = bool, timeout: float = 60.0) -> list[str]:
+    """Text of every table cell on the page (st.dataframe draws on a canvas, with an accessible grid beside it),
+    once `ready(cells)` holds: grids fill in one by one after the script finishes, so the first cell seen says
+    nothing about the others.  Returns what is there at the timeout, for the caller's assertion to show."""
     page.wait_for_selector("[role='gridcell']", state="attached", timeout=60_000)
-    return [c.strip() for c in page.locator("[role='gridcell']").all_text_contents()]
+    deadline = time.monotonic() + timeout
+    while True:
+        cells = [c.strip() for c in page.locator("[role='gridcell']").all_text_contents()]
+        if ready(cells) or time.monotonic() > deadline:
+            return cells
+        time.sleep(0.25)
+
+
+def _ids(cells: list[str]) -> list[str]:
+    return [c for c in cells if c.startswith("#")]
 
 
 def test_tabular_dashboard_in_chromium(tabular_run: Path, tmp_path: Path) -> None:
@@ -186,22 +197,26 @@ def test_tabular_dashboard_in_chromium(tabular_run: Path, tmp_path: Path) -> Non
         _settle(page, f"Test example #{test_id}")
         assert page.get_by_text(f"Influence analysis #{first} ").count() == 1
         assert page.locator("[data-testid='stImage'] img").count() == 0
-        cells = _cells(page)
+        cells = _cells(page, lambda c: len(_ids(c)) >= 20)  # 10 proponents and 10 opponents
         assert all(f"{s:+.3g}" in cells for s in top["score"]), cells
         assert all(f"#{i}" in cells for i in top["train_id"])
         assert any(c.endswith("⚠") for c in cells)
-        assert f"{next(iter(features.values())):.4g}" in cells  # the test example's own feature values
+        # the test example's own feature values: columns are ordered by distance from it and the grid renders only
+        # the columns in view, so which features show depends on the data and the window, not on a fixed name
+        own = {f"{v:.4g}" for v in features.values()}
+        assert len(own.intersection(cells)) >= 3, (sorted(own), cells)
         _shoot(page, "explore-tabular.png")
         # the newer analysis (k 5) by URL: five per list
         page.goto(f"{url}/?test={test_id}&influence={newer}", timeout=60_000)
         _settle(page, f"Influence analysis #{newer} ")
-        assert len([c for c in _cells(page) if c.startswith("#")]) == 10
+        assert len(_ids(_cells(page, lambda c: len(_ids(c)) >= 10))) == 10
         page.goto(f"{url}/stages", timeout=60_000)
         _settle(page, "Examples a stage most helped and hurt")
-        cells = _cells(page)
-        assert sum(c[:1] in "+-" and c[1:2].isdigit() for c in cells) >= 20, cells  # 2 x 10 effects
+        effects = lambda cells: sum(c[:1] in "+-" and c[1:2].isdigit() for c in cells)  # noqa: E731
+        cells = _cells(page, lambda c: effects(c) >= 20)
+        assert effects(cells) >= 20, cells  # 2 x 10 effects
         _shoot(page, "stages-tabular.png")
         page.goto(f"{url}/quality", timeout=60_000)
         _settle(page, "Highest self-influence")
         assert page.get_by_text("precision").count() >= 1
-        assert len([c for c in _cells(page) if c.startswith("#")]) == 50
+        assert len(_ids(_cells(page, lambda c: len(_ids(c)) >= 50))) == 50
