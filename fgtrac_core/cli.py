@@ -237,7 +237,8 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         args.run, mode=args.mode, k=args.k, checkpoints=rule, tau=args.tau, test_ids=_ids(args.test_ids),
         include_bias=not args.no_bias, projection_dim=args.projection_dim, seed=args.seed, model=args.model,
         inputs=args.inputs, layer=args.head_layer, device=args.device, progress=sys.stderr.isatty(),
-        weighting=args.weighting, check=args.check, ray_address=args.ray,
+        weighting=args.weighting, check=args.check, ray_address=args.ray, budget_s=args.budget, force=args.force,
+        on_estimate=lambda cost: print(f"--check {args.check}: {cost.line()}", file=sys.stderr),
     )  # fmt: skip
     if args.json:
         _print_json(summary.to_json())
@@ -258,7 +259,11 @@ def _cmd_influence(args: argparse.Namespace) -> int:
             f"  #{c['checkpoint_id']:<3} step {c['step']:<6} {c['stage'] or '-':<10} lr {c['lr']:<10.4g} weight {c['weight']:<10.4g} {uses}{c['reason']}"
         )
     if s.check:
-        echo(f"measured on this run: LDS {s.check['lds']:.3f} ({s.check['replays']} replays without a random half, {s.check['seconds']:.1f} s)")
+        c = s.check
+        echo(
+            f"measured on this run: LDS {c['lds']:.3f} ({c['replays']} replays without a random half, "
+            f"{c['seconds']:.1f} s; estimated {c['estimated_seconds']:.1f} s)"
+        )
     echo("highest self-influence (suspected label errors)")
     for r in s.top_self_influence:
         echo(f"  sample {r['sample_id']:<6} label {r['label']}  {r['self_influence']:.4g}")
@@ -452,8 +457,10 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     inf.add_argument(
         "--check", type=int_in(2, 100_000), metavar="K",
-        help="also replay the run K times without a random half of the training data and store the LDS",
+        help="also replay the run K times without a random half of the training data and store the LDS; the "
+        "replays' cost is estimated first and refused above --budget",
     )  # fmt: skip
+    _budget_args(inf, "--check: refuse replays estimated above this many seconds (default 600)")
     inf.add_argument("--k", type=int_in(1, 1_000_000), default=50, help="proponents and opponents kept per test example")
     inf.add_argument("--checkpoints", default="auto", help="auto (FG-Trac), all, or comma-separated ids")
     inf.add_argument("--tau", type=float_in(0, 1, hi_open=True), default=0.05, help="auto: relative validation-loss improvement")
@@ -479,8 +486,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--horizon", type=int_in(1, 1 << 40), help="partial-replay: steps replayed exactly after the stage")
     st.add_argument("--compare", action="store_true", help="replay and every estimator, with faithfulness")
     st.add_argument("--behaviour", default="loss", help="comma-separated: loss, margin")
-    st.add_argument("--budget", type=float_in(0, math.inf, lo_open=True, hi_open=True), default=600.0, help="refuse replay work estimated above this (s)")
-    st.add_argument("--force", action="store_true", help="run even above the budget")
+    _budget_args(st, "refuse replay work estimated above this many seconds (default 600)")
     _pipeline_args(st)
     st.add_argument("--json", action="store_true")
     st.add_argument("--allow-incomplete", action="store_true", help="analyse a run with a failed or unfinished stage")
@@ -502,6 +508,14 @@ def _since_arg(p: argparse.ArgumentParser, help: str | None = None) -> None:
         help=help or "a signed tree head kept earlier (`fgtrac head`): fail if the run was truncated or "
         "rewritten since (repeatable)",
     )  # fmt: skip
+
+
+def _budget_args(p: argparse.ArgumentParser, help: str) -> None:
+    """`--budget S` and `--force`: the one cost guard of every command that replays the run (fgtrac_core.budget)."""
+    from fgtrac_core.budget import DEFAULT_BUDGET_S
+
+    p.add_argument("--budget", type=float_in(0, math.inf, lo_open=True, hi_open=True), default=DEFAULT_BUDGET_S, help=help)
+    p.add_argument("--force", action="store_true", help="run even above the budget")
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ _BAD = [
     ("influence", "RUN", "--device", "cuda:99"),
     ("influence", "RUN", "--projection-dim", "-3"),
     ("influence", "RUN", "--mode", "nope"),
+    ("influence", "RUN", "--check", "3", "--budget", "0"),
     ("stages", "RUN", "--horizon", "0"),
     ("stages", "RUN", "--budget", "nan"),
     ("stages", "RUN", "--budget", "-1"),

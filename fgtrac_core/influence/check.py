@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
+from fgtrac_core.budget import CostEstimate, seconds_per_step
 from fgtrac_core.errors import FgtracError
 
 
@@ -61,10 +62,10 @@ def _safe_loss(loss_fn: Any) -> Any:
     return loss
 
 
-def replay_without(
-    training: Any, train_ids: np.ndarray, keep: np.ndarray, test: tuple[torch.Tensor, torch.Tensor]
-) -> np.ndarray:
-    """Test losses (n_test,) of the run replayed with only the training samples `train_ids[keep]`."""
+def _kept_cursor(training: Any, train_ids: np.ndarray, keep: np.ndarray, stage_index: int = 0) -> Any:
+    """A replay cursor at the start of stage `stage_index` whose every batch holds only the kept samples: the
+    training samples `train_ids[keep]` and every sample outside the training split.  Steps it has run drop
+    their cached batches (memory stays flat)."""
     from fgtrac_core.stages.replay import Cursor
 
     dropped = np.sort(np.asarray(train_ids, np.int64)[~keep])
@@ -77,14 +78,36 @@ def replay_without(
             m = torch.from_numpy(~np.isin(ids, dropped))
             return x[m], y[m]
 
-    cursor = _Kept(run, 0, run.stages[0].start_model, None)
-    while not cursor.done:
-        j, i = cursor.stage_index, cursor.step_index
-        cursor.step()
-        run._batch_cache.pop((j, i), None)
+        def step(self, observe: Any = None) -> None:
+            j, i = self.stage_index, self.step_index
+            super().step(observe)
+            run._batch_cache.pop((j, i), None)
+
+    return _Kept(run, stage_index, run.stages[stage_index].start_model, None)
+
+
+def replay_without(
+    training: Any, train_ids: np.ndarray, keep: np.ndarray, test: tuple[torch.Tensor, torch.Tensor]
+) -> np.ndarray:
+    """Test losses (n_test,) of the run replayed with only the training samples `train_ids[keep]`."""
+    cursor = _kept_cursor(training, train_ids, keep)
+    cursor.run()
     model = cursor.model.eval()
     with torch.no_grad():
         return F.cross_entropy(model(test[0]), test[1], reduction="none").double().numpy()
+
+
+def estimate(training: Any, train_ids: np.ndarray, k: int, seed: int = 0) -> CostEstimate:
+    """The cost of `k` counterfactual replays: per stage, the median time of a few of its steps replayed
+    without the first random half (`seconds_per_step`, from the stage's recorded start), times its steps;
+    summed over stages and scaled by k.  About 5 steps per stage are run to measure it."""
+    keep = subset_masks(len(train_ids), k, seed)[0]
+    steps, seconds = 0, 0.0
+    for j, stage in enumerate(training.stages):
+        if stage.n_steps:
+            steps += stage.n_steps
+            seconds += stage.n_steps * seconds_per_step(_kept_cursor(training, train_ids, keep, j))
+    return CostEstimate(k * steps, 0, seconds / steps if steps else 0.0, 0.0)
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from fgtrac_core.budget import DEFAULT_BUDGET_S, CostEstimate, enforce
 from fgtrac_core.checkpoint_files import load_checkpoint_payload
 from fgtrac_core.errors import FgtracError, UnknownSampleError
 from fgtrac_core.influence.checkpoints import select_checkpoints
@@ -161,6 +162,9 @@ def run_influence(
     check: int | None = None,
     ray_address: str | bool | None = None,
     shard_size: int | None = None,
+    budget_s: float = DEFAULT_BUDGET_S,
+    force: bool = False,
+    on_estimate: Callable[[CostEstimate], None] | None = None,
 ) -> InfluenceSummary:
     """Compute, store and commit a TracInCP analysis of a recorded run; returns what was stored.
 
@@ -171,7 +175,9 @@ def run_influence(
     sample's uses, Σ η_t/|B_t|, in the steps the checkpoint stands for; `fgtrac_core.influence.weighting`) or
     `checkpoint` (one lr per checkpoint, Captum's convention); default `usage` when the run recorded its batches.
     `check` K: also replay the run K times without a random half of the training samples and store the LDS of
-    these scores against the replays' test losses (`fgtrac_core.influence.check`).
+    these scores against the replays' test losses (`fgtrac_core.influence.check`).  Their cost is estimated
+    first (a few replayed steps timed per stage, `check.estimate`) and handed to `on_estimate`; above
+    `budget_s` seconds the analysis is refused before anything is scored or written, unless `force`.
     `ray_address`: shard the scoring over the training set on Ray (`fgtrac_core.influence.sharded`; same stored
     results): True for a local cluster started for this call, or a cluster's address; `shard_size` training
     samples per task (default: about four shards per CPU).  Not for exact mode.
@@ -217,6 +223,19 @@ def run_influence(
 
             records = load_training(store, pipeline)
             intervals = run_intervals(store, [c["checkpoint_id"] for c in chosen])
+    cost = None
+    if check:
+        from fgtrac_core.influence.check import estimate
+        from fgtrac_core.stages.replay import deterministic
+
+        refusal = records.training.replay_refusal()  # now, not after the scoring
+        if refusal is not None:
+            raise FgtracError(f"--check replays the run, and it cannot be replayed exactly: {refusal}")
+        with deterministic(records.config.get("torch_threads")):  # timed as the replays will run
+            cost = estimate(records.training, train_ids, int(check), seed)
+        if on_estimate is not None:
+            on_estimate(cost)
+        enforce(cost, budget_s, force, f"--check {check}")
     net = pipeline.model()
     if mode == "exact":  # every step's own parameters, by replay; `usage` only supplies the interval summaries
         from fgtrac_core.influence.exact import exact_review
@@ -314,8 +333,10 @@ def run_influence(
     shards = getattr(rev, "n_shards", None)
     if shards is not None:  # how it ran, not what it found: the stored rows are those of one process
         params["sharded"] = {"engine": "ray", "shards": shards, "shard_size": rev.shard_size}
-    if measured is not None:
-        params["check"] = measured.to_params()
+    if measured is not None and cost is not None:
+        params["check"] = {
+            **measured.to_params(), "estimated_seconds": round(cost.seconds, 3), "budget_s": budget_s, "force": force,
+        }  # fmt: skip
     if replayed:
         params["steps_replayed"] = rev.scores.n_steps
         params["contributions"] = "per interval: the steps each checkpoint stands for (usage weighting's rule)"

@@ -4,11 +4,13 @@ Public API:
   * `analyze(run_dir, method=..., compare=...)` -> `StageAnalysis` (effects, aggregates, faithfulness tables);
   * `CostEstimate` — the predicted seconds of an analysis's replay work (`analyze(on_estimate=...)` receives it);
   * `METHODS`, `DEFAULT_BUDGET_S`, `COMPARE_HORIZONS`, `DEFAULT_HORIZON`;
-  * errors: `StageAnalysisError` and its subclasses `MissingBoundaryStateError`, `ReplayMismatchError`,
-    `BudgetExceededError` (all `FgtracError`s: one line, no traceback in the CLI).
+  * errors: `StageAnalysisError` and its subclasses `MissingBoundaryStateError`, `ReplayMismatchError`, and
+    `BudgetExceededError` (`fgtrac_core.budget`, shared with `fgtrac influence --check`); all `FgtracError`s:
+    one line, no traceback in the CLI.
 Definitions, derivations and measured faithfulness: docs/stage_attribution.md.
 """
 
+from fgtrac_core.budget import BudgetExceededError
 from fgtrac_core.stages.analysis import (
     COMPARE_HORIZONS,
     DEFAULT_BUDGET_S,
@@ -19,7 +21,6 @@ from fgtrac_core.stages.analysis import (
     analyze,
 )
 from fgtrac_core.stages.errors import (
-    BudgetExceededError,
     MissingBoundaryStateError,
     ReplayMismatchError,
     StageAnalysisError,

@@ -25,13 +25,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from fgtrac_core.budget import DEFAULT_BUDGET_S, CostEstimate, enforce, seconds_per_step
 from fgtrac_core.ledger.entries import ENTRY_KINDS
 from fgtrac_core.pipeline import Pipeline
 from fgtrac_core.stages import behaviours as beh
 from fgtrac_core.stages import estimators as est
 from fgtrac_core.stages import faithfulness as faith
 from fgtrac_core.stages._records import load_training
-from fgtrac_core.stages.errors import BudgetExceededError, StageAnalysisError
+from fgtrac_core.stages.errors import StageAnalysisError
 from fgtrac_core.stages.linearize import ADAM_MODES
 from fgtrac_core.stages.replay import Cursor, deterministic, replay_full, replay_without, require_replayable
 from fgtrac_core.stages.training import StateDict, Training
@@ -41,7 +42,6 @@ METHODS = ("replay", "fast", "propagated", "partial-replay")
 READOUTS = ("evaluated", "linear")
 DEFAULT_HORIZON = 20
 COMPARE_HORIZONS = (1, 5, 20, 50, 100, 120)
-DEFAULT_BUDGET_S = 600.0
 
 # the result tables' columns, minus the row_id and analysis_id the recorder assigns
 EFFECT_COLUMNS, AGGREGATE_COLUMNS, FAITHFULNESS_COLUMNS = (
@@ -66,30 +66,6 @@ class StageAnalysis:
     params: dict[str, Any]
     checkpoint_ids: list[int]
     seconds: float
-
-
-@dataclass
-class CostEstimate:
-    """Predicted wall time of the replay work an analysis plans (optimizer steps and Hessian-vector products)."""
-
-    steps: int
-    hvps: int
-    seconds_per_step: float
-    seconds_per_hvp: float
-
-    @property
-    def seconds(self) -> float:
-        return self.steps * self.seconds_per_step + self.hvps * self.seconds_per_hvp
-
-    def line(self) -> str:
-        return (
-            f"estimated {self.seconds:.1f} s: {self.steps} replayed steps at {1000 * self.seconds_per_step:.1f} ms"
-            + (
-                f" + {self.hvps} Hessian-vector products at {1000 * self.seconds_per_hvp:.1f} ms"
-                if self.hvps
-                else ""
-            )
-        )
 
 
 @dataclass
@@ -190,10 +166,7 @@ def analyze(
         estimate = _estimate_cost(training, jobs, n_vectors)
         if on_estimate is not None:
             on_estimate(estimate)
-        if estimate.seconds > budget_s and not force:
-            raise BudgetExceededError(
-                f"stage analysis {estimate.line()}, over the budget of {budget_s:g} s; raise the budget or force it"
-            )
+        enforce(estimate, budget_s, force, "stage analysis")
         bar = tqdm(
             total=estimate.steps,
             desc="stage analysis",
@@ -307,13 +280,7 @@ def _time_steps(training: Training, probe_hvp: bool) -> tuple[float, float]:
     if training.stages[k].n_steps == 0:
         k = next((j for j, s in enumerate(training.stages) if s.n_steps), 0)
     cursor = Cursor(training, k, training.stages[k].start_model, None)
-    cursor.run(2)  # the first steps of a process are slow (allocation, thread start-up): not representative
-    times = []
-    for _ in range(min(3, cursor.remaining)):
-        t0 = time.perf_counter()
-        cursor.step()
-        times.append(time.perf_counter() - t0)
-    per_step = float(np.median(times)) if times else 0.0
+    per_step = seconds_per_step(cursor)
     per_hvp = 0.0
     if probe_hvp and not cursor.done:
         hvp = est.hvp_at(cursor)

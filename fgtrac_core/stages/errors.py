@@ -15,7 +15,3 @@ class MissingBoundaryStateError(StageAnalysisError):
 
 class ReplayMismatchError(StageAnalysisError):
     """Replaying the recorded batches did not reproduce the recorded parameters bit for bit."""
-
-
-class BudgetExceededError(StageAnalysisError):
-    """The estimated cost of the requested replay exceeds the budget (pass force=True / --force to run anyway)."""

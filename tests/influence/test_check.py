@@ -4,6 +4,7 @@ each random half, scipy's Spearman), and replaying with nothing removed reproduc
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +85,38 @@ def test_check_through_the_cli(tiny: Path) -> None:
     assert proc.returncode == 2 and "--check" in proc.stderr
     with RunStore(tiny) as store:
         assert json.loads(store.analyses().params.iloc[-1])["check"]["replays"] == 3
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_check_cost_is_estimated_printed_and_stored(tiny: Path) -> None:
+    proc = run_cli(
+        "influence", str(tiny), "--k", "2", "--check", "3", "--json",
+        "--model", _tiny.MODEL, "--inputs", _tiny.INPUTS, "--head-layer", "head",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"--check 3: estimated [\d.]+ s: 48 replayed steps at [\d.]+ ms", proc.stderr), proc.stderr
+    check = json.loads(proc.stdout)["check"]
+    assert check["estimated_seconds"] > 0 and check["budget_s"] == 600 and check["force"] is False
+    with RunStore(tiny) as store:
+        assert json.loads(store.analyses().params.iloc[-1])["check"] == check
+
+
+def test_check_over_the_budget_is_refused_before_anything_is_written(tiny: Path) -> None:
+    before = _files(tiny)
+    args = ("--check", "3", "--budget", "1e-9", "--model", _tiny.MODEL, "--inputs", _tiny.INPUTS, "--layer", "head")
+    proc = run_cli("influence", str(tiny), *args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    error = [line for line in proc.stderr.splitlines() if line.startswith("fgtrac:")]
+    assert len(error) == 1 and "Traceback" not in proc.stderr
+    assert re.fullmatch(
+        r"fgtrac: error: --check 3 estimated [\d.]+ s: 48 replayed steps at [\d.]+ ms, over the budget of 1e-09 s; "
+        r"raise the budget or force it",
+        error[0],
+    ), error[0]
+    assert _files(tiny) == before
+    proc = run_cli("influence", str(tiny), *args, "--force", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["check"]["force"] is True
