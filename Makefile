@@ -28,7 +28,9 @@ lint: venv
 test: lint
 	$(BIN)/pytest -q
 
+# the bench-only extra (dattri, measured side by side with fgtrac's influence forms)
 bench: venv
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench
 
 clean:

@@ -22,6 +22,7 @@ from bench import (
     influence_scale,
     influence_speed,
     mislabel,
+    peers_dattri,
     ray_scaling,
     recorder_overhead,
     stage_faithfulness,
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             "duckdb": duckdb.__version__,
             "scikit-learn": sklearn.__version__,
             "cleanlab": cleanlab.__version__,
+            # the bench-only extra: the faithfulness section skips dattri's rows without it
+            "dattri": peers_dattri.installed_version() or "not installed",
         },
         "quick": args.quick,
     }
@@ -102,7 +105,8 @@ def _markdown(r: dict) -> str:
     return f"""# fgtrac benchmarks
 
 Measured {r["date"]} on {r["machine"]}; torch {r["versions"]["torch"]}, duckdb {r["versions"]["duckdb"]},
-scikit-learn {r["versions"]["scikit-learn"]}, cleanlab {r["versions"]["cleanlab"]}.
+scikit-learn {r["versions"]["scikit-learn"]}, cleanlab {r["versions"]["cleanlab"]},
+dattri {r["versions"]["dattri"]}.
 {"(quick run: fewer repetitions)" if r["quick"] else ""}
 Reproduce: `make bench` (or `python -m bench`).
 

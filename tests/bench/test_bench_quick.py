@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from bench import faithfulness, mislabel
+from bench import faithfulness, mislabel, peers_dattri
 
 
 def test_mean_spearman_matches_scipy_per_column() -> None:
@@ -60,8 +60,13 @@ def test_faithfulness_quick_produces_every_figure() -> None:
             assert -1.0 <= m["loo_spearman"] <= 1.0 and -1.0 <= m["lds"] <= 1.0, (name, key, m)
         if e["optimizer"] == "adamw":
             assert "head" in e["comparisons"], name
+        # dattri's rows (the bench-only extra) are there exactly when dattri is installed
+        peers = {k for k, m in e["methods"].items() if m["by"] == "dattri"}
+        assert peers == (set(peers_dattri.METHODS) if r["dattri_version"] else set()), name
+        assert (e["lds_vs_dattri"] is not None) == bool(r["dattri_version"]), name
     text = faithfulness.summarise(r)
     assert text.startswith("## Influence faithfulness") and "not available" not in text
+    assert (peers_dattri.MISSING in text) == (r["dattri_version"] is None)
 
 
 def test_influence_scale_quick_reports_time_and_memory() -> None:
