@@ -239,6 +239,7 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         inputs=args.inputs, layer=args.head_layer, device=args.device, progress=sys.stderr.isatty(),
         weighting=args.weighting, check=args.check, ray_address=args.ray, budget_s=args.budget, force=args.force,
         on_estimate=lambda cost: print(f"--check {args.check}: {cost.line()}", file=sys.stderr),
+        gradients=args.gradients,
     )  # fmt: skip
     if args.json:
         _print_json(summary.to_json())
@@ -451,6 +452,11 @@ def _parser() -> argparse.ArgumentParser:
         "model (docs/influence.md)",
     )  # fmt: skip
     inf.add_argument(
+        "--gradients", choices=["last_layer", "full"], default="last_layer",
+        help="exact mode: the head's gradients (last_layer, default) or every parameter's through the seeded "
+        "random projection of --mode full (--projection-dim, --seed)",
+    )  # fmt: skip
+    inf.add_argument(
         "--weighting", choices=["usage", "checkpoint"],
         help="usage: each sample's uses (Σ lr/|batch|) in the steps a checkpoint stands for (default when the run "
         "recorded batches); checkpoint: one lr per checkpoint (Captum)",
@@ -466,7 +472,7 @@ def _parser() -> argparse.ArgumentParser:
     inf.add_argument("--tau", type=float_in(0, 1, hi_open=True), default=0.05, help="auto: relative validation-loss improvement")
     inf.add_argument("--test-ids", help="comma-separated test sample ids (default: every test example)")
     inf.add_argument("--no-bias", action="store_true", help="last_layer: leave out the bias gradient")
-    inf.add_argument("--projection-dim", type=int_in(1, 1 << 24), help="full/adamw: dimension of the random gradient projection")
+    inf.add_argument("--projection-dim", type=int_in(1, 1 << 24), help="full/adamw, exact --gradients full: dimension of the random gradient projection")
     inf.add_argument("--seed", type=int, default=0, help="seed of the random projection")
     _pipeline_args(inf)
     inf.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda when available)")

@@ -9,12 +9,18 @@ per-step hyperparameters and clipping, from the first stage's start checkpoint �
 kind of machine), so no checkpoint stands in for another step's parameters.  It is the SGD form: for Adam(W)
 stages each step still contributes η_t ∇ℓ_test·∇ℓ_z (no preconditioner or momentum; AdamW-influence is separate).
 
-Gradients are the last `nn.Linear` layer's, exact from the (δ, a) factors of `gradients.head_factors`
-(∇ℓ(z)·∇ℓ(z') = (δ·δ')(a·a' + 1), `include_bias=False` drops the + 1), taken in eval mode like the
-checkpoint modes.  Streamed: per step the test set's and the batch's factors are formed, dotted and added into
-one (n_test, n_train) float64 score matrix (plus the same-shaped cosine denominators and the training samples'
-self-influence), then dropped, so memory does not grow with the number of steps.  Cost: one forward/backward of
-the test set and the batch per step, on top of the replay itself.
+Gradients (`gradients`, taken in eval mode like the checkpoint modes):
+  * ``last_layer`` (default): the last `nn.Linear` layer's, exact from the (δ, a) factors of
+    `gradients.head_factors` (∇ℓ(z)·∇ℓ(z') = (δ·δ')(a·a' + 1), `include_bias=False` drops the + 1);
+  * ``full``: every parameter's (or those `params` names), per sample by torch.func (vmap over grad) and
+    reduced by the seeded random projection of the checkpoint-level `full` mode (`tracin._projection`, the same
+    map for every step: orthonormal rows, so dot products are exact, when its dimension ≥ P; Gaussian
+    Johnson–Lindenstrauss below, default dimension min(P, 1024)).
+Streamed: per step the test set's and the batch's features are formed, dotted and added into one
+(n_test, n_train) float64 score matrix (plus the same-shaped cosine denominators and the training samples'
+self-influence), then dropped, so memory does not grow with the number of steps.  Cost per step, on top of the
+replay itself: one forward/backward of the test set and the batch (``last_layer``), or their per-sample
+gradients and projections, (n_test + |B_t|) · P · d multiply-adds (``full``).
 
 Cosine view: score / √(Σ_{uses of z} w_t ‖∇ℓ(test, θ_t)‖² · Σ_{uses of z} w_t ‖∇ℓ(z, θ_t)‖²), w_t = η_t/|B_t|
 (Cauchy–Schwarz with z's own weights: in [-1, 1]).  Per-interval contributions (`interval_of_step`, e.g. the
@@ -32,8 +38,17 @@ import numpy as np
 import torch
 
 from fgtrac_core.errors import FgtracError
-from fgtrac_core.influence.gradients import LossFn, head_factors, linear_layer
-from fgtrac_core.influence.tracin import TopK, _merge_topk
+from fgtrac_core.influence.gradients import (
+    Features,
+    LossFn,
+    Projection,
+    head_factors,
+    linear_layer,
+    per_sample_gradients,
+)
+from fgtrac_core.influence.tracin import TopK, _merge_topk, _param_names, _projection
+
+GRADIENTS = ("last_layer", "full")
 
 
 @dataclass
@@ -46,6 +61,7 @@ class ExactScores:
     n_steps: int
     seconds: float
     uses: int  # training-sample uses scored (uses of samples outside `train_ids` are left out)
+    projection_dim: int | None = None  # full gradients: the projection's dimension d
 
 
 def _columns(train_ids: np.ndarray) -> Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]:
@@ -59,6 +75,56 @@ def _columns(train_ids: np.ndarray) -> Callable[[np.ndarray], tuple[torch.Tensor
         return torch.from_numpy(np.nonzero(hit)[0]), torch.from_numpy(order[pos[hit]])
 
     return cols
+
+
+@dataclass
+class StepGradients:
+    """The per-sample gradient features a step's terms dot: the head's (δ, a) factors, or (with `names`) the
+    named parameters' gradients reduced by `projection`."""
+
+    layer: str
+    include_bias: bool = True
+    loss_fn: LossFn | None = None
+    names: list[str] | None = None
+    projection: Projection | None = None
+
+    @property
+    def bias(self) -> float:
+        """The + 1 of the factored dot product (the head's bias); dense features carry their bias in the vector."""
+        return 1.0 if self.include_bias else 0.0
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Features:
+        if self.names is None:
+            delta, act = head_factors(model, self.layer, (x, y), loss_fn=self.loss_fn)
+            return Features(delta=delta, act=act)
+        dev = next(model.parameters()).device
+        g = per_sample_gradients(
+            model, self.names, (x, y), loss_fn=self.loss_fn, reduce=self.projection, device=dev
+        )
+        return Features(dense=g)
+
+
+def step_gradients(
+    model: torch.nn.Module,
+    layer: str,
+    gradients: str = "last_layer",
+    *,
+    include_bias: bool = True,
+    params: str | Sequence[str] | None = None,
+    projection_dim: int | None = None,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+) -> StepGradients:
+    """The features of `gradients` (``last_layer`` | ``full``) for `model`'s architecture; one-line errors for an
+    unknown kind, a missing head or parameters, or a projection too large, before any replay."""
+    if gradients not in GRADIENTS:
+        raise FgtracError(f"gradients must be one of {', '.join(GRADIENTS)}, not {gradients!r}")
+    if gradients == "last_layer":
+        linear_layer(model, layer)
+        return StepGradients(layer, include_bias, loss_fn)
+    names = _param_names(model, params)
+    projection = _projection(model, names, projection_dim, seed, torch.device("cpu"))
+    return StepGradients(layer, include_bias, loss_fn, names, projection)
 
 
 def replay_steps(training: Any, progress: bool = False) -> Any:
@@ -94,11 +160,18 @@ def exact_pass(
     *,
     include_bias: bool = True,
     loss_fn: LossFn | None = None,
+    gradients: str = "last_layer",
+    params: str | Sequence[str] | None = None,
+    projection_dim: int | None = None,
+    seed: int = 0,
     interval_of_step: Callable[[int, int], int] | None = None,
     on_interval_end: Callable[[int, torch.Tensor], None] | None = None,
     progress: bool = False,
 ) -> ExactScores:
     """One streamed pass: the step-exact score matrix of `test` against the training samples `train_ids`.
+
+    `gradients`: ``last_layer`` (the head `layer`, `include_bias`) or ``full`` (the parameters `params`, default
+    all, projected to `projection_dim` with `seed`; see the module docstring).
 
     With `interval_of_step(stage_id, step) -> column` (−1: none) and `on_interval_end(column, block)`, the
     scores are also accumulated per interval: when the column changes (and at the end) the finished interval's
@@ -107,7 +180,11 @@ def exact_pass(
     t0 = time.perf_counter()
     train_ids = np.asarray(train_ids, dtype=np.int64)
     x_te, y_te = test
-    bias = 1.0 if include_bias else 0.0
+    grads = step_gradients(
+        training.model_factory(), layer, gradients, include_bias=include_bias, params=params,
+        projection_dim=projection_dim, seed=seed, loss_fn=loss_fn,
+    )  # fmt: skip
+    bias = grads.bias
     n_test, n_train = len(x_te), len(train_ids)
     scores = torch.zeros(n_test, n_train, dtype=torch.float64)
     test_sq = torch.zeros(n_test, n_train, dtype=torch.float64)
@@ -115,7 +192,6 @@ def exact_pass(
     block = torch.zeros(n_test, n_train, dtype=torch.float64) if on_interval_end is not None else None
     current = -1
     cols_of = _columns(train_ids)
-    linear_layer(training.model_factory(), layer)  # a one-line error before any work
     n_steps = uses = 0
     for stage, i, model, (xb, yb) in replay_steps(training, progress):
         n_steps += 1
@@ -131,21 +207,22 @@ def exact_pass(
         if len(cols) == 0:
             continue
         weight = float(stage.lrs[i]) / len(ids)
-        d_te, a_te = head_factors(model, layer, (x_te, y_te), loss_fn=loss_fn)
-        d_b, a_b = head_factors(model, layer, (xb[at], yb[at]), loss_fn=loss_fn)
-        part = ((d_te @ d_b.T) * (a_te @ a_b.T + bias)).double().mul_(weight)
+        f_te, f_b = grads(model, x_te, y_te), grads(model, xb[at], yb[at])
+        # the weight applied in float64, after the dot products, as the step's terms are summed
+        part = f_te.add_dots(f_b, slice(None), bias, 1.0, None).double().mul_(weight)
         scores.index_add_(1, cols, part)
         if block is not None and current >= 0:
             block.index_add_(1, cols, part)
-        t_sq = (d_te.pow(2).sum(1) * (a_te.pow(2).sum(1) + bias)).double().mul_(weight)
+        t_sq = f_te.sq_norms(bias).double().mul_(weight)
         test_sq.index_add_(1, cols, t_sq[:, None].expand(-1, len(cols)))
-        self_inf.index_add_(0, cols, (d_b.pow(2).sum(1) * (a_b.pow(2).sum(1) + bias)).double().mul_(weight))
+        self_inf.index_add_(0, cols, f_b.sq_norms(bias).double().mul_(weight))
         uses += len(cols)
     if block is not None and current >= 0:
         on_interval_end(current, block)  # type: ignore[misc]
     if n_steps == 0:
         raise FgtracError("the run has no recorded steps to replay")
-    return ExactScores(scores, test_sq, self_inf, n_steps, time.perf_counter() - t0, uses)
+    dim = None if grads.projection is None else int(grads.projection.matrix.shape[1])
+    return ExactScores(scores, test_sq, self_inf, n_steps, time.perf_counter() - t0, uses, dim)
 
 
 def _topk(matrix: torch.Tensor, k: int) -> TopK:
@@ -200,14 +277,22 @@ def exact_review(
     k: int,
     include_bias: bool = True,
     loss_fn: LossFn | None = None,
+    gradients: str = "last_layer",
+    params: str | Sequence[str] | None = None,
+    projection_dim: int | None = None,
+    seed: int = 0,
     intervals: Sequence[tuple[Any, int, int]] | None = None,
     progress: bool = False,
 ) -> ExactReview:
     """Step-exact scores, their top-k (raw and cosine) and self-influence; with `intervals` (per chosen
     checkpoint (stage_id or None, lo, hi), as `weighting.checkpoint_intervals` gives) a second replay gathers
-    each stored pair's contribution per interval (they sum to the raw score when every step is covered)."""
-    first = exact_pass(training, layer, train_ids, test, include_bias=include_bias, loss_fn=loss_fn, progress=progress)
-    s = first
+    each stored pair's contribution per interval (they sum to the raw score when every step is covered).
+    Gradient options as in `exact_pass` (both replays rebuild the same seeded projection)."""
+    how: dict[str, Any] = dict(
+        include_bias=include_bias, loss_fn=loss_fn, gradients=gradients, params=params,
+        projection_dim=projection_dim, seed=seed, progress=progress,
+    )  # fmt: skip
+    s = exact_pass(training, layer, train_ids, test, **how)
     top = _topk(s.scores, k)
     cosine = s.scores / (s.test_sq * s.self_influence[None, :]).sqrt().clamp_min(1e-300)
     rev = ExactReview(top, _topk(cosine, k), s.self_influence, s, len(intervals or []))
@@ -225,9 +310,6 @@ def exact_review(
     def gather(col: int, block: torch.Tensor) -> None:
         parts[:, :, col] = block.gather(1, pairs)
 
-    exact_pass(
-        training, layer, train_ids, test, include_bias=include_bias, loss_fn=loss_fn,
-        interval_of_step=interval_of_step, on_interval_end=gather, progress=progress,
-    )  # fmt: skip
+    exact_pass(training, layer, train_ids, test, interval_of_step=interval_of_step, on_interval_end=gather, **how)
     rev._pairs, rev._parts = pairs, parts
     return rev

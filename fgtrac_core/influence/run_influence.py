@@ -165,6 +165,7 @@ def run_influence(
     budget_s: float = DEFAULT_BUDGET_S,
     force: bool = False,
     on_estimate: Callable[[CostEstimate], None] | None = None,
+    gradients: str = "last_layer",
 ) -> InfluenceSummary:
     """Compute, store and commit a TracInCP analysis of a recorded run; returns what was stored.
 
@@ -181,6 +182,8 @@ def run_influence(
     `ray_address`: shard the scoring over the training set on Ray (`fgtrac_core.influence.sharded`; same stored
     results): True for a local cluster started for this call, or a cluster's address; `shard_size` training
     samples per task (default: about four shards per CPU).  Not for exact mode.
+    `gradients` (exact mode): ``last_layer`` (the head's, exact) or ``full`` (every parameter's, through the
+    `full` mode's seeded projection: `projection_dim`, `seed`; `fgtrac_core.influence.exact`).
     """
     from fgtrac_core.influence.adamw_influence import MODE as ADAMW_INFLUENCE
     from fgtrac_core.tracking.run import Run
@@ -194,6 +197,10 @@ def run_influence(
         raise FgtracError(f"{mode} mode weighs every step's own use (η_t/|B_t|); --weighting checkpoint does not apply")
     if k < 1:
         raise FgtracError("k must be at least 1")
+    if gradients != "last_layer" and mode != "exact":
+        raise FgtracError(
+            f"--gradients {gradients} applies to --mode exact (the checkpoint modes choose theirs by mode: --mode full)"
+        )
     if ray_address is not None and ray_address is not False:
         if replayed:
             raise FgtracError(f"--ray does not apply to {mode} mode (it replays the run's steps in one process)")
@@ -244,7 +251,7 @@ def run_influence(
         with deterministic(records.config.get("torch_threads")):
             rev: Any = exact_review(
                 records.training, pipeline.head_layer, train_ids, (x_te, y_te), k=k, include_bias=include_bias,
-                intervals=intervals, progress=progress,
+                intervals=intervals, progress=progress, gradients=gradients, projection_dim=projection_dim, seed=seed,
             )  # fmt: skip
         rev.checkpoint_weights = [1.0] * len(chosen)
     elif mode == ADAMW_INFLUENCE:  # uses at Adam(W) steps followed through the optimizer to θ_T; SGD steps: exact
@@ -340,6 +347,10 @@ def run_influence(
     if replayed:
         params["steps_replayed"] = rev.scores.n_steps
         params["contributions"] = "per interval: the steps each checkpoint stands for (usage weighting's rule)"
+    if mode == "exact":
+        params["gradients"] = gradients
+        if rev.scores.projection_dim is not None:
+            params["projection_dim"] = rev.scores.projection_dim
     if mode == ADAMW_INFLUENCE:
         s = rev.scores
         params["definition"] = (

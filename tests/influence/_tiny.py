@@ -149,9 +149,10 @@ def grad_vector(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
 
 
-def hand_exact(run_dir: Path, *, bias: bool = True) -> torch.Tensor:
+def hand_exact(run_dir: Path, *, bias: bool = True, full: bool = False) -> torch.Tensor:
     """Step-exact TracIn by hand: replay the recorded steps with plain torch (the optimizers `record` built), and
-    at each step add η_t/|B_t| ∇_head ℓ(test, θ_t)·∇_head ℓ(z, θ_t) for every z of the batch (autograd)."""
+    at each step add η_t/|B_t| ∇_head ℓ(test, θ_t)·∇_head ℓ(z, θ_t) for every z of the batch (autograd); with
+    `full`, the gradients of all parameters instead of the head's."""
     x, y = dataset()
     con = duckdb.connect(str(run_dir / "snapshot.duckdb"), read_only=True)
     try:
@@ -167,7 +168,7 @@ def hand_exact(run_dir: Path, *, bias: bool = True) -> torch.Tensor:
         con.close()
     model = MLP()
     model.load_state_dict(torch.load(run_dir / start, weights_only=True)["model"])
-    names = ["head.weight", "head.bias"] if bias else ["head.weight"]
+    names = None if full else ["head.weight", "head.bias"] if bias else ["head.weight"]
     scores = torch.zeros(N_TEST, N_TRAIN, dtype=torch.float64)
     opts: dict[str, torch.optim.Optimizer] = {}
     for _, stage, lr, ids in rows:

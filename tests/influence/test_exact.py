@@ -100,3 +100,43 @@ def test_exact_through_the_cli_refuses_checkpoint_weighting(two_stages: Path) ->
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["method"] == "tracin/exact"
+
+
+def test_full_gradients_equal_a_hand_computation(two_stages: Path) -> None:
+    """All parameters (66), projection of dimension ≥ P (orthonormal): the brute-force autograd loop's sums."""
+    x, y = _tiny.dataset()
+    with RunStore(two_stages) as store:
+        records = load_training(store, _tiny.pipeline())
+    want = _tiny.hand_exact(two_stages, full=True).numpy()
+    for dim in (None, 80):  # the default min(P, 1024) = P, and a wider one
+        with deterministic(records.config.get("torch_threads")):
+            s = exact_pass(
+                records.training, "head", np.arange(_tiny.N_TRAIN), (x[_tiny.N_TRAIN :], y[_tiny.N_TRAIN :]),
+                gradients="full", projection_dim=dim,
+            )  # fmt: skip
+        assert s.projection_dim == (dim or 66)
+        assert np.abs(s.scores.numpy() - want).max() <= 1e-6 * np.abs(want).max()
+    head = _tiny.hand_exact(two_stages).numpy()
+    assert np.abs(head - want).max() > 0.1 * np.abs(want).max()  # the body's gradients matter here
+
+
+def test_full_gradients_through_the_cli(two_stages: Path) -> None:
+    pipeline = ("--model", _tiny.MODEL, "--inputs", _tiny.INPUTS, "--head-layer", "head")
+    proc = run_cli("influence", str(two_stages), "--gradients", "full", *pipeline)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "applies to --mode exact" in proc.stderr
+    proc = run_cli(
+        "influence", str(two_stages), "--mode", "exact", "--gradients", "full", "--k", "3", "--checkpoints", "all",
+        "--json", *pipeline,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    want = _tiny.hand_exact(two_stages, full=True).numpy()
+    with RunStore(two_stages) as store:
+        a = store.latest_analysis("influence")
+        assert a["params"]["gradients"] == "full" and a["params"]["projection_dim"] == 66
+        table = store.influence_topk(a["analysis_id"], _tiny.N_TRAIN, "raw")
+    assert a["analysis_id"] == json.loads(proc.stdout)["analysis_id"]
+    got = table.score.to_numpy()
+    ref = want[0, table.train_id.to_numpy().copy()]
+    assert np.abs(got - ref).max() <= 1e-6 * np.abs(want).max()
+    parts = np.array([json.loads(c) for c in table.contributions])
+    np.testing.assert_allclose(parts.sum(1), got, rtol=1e-9, atol=1e-12)
