@@ -33,20 +33,22 @@ def render() -> None:
     analysis = data.influence()
     mark = data.mark()
     aid = analysis["analysis_id"]
-    ranked = data.query("self_influence", aid, mark)
-    st.caption(f"Self-influence from influence analysis #{aid} over {len(ranked)} training samples; ⚠ marks a "
+    n_train = data.query("self_influence_count", aid)
+    st.caption(f"Self-influence from influence analysis #{aid} over {n_train} training samples; ⚠ marks a "
                f"sample annotated {md(mark)} (pick another boolean annotation in the sidebar).")  # fmt: skip
     _detection(aid, mark)
     st.subheader("Highest self-influence")
     n = st.segmented_control(
         "Show", [20, 50, 100, 200], default=50, required=True, key="n", bind="query-params"
     )
+    # only the rows shown: the whole ranking is a row per training sample (a million on a large run)
+    ranked = data.query("self_influence", aid, mark, n)
 
     def facts(row: Any) -> dict[str, str]:
         return {"rank": str(row.rank), "label": f"{row.label}{' ⚠' if row.flagged else ''}",
                 "self-influence": f"{row.value:.3g}"}  # fmt: skip
 
-    sample_grid(ranked.head(n), "sample_id", facts, key="open_sample", width=72)
+    sample_grid(ranked, "sample_id", facts, key="open_sample", width=72)
 
 
 render()

@@ -2,6 +2,11 @@
 
 Readers never open the live database: DuckDB lets one process write or many read, and a reader on the live file
 would block the recorder.  Each query runs on its own cursor, so one `RunStore` can serve several threads.
+
+The dashboard's per-example queries must not scan the million-row tables (samples, sample_annotations,
+self_influence, batch_samples) on every rerun.  Samples are looked up by a literal id list (`_ids_in`), which
+DuckDB answers from the primary key's index; annotations have no single-column index, so the ids marked by an
+annotation are read once per snapshot (`marked_ids`) and the lists join against that set.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class RunStore:
             raise RunNotFoundError(f"{self.layout.root} holds no fgtrac run")
         self._con = connect(self.layout.snapshot_db, read_only=True)
         self.snapshot_mtime = self.layout.snapshot_db.stat().st_mtime
+        # annotation key -> ids annotated true: the snapshot never changes under an open store, so one scan each
+        self._marked: dict[str, frozenset[int]] = {}
 
     def close(self) -> None:
         self._con.close()
@@ -268,26 +275,40 @@ class RunStore:
         """Ranked proponents and opponents of one test example (`view` 'raw' or 'cosine' is the ranking), with
         each training sample's recorded label and `flagged`: its boolean annotation `mark` is true;
         `contributions` maps checkpoint id -> its part of the raw score."""
-        return self.df(
-            """SELECT k.direction, k.rank, k.train_id, k.score, k.cosine, k.contributions, s.label,
-                      coalesce(a.value = 'true', false) AS flagged
-               FROM influence_topk k JOIN samples s ON s.sample_id = k.train_id
-               LEFT JOIN sample_annotations a ON a.sample_id = k.train_id AND a.key = ?
-               WHERE k.analysis_id = ? AND k.test_id = ? AND k.view = ?
-               ORDER BY k.direction DESC, k.rank""",
-            [mark, int(analysis_id), int(test_id), view],
+        ranked = self.df(
+            """SELECT direction, rank, train_id, score, cosine, contributions FROM influence_topk
+               WHERE analysis_id = ? AND test_id = ? AND view = ? ORDER BY direction DESC, rank""",
+            [int(analysis_id), int(test_id), view],
         )
+        return self._with_labels_and_marks(ranked, "train_id", mark)
 
-    def self_influence(self, analysis_id: int, mark: str = DEFAULT_MARK) -> pd.DataFrame:
-        """Every training sample's self-influence, highest first, with its label and `flagged` (see
-        `influence_topk`)."""
-        return self.df(
-            """SELECT si.rank, si.sample_id, si.value, s.label, coalesce(a.value = 'true', false) AS flagged
-               FROM self_influence si JOIN samples s USING (sample_id)
-               LEFT JOIN sample_annotations a ON a.sample_id = si.sample_id AND a.key = ?
-               WHERE si.analysis_id = ? ORDER BY si.rank""",
-            [mark, int(analysis_id)],
+    def self_influence(self, analysis_id: int, mark: str = DEFAULT_MARK, limit: int | None = None) -> pd.DataFrame:
+        """Training samples' self-influence, highest first (the `limit` highest, or all), with label and `flagged`
+        (see `influence_topk`)."""
+        where, params = ("AND rank <= ?", [int(limit)]) if limit is not None else ("", [])
+        ranked = self.df(
+            f"""SELECT rank, sample_id, value FROM self_influence WHERE analysis_id = ? {where} ORDER BY rank""",
+            [int(analysis_id), *params],
         )
+        return self._with_labels_and_marks(ranked, "sample_id", mark)
+
+    def self_influence_count(self, analysis_id: int) -> int:
+        """How many training samples an influence analysis ranked by self-influence."""
+        return int(self._rows("SELECT count(*) FROM self_influence WHERE analysis_id = ?", [int(analysis_id)])[0][0])
+
+    def marked_ids(self, mark: str = DEFAULT_MARK) -> frozenset[int]:
+        """Ids of the samples whose annotation `mark` is true: one scan of the annotations per open snapshot."""
+        if mark not in self._marked:
+            rows = self._rows("SELECT sample_id FROM sample_annotations WHERE key = ? AND value = 'true'", [mark])
+            self._marked[mark] = frozenset(int(i) for (i,) in rows)
+        return self._marked[mark]
+
+    def _with_labels_and_marks(self, frame: pd.DataFrame, id_column: str, mark: str) -> pd.DataFrame:
+        """`frame` with `label` (recorded label of the sample in `id_column`) and `flagged` columns added."""
+        ids = sorted({int(i) for i in frame[id_column]})
+        known = self.labels_and_marks(ids, mark).set_index("sample_id")
+        out = frame.join(known, on=id_column, how="inner")
+        return out.reset_index(drop=True)
 
     def marks(self) -> list[str]:
         """Annotation keys whose values are all booleans: what the dashboard can mark samples as suspect by."""
@@ -340,11 +361,8 @@ class RunStore:
         """PNG thumbnails of several samples in one query (ids without a thumbnail are left out)."""
         if not sample_ids:
             return {}
-        rows = self._rows(
-            "SELECT sample_id, thumbnail FROM samples WHERE sample_id IN (SELECT unnest(?::BIGINT[]))"
-            " AND thumbnail IS NOT NULL",
-            [[int(i) for i in sample_ids]],
-        )
+        where, params = _ids_in("sample_id", sample_ids)
+        rows = self._rows(f"SELECT sample_id, thumbnail FROM samples WHERE {where} AND thumbnail IS NOT NULL", params)
         return {int(i): bytes(t) for i, t in rows}
 
     def incomplete_stages(self) -> list[tuple[str, str]]:
@@ -370,12 +388,10 @@ class RunStore:
 
     def labels_and_marks(self, sample_ids: list[int], mark: str = DEFAULT_MARK) -> pd.DataFrame:
         """sample_id, recorded label and `flagged` (boolean annotation `mark` is true) of these samples."""
-        return self.df(
-            """SELECT s.sample_id, s.label, coalesce(a.value = 'true', false) AS flagged
-               FROM samples s LEFT JOIN sample_annotations a ON a.sample_id = s.sample_id AND a.key = ?
-               WHERE s.sample_id IN (SELECT unnest(?::BIGINT[])) ORDER BY s.sample_id""",
-            [mark, [int(i) for i in sample_ids]],
-        )
+        where, params = _ids_in("sample_id", sample_ids)
+        known = self.df(f"SELECT sample_id, label FROM samples WHERE {where} ORDER BY sample_id", params)
+        known["flagged"] = known["sample_id"].isin(self.marked_ids(mark)).astype(bool)
+        return known
 
     def feature_spread(self, split: str = "train") -> dict[str, float]:
         """Each numeric display feature's standard deviation (population) over a split's samples: the scale the
@@ -397,11 +413,8 @@ class RunStore:
         query; ids without one are left out."""
         if not sample_ids:
             return {}
-        rows = self._rows(
-            "SELECT sample_id, display FROM samples WHERE sample_id IN (SELECT unnest(?::BIGINT[]))"
-            " AND display IS NOT NULL",
-            [[int(i) for i in sample_ids]],
-        )
+        where, params = _ids_in("sample_id", sample_ids)
+        rows = self._rows(f"SELECT sample_id, display FROM samples WHERE {where} AND display IS NOT NULL", params)
         return {int(i): sample_display.decode(d) for i, d in rows}
 
     def usage_index(self, ledger_size: int) -> UsageIndex:
@@ -498,6 +511,17 @@ class RunStore:
                 }
             )
         return pd.DataFrame(rows)
+
+
+def _ids_in(column: str, ids: list[int]) -> tuple[str, list[int]]:
+    """`column IN (?, ?, ...)` over these ids, and its parameters.  A literal list, because DuckDB answers it from
+    the primary key's index (up to its `index_scan_max_count`, 2,048 ids), while a list passed as one array
+    parameter or a subquery becomes a join that scans the whole table (48 ms instead of 2 ms for 40 ids out of a
+    million samples).  No ids: a condition that holds for no row."""
+    unique = sorted({int(i) for i in ids})
+    if not unique:
+        return "false", []
+    return f"{column} IN ({', '.join('?' * len(unique))})", unique
 
 
 def _decoded(row: pd.Series) -> dict[str, Any]:

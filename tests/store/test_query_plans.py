@@ -1,0 +1,75 @@
+"""The queries Explore runs per test example read samples through the primary key's index and never scan the
+annotations, and what they return equals the direct joins they replaced (on the sample run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fgtrac_core.store import RunStore
+from fgtrac_core.store.plans import statements
+
+MARK = "label_flipped"
+
+
+@pytest.fixture(scope="module")
+def store(digits_run: Path) -> RunStore:
+    with RunStore(digits_run) as s:
+        yield s
+
+
+def _aid_and_tests(store: RunStore) -> tuple[int, list[int]]:
+    aid = store.latest_analysis("influence")["analysis_id"]
+    return aid, [int(t) for t in store.influence_tests(aid)["sample_id"]]
+
+
+def test_per_example_queries_use_the_index_and_no_annotation_scan(store: RunStore) -> None:
+    aid, tests = _aid_and_tests(store)
+    store.marked_ids(MARK)  # read once per snapshot, as the first page of a session does
+    test = tests[len(tests) // 2]
+    ranked, plans = statements(store, "influence_topk", aid, test, "raw", MARK)
+    ids = [int(i) for i in ranked["train_id"]]
+    for method, args in (("thumbnails", (ids,)), ("labels_and_marks", (ids, MARK)), ("displays", (ids,))):
+        plans += statements(store, method, *args)[1]
+    scans = [(s.table, s.kind) for p in plans for s in p.scans]
+    assert ("samples", "Index Scan") in scans
+    assert [s for s in scans if s[0] == "samples" and s[1] != "Index Scan"] == []
+    assert [s for s in scans if s[0] == "sample_annotations"] == []
+
+
+def test_topk_and_self_influence_equal_the_direct_joins(store: RunStore) -> None:
+    aid, tests = _aid_and_tests(store)
+    for test in tests[::40]:
+        for view in ("raw", "cosine"):
+            direct = store.df(
+                """SELECT k.direction, k.rank, k.train_id, k.score, k.cosine, k.contributions, s.label,
+                          coalesce(a.value = 'true', false) AS flagged
+                   FROM influence_topk k JOIN samples s ON s.sample_id = k.train_id
+                   LEFT JOIN sample_annotations a ON a.sample_id = k.train_id AND a.key = ?
+                   WHERE k.analysis_id = ? AND k.test_id = ? AND k.view = ? ORDER BY k.direction DESC, k.rank""",
+                [MARK, aid, test, view],
+            )
+            pd.testing.assert_frame_equal(store.influence_topk(aid, test, view, MARK), direct, check_dtype=False)
+    direct = store.df(
+        """SELECT si.rank, si.sample_id, si.value, s.label, coalesce(a.value = 'true', false) AS flagged
+           FROM self_influence si JOIN samples s USING (sample_id)
+           LEFT JOIN sample_annotations a ON a.sample_id = si.sample_id AND a.key = ?
+           WHERE si.analysis_id = ? ORDER BY si.rank""",
+        [MARK, aid],
+    )
+    assert direct["flagged"].any()
+    pd.testing.assert_frame_equal(store.self_influence(aid, MARK), direct, check_dtype=False)
+    pd.testing.assert_frame_equal(store.self_influence(aid, MARK, 20), direct.head(20), check_dtype=False)
+    assert store.self_influence_count(aid) == len(direct)
+
+
+def test_id_lists_of_any_length(store: RunStore) -> None:
+    """Past DuckDB's index-scan limit (2,048 ids) the literal list still answers, by a scan; none is empty."""
+    ids = [int(i) for i in store.samples()["sample_id"]]
+    unknown = list(range(10**7, 10**7 + 2100))  # ids no sample has, to pass the limit
+    assert len(store.thumbnails(ids + unknown)) == len(ids)
+    assert store.labels_and_marks([], MARK).empty and store.thumbnails([]) == {}
+    known = store.labels_and_marks(ids + ids[:5] + unknown, MARK)
+    assert known["sample_id"].tolist() == sorted(ids)
