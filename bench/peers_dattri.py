@@ -24,7 +24,7 @@ out should raise the loss.  dattri's outputs already follow it: TracIn/Grad-Cos 
 products like fgtrac's; the influence function returns g_trainᵀ H⁻¹ g_test, which is +n times the first-order
 change of the test loss when the sample is removed; TRAK's score is the predicted increase of the test margin
 (a higher margin = a lower loss) from including the sample.  They are transposed from dattri's (n_train, n_test)
-to fgtrac's (n_test, n_train).  `tests/bench/test_peers_dattri.py` checks TracIn against fgtrac's score.
+to fgtrac's (n_test, n_train).  `tests/bench/test_peers_dattri.py` checks TracIn against fgtrac's score, and every method's sign.
 """
 
 from __future__ import annotations
@@ -93,26 +93,23 @@ class _Functions:
     def __init__(self, model: nn.Module, n_features: int) -> None:
         self.model, self.d = model, n_features
 
-    def _ce(self, params: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = data
-        return F.cross_entropy(functional_call(self.model, params, x.reshape(-1, self.d)), y.reshape(-1))
-
     def loss(self, params: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy (the training loss)."""
-        return self._ce(params, data)
+        x, y = data
+        return F.cross_entropy(functional_call(self.model, params, x.reshape(-1, self.d)), y.reshape(-1))
 
     def margin(
         self, params: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
         """log p / (1 - p) of the true class, p = exp(-CE): TRAK's output function."""
-        log_p = -self._ce(params, data)
-        return log_p - torch.log1p(-torch.exp(log_p))
+        log_p = -self.loss(params, data)
+        return log_p - torch.log(-torch.expm1(log_p))  # expm1: 1 - p stays accurate as p nears 1
 
     def correct_probability(
         self, params: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
         """p of the true class: TRAK's Q = 1 - p reweighting."""
-        return torch.exp(-self._ce(params, data))
+        return torch.exp(-self.loss(params, data))
 
 
 def scores(
