@@ -1,28 +1,28 @@
 """What each optimizer step applied, seen from inside ``optimizer.step()`` (attached by `Run.stage`).
 
 For the stage's optimizer the recorder registers
+  * a post-accumulate-grad hook per parameter: a copy-on-write clone of the gradient as backward accumulated it
+    (no data is copied unless the loop then writes the gradient, as clipping does), that tensor and its version;
   * a step pre-hook: it reads every param group's hyperparameters as the step applies them — whatever order the
-    loop calls ``scheduler.step()`` and ``log_batch`` in — and compares the gradients the optimizer is about to step
-    on with the gradients as backward accumulated them (a post-accumulate-grad hook per parameter keeps one copy,
-    one reused buffer per parameter).  A difference is explained as torch's ``clip_grad_norm_`` (norm type 2 or
-    inf) or ``clip_grad_value_`` with a short threshold that reproduces it *exactly* (re-applying torch's own
-    function to copies), else the step is marked "gradients altered by the loop";
+    loop calls ``scheduler.step()`` and ``log_batch`` in — and, only when a gradient was replaced or modified in
+    place since backward (identity and version counter), compares the gradients the optimizer is about to step on
+    with the accumulated ones.  A difference is explained as torch's ``clip_grad_norm_`` (norm type 2 or inf) or
+    ``clip_grad_value_`` with a short threshold that reproduces it *exactly* (re-applying torch's own function to
+    copies), else the step is marked "gradients altered by the loop";
   * a step post-hook: a cheap fingerprint of the parameters after the step (the sum of the parameter tensors'
-    L2 norms, each in float64; kept as a device tensor until flush), then the facts go to the recorder, which
+    L2 norms; one foreach call, kept as device tensors until flush), then the facts go to the recorder, which
     numbers the step.
 All hooks are removed at the stage end.  `param_fingerprint` and `apply_clip` are shared with replay.
 
-Cost per step (digits CNN, CPU, one thread): a copy-on-write clone of each gradient (no data is copied unless
-the loop writes the gradient, as clipping does), ~11 us for the fingerprint, a few us of Python for the
-hyperparameters.  The gradients are compared only when a gradient tensor
-was modified in place after backward (its version counter moved) or replaced; JSON encoding happens at flush.
+Per step the training thread pays one Python call and one clone dispatch per parameter, one dict comparison per
+param group (hyperparameters are converted only at the steps that change them), the foreach norm, and a row of
+Python lists; JSON encoding and the fingerprints' host sync happen at flush.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +55,7 @@ def _hparam_value(value: Any) -> Any:
 
 
 _PLAIN = frozenset({float, int, bool, str, type(None)})
+_IMMUTABLE = _PLAIN | {tuple, frozenset}  # a shallow copy keeps these values as they are
 
 
 def applied_hparams(optimizer: torch.optim.Optimizer) -> Groups:
@@ -71,10 +72,35 @@ def applied_hparams(optimizer: torch.optim.Optimizer) -> Groups:
     return out
 
 
+class _HparamsReader:
+    """`applied_hparams`, but the previous step's result (the same object) when no group changed.
+
+    Most steps change nothing (or only lr), and comparing shallow copies of the groups is one C-level dict
+    comparison per group, where converting them is a Python loop over every key.  The comparison is sound only for
+    values that a shallow copy freezes: a group holding anything else (a tensor lr, a list of betas that could be
+    edited in place) is converted at every step."""
+
+    def __init__(self) -> None:
+        self._raw: list[dict[str, Any]] | None = None
+        self._groups: Groups | None = None
+
+    def read(self, optimizer: torch.optim.Optimizer) -> Groups:
+        groups = optimizer.param_groups
+        raw = self._raw
+        if raw is not None and len(raw) == len(groups) and all(r == g for r, g in zip(raw, groups, strict=True)):
+            return self._groups  # type: ignore[return-value]
+        self._groups = applied_hparams(optimizer)
+        frozen = all(type(v) in _IMMUTABLE for g in groups for k, v in g.items() if k != "params")
+        self._raw = [dict(g) for g in groups] if frozen else None
+        return self._groups
+
+
 def hparams_delta(previous: Groups | None, current: Groups) -> Groups:
     """Per group, the keys whose value differs from `previous` (all keys when there is no previous step)."""
     if previous is None or len(previous) != len(current):
         return [dict(g) for g in current]
+    if previous is current:  # `_HparamsReader` hands back the same object when nothing changed
+        return [{} for _ in current]
     return [
         {k: v for k, v in cur.items() if k not in prev or prev[k] != v or type(prev[k]) is not type(v)}
         for prev, cur in zip(previous, current, strict=True)
@@ -101,14 +127,14 @@ def expand_hparams(deltas: Sequence[str]) -> list[Groups]:
 @torch.no_grad()
 def param_norms(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """||theta_i||_2 of every parameter tensor in its own dtype, as 0-d tensors on their devices (no sync; one
-    foreach call — the only work the training thread does for the fingerprint).  Not accumulated in float64: that
-    converted every tensor first and tripled the cost, and the fingerprint only has to be reproducible, which the
-    same kernel on the same parameters is."""
-    tensors = [p.detach() for p in params]
+    foreach call — the only work the training thread does for the fingerprint).  The parameters go in as they
+    are: under no_grad no graph is built, and a `detach()` each would cost a dispatch per tensor per step.  Not
+    accumulated in float64: that converted every tensor first and tripled the cost, and the fingerprint only has to
+    be reproducible, which the same kernel on the same parameters is."""
     try:
-        return list(torch._foreach_norm(tensors, 2))
+        return list(torch._foreach_norm(list(params), 2))
     except (AttributeError, RuntimeError, TypeError):
-        return [torch.linalg.vector_norm(t) for t in tensors]
+        return [torch.linalg.vector_norm(t) for t in params]
 
 
 def fingerprint_value(norms: Sequence[torch.Tensor]) -> float:
@@ -206,11 +232,12 @@ def infer_clip(acc: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> di
 # ----------------------------------------------------------------------------------------------- the hooks
 
 
-def _lazy_clone(t: torch.Tensor) -> torch.Tensor:
-    try:
-        return torch._lazy_clone(t)
-    except (AttributeError, RuntimeError):  # a torch or device without copy-on-write storage
-        return t.clone()
+def _copy_on_write(t: torch.Tensor) -> torch.Tensor:
+    """A clone whose data is copied only when one of the two is written (plain clone where torch lacks that)."""
+    return t.clone()
+
+
+_lazy_clone: Callable[[torch.Tensor], torch.Tensor] = getattr(torch, "_lazy_clone", _copy_on_write)
 
 
 @dataclass
@@ -230,9 +257,12 @@ class StepHooks:
         self._optimizer = optimizer
         self._on_step = on_step
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._hparams = _HparamsReader()
+        # per parameter: a copy-on-write clone of its gradient as backward accumulated it, that gradient tensor
+        # itself (a strong reference costs nothing more: the clone shares its storage) and its version counter then
         self._acc: list[torch.Tensor | None] = [None] * len(self._params)
-        # the gradient tensor each accumulate hook saw, and its version counter then
-        self._seen: list[tuple[weakref.ref[torch.Tensor], int] | None] = [None] * len(self._params)
+        self._seen: list[torch.Tensor | None] = [None] * len(self._params)
+        self._version: list[int] = [0] * len(self._params)
         self._pending: StepFacts | None = None
         self._handles = [
             optimizer.register_step_pre_hook(self._pre),
@@ -248,24 +278,23 @@ class StepHooks:
         self._handles = []
 
     def _accumulate_hook(self, i: int) -> Callable[[torch.Tensor], None]:
-        acc, seen = self._acc, self._seen  # bound once: this runs for every parameter at every backward
+        acc, seen, version, clone = self._acc, self._seen, self._version, _lazy_clone  # bound once: runs for
+        # every parameter at every backward, so its body is kept to a clone and three stores
 
         def accumulated(param: torch.Tensor) -> None:
             grad = param.grad
             if grad is not None:
-                # a copy-on-write clone: nothing is copied unless the loop then writes the gradient (clipping)
-                acc[i] = _lazy_clone(grad.detach())
-                seen[i] = (weakref.ref(grad), grad._version)
+                acc[i] = clone(grad)
+                seen[i] = grad
+                version[i] = grad._version
 
         return accumulated
 
     def _untouched(self) -> bool:
         """True when every gradient is still the tensor backward accumulated, not modified in place since."""
-        for p, seen in zip(self._params, self._seen, strict=True):
+        for p, seen, version in zip(self._params, self._seen, self._version, strict=True):
             grad = p.grad
-            if grad is None:
-                continue
-            if seen is None or seen[0]() is not grad or seen[1] != grad._version:
+            if grad is not None and (grad is not seen or grad._version != version):
                 return False
         return True
 
@@ -288,7 +317,7 @@ class StepHooks:
 
     def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         clip, altered = self._gradient_change()
-        self._pending = StepFacts(applied_hparams(optimizer), clip, altered, None)
+        self._pending = StepFacts(self._hparams.read(optimizer), clip, altered, None)
 
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         facts, self._pending = self._pending, None

@@ -261,3 +261,41 @@ def test_targets_are_recorded_per_use_and_checked(tmp_path: Path) -> None:
             {"step": 1, "stage": "s", "from": 1, "to": 0},
         ]
         assert store.sample_relabels(1) == []
+
+
+def test_hparams_reader_sees_every_change_the_full_conversion_sees() -> None:
+    """The per-step fast path (one dict comparison per group) against `applied_hparams` at every step, for the
+    kinds of change schedulers and loops make: a rate, a replaced betas tuple, a tensor rate edited in place, a
+    list edited in place, a new param group; an unchanged step hands back the previous object."""
+    from fgtrac_core.tracking.optimizer_hooks import _HparamsReader, applied_hparams
+
+    model = nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, betas=(0.9, 0.99))
+    reader = _HparamsReader()
+    # (edit, whether the fast path may hand back the previous object: only for groups of immutable values)
+    edits = [
+        (lambda g: None, True),
+        (lambda g: g.__setitem__("lr", 0.05), True),
+        (lambda g: None, True),
+        (lambda g: g.__setitem__("betas", (0.8, 0.99)), True),
+        (lambda g: None, True),
+        (lambda g: g.__setitem__("extra", [1, 2]), False),
+        (lambda g: g["extra"].__setitem__(0, 3), False),  # a list edited in place: a shallow copy misses it
+        (lambda g: g.__setitem__("extra", (3, 2)), False),  # a new object, converted to an equal value
+        (lambda g: None, True),
+        (lambda g: g.__setitem__("lr", torch.tensor(0.02)), False),
+        (lambda g: g["lr"].fill_(0.01), False),  # a tensor edited in place
+        (lambda g: None, False),
+    ]
+    previous, reused = None, 0
+    for edit, may_reuse in edits:
+        edit(opt.param_groups[0])
+        got = reader.read(opt)
+        assert got == applied_hparams(opt)
+        if previous is not None and got == previous and may_reuse:
+            assert got is previous and hparams_delta(previous, got) == [{}]
+            reused += 1
+        previous = got
+    assert reused == 3
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.3})
+    assert reader.read(opt) == applied_hparams(opt) and len(reader.read(opt)) == 2
