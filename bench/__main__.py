@@ -17,6 +17,7 @@ import torch
 
 from bench import (
     crash_concurrency,
+    dashboard_scale,
     dashboard_speed,
     faithfulness,
     influence_scale,
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
     }
     q = args.quick
-    # (results key, measurement, its printed text); the 50k-sample dashboard timing builds its own large run and
-    # is left out of quick runs
+    # (results key, measurement, its printed text); the 50k- and 1M-sample dashboard timings build their own large
+    # runs and are left out of quick runs
     benches: list[tuple[str, Callable[[], dict], Callable[[dict], str]]] = [
         ("recorder_overhead", lambda: recorder_overhead.measure(repeats=2 if q else 7), recorder_overhead.report),
         ("verify_throughput", lambda: verify_throughput.measure(synthetic_entries=50_000 if q else 1_000_000),
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         ("faithfulness", lambda: faithfulness.measure(quick=q), faithfulness.summarise),
         ("stage_faithfulness", lambda: stage_faithfulness.measure(quick=q), stage_faithfulness.summarise),
     ] + ([] if q else [("dashboard_speed", dashboard_speed.measure, dashboard_speed.report),
+                       ("dashboard_scale", dashboard_scale.measure, dashboard_scale.report),
                        ("crash_concurrency", crash_concurrency.measure, crash_concurrency.report)])  # fmt: skip
     texts: dict[str, str] = {}
     for key, measure, text in benches:
@@ -82,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         "## Influence sharded on Ray\n\n" + texts["ray_scaling"].replace("\n  ", "\n- ") + "\n\nHow to run it on a cluster, and what the "
         "projection leaves out: [docs/scale.md](docs/scale.md).\n",
         dash,
+        dashboard_scale.markdown(results["dashboard_scale"])
+        if "dashboard_scale" in results
+        else dashboard_scale.HEADING + "\n\n(not measured in a quick run)\n",
         texts["mislabel"],
         texts["faithfulness"],
         texts["stage_faithfulness"],

@@ -130,15 +130,22 @@ def measure(run_dir: str | Path | None = None, *, switches: int = 7) -> dict[str
                 out["first_render_cold_server_s"] = first_render(url, picks[1])
                 out["first_render_warm_s"] = first_render(url, picks[2])  # another session, caches warm
                 page = context.pages[-1]
-                times = []
+                # images the browser fetches per switch: only the thumbnails shown (lazily, on demand)
+                media: list[str] = []
+                page.on("request", lambda r: media.append(r.url) if "/media/" in r.url else None)
+                times, fetched = [], []
                 for test_id in picks[3:]:
                     picker = page.locator("[data-testid='stSelectbox']").filter(has_text="Test example id")
                     picker.locator("input").click()
                     page.keyboard.type(str(test_id))
+                    media.clear()
                     t0 = time.perf_counter()
                     page.keyboard.press("Enter")
                     _rendered(page, test_id, first[test_id])
                     times.append(time.perf_counter() - t0)
+                    fetched.append(len(media))
+                out["images_shown"] = page.evaluate("document.images.length")
+                out["images_fetched_per_switch"] = fetched
             browser.close()
         out["switch_s"] = {"median": statistics.median(times), "max": max(times), "all": times}
         out["cpus"] = os.cpu_count()
