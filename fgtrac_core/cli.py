@@ -80,10 +80,6 @@ def _serve(run_dir: Path, port: int, host: str) -> int:
         sys.executable, "-m", "streamlit", "run", str(script),
         "--server.address", host, "--server.port", str(port), "--server.headless", "true",
         "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer",
-        # no source watcher: the dashboard's code does not change while it serves, and after every rerun the
-        # watcher walked every loaded module's path on the event loop (~75 ms a rerun with torch loaded, a sixth
-        # of switching test example on a 1M-sample run)
-        "--server.fileWatcherType", "none",
     ]  # fmt: skip
     print(f"fgtrac dashboard for {run_dir} at http://{host}:{port}", file=sys.stderr)
     sys.stderr.flush()
