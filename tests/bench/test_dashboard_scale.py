@@ -15,8 +15,8 @@ def _result(first: float, switches: list[float]) -> dict[str, Any]:
     return {
         "goals": dashboard_scale.GOALS,
         "queries": [
-            {"when": "switch", "query": "influence_topk", "ms": 10.2, "largest_scan": scan, "whole_table": False},
-            {"when": "lifecycle", "query": "sample_usage", "ms": 9.0, "whole_table": True,
+            {"when": "switch", "query": "influence_topk", "first_ms": 20.0, "ms": 10.2, "largest_scan": scan, "whole_table": False},
+            {"when": "lifecycle", "query": "sample_usage", "first_ms": 12.0, "ms": 9.0, "whole_table": True,
              "largest_scan": {**scan, "table": "batch_samples", "kind": "Sequential Scan", "rows": 10**6,
                               "row_groups": 9, "of_row_groups": 9}},
         ],  # fmt: skip
@@ -46,4 +46,4 @@ def test_write_replaces_only_its_section(tmp_path: Path) -> None:
     assert text.index("fifty k.") < text.index(dashboard_scale.HEADING) < text.index("## Mislabel")
     assert text.endswith("## Mislabel\n\nrest\n")
     assert json.loads(js.read_text())["other"] == 1
-    assert "| lifecycle | `sample_usage` | 9.0 | batch_samples: sequential scan" in text
+    assert "| lifecycle | `sample_usage` | 12.0 | 9.0 | batch_samples: sequential scan" in text
