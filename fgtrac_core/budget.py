@@ -7,12 +7,12 @@ budget, unless forced.  Seconds are wall-clock seconds on this machine under its
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+# no numpy, torch or duckdb here: the CLI's parser reads DEFAULT_BUDGET_S, and `check-proof` must stay light
 from fgtrac_core.errors import FgtracError
 
 DEFAULT_BUDGET_S = 600.0
@@ -65,4 +65,4 @@ def seconds_per_step(cursor: Any, warmup: int = 2, timed: int = 3) -> float:
         t0 = time.perf_counter()
         cursor.step()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times)) if times else 0.0
+    return float(statistics.median(times)) if times else 0.0
