@@ -167,11 +167,13 @@ def exact_pass(
     interval_of_step: Callable[[int, int], int] | None = None,
     on_interval_end: Callable[[int, torch.Tensor], None] | None = None,
     progress: bool = False,
+    features: StepGradients | None = None,
 ) -> ExactScores:
     """One streamed pass: the step-exact score matrix of `test` against the training samples `train_ids`.
 
     `gradients`: ``last_layer`` (the head `layer`, `include_bias`) or ``full`` (the parameters `params`, default
-    all, projected to `projection_dim` with `seed`; see the module docstring).
+    all, projected to `projection_dim` with `seed`; see the module docstring).  `features`: those gradients
+    already built by `step_gradients` (the options are then not read), so that passes share one projection.
 
     With `interval_of_step(stage_id, step) -> column` (−1: none) and `on_interval_end(column, block)`, the
     scores are also accumulated per interval: when the column changes (and at the end) the finished interval's
@@ -180,7 +182,7 @@ def exact_pass(
     t0 = time.perf_counter()
     train_ids = np.asarray(train_ids, dtype=np.int64)
     x_te, y_te = test
-    grads = step_gradients(
+    grads = features or step_gradients(
         training.model_factory(), layer, gradients, include_bias=include_bias, params=params,
         projection_dim=projection_dim, seed=seed, loss_fn=loss_fn,
     )  # fmt: skip
@@ -287,11 +289,13 @@ def exact_review(
     """Step-exact scores, their top-k (raw and cosine) and self-influence; with `intervals` (per chosen
     checkpoint (stage_id or None, lo, hi), as `weighting.checkpoint_intervals` gives) a second replay gathers
     each stored pair's contribution per interval (they sum to the raw score when every step is covered).
-    Gradient options as in `exact_pass` (both replays rebuild the same seeded projection)."""
-    how: dict[str, Any] = dict(
-        include_bias=include_bias, loss_fn=loss_fn, gradients=gradients, params=params,
-        projection_dim=projection_dim, seed=seed, progress=progress,
+    Gradient options as in `exact_pass`; both replays use the one set of features built here (a projection is
+    a P x d matrix: built once, not per replay)."""
+    features = step_gradients(
+        training.model_factory(), layer, gradients, include_bias=include_bias, params=params,
+        projection_dim=projection_dim, seed=seed, loss_fn=loss_fn,
     )  # fmt: skip
+    how: dict[str, Any] = dict(features=features, progress=progress)
     s = exact_pass(training, layer, train_ids, test, **how)
     top = _topk(s.scores, k)
     cosine = s.scores / (s.test_sq * s.self_influence[None, :]).sqrt().clamp_min(1e-300)
