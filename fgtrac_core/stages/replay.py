@@ -133,7 +133,7 @@ class Cursor:
         recorded = stage.fingerprints[self.step_index] if stage.fingerprints else None
         if recorded is None:
             return
-        replayed = param_fingerprint(self.params)
+        replayed = param_fingerprint(self.optimizer)
         if fingerprints_differ(recorded, replayed):
             self.divergence = Divergence(self.stage_index, self.step_index, recorded, replayed)
 

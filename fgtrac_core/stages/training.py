@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fgtrac_core.stages.errors import MissingBoundaryStateError, StageAnalysisError
+from fgtrac_core.tracking.optimizer_hooks import UNKNOWN_CLIP
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(model outputs for a batch, targets) -> the scalar training loss of the batch."""
@@ -92,8 +93,10 @@ class Stage:
         return [{**hp, "lr": lr if hp["lr"] == base[0]["lr"] else lr * hp["lr"] / base[0]["lr"]} for hp in base]
 
     def clip(self, i: int) -> dict[str, Any] | None:
-        """The gradient clipping applied at step index `i` (None: the gradients as accumulated)."""
-        return None if self.clips is None else self.clips[i]
+        """The gradient clipping applied at step index `i` (None: the gradients as accumulated, or a modification
+        the recorder could not identify, which `altered[i]` marks)."""
+        clip = None if self.clips is None else self.clips[i]
+        return None if clip == UNKNOWN_CLIP else clip
 
 
 @dataclass
@@ -191,13 +194,23 @@ class Training:
         altered gradients by hand at some step), or None.  Replay refuses with this reason; an estimator's results
         carry it as `verified: false`."""
         for stage in self.stages:
-            altered = [s for s, a in zip(stage.steps, stage.altered or [], strict=False) if a]
-            if altered:
+            altered = [i for i, a in enumerate(stage.altered or []) if a]
+            if not altered:
+                continue
+            i = altered[0]
+            where = f"at step {stage.steps[i]} (stage {stage.name!r})"
+            if stage.clips is not None and stage.clips[i] == UNKNOWN_CLIP:
                 return (
-                    f"the training loop altered the gradients between backward and optimizer.step() at step "
-                    f"{altered[0]} (stage {stage.name!r}) other than by torch.nn.utils.clip_grad_norm_ / "
-                    f"clip_grad_value_, so replay cannot reproduce that step"
+                    f"the training loop modified the gradients between backward and optimizer.step() {where} "
+                    f"after earlier steps of the stage had left them as backward made them; the recorder keeps "
+                    f"copies of the gradients only from a stage's first step and from a loop's first modification "
+                    f"on, so what the loop did there is unknown and replay cannot reproduce that step (a loop that "
+                    f"clips from the stage's first step on replays)"
                 )
+            return (
+                f"the training loop altered the gradients between backward and optimizer.step() {where} other "
+                f"than by torch.nn.utils.clip_grad_norm_ / clip_grad_value_, so replay cannot reproduce that step"
+            )
         return None
 
 

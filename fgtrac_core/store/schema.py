@@ -13,7 +13,7 @@ import duckdb
 
 from fgtrac_core.errors import CorruptRunError, SchemaVersionError, TamperedRunError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _DDL = """
 CREATE TABLE meta (

@@ -1,22 +1,29 @@
 """What each optimizer step applied, seen from inside ``optimizer.step()`` (attached by `Run.stage`).
 
 For the stage's optimizer the recorder registers
-  * a post-accumulate-grad hook per parameter: a copy-on-write clone of the gradient as backward accumulated it
-    (no data is copied unless the loop then writes the gradient, as clipping does), that tensor and its version;
-  * a step pre-hook: it reads every param group's hyperparameters as the step applies them — whatever order the
+  * a post-accumulate-grad hook per parameter: the gradient tensor backward accumulated and its version counter,
+    and — while the loop is known to modify gradients (from the stage's first step, and from any step that
+    modified them) — a copy-on-write clone of it (no data is copied unless the loop then writes the gradient, as
+    clipping does);
+  * a step post-hook: it reads every param group's hyperparameters as the step applied them — whatever order the
     loop calls ``scheduler.step()`` and ``log_batch`` in — and, only when a gradient was replaced or modified in
-    place since backward (identity and version counter), compares the gradients the optimizer is about to step on
-    with the accumulated ones.  A difference is explained as torch's ``clip_grad_norm_`` (norm type 2 or inf) or
+    place since backward (identity and version counter), compares the gradients the optimizer stepped on with the
+    accumulated copies.  A difference is explained as torch's ``clip_grad_norm_`` (norm type 2 or inf) or
     ``clip_grad_value_`` with a short threshold that reproduces it *exactly* (re-applying torch's own function to
-    copies), else the step is marked "gradients altered by the loop";
-  * a step post-hook: a cheap fingerprint of the parameters after the step (the sum of the parameter tensors'
-    L2 norms; one foreach call, kept as device tensors until flush), then the facts go to the recorder, which
+    copies), else the step is marked "gradients altered by the loop".  A loop that first modifies gradients after
+    steps that left them alone has no copies at that step: it is marked altered with the rule ``unknown``.  Then
+    it takes a cheap fingerprint of the parameters (`ParamFingerprint`: per param group, a copy of the leading
+    values of its smallest trainable tensor, reduced to a float at flush), and the facts go to the recorder, which
     numbers the step.
 All hooks are removed at the stage end.  `param_fingerprint` and `apply_clip` are shared with replay.
 
-Per step the training thread pays one Python call and one clone dispatch per parameter, one dict comparison per
-param group (hyperparameters are converted only at the steps that change them), the foreach norm, and a row of
-Python lists; JSON encoding and the fingerprints' host sync happen at flush.
+Per step the training thread pays one Python call per parameter (plus a clone dispatch each while copies are
+kept) and one for the step, one dict comparison per param group (hyperparameters are converted only at the steps
+that change them), a byte copy per param group, and a row of Python lists; JSON encoding and the fingerprint's
+reduction happen at flush.  A torch dispatch costs ~10-25 us inside a training loop (far more than in a
+microbenchmark), so the per-step path keeps none where it can: copies are dropped after the first step that
+leaves every gradient as backward made it (a loop that clips does so from its first step in all but rare cases,
+which are refused by name), and the fingerprint is read through a memory view.
 """
 
 from __future__ import annotations
@@ -86,8 +93,11 @@ class _HparamsReader:
 
     def read(self, optimizer: torch.optim.Optimizer) -> Groups:
         groups = optimizer.param_groups
-        raw = self._raw
-        if raw is not None and len(raw) == len(groups) and all(r == g for r, g in zip(raw, groups, strict=True)):
+        try:
+            same = self._raw == groups  # one C-level comparison (a group's 'params' list compares by identity)
+        except RuntimeError:  # a 'params' list replaced by one holding other tensors: Tensor.__eq__ has no bool
+            same = False
+        if same:
             return self._groups  # type: ignore[return-value]
         self._groups = applied_hparams(optimizer)
         frozen = all(type(v) in _IMMUTABLE for g in groups for k, v in g.items() if k != "params")
@@ -124,31 +134,91 @@ def expand_hparams(deltas: Sequence[str]) -> list[Groups]:
 # ----------------------------------------------------------------------------------------------- fingerprint
 
 
-@torch.no_grad()
-def param_norms(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """||theta_i||_2 of every parameter tensor in its own dtype, as 0-d tensors on their devices (no sync; one
-    foreach call — the only work the training thread does for the fingerprint).  The parameters go in as they
-    are: under no_grad no graph is built, and a `detach()` each would cost a dispatch per tensor per step.  Not
-    accumulated in float64: that converted every tensor first and tripled the cost, and the fingerprint only has to
-    be reproducible, which the same kernel on the same parameters is."""
+_FINGERPRINT_ELEMENTS = 4096  # at most this many leading elements of each group's tensor are read
+
+
+def fingerprint_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors the parameter fingerprint reads: per param group, its smallest parameter that requires grad
+    (ties: the last; groups with none are skipped), of which the leading `_FINGERPRINT_ELEMENTS` values.
+
+    One small tensor per group, not all of them, because a norm per tensor per step was the hooks' largest cost
+    (and read every parameter, O(model) per step).  It loses no step in the cases replay diagnoses: a recorded
+    hyperparameter, clipping rule, batch or target that differs from what the loop did changes the update of every
+    tensor the group trains, this one included, at that very step; a divergence that starts in another tensor
+    alone (a nondeterministic kernel, a parameter edited outside the step) reaches it through the forward pass and
+    shows one step later."""
+    out = []
+    for group in optimizer.param_groups:
+        trained = [p for p in group["params"] if p.requires_grad]
+        if trained:
+            smallest = min(p.numel() for p in trained)
+            out.append([p for p in trained if p.numel() == smallest][-1])
+    return out
+
+
+def _leading(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1)[:_FINGERPRINT_ELEMENTS]
+
+
+def _host_bytes(t: torch.Tensor) -> memoryview | None:
+    """A byte view of `_leading(t)` sharing the parameter's memory (CPU, contiguous), else None."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        return None
     try:
-        return list(torch._foreach_norm(list(params), 2))
-    except (AttributeError, RuntimeError, TypeError):
-        return [torch.linalg.vector_norm(t) for t in params]
+        return memoryview(_leading(t).view(torch.uint8).numpy())
+    except (RuntimeError, TypeError, ValueError):
+        return None
 
 
-def fingerprint_value(norms: Sequence[torch.Tensor]) -> float:
-    """The recorded fingerprint: the per-tensor norms summed in order as Python (double) floats."""
+Snapshot = tuple[list[torch.dtype], list[bytes | torch.Tensor]]
+
+
+class ParamFingerprint:
+    """Snapshots of the fingerprinted values (`fingerprint_tensors`) after a step; `fingerprint_value` turns one
+    into the recorded float at flush.
+
+    On CPU a snapshot is a byte copy through a memory view bound once (no torch dispatch: a norm per step measured
+    ~20-25 us inside the training loop, a byte copy ~1-2 us); elsewhere a device clone of the leading values (no
+    host sync).  A parameter whose storage the loop replaced (`p.data = ...`) is bound again."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self._tensors = fingerprint_tensors(optimizer)
+        self._bind()
+
+    def _bind(self) -> None:
+        self._ptrs = [t.data_ptr() for t in self._tensors]
+        self._dtypes = [t.dtype for t in self._tensors]
+        self._views = [_host_bytes(t) for t in self._tensors]
+
+    def snapshot(self) -> Snapshot:
+        if list(map(torch.Tensor.data_ptr, self._tensors)) != self._ptrs:
+            self._bind()
+        parts = []
+        for t, view in zip(self._tensors, self._views, strict=True):
+            parts.append(_leading(t).clone() if view is None else view.tobytes())
+        return self._dtypes, parts
+
+
+def _as_float64(part: bytes | torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    if isinstance(part, bytes):
+        part = torch.from_numpy(np.frombuffer(part, dtype=np.uint8).copy()).view(dtype)
+    return part.detach().to("cpu", torch.float64).numpy()
+
+
+def fingerprint_value(snapshot: Snapshot) -> float:
+    """The recorded fingerprint: sum over groups of the L2 norm of the snapshot's values, in float64 (numpy's
+    summation, the same on every machine for the same values)."""
     total = 0.0
-    for n in norms:
-        total += float(n)
+    for dtype, part in zip(*snapshot, strict=True):
+        values = _as_float64(part, dtype)
+        total += float(np.sqrt(np.sum(values * values)))
     return total
 
 
-def param_fingerprint(params: Sequence[torch.Tensor]) -> float:
-    """sum_i ||theta_i||_2 (norms in the parameters' dtype, summed in parameter order as doubles): what
-    `optimizer_steps` records."""
-    return fingerprint_value(param_norms(params))
+def param_fingerprint(optimizer: torch.optim.Optimizer) -> float:
+    """The fingerprint of the optimizer's parameters as they are now: what `optimizer_steps` records after each
+    step (replay compares its own with it)."""
+    return fingerprint_value(ParamFingerprint(optimizer).snapshot())
 
 
 def fingerprints_differ(recorded: float, replayed: float) -> bool:
@@ -247,7 +317,10 @@ class StepFacts:
     groups: Groups
     clip: dict[str, Any] | None
     grads_altered: bool
-    fingerprint: list[torch.Tensor] | None  # per-tensor norms; summed at flush (`fingerprint_value`)
+    fingerprint: Snapshot | None  # turned into the recorded float at flush (`fingerprint_value`)
+
+
+UNKNOWN_CLIP = {"rule": "unknown"}  # recorded when the loop modified gradients at a step the hooks held no copies of
 
 
 class StepHooks:
@@ -257,20 +330,25 @@ class StepHooks:
         self._optimizer = optimizer
         self._on_step = on_step
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._fingerprint = ParamFingerprint(optimizer)
         self._hparams = _HparamsReader()
-        # per parameter: a copy-on-write clone of its gradient as backward accumulated it, that gradient tensor
-        # itself (a strong reference costs nothing more: the clone shares its storage) and its version counter then
-        self._acc: list[torch.Tensor | None] = [None] * len(self._params)
+        # per parameter: the gradient tensor backward accumulated, its version counter then, and (while copying)
+        # a copy-on-write clone of it
         self._seen: list[torch.Tensor | None] = [None] * len(self._params)
         self._version: list[int] = [0] * len(self._params)
-        self._pending: StepFacts | None = None
-        self._handles = [
-            optimizer.register_step_pre_hook(self._pre),
-            optimizer.register_step_post_hook(self._post),
-        ]
+        self._acc: list[torch.Tensor | None] = [None] * len(self._params)
+        # copies are taken for the stage's first step and, once the loop has modified gradients, for every step
+        self._copying = True
+        self._modifies = False
+        self._handles = [optimizer.register_step_post_hook(self._post)]
         for i, p in enumerate(self._params):
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._accumulate_hook(i)))
+
+    @property
+    def copying(self) -> bool:
+        """Whether the next backward's gradients are copied (the loop modified gradients, or no step ran yet)."""
+        return self._copying
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -278,15 +356,16 @@ class StepHooks:
         self._handles = []
 
     def _accumulate_hook(self, i: int) -> Callable[[torch.Tensor], None]:
-        acc, seen, version, clone = self._acc, self._seen, self._version, _lazy_clone  # bound once: runs for
-        # every parameter at every backward, so its body is kept to a clone and three stores
+        seen, version, acc, clone = self._seen, self._version, self._acc, _lazy_clone  # bound once: this runs for
+        # every parameter at every backward
 
         def accumulated(param: torch.Tensor) -> None:
             grad = param.grad
             if grad is not None:
-                acc[i] = clone(grad)
                 seen[i] = grad
                 version[i] = grad._version
+                if self._copying:
+                    acc[i] = clone(grad)
 
         return accumulated
 
@@ -299,14 +378,22 @@ class StepHooks:
         return True
 
     def _gradient_change(self) -> tuple[dict[str, Any] | None, bool]:
+        """(clipping rule, altered otherwise) of the gradients the optimizer stepped on."""
         if self._untouched():
+            if self._copying and not self._modifies:
+                self._copying = False
+                self._acc[:] = [None] * len(self._acc)  # in place (the hooks hold the list): no stale copy may
+                # later pass for the gradients of a step that took none
             return None, False
+        self._modifies = self._copying = True
         acc, grads = [], []
         for i, p in enumerate(self._params):
             if p.grad is None:
                 continue
             a = self._acc[i]
-            if a is None or a.shape != p.grad.shape or a.dtype != p.grad.dtype:
+            if a is None:  # no copy of what backward made: the first modification after untouched steps
+                return dict(UNKNOWN_CLIP), True
+            if a.shape != p.grad.shape or a.dtype != p.grad.dtype:
                 return None, True
             acc.append(a)
             grads.append(p.grad)
@@ -315,16 +402,12 @@ class StepHooks:
         clip = infer_clip(acc, grads)
         return clip, clip is None
 
-    def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        clip, altered = self._gradient_change()
-        self._pending = StepFacts(self._hparams.read(optimizer), clip, altered, None)
-
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        facts, self._pending = self._pending, None
-        if facts is None:  # a post-hook without its pre-hook (cannot happen with torch's wrapper)
-            facts = StepFacts(applied_hparams(optimizer), None, True, None)
-        facts.fingerprint = param_norms(self._params)
-        self._on_step(facts)
+        # Read after the step, not before: the supported optimizers step on p.grad without writing it and change no
+        # group value, so the gradients and hyperparameters are still those the step applied, and one hook per
+        # step costs less than two.
+        clip, altered = self._gradient_change()
+        self._on_step(StepFacts(self._hparams.read(optimizer), clip, altered, self._fingerprint.snapshot()))
 
 
 # ----------------------------------------------------------------------------------------------- buffered rows
@@ -339,7 +422,7 @@ class StepBuffer:
     hparams: list[Groups] = field(default_factory=list)
     clip: list[dict[str, Any] | None] = field(default_factory=list)
     grads_altered: list[bool] = field(default_factory=list)
-    fingerprint: list[list[torch.Tensor] | None] = field(default_factory=list)
+    fingerprint: list[Snapshot | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.step)

@@ -15,13 +15,13 @@ def test_paired_step_overhead_times_every_step_of_both_arms() -> None:
     for name in ("sgd", "adamw"):
         fig = res[name]
         assert fig["steps"] == n_batches  # the warm-up epoch is not counted
-        assert fig["plain_step_us"] > 0 and math.isfinite(fig["overhead_pct"])
+        assert fig["plain_step_us"] > 0 and math.isfinite(fig["overhead_pct"]) and math.isfinite(fig["aa_pct"])
 
 
 def test_goal_verdict_follows_the_figures() -> None:
     def paired(*pcts: float) -> dict:
-        return {f"opt{i}": {"overhead_pct": p, "median_diff_us": 1.0, "plain_step_us": 2000.0, "steps": 10}
-                for i, p in enumerate(pcts)}  # fmt: skip
+        figures = {"overhead_pct": 9.0, "median_diff_us": 1.0, "plain_step_us": 2000.0, "steps": 10, "aa_pct": 0.0}
+        return {f"opt{i}": {**figures, "mean_diff_us": p * 25.0, "loop_pct": p} for i, p in enumerate(pcts)}
 
     goal = recorder_overhead.HOOKS_GOAL_PCT
     assert recorder_overhead.goal_met(paired(1.0, goal))
@@ -30,4 +30,6 @@ def test_goal_verdict_follows_the_figures() -> None:
     text = recorder_overhead._paired_text(
         {"hooks_paired": paired(3.0), "hooks_goal_pct": goal, "hooks_goal_met": False}
     )
-    assert text.startswith("opt0 +3.00%") and text.endswith("not met")
+    assert text.startswith("opt0 +75 us a step = +3.00% of the sample loop's time") and text.endswith("not met")
+    # the share of the loop is the paired mean difference over the loop's time per step
+    assert recorder_overhead.with_loop_share(paired(1.0), 2500.0)["opt0"]["loop_pct"] == 1.0

@@ -209,6 +209,29 @@ def test_hand_scaled_gradients_are_refused_naming_the_first_altered_step(tmp_pat
     assert not result.effects.empty
 
 
+def test_clipping_that_starts_later_in_a_stage_is_refused_at_its_first_step(tmp_path: Path) -> None:
+    """The recorder drops its gradient copies after a step that leaves gradients alone, so the first step that
+    clips after such steps has no copy to infer the rule from: recorded as rule 'unknown', replay refuses naming it;
+    from that step on copies are kept again and the rule is inferred."""
+
+    def clip_from_step_3(model: torch.nn.Module, step: int) -> None:
+        if step >= 3:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.3)
+
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(run_dir, [StageCfg("a", _sgd(), None, epochs=1, clip=clip_from_step_3)])
+    with duckdb.connect(str(run_dir / "snapshot.duckdb"), read_only=True) as con:
+        rows = con.execute("SELECT step, clip, grads_altered FROM optimizer_steps ORDER BY step").fetchall()
+    assert [(s, a) for s, _, a in rows][:4] == [(0, False), (1, False), (2, False), (3, True)]
+    assert json.loads(rows[3][1]) == {"rule": "unknown"}
+    assert all(json.loads(c) == {"rule": "norm", "max_norm": 0.3, "norm_type": 2.0} and not a for _, c, a in rows[4:])
+    with RunStore(run_dir) as store:
+        training = load_training(store, pipeline()).training
+    with pytest.raises(StageAnalysisError, match=r"at step 3 \(stage 'a'\) after earlier steps of the stage"):
+        replay_full(training)
+
+
 def test_estimates_of_a_replayable_run_are_marked_as_estimates(tmp_path: Path) -> None:
     """fast on a replayable run: verified false, 'not replayed'; replay: verified true."""
     run_dir = tmp_path / "run"

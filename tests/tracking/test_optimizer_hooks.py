@@ -14,7 +14,17 @@ from torch import nn
 
 from fgtrac_core import RecorderStateError, Run, RunStore
 from fgtrac_core.errors import FgtracError
-from fgtrac_core.tracking.optimizer_hooks import expand_hparams, hparams_delta, infer_clip
+from fgtrac_core.tracking.optimizer_hooks import (
+    ParamFingerprint,
+    StepFacts,
+    StepHooks,
+    expand_hparams,
+    fingerprint_tensors,
+    fingerprint_value,
+    hparams_delta,
+    infer_clip,
+    param_fingerprint,
+)
 
 
 def _run(run_dir: Path) -> tuple[Run, nn.Module]:
@@ -299,3 +309,77 @@ def test_hparams_reader_sees_every_change_the_full_conversion_sees() -> None:
     assert reused == 3
     opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.3})
     assert reader.read(opt) == applied_hparams(opt) and len(reader.read(opt)) == 2
+
+
+def test_gradient_copies_are_kept_only_while_the_loop_modifies_gradients() -> None:
+    """Copies are taken at the stage's first step, dropped after a step that leaves every gradient alone, taken
+    again from the first step that modifies them (that step has none: rule 'unknown') and kept from then on."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    facts: list[StepFacts] = []
+    hooks = StepHooks(opt, facts.append)
+
+    def step(clip: bool) -> StepFacts:
+        opt.zero_grad()
+        _backward(model)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        opt.step()
+        return facts[-1]
+
+    assert hooks.copying
+    first = step(False)
+    assert (first.clip, first.grads_altered) == (None, False)
+    assert not hooks.copying and hooks._acc == [None, None]
+    assert (step(False).clip, hooks.copying) == (None, False)
+    unknown = step(True)
+    assert (unknown.clip, unknown.grads_altered, hooks.copying) == ({"rule": "unknown"}, True, True)
+    inferred = step(True)
+    assert (inferred.clip, inferred.grads_altered) == ({"rule": "norm", "max_norm": 0.001, "norm_type": 2.0}, False)
+    clean = step(False)
+    assert (clean.clip, clean.grads_altered, hooks.copying) == (None, False, True)
+    hooks.remove()
+
+    # a loop that clips from the stage's first step has its rule inferred at every step
+    facts.clear()
+    hooks = StepHooks(opt, facts.append)
+    assert [step(True).clip["rule"] for _ in range(3)] == ["norm"] * 3
+    hooks.remove()
+
+
+def _reference_fingerprint(tensors: list[torch.Tensor]) -> float:
+    return sum(float(torch.linalg.vector_norm(t.detach().reshape(-1)[:4096].double())) for t in tensors)
+
+
+def test_fingerprint_reads_the_smallest_trainable_tensor_of_each_group() -> None:
+    torch.manual_seed(0)
+    a, b = nn.Linear(5, 4), nn.Linear(4, 3)
+    frozen = nn.Parameter(torch.ones(1), requires_grad=False)
+    wide = nn.Parameter(torch.randn(5000))
+    opt = torch.optim.SGD(
+        [{"params": [a.weight, a.bias, frozen]}, {"params": [b.weight, b.bias]}, {"params": [wide]}], lr=0.1
+    )
+    assert [id(t) for t in fingerprint_tensors(opt)] == [id(a.bias), id(b.bias), id(wide)]
+    # an independent reference: float64 norms by torch (of the leading 4096 values of the 5000-element tensor)
+    assert param_fingerprint(opt) == pytest.approx(_reference_fingerprint([a.bias, b.bias, wide]), rel=1e-14)
+
+    fp = ParamFingerprint(opt)
+    before = fp.snapshot()
+    with torch.no_grad():
+        a.bias.add_(1.0)  # in place, as an optimizer step writes
+    after = fp.snapshot()
+    assert fingerprint_value(before) != fingerprint_value(after)  # a snapshot is a copy, not a view
+    assert fingerprint_value(after) == pytest.approx(_reference_fingerprint([a.bias, b.bias, wide]), rel=1e-14)
+    a.bias.data = torch.zeros(4)  # storage replaced by the loop: bound again
+    assert fingerprint_value(fp.snapshot()) == pytest.approx(_reference_fingerprint([a.bias, b.bias, wide]))
+
+
+def test_fingerprint_of_bfloat16_and_non_contiguous_parameters() -> None:
+    """Parameters numpy cannot view (bfloat16) or that are not contiguous take the clone path, same value."""
+    torch.manual_seed(0)
+    half = nn.Parameter(torch.randn(6).to(torch.bfloat16))
+    strided = nn.Parameter(torch.randn(4, 3).t())
+    for param in (half, strided):
+        opt = torch.optim.SGD([param], lr=0.1)
+        assert param_fingerprint(opt) == pytest.approx(_reference_fingerprint([param]), rel=1e-14)
