@@ -8,11 +8,9 @@ out of order); the error is re-raised in the training thread at its next recorde
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable
 
 import duckdb
@@ -21,13 +19,6 @@ from fgtrac_core.errors import FgtracError
 from fgtrac_core.store.db import first_line
 
 Job = Callable[[duckdb.DuckDBPyConnection], None]
-
-# A snapshot costs a DuckDB CHECKPOINT and a copy of the whole database (~30 ms on the sample run, growing with the
-# run), and was published after every checkpoint: on the sample loop that was most of what recording added end to
-# end.  Publishes asked for by checkpoints are spaced at least this far apart (seconds); a reader's view lags the
-# live database by at most about this much.  Publishes someone waits for (`Run.publish`, analyses) and the last
-# one at close are never deferred.  Signed tree heads are unaffected: one is stored at every checkpoint.
-PUBLISH_INTERVAL_S = 1.0
 
 
 def _lower_own_priority() -> None:
@@ -83,13 +74,8 @@ class Writer:
     def _loop(self) -> None:
         _lower_own_priority()
         publish_due = False
-        last_publish = -math.inf
         while True:
-            wait = None if not publish_due else max(0.0, last_publish + PUBLISH_INTERVAL_S - time.monotonic())
-            try:
-                job, publish, done = self._queue.get(timeout=wait)
-            except queue.Empty:  # a deferred publish came due while nothing else arrived
-                job, publish, done = (lambda con: None), False, None
+            job, publish, done = self._queue.get()
             if job is None:
                 if publish_due and self._error is None:
                     self._run(lambda con: self._publish())
@@ -97,13 +83,10 @@ class Writer:
             if self._error is None:
                 self._run(job)
                 publish_due |= publish
-                # publish when caught up, the interval has passed, or someone waits: under backlog or in quick
-                # succession, one snapshot covers several jobs
-                ready = self._queue.empty() and time.monotonic() >= last_publish + PUBLISH_INTERVAL_S
-                if publish_due and (ready or done is not None) and self._error is None:
+                # publish when caught up (or when someone waits): under backlog, one snapshot covers several jobs
+                if publish_due and (self._queue.empty() or done is not None) and self._error is None:
                     self._run(lambda con: self._publish())
                     publish_due = False
-                    last_publish = time.monotonic()
             if done is not None:
                 done.set()
 

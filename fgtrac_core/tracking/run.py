@@ -23,7 +23,7 @@ Conventions:
     holds the parameters *before* the update of batch step s.
   * Batches are buffered in memory and committed in one Arrow insert at every checkpoint, stage boundary, at
     ``flush()``, ``close()``, and whenever ``flush_every`` sample rows are pending.  What is committed survives a
-    crash (DuckDB's WAL); a snapshot for readers is published after checkpoints (at most one a second) and at close.
+    crash (DuckDB's WAL); a snapshot for readers is published at every checkpoint and at close.
   * The slow part (serialising checkpoints, fsync, inserts, snapshots) runs on a background writer thread, in
     order; the training thread only validates, copies checkpoint tensors and enqueues.  ``flush()`` and
     ``publish()`` wait for the writer, ``close()`` drains it.  A background failure is raised at the next call.
