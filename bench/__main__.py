@@ -141,7 +141,8 @@ The training thread only validates, buffers and enqueues; checkpoint serialisati
 ledger entries, a signed tree head and a snapshot copy per checkpoint run on a writer thread at the lowest CPU
 priority, so that they take cores only in the loop's gaps. On this tiny loop (a checkpoint every ~20 steps of ~5 ms) the writer
 cannot keep up inside the gaps and finishes its backlog in `close()`: that deferred work is the end-to-end
-figure, dominated by ~30 ms per published snapshot (DuckDB CHECKPOINT + copy) and ~2 ms per DuckDB statement.
+figure, dominated by DuckDB statements (~3-5 ms each: per commit the Arrow inserts and the read-backs that build
+ledger entries); snapshots coalesce while the writer is backlogged (spacing them ≥ 1 s apart measured no gain).
 
 ## Verify throughput
 

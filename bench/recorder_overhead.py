@@ -25,8 +25,9 @@ HOOKS_GOAL_PCT = 2.0  # issue 11: the per-step hooks cost at most 2% of the samp
 
 
 class HooksOnlyRun(NullRun):
-    """Records nothing but attaches the recorder's optimizer step hooks (hyperparameters, gradient copies and
-    comparison, parameter fingerprint, the buffered row) to each stage: the per-step hook cost alone."""
+    """Records nothing but attaches the recorder's optimizer step hooks (hyperparameters, gradient identity and
+    version check, copies while the loop modifies gradients, parameter fingerprint, the buffered row) to each
+    stage: the per-step hook cost alone."""
 
     def __init__(self) -> None:
         self.rows = StepBuffer()

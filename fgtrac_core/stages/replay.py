@@ -24,7 +24,12 @@ import torch
 
 from fgtrac_core.stages.errors import ReplayMismatchError, StageAnalysisError
 from fgtrac_core.stages.training import StateDict, Training
-from fgtrac_core.tracking.optimizer_hooks import apply_clip, fingerprints_differ, param_fingerprint
+from fgtrac_core.tracking.optimizer_hooks import (
+    ParamFingerprint,
+    apply_clip,
+    fingerprint_value,
+    fingerprints_differ,
+)
 
 
 @contextlib.contextmanager
@@ -89,6 +94,8 @@ class Cursor:
         # replay_full compares every step with its recorded parameter fingerprint: the first step that differs
         self.check_fingerprints = False
         self.divergence: Divergence | None = None
+        self._fingerprint: ParamFingerprint | None = None  # bound to `_fingerprinted`, the stage's optimizer
+        self._fingerprinted: torch.optim.Optimizer | None = None
         self._enter_stage(carried)
 
     @property
@@ -133,7 +140,11 @@ class Cursor:
         recorded = stage.fingerprints[self.step_index] if stage.fingerprints else None
         if recorded is None:
             return
-        replayed = param_fingerprint(self.optimizer)
+        if self._fingerprinted is not self.optimizer:  # bound once per stage, not per step
+            assert self.optimizer is not None
+            self._fingerprint, self._fingerprinted = ParamFingerprint(self.optimizer), self.optimizer
+        assert self._fingerprint is not None
+        replayed = fingerprint_value(self._fingerprint.snapshot())
         if fingerprints_differ(recorded, replayed):
             self.divergence = Divergence(self.stage_index, self.step_index, recorded, replayed)
 

@@ -327,7 +327,6 @@ class StepHooks:
     """The hooks of one stage's optimizer; `on_step(facts)` is called after every optimizer step."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, on_step: Callable[[StepFacts], None]) -> None:
-        self._optimizer = optimizer
         self._on_step = on_step
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self._fingerprint = ParamFingerprint(optimizer)

@@ -236,7 +236,8 @@ def test_infer_clip(clip, expected) -> None:
 
 
 def test_overhead_is_small_without_clipping(tmp_path: Path) -> None:
-    """The hooks cost one gradient copy per parameter and a fingerprint per step; no database work per step."""
+    """The hooks buffer one row per step (a fingerprint, no gradient copies after a clean first step); no database
+    work per step."""
     run, model = _run(tmp_path / "r")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with run.stage("s", optimizer=opt, model=model):
