@@ -11,6 +11,12 @@ from fgtrac_core.errors import FgtracError
 from fgtrac_core.verify import VerifyReport, verify_run
 
 RESULT = {True: "pass", False: "FAIL", None: "skipped"}
+_REQUESTED = "audit_verify_requested"
+_LAST = "audit_last_report"  # (run directory, pinned key's upload id, snapshot identity, VerifyReport)
+
+
+def _request_verification() -> None:
+    st.session_state[_REQUESTED] = True
 
 
 def _show(report: VerifyReport) -> None:
@@ -41,26 +47,37 @@ def render() -> None:
         help="The key file from `fgtrac key export` that you expect this run to be signed with. Without it the "
         "run's own recorded key is used, which only detects accidental change, not a re-signed rewrite.",
     )
-    if not st.button("Verify ledger", key="verify_ledger", type="primary"):
+    # The click is kept in session state (on_click runs before the script): a snapshot published while the click's
+    # run is under way makes the app rerun once, and a plain button reads False in that rerun, so the click was lost.
+    st.button("Verify ledger", key="verify_ledger", type="primary", on_click=_request_verification)
+    pinned = key_file.file_id if key_file is not None else None
+    if st.session_state.pop(_REQUESTED, False):
+        shown = data.snapshot_id()
+        bar = st.progress(0.0, text="verifying")
+        try:
+            with data.holding_snapshot():
+                report = verify_run(
+                    data.run_dir(),
+                    public_key=key_file.getvalue() if key_file is not None else None,
+                    progress=lambda frac, label: bar.progress(min(frac, 1.0), text=label),
+                )
+        except FgtracError as exc:
+            bar.empty()
+            st.session_state.pop(_LAST, None)
+            st.error(f"Cannot verify: {md(exc)}")
+            return
+        bar.empty()
+        st.session_state[_LAST] = (str(data.run_dir()), pinned, shown, report)
+    last = st.session_state.get(_LAST)
+    if last is None or last[:2] != (str(data.run_dir()), pinned):
         st.caption(
             "Recomputes every entry from the tables, rebuilds chain and Merkle root, checks every signed tree "
             "head and re-hashes every checkpoint file, thumbnail and (for bundled pipelines) the source data."
         )
         return
-    bar = st.progress(0.0, text="verifying")
-    try:
-        with data.holding_snapshot():
-            report = verify_run(
-                data.run_dir(),
-                public_key=key_file.getvalue() if key_file is not None else None,
-                progress=lambda frac, label: bar.progress(min(frac, 1.0), text=label),
-            )
-    except FgtracError as exc:
-        bar.empty()
-        st.error(f"Cannot verify: {md(exc)}")
-        return
-    bar.empty()
-    _show(report)
+    if last[2] != data.snapshot_id():
+        st.info("The recorder has published a newer snapshot since this check: verify again to include it.")
+    _show(last[3])
 
 
 render()

@@ -80,3 +80,44 @@ def test_an_idle_page_polls_for_a_newer_snapshot(tmp_path: Path, monkeypatch: py
     assert data.snapshot_id() != before
     at = open_page(run_dir, "views/overview.py", monkeypatch)
     assert _metrics(at)["optimizer steps"] == "0"
+
+
+def test_a_verify_click_survives_a_snapshot_published_during_its_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot published between the top of the click's script run and the poller's check makes the app rerun
+    once; the click must still verify (it once came back with no result: the rerun read the button as unclicked).
+    The report stays shown on later reruns, with a note once a newer snapshot exists."""
+    from app import data
+
+    run_dir = tmp_path / "run"
+    run, model, opt = _start(run_dir)
+    with run.stage("first", optimizer=opt, model=model):
+        _steps(run, model, opt, range(20))
+    run.close()
+    at = open_page(run_dir, "views/audit.py", monkeypatch)
+    assert not at.success
+
+    real = data.snapshot_id
+    armed = [True]
+
+    def publish_after_reading() -> tuple[int, ...] | None:
+        shown = real()
+        if armed[0]:  # main.py's `shown`: the recorder publishes right after it was read
+            armed[0] = False
+            Run.open(run_dir).close()
+        return shown
+
+    monkeypatch.setattr(data, "snapshot_id", publish_after_reading)
+    at.button(key="verify_ledger").click().run()
+    assert not armed[0], "the publish hook never ran"
+    assert not at.exception and not at.error, (at.exception, at.error)
+    assert at.success and at.success[0].value.startswith("Ledger intact"), [m.value for m in at.caption]
+    assert not at.info
+
+    at.run()  # an unrelated rerun keeps the result
+    assert at.success[0].value.startswith("Ledger intact")
+    Run.open(run_dir).close()
+    at.run()
+    assert at.success[0].value.startswith("Ledger intact")
+    assert "newer snapshot" in at.info[0].value
