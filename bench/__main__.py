@@ -26,6 +26,7 @@ from bench import (
     peers_dattri,
     ray_scaling,
     recorder_overhead,
+    run_faithfulness,
     stage_faithfulness,
     verify_throughput,
 )
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         ("ray_scaling", lambda: ray_scaling.measure(quick=q), ray_scaling.report),
         ("mislabel", lambda: mislabel.measure(quick=q), mislabel.summarise),
         ("faithfulness", lambda: faithfulness.measure(quick=q), faithfulness.summarise),
+        ("run_faithfulness", lambda: run_faithfulness.measure(quick=q), run_faithfulness.summarise),
         ("stage_faithfulness", lambda: stage_faithfulness.measure(quick=q), stage_faithfulness.summarise),
     ] + ([] if q else [("dashboard_speed", dashboard_speed.measure, dashboard_speed.report),
                        ("dashboard_scale", dashboard_scale.measure, dashboard_scale.report),
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         else dashboard_scale.HEADING + "\n\n(not measured in a quick run)\n",
         texts["mislabel"],
         texts["faithfulness"],
+        texts["run_faithfulness"],
         texts["stage_faithfulness"],
         crash_concurrency.markdown(results["crash_concurrency"])
         if "crash_concurrency" in results

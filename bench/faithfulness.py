@@ -164,26 +164,46 @@ def retrain(
     return torch.cat(out)
 
 
+@dataclass
+class Trajectory:
+    """What the reference run left: `checkpoints` (`{"model", "optimizer"}` dicts with the learning rate, every
+    `checkpoint_every` steps, each saved after its step) and `before` (the model before each step, the parameters
+    every step's gradient was taken at)."""
+
+    checkpoints: list[tuple[dict[str, Any], float]]
+    before: list[tuple[dict[str, Any], float]]
+
+
+def usage_matrix(setting: Setting, n_train: int, intervals: list[range]) -> np.ndarray:
+    """(n_train, len(intervals)) usage weights: W[z, c] = Σ η_t / |B_t| over the steps t in `intervals[c]` whose
+    batch held z (fgtrac_core.influence.weighting's definition, from this bench's known batch order)."""
+    steps = batches(setting, n_train)
+    w = np.zeros((n_train, len(intervals)))
+    for c, interval in enumerate(intervals):
+        for t in interval:
+            np.add.at(w[:, c], steps[t].numpy(), setting.lr / len(steps[t]))
+    return w
+
+
 def train_reference(
     setting: Setting, train: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[nn.Module, list[torch.Tensor], list[tuple[dict[str, Any], float]]]:
-    """The real model and optimizer on the full training set: (model, initial parameters, checkpoints).
-
-    Checkpoints are `{"model", "optimizer"}` dicts with the learning rate, every `checkpoint_every` steps."""
+) -> tuple[nn.Module, list[torch.Tensor], Trajectory]:
+    """The real model and optimizer on the full training set: (model, initial parameters, trajectory)."""
     torch.manual_seed(SEED)
     model = _model(setting.arch)
     init = [p.detach().clone() for p in model.parameters()]
     opt = _optimizer(setting, list(model.parameters()))
     x, y = train
-    checkpoints = []
+    checkpoints, before = [], []
     for step, idx in enumerate(batches(setting, len(x)), 1):
+        before.append(({"model": {k: v.detach().clone() for k, v in model.state_dict().items()}}, setting.lr))
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
         if step % setting.checkpoint_every == 0:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             checkpoints.append(({"model": state, "optimizer": copy.deepcopy(opt.state_dict())}, setting.lr))
-    return model, init, checkpoints
+    return model, init, Trajectory(checkpoints, before)
 
 
 def _column_correlations(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
@@ -249,11 +269,28 @@ def _float32(obj: Any) -> Any:
     return obj
 
 
+def _weighted(
+    setting: Setting, n_train: int, trajectory: Trajectory, weighting: str
+) -> tuple[list[tuple[dict[str, Any], float]], np.ndarray | None]:
+    """(checkpoints, sample weights) of a weighting: ``checkpoint`` (lr per checkpoint, Captum's convention),
+    ``usage`` (each checkpoint stands for the steps since the previous one and weighs a sample by its uses there)
+    or ``step`` (step-exact TracIn: every step's own parameters, weighted by that step's uses)."""
+    if weighting == "checkpoint":
+        return trajectory.checkpoints, None
+    if weighting == "usage":
+        every = setting.checkpoint_every
+        spans = [range(c * every, (c + 1) * every) for c in range(len(trajectory.checkpoints))]
+        return trajectory.checkpoints, usage_matrix(setting, n_train, spans)
+    spans = [range(t, t + 1) for t in range(len(trajectory.before))]
+    return trajectory.before, usage_matrix(setting, n_train, spans)
+
+
 def _scores(
     model: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
-    checkpoints: list[tuple[dict[str, Any], float]],
+    setting: Setting,
+    trajectory: Trajectory,
     kwargs: dict[str, Any],
 ) -> np.ndarray | str:
     """(n_test, n_train) TracInCP scores, or why this build of fgtrac cannot compute them.
@@ -262,9 +299,13 @@ def _scores(
     modes' projection is float32 anyway)."""
     model32 = copy.deepcopy(model).float()
     train32, test32 = (train[0].float(), train[1]), (test[0].float(), test[1])
+    kwargs = dict(kwargs)
+    checkpoints, weights = _weighted(setting, len(train[0]), trajectory, kwargs.pop("weighting", "checkpoint"))
     ckpts32 = [(_float32(c), lr) for c, lr in checkpoints]
     try:
-        scores = tracin(model32, "head", train32, test32, ckpts32, device="cpu", **kwargs)
+        scores = tracin(
+            model32, "head", train32, test32, ckpts32, device="cpu", sample_weights=weights, **kwargs
+        )
     except FgtracError as e:  # a mode this build does not have (yet)
         return str(e)
     assert isinstance(scores, torch.Tensor)
@@ -280,9 +321,14 @@ def _methods(setting: Setting, model: nn.Module, all_params: bool) -> dict[str, 
     """
     n_params = sum(p.numel() for p in model.parameters())
     adamw = setting.optimizer == "adamw"
-    methods = {"sgd_form": ("SGD form, head", {"mode": "last_layer"})}
+    methods = {
+        "sgd_form": ("SGD form, head", {"mode": "last_layer"}),
+        "usage": ("usage-aware SGD form, head", {"mode": "last_layer", "weighting": "usage"}),
+        "step_exact": ("step-exact SGD form, head", {"mode": "last_layer", "weighting": "step"}),
+    }
     if adamw:
         methods["adamw_aware"] = ("AdamW-aware, head", {"mode": "adamw"})
+        methods["adamw_usage"] = ("usage-aware AdamW-aware, head", {"mode": "adamw", "weighting": "usage"})
     if setting.arch == "mlp" and all_params:
         # projection_dim = P: the projection is exact, so these are the unprojected all-parameter scores
         methods["sgd_form_all"] = ("SGD form, all parameters", {"mode": "full", "projection_dim": n_params})
@@ -365,7 +411,8 @@ def _measure(quick: bool) -> dict[str, Any]:
     t_all = time.perf_counter()
     for setting in SETTINGS:
         t0 = time.perf_counter()
-        model, init, checkpoints = train_reference(setting, train)
+        model, init, trajectory = train_reference(setting, train)
+        checkpoints = trajectory.checkpoints
         with torch.no_grad():
             ref_losses = F.cross_entropy(model(test[0]), test[1], reduction="none")
             accuracy = float((model(test[0]).argmax(1) == test[1]).to(DTYPE).mean())
@@ -393,7 +440,7 @@ def _measure(quick: bool) -> dict[str, Any]:
         scored: dict[str, tuple[dict[str, Any], np.ndarray | str]] = {}
         for key, (label, kwargs) in _methods(setting, model, all_params=not quick).items():
             t = time.perf_counter()
-            scores = _scores(model, train, test, checkpoints, kwargs)
+            scores = _scores(model, train, test, setting, trajectory, kwargs)
             scored[key] = (
                 {"label": label, "by": "fgtrac", "kwargs": kwargs, "seconds": time.perf_counter() - t},
                 scores,
@@ -549,6 +596,14 @@ scores and the negated test loss of the model retrained on it; averaged over tes
 datamodeling score). *Replay error*: largest difference between the test losses of the reference run (real
 module and optimizer, which wrote the checkpoints) and of the batched retraining's full-data replica. "Head" is
 the final linear layer — the whole model for logistic regression. Scores are computed in float32.
+*Usage-aware*: each checkpoint weighs a training sample by Σ η/|B_t| over its uses in the steps since the
+previous checkpoint; here every sample is used equally often in every checkpoint interval at one learning rate,
+so it is a constant multiple of the checkpoint-level form and ranks the same (the sample run, whose stages train
+different subsets at different rates, is where they part: next section). *Step-exact*: Pruthi et al.'s
+idealised TracIn, the gradients at every step's own parameters, weighted η/|B_t| for the samples in that step's
+batch (computed here from the reference run's parameters before each step; `fgtrac influence --mode exact` takes
+them from an exact replay of the recorded run). AdamW-influence (`--mode adamw_influence`) needs a recorded run to
+replay and is measured in the next section.
 
 Goal: on the AdamW-trained models, the AdamW-aware form's LOO Spearman >= 10% above the SGD form's. The interval
 is the delete-half jackknife's over the choice of removed samples ({r["n_jackknife_draws"]} random halves):

@@ -22,11 +22,11 @@ def test_python_m_bench_quick_writes_every_section(tmp_path: Path) -> None:
     results = json.loads(js.read_text())
     for section in (
         "recorder_overhead", "verify_throughput", "influence_speed", "influence_scale", "mislabel",
-        "faithfulness", "stage_faithfulness",
+        "faithfulness", "run_faithfulness", "stage_faithfulness",
     ):  # fmt: skip
         assert results[section], section
     assert results["quick"] is True
     text = md.read_text()
     for heading in ("Recorder overhead", "Verify throughput", "Influence speed", "Influence at scale",
-                    "Stage-attribution faithfulness"):  # fmt: skip
+                    "Stage-attribution faithfulness", "Influence faithfulness on the sample run"):  # fmt: skip
         assert f"## {heading}" in text, heading
