@@ -458,8 +458,9 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     inf.add_argument(
         "--weighting", choices=["usage", "checkpoint"],
-        help="usage: each sample's uses (Σ lr/|batch|) in the steps a checkpoint stands for (default when the run "
-        "recorded batches); checkpoint: one lr per checkpoint (Captum)",
+        help="checkpoint (default; Captum's convention): one lr per checkpoint; usage: each sample's uses "
+        "(Σ lr/|batch|) in the steps a checkpoint stands for (the default and only choice of exact and "
+        "adamw_influence). Measured on the sample run, checkpoint weighting was the more faithful (BENCHMARKS.md)",
     )  # fmt: skip
     inf.add_argument(
         "--check", type=int_in(2, 100_000), metavar="K",

@@ -116,13 +116,17 @@ def _contributions(proponents: pd.DataFrame, analysis: dict[str, Any]) -> None:
     )
     title = f"#{pick}: raw score {row['score']:+.4g} split over the influence checkpoints"
     fig = bars(frame, "checkpoint", "contribution", "stage", title=title, y_title="contribution", height=300)
-    if all(intervals):  # usage weighting: each term is weighted by the sample's uses in its checkpoint's steps
+    if all(intervals):  # the run recorded its batches: label each term with the uses behind it
         uses = data.query("uses_in_steps", pick, [(i["first_step"], i["last_step"]) for i in intervals])
         by_checkpoint = dict(zip(frame["checkpoint"], uses, strict=True))
         for trace in fig.data:
             trace.text = [f"{by_checkpoint[x]} use{'' if by_checkpoint[x] == 1 else 's'}" for x in trace.x]
-        st.caption(f"Usage weighting: each checkpoint's term counts #{pick}'s uses in the steps that checkpoint "
-                   "stands for (bar labels); a checkpoint whose steps never used it adds exactly 0.")  # fmt: skip
+        if analysis["params"].get("weighting") == "usage":
+            st.caption(f"Usage weighting: each checkpoint's term counts #{pick}'s uses in the steps that checkpoint "
+                       "stands for (bar labels); a checkpoint whose steps never used it adds exactly 0.")  # fmt: skip
+        else:
+            st.caption(f"Checkpoint weighting: every checkpoint scores #{pick} at its learning rate, used in its "
+                       "steps or not (bar labels: its uses there), by gradient similarity at that checkpoint.")  # fmt: skip
     st.plotly_chart(fig, key="contrib_chart")
 
 

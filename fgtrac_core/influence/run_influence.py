@@ -174,7 +174,10 @@ def run_influence(
     stage, plus the final checkpoint), `all`, or checkpoint ids.  Refuses checkpoint files whose hash differs
     from the ledger.  `weighting`: `usage` (each checkpoint's term for a training sample weighted by that
     sample's uses, Σ η_t/|B_t|, in the steps the checkpoint stands for; `fgtrac_core.influence.weighting`) or
-    `checkpoint` (one lr per checkpoint, Captum's convention); default `usage` when the run recorded its batches.
+    `checkpoint` (one lr per checkpoint, Captum's convention); default `checkpoint`, the more faithful of the two
+    when judged by exact replays of the sample run (BENCHMARKS.md, "Influence faithfulness on the sample run"),
+    and `usage` for the modes that replay the run.  A run that recorded its batches stores, under either
+    weighting, each sample's uses in the steps every checkpoint stands for beside its contributions.
     `check` K: also replay the run K times without a random half of the training samples and store the LDS of
     these scores against the replays' test losses (`fgtrac_core.influence.check`).  Their cost is estimated
     first (a few replayed steps timed per stage, `check.estimate`) and handed to `on_estimate`; above
@@ -219,12 +222,11 @@ def run_influence(
         test_ids_arr, x_te, y_te = _split(store, pipeline, "test", test_ids)
         batched = has_batch_records(store)
         if weighting is None:
-            weighting = "usage" if batched else "checkpoint"
+            weighting = "usage" if replayed else "checkpoint"
         if weighting == "usage" and not batched:
             raise FgtracError("usage weighting needs the run's batch records; this run has none (--weighting checkpoint)")
-        usage = (
-            usage_weights(store, train_ids, [c["checkpoint_id"] for c in chosen]) if weighting == "usage" else None
-        )
+        # under checkpoint weighting too: the uses behind each checkpoint's term are stored for the reviewer
+        usage = usage_weights(store, train_ids, [c["checkpoint_id"] for c in chosen]) if batched else None
         if replayed or check:
             from fgtrac_core.stages._records import load_training
 
@@ -285,7 +287,7 @@ def run_influence(
             seed=seed,
             device=device,
             progress=progress,
-            sample_weights=usage.matrix if usage is not None else None,
+            sample_weights=usage.matrix if weighting == "usage" else None,
             **sharding,
         )
     measured = None
@@ -301,7 +303,7 @@ def run_influence(
                 net, pipeline.head_layer, (x_tr, y_tr), (x_te, y_te),
                 [(state, c["lr"]) for c, state in zip(chosen, states, strict=True)],
                 mode=mode, include_bias=include_bias, projection_dim=projection_dim, seed=seed, device=device,
-                sample_weights=usage.matrix if usage is not None else None,
+                sample_weights=usage.matrix if weighting == "usage" else None,
             )  # fmt: skip
         with deterministic(records.config.get("torch_threads")):
             measured = run_check(
@@ -314,10 +316,11 @@ def run_influence(
     seconds = time.perf_counter() - t0
     for i, (c, w) in enumerate(zip(chosen, rev.checkpoint_weights, strict=True)):
         c["kappa"] = rev.checkpoint_kappas[i] if rev.checkpoint_kappas else 1.0
-        if usage is None:
+        if weighting == "checkpoint":
             c["weight"] = w  # lr, times κ for adamw on Adam checkpoints
         else:  # κ: the factor on each sample's Σ η_t/|B_t| over its uses in the interval
             c["weight"] = c["kappa"]
+        if usage is not None:
             c["interval"] = usage.intervals[i]
     method = "adamw_influence" if mode == ADAMW_INFLUENCE else f"tracin/{mode}"
     params = {

@@ -222,8 +222,9 @@ def test_measured_lds_is_shown(picked_run: Path, facts: dict, monkeypatch: pytes
 def test_contributions_show_the_uses_behind_each_term(
     tabular_run: Path, facts: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Usage weighting (the demo's): each checkpoint's bar is labelled with the proponent's uses in its steps,
-    counted here by hand from the batches."""
+    """Under checkpoint weighting (the default) as under usage weighting, each checkpoint's bar is labelled with
+    the proponent's uses in its steps, counted here by hand from the batches, and the caption names the
+    weighting."""
     at = open_page(
         tabular_run, PAGES[0], monkeypatch, test=str(facts["test_id"]), tab="Per-checkpoint contributions"
     )
@@ -239,3 +240,5 @@ def test_contributions_show_the_uses_behind_each_term(
     chart = json.loads(at.get("plotly_chart")[0].proto.spec)
     shown = [t for trace in chart["data"] for t in trace["text"]]
     assert shown == expected and any(t != "0 uses" for t in shown), shown
+    assert analysis["params"]["weighting"] == "checkpoint"
+    assert any(c.value.startswith("Checkpoint weighting: every checkpoint scores") for c in at.caption)

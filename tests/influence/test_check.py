@@ -49,7 +49,8 @@ def test_replay_without_nothing_is_the_recorded_run(tiny: Path) -> None:
 def test_check_lds_equals_an_independent_computation(tiny: Path) -> None:
     k, seed = 6, 3
     summary = run_influence(
-        tiny, k=3, checkpoints="all", check=k, seed=seed, model=_tiny.MODEL, inputs=_tiny.INPUTS, layer="head"
+        tiny, k=3, checkpoints="all", check=k, seed=seed, model=_tiny.MODEL, inputs=_tiny.INPUTS, layer="head",
+        weighting="usage",
     )
     with RunStore(tiny) as store:
         a = store.latest_analysis("influence")

@@ -117,7 +117,7 @@ def test_several_shards_store_the_single_process_results(
 
 
 @pytest.mark.parametrize(
-    ("mode", "weighting", "stored"), [("last_layer", "usage", True), ("adamw", "checkpoint", False)]
+    ("mode", "weighting", "stored"), [("last_layer", "checkpoint", True), ("adamw", "usage", False)]
 )
 def test_sample_run_sharded_equals_single_process(
     ray_cluster: object, digits_copy: Path, mode: str, weighting: str, stored: bool

@@ -68,7 +68,8 @@ def test_usage_weights_equal_a_hand_count(
 
 def test_unused_in_a_stage_gets_zero_from_its_checkpoints(tiny: Path) -> None:
     summary = run_influence(
-        tiny, k=_tiny.N_TRAIN, checkpoints="all", model=_tiny.MODEL, inputs=_tiny.INPUTS, layer="head"
+        tiny, k=_tiny.N_TRAIN, checkpoints="all", model=_tiny.MODEL, inputs=_tiny.INPUTS, layer="head",
+        weighting="usage",
     )
     assert summary.weighting == "usage"
     with RunStore(tiny) as store:
@@ -96,7 +97,10 @@ def test_unused_in_a_stage_gets_zero_from_its_checkpoints(tiny: Path) -> None:
 def test_stored_scores_equal_brute_force_autograd(tiny: Path) -> None:
     """last_layer, usage weighting: score(t, z) = Σ_c W[z, c] ∇_head ℓ(t, θ_c)·∇_head ℓ(z, θ_c), W by hand, the
     gradients by autograd; also every stored contribution, the self-influence and the cosine."""
-    run_influence(tiny, k=_tiny.N_TRAIN, checkpoints="all", model=_tiny.MODEL, inputs=_tiny.INPUTS, layer="head")
+    run_influence(
+        tiny, k=_tiny.N_TRAIN, checkpoints="all", model=_tiny.MODEL, inputs=_tiny.INPUTS, layer="head",
+        weighting="usage",
+    )
     with RunStore(tiny) as store:
         a = store.latest_analysis("influence")
         stored = {t: store.influence_topk(a["analysis_id"], t) for t in range(_tiny.N_TRAIN, _tiny.N_TRAIN + 6)}
@@ -172,16 +176,23 @@ def test_full_and_adamw_modes_equal_brute_force(tiny: Path, mode: str) -> None:
     assert (got[:, _tiny.ONLY_A].abs().sum() > 0) and (got[:, _tiny.ONLY_B].abs().sum() > 0)
 
 
-def test_checkpoint_weighting_through_the_cli(tiny: Path) -> None:
+def test_checkpoint_weighting_is_the_default_and_still_shows_the_uses(tiny: Path) -> None:
+    """Checkpoint weighting (the default) scores with one lr per checkpoint, and a run with batch records still
+    stores every checkpoint's interval, so the uses behind each term can be shown; usage weighting on request."""
     proc = run_cli(
-        "influence", str(tiny), "--weighting", "checkpoint", "--checkpoints", "all", "--k", "3", "--json",
+        "influence", str(tiny), "--checkpoints", "all", "--k", "3", "--json",
         "--model", _tiny.MODEL, "--inputs", _tiny.INPUTS, "--head-layer", "head",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["weighting"] == "checkpoint" and all(c["weight"] == c["lr"] for c in out["checkpoints"])
+    with RunStore(tiny) as store:
+        a = store.latest_analysis("influence")
+        w = usage_weights(store, np.arange(_tiny.N_TRAIN), [c["checkpoint_id"] for c in a["checkpoints"]])
+    assert a["params"]["weighting"] == "checkpoint"
+    assert [c["interval"] for c in a["checkpoints"]] == w.intervals
     proc = run_cli(
-        "influence", str(tiny), "--checkpoints", "all", "--k", "3",
+        "influence", str(tiny), "--weighting", "usage", "--checkpoints", "all", "--k", "3",
         "--model", _tiny.MODEL, "--inputs", _tiny.INPUTS, "--head-layer", "head",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
