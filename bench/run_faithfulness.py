@@ -109,6 +109,12 @@ def measure(quick: bool = False) -> dict[str, Any]:
     return out
 
 
+def _mean_se(values: list[float]) -> str:
+    """'mean ± standard error' over the misclassified examples."""
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):+.3f} ± {se:.3f}"
+
+
 def summarise(r: dict[str, Any]) -> str:
     rows = []
     for name, e in r["forms"].items():
@@ -117,8 +123,8 @@ def summarise(r: dict[str, Any]) -> str:
             continue
         rows.append(
             f"| `--mode {e['mode']} --weighting {e['weighting']}` | {e['lds']:.3f} | "
-            f"{e['flagged_hits']}/{e['misclassified']} | {statistics.mean(e['removal_effect']):+.3f} | "
-            f"{statistics.mean(e['random_removal_effect']):+.3f} | {e['seconds'] - e['check_seconds']:.1f} |"
+            f"{e['flagged_hits']}/{e['misclassified']} | {_mean_se(e['removal_effect'])} | "
+            f"{_mean_se(e['random_removal_effect'])} | {e['seconds'] - e['check_seconds']:.1f} |"
         )
     return f"""## Influence faithfulness on the sample run (exact replays of the recorded run)
 
@@ -127,7 +133,7 @@ influence RUN --check {r["replays"]}` ({r["replays"]} exact replays without rand
 same halves for every form). *Flagged in top {TOP}*: misclassified test digits whose top {TOP} proponents include a
 flipped-label training digit. *Removal effect*: mean change of a misclassified example's test loss when the run is
 replayed without its top {TOP} proponents (true proponents raise it), beside the same replay without {TOP} random
-training samples. Scoring seconds exclude the replays.
+training samples (mean ± standard error over the misclassified examples). Scoring seconds exclude the replays.
 
 | form | LDS | flagged in top {TOP} | removal effect | random {TOP} removed | scoring (s) |
 |---|---|---|---|---|---|
