@@ -1,8 +1,12 @@
 """The recorder's background writer: one thread owns the DuckDB connection and does all slow I/O.
 
 The training thread only validates, buffers and enqueues; serialising checkpoints, fsync, inserts, commits and
-snapshot publishing happen here, in submission order.  A failed job stops the writer (later jobs would record
-out of order); the error is re-raised in the training thread at its next recorder call.
+snapshot publishing happen here, in submission order.  Every job runs inside a transaction; when several are
+queued (the writer is behind, as it is while training keeps the cores busy), they share one, so a backlog costs
+one commit instead of one per job.  If such a shared transaction fails it is rolled back, the recorder's
+in-memory ledger state is reset from the database (`reset`), and its jobs run again one transaction each, so
+exactly the jobs before the failing one end up committed, as without sharing.  A failed job stops the writer
+(later jobs would record out of order); the error is re-raised in the training thread at its next recorder call.
 """
 
 from __future__ import annotations
@@ -32,6 +36,20 @@ def _lower_own_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
+_MAX_GROUP = 64  # jobs sharing one transaction at most (bounds what one commit holds)
+
+
+def _in_transaction(con: duckdb.DuckDBPyConnection, jobs: list[Job]) -> None:
+    con.begin()
+    try:
+        for job in jobs:
+            job(con)
+    except BaseException:
+        con.rollback()
+        raise
+    con.commit()
+
+
 class RecordingFailedError(FgtracError):
     """A background write failed; what was committed before it is intact."""
 
@@ -39,9 +57,12 @@ class RecordingFailedError(FgtracError):
 class Writer:
     """Runs jobs on one connection in a background thread, in order."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, publish: Callable[[], None]) -> None:
+    def __init__(
+        self, con: duckdb.DuckDBPyConnection, publish: Callable[[], None], reset: Callable[[], None]
+    ) -> None:
         self._con = con
         self._publish = publish
+        self._reset = reset
         self._queue: queue.Queue[tuple[Job | None, bool, threading.Event | None]] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="fgtrac-writer", daemon=True)
@@ -74,21 +95,43 @@ class Writer:
     def _loop(self) -> None:
         _lower_own_priority()
         publish_due = False
+        held = None  # an item taken from the queue while gathering a group, run next
         while True:
-            job, publish, done = self._queue.get()
-            if job is None:
+            item, held = held or self._queue.get(), None
+            if item[0] is None:
                 if publish_due and self._error is None:
                     self._run(lambda con: self._publish())
                 return
+            group = [item]
+            while item[2] is None and len(group) < _MAX_GROUP:  # nobody waits on it: gather what is queued behind
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item[0] is None:
+                    held = item
+                    break
+                group.append(item)
             if self._error is None:
-                self._run(job)
-                publish_due |= publish
+                self._transaction([job for job, _, _ in group])
+                publish_due |= any(publish for _, publish, _ in group)
                 # publish when caught up (or when someone waits): under backlog, one snapshot covers several jobs
-                if publish_due and (self._queue.empty() or done is not None) and self._error is None:
+                if publish_due and (self._queue.empty() or group[-1][2] is not None) and self._error is None:
                     self._run(lambda con: self._publish())
                     publish_due = False
-            if done is not None:
-                done.set()
+            for _, _, done in group:
+                if done is not None:
+                    done.set()
+
+    def _transaction(self, jobs: list[Job]) -> None:
+        self._run(lambda con: _in_transaction(con, jobs))
+        if self._error is not None and len(jobs) > 1:  # one of them failed: commit those before it, each alone
+            self._error = None
+            self._run(lambda con: self._reset())
+            for job in jobs:
+                if self._error is not None:
+                    break
+                self._run(lambda con, job=job: _in_transaction(con, [job]))
 
     def _run(self, job: Job) -> None:
         try:

@@ -255,7 +255,11 @@ class Run:
             con.close()
             raise
         self._ledger = LedgerLog(con, self.run_id, key)
-        self._writer = Writer(con, self._sign_and_publish)
+
+        def reload_ledger() -> None:  # writer thread, after a rolled-back shared transaction
+            self._ledger = LedgerLog(con, self.run_id, key)
+
+        self._writer = Writer(con, self._sign_and_publish, reload_ledger)
         # a script that forgets close() still commits what it recorded
         atexit.register(_close_at_exit, weakref.ref(self))
         session = pa.table(
@@ -799,24 +803,18 @@ class Run:
         if steps is not None:
             batch_entries.append(("optimizer_step", steps.step[0], steps.step[-1]))
 
-        def transaction(con: duckdb.DuckDBPyConnection) -> None:
-            con.begin()
-            try:
-                if pending is not None:
-                    batches, samples = pending.tables()
-                    insert_arrow(con, "batches", batches)
-                    insert_arrow(con, "batch_samples", samples)
-                if steps is not None:
-                    insert_arrow(con, "optimizer_steps", steps.table())
-                for op in ops:
-                    op(con)
-                self._ledger.append(con, batch_entries + list(kinds))
-                if publish:  # a signed head at every checkpoint, stage end and close (snapshots may coalesce)
-                    self._ledger.sign_if_grown(con)
-            except BaseException:
-                con.rollback()
-                raise
-            con.commit()
+        def transaction(con: duckdb.DuckDBPyConnection) -> None:  # the writer runs it inside a transaction
+            if pending is not None:
+                batches, samples = pending.tables()
+                insert_arrow(con, "batches", batches)
+                insert_arrow(con, "batch_samples", samples)
+            if steps is not None:
+                insert_arrow(con, "optimizer_steps", steps.table())
+            for op in ops:
+                op(con)
+            self._ledger.append(con, batch_entries + list(kinds))
+            if publish:  # a signed head at every checkpoint, stage end and close (snapshots may coalesce)
+                self._ledger.sign_if_grown(con)
 
         self._writer.submit(transaction, publish=publish, wait=wait)
 
