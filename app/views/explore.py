@@ -154,8 +154,10 @@ def render() -> None:
     mark = data.mark()
     aid = analysis["analysis_id"]
     st.title("Explore")
+    weighting = analysis["params"].get("weighting")
     st.caption(f"Influence analysis #{aid} · {md(analysis['method'])} · "
-               f"{len(analysis['checkpoints'])} checkpoints · positive score = proponent")  # fmt: skip
+               f"{len(analysis['checkpoints'])} checkpoints{f' · {md(weighting)} weighting' if weighting else ''} · "
+               "positive score = proponent")  # fmt: skip
     measured = analysis["params"].get("check")
     if measured:
         st.badge(f"measured on this run: LDS {measured['lds']:.2f} ({measured['replays']} replays)",

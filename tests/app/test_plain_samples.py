@@ -242,3 +242,4 @@ def test_contributions_show_the_uses_behind_each_term(
     assert shown == expected and any(t != "0 uses" for t in shown), shown
     assert analysis["params"]["weighting"] == "checkpoint"
     assert any(c.value.startswith("Checkpoint weighting: every checkpoint scores") for c in at.caption)
+    assert any(" · checkpoint weighting · " in c.value for c in at.caption)  # the page header names it too
