@@ -42,7 +42,7 @@ from torch import nn
 from bench import peers_dattri
 from bench.mislabel import MLP, single_threaded
 from fgtrac_core.errors import FgtracError
-from fgtrac_core.influence import tracin
+from fgtrac_core.influence import influence_function, tracin
 
 # Leaving one sample in 500 out moves a test loss by ~1e-3 and the differences between samples are finer still:
 # float32 rounding accumulated over 100 steps would blur their order.
@@ -52,6 +52,7 @@ HIDDEN = 32
 STEPS = 100  # optimizer steps: 100 epochs full-batch, 10 epochs in mini-batches of 50
 SEED = 0
 REPLICA_CHUNK = 128  # replicas trained together; bounds the activations held for backward
+IF_DAMPING = peers_dattri.IF_DAMPING  # the damping of dattri's influence function, so the two compare like for like
 LDS_TIE = 5e-4  # LDS differences below the tables' rounding (3 decimals) are ties
 
 
@@ -300,6 +301,9 @@ def _scores(
     model32 = copy.deepcopy(model).float()
     train32, test32 = (train[0].float(), train[1]), (test[0].float(), test[1])
     kwargs = dict(kwargs)
+    if kwargs.get("mode") == "influence_function":  # at the final checkpoint, no weighting
+        final = _float32(trajectory.checkpoints[-1][0])
+        return influence_function(model32, "head", train32, test32, final, damping=IF_DAMPING).numpy()
     checkpoints, weights = _weighted(setting, len(train[0]), trajectory, kwargs.pop("weighting", "checkpoint"))
     ckpts32 = [(_float32(c), lr) for c, lr in checkpoints]
     try:
@@ -322,6 +326,8 @@ def _methods(setting: Setting, model: nn.Module, all_params: bool) -> dict[str, 
     n_params = sum(p.numel() for p in model.parameters())
     adamw = setting.optimizer == "adamw"
     methods = {
+        "influence_function": (f"influence function, head, exact Hessian, damping {IF_DAMPING:g}",
+                               {"mode": "influence_function"}),
         "sgd_form": ("SGD form, head", {"mode": "last_layer"}),
         "usage": ("usage-aware SGD form, head", {"mode": "last_layer", "weighting": "usage"}),
         "step_exact": ("step-exact SGD form, head", {"mode": "last_layer", "weighting": "step"}),

@@ -1,10 +1,11 @@
 """Training-data attribution: TracInCP (exact last-layer, projected full-model and AdamW-aware gradients),
-AdamW-influence along the replayed trajectory, and self-influence, with FG-Trac checkpoint selection.  Scores: positive = proponent (lowered the test loss)."""
+AdamW-influence along the replayed trajectory, the last layer's influence function, and self-influence, with FG-Trac checkpoint selection.  Scores: positive = proponent (lowered the test loss)."""
 
 from fgtrac_core.influence.adamw import momentum_factor
 from fgtrac_core.influence.adamw_influence import adamw_influence, unrolled_influence
 from fgtrac_core.influence.checkpoints import SelectedCheckpoint, select_checkpoints
 from fgtrac_core.influence.gradients import head_factors
+from fgtrac_core.influence.influence_function import influence_function
 from fgtrac_core.influence.tracin import (
     MODES,
     Review,
@@ -24,6 +25,7 @@ __all__ = [
     "WEIGHTINGS",
     "adamw_influence",
     "head_factors",
+    "influence_function",
     "load_state_dict",
     "momentum_factor",
     "review",
