@@ -186,6 +186,10 @@ def usage_matrix(setting: Setting, n_train: int, intervals: list[range]) -> np.n
     return w
 
 
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def train_reference(
     setting: Setting, train: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[nn.Module, list[torch.Tensor], Trajectory]:
@@ -197,13 +201,12 @@ def train_reference(
     x, y = train
     checkpoints, before = [], []
     for step, idx in enumerate(batches(setting, len(x)), 1):
-        before.append(({"model": {k: v.detach().clone() for k, v in model.state_dict().items()}}, setting.lr))
+        before.append(({"model": _state(model)}, setting.lr))
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
         if step % setting.checkpoint_every == 0:
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            checkpoints.append(({"model": state, "optimizer": copy.deepcopy(opt.state_dict())}, setting.lr))
+            checkpoints.append(({"model": _state(model), "optimizer": copy.deepcopy(opt.state_dict())}, setting.lr))
     return model, init, Trajectory(checkpoints, before)
 
 

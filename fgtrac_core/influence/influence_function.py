@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fgtrac_core.errors import FgtracError
-from fgtrac_core.influence.gradients import Data, as_tensors, head_factors
+from fgtrac_core.influence.gradients import Data, as_tensors, head_factors, head_gradients
 from fgtrac_core.influence.tracin import load_state_dict
 
 
@@ -77,7 +77,7 @@ def influence_function(
     a_tr, a_te = _extended(a_tr, include_bias), _extended(a_te, include_bias)
     h = _head_hessian(d_tr, a_tr, as_tensors(train, "train")[1].long().to(d_tr.device))
     h.diagonal().add_(damping)
-    g_te = (d_te[:, :, None] * a_te[:, None, :]).reshape(len(d_te), -1)
-    g_tr = (d_tr[:, :, None] * a_tr[:, None, :]).reshape(len(d_tr), -1)
+    # vec(δ ãᵀ): the bias is the last input column, matching the Hessian's (class, input) layout
+    g_te, g_tr = head_gradients(d_te, a_te, bias=False), head_gradients(d_tr, a_tr, bias=False)
     solved = torch.linalg.solve(h, g_te.T)  # (C·k, n_test); positive definite once damped
     return (solved.T @ g_tr.T) / len(g_tr)

@@ -7,31 +7,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fgtrac_core.errors import FgtracError
 from fgtrac_core.influence import influence_function
-
-
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+from tests.influence._nets import HeadNet
 
 
 def _data() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], dict]:
     torch.manual_seed(0)
     x, y = torch.randn(30, 5, dtype=torch.float64), torch.randint(0, 3, (30,))
-    model = _Net().double()
+    model = HeadNet().double()
     return (x[:22], y[:22]), (x[22:], y[22:]), {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def _brute_force(state: dict, train: tuple, test: tuple, damping: float, bias: bool) -> np.ndarray:
-    model = _Net().double()
+    model = HeadNet().double()
     model.load_state_dict(state)
     w0, b0 = model.head.weight.detach(), model.head.bias.detach()
     feats = lambda x: model.body(x).detach()  # noqa: E731
@@ -60,7 +50,7 @@ def _brute_force(state: dict, train: tuple, test: tuple, damping: float, bias: b
 @pytest.mark.parametrize(("damping", "bias"), [(1e-3, True), (1e-2, True), (0.1, False)])
 def test_equals_brute_force_autograd(damping: float, bias: bool) -> None:
     train, test, state = _data()
-    got = influence_function(_Net().double(), "head", train, test, state, damping=damping, include_bias=bias)
+    got = influence_function(HeadNet().double(), "head", train, test, state, damping=damping, include_bias=bias)
     want = _brute_force(state, train, test, damping, bias)
     assert got.shape == (8, 22)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-9 * np.abs(want).max())
@@ -71,7 +61,7 @@ def test_sign_a_copy_of_a_test_example_is_its_proponent() -> None:
     the largest in its row."""
     train, test, state = _data()
     test = (train[0][:4].clone(), train[1][:4].clone())
-    got = influence_function(_Net().double(), "head", train, test, state)
+    got = influence_function(HeadNet().double(), "head", train, test, state)
     assert (got.diagonal()[:4] > 0).all()
     assert (got.argmax(1) == torch.arange(4)).all()
 
@@ -80,4 +70,4 @@ def test_bad_damping_is_refused() -> None:
     train, test, state = _data()
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(FgtracError, match="damping must be > 0"):
-            influence_function(_Net().double(), "head", train, test, state, damping=bad)
+            influence_function(HeadNet().double(), "head", train, test, state, damping=bad)

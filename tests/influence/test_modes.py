@@ -11,16 +11,7 @@ from torch import nn
 
 from fgtrac_core.errors import FgtracError
 from fgtrac_core.influence import momentum_factor, self_influence, tracin
-
-
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+from tests.influence._nets import HeadNet
 
 
 def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,9 +19,9 @@ def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
-def _train(opt_cls: type, steps: int, **kw: float) -> tuple[_Net, list[tuple[dict, float]]]:
+def _train(opt_cls: type, steps: int, **kw: float) -> tuple[HeadNet, list[tuple[dict, float]]]:
     torch.manual_seed(0)
-    model = _Net()
+    model = HeadNet()
     opt = opt_cls(model.parameters(), **kw)
     x, y = _data(30, 1)
     checkpoints = []

@@ -12,22 +12,13 @@ from torch.utils.data import TensorDataset
 
 from fgtrac_core.errors import FgtracError
 from fgtrac_core.influence import self_influence, tracin
-
-
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+from tests.influence._nets import HeadNet
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.manual_seed(0)
-    model = _Net()
+    model = HeadNet(6, 8, 4)
     x_tr, y_tr = torch.randn(40, 6), torch.randint(0, 4, (40,))
     x_te, y_te = torch.randn(7, 6), torch.randint(0, 4, (7,))
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
@@ -48,7 +39,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def _brute_force(setup: dict, include_bias: bool = True) -> torch.Tensor:
     """Σ_c lr_c ∇θ_head ℓ(test)·∇θ_head ℓ(train), one autograd call per sample, in float64."""
-    model = _Net().double()
+    model = HeadNet(6, 8, 4).double()
     (x_tr, y_tr), (x_te, y_te) = setup["train"], setup["test"]
     total = torch.zeros(len(x_te), len(x_tr), dtype=torch.float64)
     for path, lr in setup["checkpoints"]:
