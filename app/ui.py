@@ -31,6 +31,11 @@ EFFECT_MEANING = {
 HELPED_SIGN = {"loss": -1.0, "margin": 1.0, "accuracy": 1.0}
 
 
+def plural(n: int, word: str) -> str:
+    """"1 checkpoint", "3 checkpoints"."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def md(text: Any) -> str:
     """Recorded text (anything read from the run database) made literal for Streamlit markdown — st.markdown,
     st.caption, st.title, st.error... — the one helper every page uses for it.

@@ -39,6 +39,7 @@ FORMS = (
     ("full", "usage"),
     ("exact", "usage"),
     ("adamw_influence", "usage"),
+    ("influence_function", None),  # one term at the final checkpoint: no weighting
 )
 TOP = 5  # proponents removed per misclassified test example
 
@@ -94,7 +95,7 @@ def measure(quick: bool = False) -> dict[str, Any]:
             try:
                 s = run_influence(run_dir, mode=mode, k=20, weighting=weighting, check=k_replays, force=True)
             except FgtracError as exc:
-                out["forms"][f"{mode}/{weighting}"] = {"unavailable": str(exc)}
+                out["forms"][_name(mode, weighting)] = {"unavailable": str(exc)}
                 continue
             seconds = time.perf_counter() - t0
             entry = {
@@ -105,8 +106,12 @@ def measure(quick: bool = False) -> dict[str, Any]:
                 "seconds": seconds,
             }
             entry.update(_review(run_dir, s.analysis_id, n_tests))
-            out["forms"][f"{mode}/{weighting}"] = entry
+            out["forms"][_name(mode, weighting)] = entry
     return out
+
+
+def _name(mode: str, weighting: str | None) -> str:
+    return mode if weighting is None else f"{mode}/{weighting}"
 
 
 def _mean_se(values: list[float]) -> str:
@@ -121,8 +126,9 @@ def summarise(r: dict[str, Any]) -> str:
         if "unavailable" in e:
             rows.append(f"| {name} | not available: {e['unavailable']} | | | | |")
             continue
+        flags = f"--mode {e['mode']}" + (f" --weighting {e['weighting']}" if e["weighting"] else "")
         rows.append(
-            f"| `--mode {e['mode']} --weighting {e['weighting']}` | {e['lds']:.3f} | "
+            f"| `{flags}` | {e['lds']:.3f} | "
             f"{e['flagged_hits']}/{e['misclassified']} | {_mean_se(e['removal_effect'])} | "
             f"{_mean_se(e['random_removal_effect'])} | {e['seconds'] - e['check_seconds']:.1f} |"
         )

@@ -239,7 +239,7 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         inputs=args.inputs, layer=args.head_layer, device=args.device, progress=sys.stderr.isatty(),
         weighting=args.weighting, check=args.check, ray_address=args.ray, budget_s=args.budget, force=args.force,
         on_estimate=lambda cost: print(f"--check {args.check}: {cost.line()}", file=sys.stderr),
-        gradients=args.gradients,
+        gradients=args.gradients, damping=args.damping,
     )  # fmt: skip
     if args.json:
         _print_json(summary.to_json())
@@ -249,7 +249,7 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         f"analysis #{s.analysis_id}  {s.method}  top-{s.k} of {s.n_train} training samples for {s.n_test} test examples  ({s.seconds:.1f} s)"
     )
     echo(f"final model: accuracy {s.accuracy:.3f}, {s.n_misclassified} misclassified test examples")
-    echo(f"checkpoints ({s.weighting} weighting)")
+    echo(f"checkpoints ({s.weighting} weighting)" if s.weighting else "checkpoint (influence function: one term)")
     for c in s.checkpoints:
         iv = c.get("interval")
         uses = (
@@ -446,10 +446,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     inf.add_argument("run")
     inf.add_argument(
-        "--mode", choices=["last_layer", "full", "adamw", "exact", "adamw_influence"], default="last_layer",
+        "--mode", choices=["last_layer", "full", "adamw", "exact", "adamw_influence", "influence_function"],
+        default="last_layer",
         help="last_layer | full | adamw: TracInCP at the chosen checkpoints; exact: every step's own parameters "
         "(replayed); adamw_influence: each use's effect through the optimizer's recorded dynamics to the final "
-        "model (docs/influence.md)",
+        "model; influence_function: the head's influence function with its exact Hessian at the final "
+        "checkpoint, the most faithful form on the sample run (docs/influence.md)",
+    )  # fmt: skip
+    inf.add_argument(
+        "--damping", type=float_in(0, 1e6, lo_open=True), default=1e-3,
+        help="influence_function: added to the Hessian's diagonal (default 1e-3)",
     )  # fmt: skip
     inf.add_argument(
         "--gradients", choices=["last_layer", "full"], default="last_layer",

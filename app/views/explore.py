@@ -17,7 +17,17 @@ import pandas as pd
 import streamlit as st
 
 from app import data
-from app.ui import EFFECT_MEANING, bars, chart_text, display, md, sample_grid, stage_bars, stage_method
+from app.ui import (
+    EFFECT_MEANING,
+    bars,
+    chart_text,
+    display,
+    md,
+    plural,
+    sample_grid,
+    stage_bars,
+    stage_method,
+)
 
 TOP_CHOICES = (5, 10, 20, 50)
 # tab labels are their URL values (`?tab=Stage+effects`)
@@ -102,6 +112,10 @@ def _contributions(proponents: pd.DataFrame, analysis: dict[str, Any]) -> None:
     if proponents.empty:
         st.caption("no proponents stored for this example")
         return
+    if analysis["params"].get("mode") == "influence_function":
+        st.caption("The influence function has one term, at the final checkpoint (the whole run's effect through "
+                   "the head's Hessian): there is nothing to split over checkpoints.")  # fmt: skip
+        return
     ids = [int(i) for i in proponents["train_id"]]
     pick = st.selectbox("Proponent id", ids, key="proponent", bind="query-params")
     row = proponents[proponents["train_id"] == pick].iloc[0]
@@ -120,7 +134,7 @@ def _contributions(proponents: pd.DataFrame, analysis: dict[str, Any]) -> None:
         uses = data.query("uses_in_steps", pick, [(i["first_step"], i["last_step"]) for i in intervals])
         by_checkpoint = dict(zip(frame["checkpoint"], uses, strict=True))
         for trace in fig.data:
-            trace.text = [f"{by_checkpoint[x]} use{'' if by_checkpoint[x] == 1 else 's'}" for x in trace.x]
+            trace.text = [plural(by_checkpoint[x], "use") for x in trace.x]
         if analysis["params"].get("weighting") == "usage":
             st.caption(f"Usage weighting: each checkpoint's term counts #{pick}'s uses in the steps that checkpoint "
                        "stands for (bar labels); a checkpoint whose steps never used it adds exactly 0.")  # fmt: skip
@@ -156,7 +170,7 @@ def render() -> None:
     st.title("Explore")
     weighting = analysis["params"].get("weighting")
     st.caption(f"Influence analysis #{aid} · {md(analysis['method'])} · "
-               f"{len(analysis['checkpoints'])} checkpoints{f' · {md(weighting)} weighting' if weighting else ''} · "
+               f"{plural(len(analysis['checkpoints']), 'checkpoint')}{f' · {md(weighting)} weighting' if weighting else ''} · "
                "positive score = proponent")  # fmt: skip
     measured = analysis["params"].get("check")
     if measured:

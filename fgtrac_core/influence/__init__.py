@@ -5,7 +5,7 @@ from fgtrac_core.influence.adamw import momentum_factor
 from fgtrac_core.influence.adamw_influence import adamw_influence, unrolled_influence
 from fgtrac_core.influence.checkpoints import SelectedCheckpoint, select_checkpoints
 from fgtrac_core.influence.gradients import head_factors
-from fgtrac_core.influence.influence_function import influence_function
+from fgtrac_core.influence.influence_function import influence_function, influence_function_review
 from fgtrac_core.influence.tracin import (
     MODES,
     Review,
@@ -26,6 +26,7 @@ __all__ = [
     "adamw_influence",
     "head_factors",
     "influence_function",
+    "influence_function_review",
     "load_state_dict",
     "momentum_factor",
     "review",

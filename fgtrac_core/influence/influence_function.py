@@ -22,6 +22,7 @@ head is the whole model (logistic regression) this is the classical influence fu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,8 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fgtrac_core.errors import FgtracError
-from fgtrac_core.influence.gradients import Data, as_tensors, head_factors, head_gradients
-from fgtrac_core.influence.tracin import load_state_dict
+from fgtrac_core.influence.gradients import (
+    Data,
+    Features,
+    as_tensors,
+    head_factors,
+    head_gradients,
+    linear_layer,
+)
+from fgtrac_core.influence.tracin import Review, _Checkpointed, _Options, load_state_dict, review_of
 
 
 def _extended(act: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -52,6 +60,63 @@ def _head_hessian(delta: torch.Tensor, act: torch.Tensor, labels: torch.Tensor) 
     return h.reshape(c * k, c * k) / n
 
 
+MODE = "influence_function"  # its name as a `fgtrac influence --mode`
+MAX_HESSIAN_DIM = 16_384  # C·k above this: the float64 Hessian alone would pass 2 GiB
+
+
+@dataclass
+class Whitened:
+    """Head gradients whitened by the damped Hessian, L⁻¹ vec(δ ãᵀ) with H + λI = L Lᵀ, so that
+    score(test, z) = (1/n) f(test) · f(z): a dot product like TracIn's, which streams, ranks and normalises the
+    same way.  `n` is the number of training samples the Hessian averages over."""
+
+    test: torch.Tensor
+    train: torch.Tensor
+    n: int
+
+
+def whitened_gradients(
+    model: nn.Module,
+    layer: str,
+    train: Data,
+    test: Data,
+    checkpoint: Any,
+    *,
+    damping: float = 1e-3,
+    include_bias: bool = True,
+    device: str | torch.device | None = None,
+) -> Whitened:
+    """Test and training gradients of the `layer` head at `checkpoint`, whitened by the head's damped
+    cross-entropy Hessian over `train` (float64; see `Whitened`).  The model's own parameters are restored."""
+    if not damping > 0:
+        raise FgtracError(f"damping must be > 0 (the head's cross-entropy Hessian is singular), not {damping}")
+    bias = include_bias and linear_layer(model, layer).bias is not None
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        model.load_state_dict(load_state_dict(checkpoint))
+        d_tr, a_tr = head_factors(model, layer, train, device=device)
+        d_te, a_te = head_factors(model, layer, test, device=device)
+    finally:
+        model.load_state_dict(original)
+    dim = d_tr.shape[1] * (a_tr.shape[1] + bias)
+    if dim > MAX_HESSIAN_DIM:
+        raise FgtracError(
+            f"the head {layer!r} has {dim} parameters: its Hessian is too large to form "
+            f"(at most {MAX_HESSIAN_DIM}); use a TracIn mode (--mode last_layer)"
+        )
+    d_tr, a_tr, d_te, a_te = (t.double() for t in (d_tr, a_tr, d_te, a_te))
+    a_tr, a_te = _extended(a_tr, bias), _extended(a_te, bias)
+    h = _head_hessian(d_tr, a_tr, as_tensors(train, "train")[1].long().to(d_tr.device))
+    h.diagonal().add_(damping)
+    chol = torch.linalg.cholesky(h)  # positive definite once damped
+    # vec(δ ãᵀ): the bias is the last input column, matching the Hessian's (class, input) layout
+    out = [
+        torch.linalg.solve_triangular(chol, head_gradients(d, a, bias=False).T, upper=False).T
+        for d, a in ((d_te, a_te), (d_tr, a_tr))
+    ]
+    return Whitened(out[0], out[1], len(d_tr))
+
+
 def influence_function(
     model: nn.Module,
     layer: str,
@@ -68,16 +133,32 @@ def influence_function(
     the test loss, to first order).  `damping` λ > 0 is added to the Hessian's diagonal: it must be positive,
     since the softmax is unchanged by adding the same value to every logit, so H is singular along that
     direction."""
-    if not damping > 0:
-        raise FgtracError(f"damping must be > 0 (the head's cross-entropy Hessian is singular), not {damping}")
-    model.load_state_dict(load_state_dict(checkpoint))
-    d_tr, a_tr = head_factors(model, layer, train, device=device)
-    d_te, a_te = head_factors(model, layer, test, device=device)
-    d_tr, a_tr, d_te, a_te = (t.double() for t in (d_tr, a_tr, d_te, a_te))
-    a_tr, a_te = _extended(a_tr, include_bias), _extended(a_te, include_bias)
-    h = _head_hessian(d_tr, a_tr, as_tensors(train, "train")[1].long().to(d_tr.device))
-    h.diagonal().add_(damping)
-    # vec(δ ãᵀ): the bias is the last input column, matching the Hessian's (class, input) layout
-    g_te, g_tr = head_gradients(d_te, a_te, bias=False), head_gradients(d_tr, a_tr, bias=False)
-    solved = torch.linalg.solve(h, g_te.T)  # (C·k, n_test); positive definite once damped
-    return (solved.T @ g_tr.T) / len(g_tr)
+    w = whitened_gradients(
+        model, layer, train, test, checkpoint, damping=damping, include_bias=include_bias, device=device
+    )
+    return (w.test @ w.train.T) / w.n
+
+
+def influence_function_review(
+    model: nn.Module,
+    layer: str,
+    train: Data,
+    test: Data,
+    checkpoint: Any,
+    *,
+    k: int,
+    cosine: bool = False,
+    damping: float = 1e-3,
+    include_bias: bool = True,
+    chunk_size: int = 8192,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> Review:
+    """`review` for the influence function: top-k proponents and opponents of every test example by raw score
+    (and by cosine in the whitened space, when `cosine`), streamed over training chunks, and every sample's
+    self-influence (1/n) ∇ℓ(z)ᵀ(H + λI)⁻¹∇ℓ(z).  One term, standing for the `checkpoint` it is evaluated at."""
+    w = whitened_gradients(
+        model, layer, train, test, checkpoint, damping=damping, include_bias=include_bias, device=device
+    )
+    terms = [_Checkpointed(1.0 / w.n, [Features(dense=w.test), Features(dense=w.train)])]
+    return review_of(terms, _Options(chunk_size=chunk_size, progress=progress), k, cosine)

@@ -25,11 +25,15 @@ from fgtrac_core.budget import DEFAULT_BUDGET_S, CostEstimate, enforce
 from fgtrac_core.checkpoint_files import load_checkpoint_payload
 from fgtrac_core.errors import FgtracError, UnknownSampleError
 from fgtrac_core.influence.checkpoints import select_checkpoints
+from fgtrac_core.influence.influence_function import MODE as IF_MODE
+from fgtrac_core.influence.influence_function import influence_function, influence_function_review
 from fgtrac_core.influence.tracin import MODES, load_state_dict, review
 from fgtrac_core.influence.weighting import WEIGHTINGS, has_batch_records, run_intervals, usage_weights
 from fgtrac_core.pipeline import Pipeline, load_pipeline
 from fgtrac_core.store.reader import RunStore
 from fgtrac_core.store.run_files import committed_checkpoints
+
+ALL_MODES = (*MODES, "exact", "adamw_influence", IF_MODE)  # adamw_influence's module is imported when used
 
 
 class CheckpointMismatchError(FgtracError):
@@ -50,7 +54,7 @@ class InfluenceSummary:
     accuracy: float
     n_misclassified: int
     top_self_influence: list[dict[str, Any]] = field(default_factory=list)
-    weighting: str = "checkpoint"
+    weighting: str | None = "checkpoint"  # None: the influence function (one term, no weighting)
     check: dict[str, Any] | None = None
     shards: int | None = None  # sharded on Ray: the number of shards
 
@@ -166,6 +170,7 @@ def run_influence(
     force: bool = False,
     on_estimate: Callable[[CostEstimate], None] | None = None,
     gradients: str = "last_layer",
+    damping: float = 1e-3,
 ) -> InfluenceSummary:
     """Compute, store and commit a TracInCP analysis of a recorded run; returns what was stored.
 
@@ -187,15 +192,25 @@ def run_influence(
     samples per task (default: about four shards per CPU).  Not for exact mode.
     `gradients` (exact mode): ``last_layer`` (the head's, exact) or ``full`` (every parameter's, through the
     `full` mode's seeded projection: `projection_dim`, `seed`; `fgtrac_core.influence.exact`).
+    Mode ``influence_function``: the head's influence function with its exact cross-entropy Hessian, damped by
+    `damping` (`fgtrac_core.influence.influence_function`), evaluated at the last chosen checkpoint (the final
+    one unless `checkpoints` lists others); no weighting applies, and it does not run on Ray.
     """
     from fgtrac_core.influence.adamw_influence import MODE as ADAMW_INFLUENCE
     from fgtrac_core.tracking.run import Run
 
     replayed = mode in ("exact", ADAMW_INFLUENCE)  # scored along the replayed trajectory, not at checkpoints
-    if mode not in (*MODES, "exact", ADAMW_INFLUENCE):
-        raise FgtracError(f"mode must be one of {', '.join(MODES)}, exact, {ADAMW_INFLUENCE}, not {mode!r}")
+    hessian = mode == IF_MODE  # one term at the final checkpoint
+    if mode not in ALL_MODES:
+        raise FgtracError(f"mode must be one of {', '.join(ALL_MODES)}, not {mode!r}")
     if weighting is not None and weighting not in WEIGHTINGS:
         raise FgtracError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
+    if hessian and weighting is not None:
+        raise FgtracError(
+            f"{IF_MODE} mode has one term, at the final checkpoint: --weighting {weighting} does not apply"
+        )
+    if hessian and not damping > 0:
+        raise FgtracError(f"--damping must be > 0 (the head's cross-entropy Hessian is singular), not {damping}")
     if replayed and weighting == "checkpoint":
         raise FgtracError(f"{mode} mode weighs every step's own use (η_t/|B_t|); --weighting checkpoint does not apply")
     if k < 1:
@@ -207,6 +222,8 @@ def run_influence(
     if ray_address is not None and ray_address is not False:
         if replayed:
             raise FgtracError(f"--ray does not apply to {mode} mode (it replays the run's steps in one process)")
+        if hessian:
+            raise FgtracError(f"--ray does not apply to {mode} mode (one Hessian over the whole training set)")
         from fgtrac_core.influence.sharded import import_ray, require_reachable
 
         import_ray()  # the missing extra and an address nothing answers at are reported before any work
@@ -218,15 +235,18 @@ def run_influence(
             store.meta().get("config", "{}"), model=model, inputs=inputs, head_layer=layer, need_head=True
         )
         chosen, states = _chosen_checkpoints(store, checkpoints, tau)
+        if hessian:
+            chosen, states = chosen[-1:], states[-1:]
         train_ids, x_tr, y_tr = _split(store, pipeline, "train", None)
         test_ids_arr, x_te, y_te = _split(store, pipeline, "test", test_ids)
         batched = has_batch_records(store)
-        if weighting is None:
+        if weighting is None and not hessian:
             weighting = "usage" if replayed else "checkpoint"
         if weighting == "usage" and not batched:
             raise FgtracError("usage weighting needs the run's batch records; this run has none (--weighting checkpoint)")
-        # under checkpoint weighting too: the uses behind each checkpoint's term are stored for the reviewer
-        usage = usage_weights(store, train_ids, [c["checkpoint_id"] for c in chosen]) if batched else None
+        # under checkpoint weighting too: the uses behind each checkpoint's term are stored for the reviewer (not
+        # for the influence function, whose one term stands for the whole run, not for the steps before it)
+        usage = usage_weights(store, train_ids, [c["checkpoint_id"] for c in chosen]) if batched and not hessian else None
         if replayed or check:
             from fgtrac_core.stages._records import load_training
 
@@ -266,6 +286,11 @@ def run_influence(
                 intervals=intervals, progress=progress,
             )  # fmt: skip
         rev.checkpoint_weights = [1.0] * len(chosen)
+    elif hessian:
+        rev = influence_function_review(
+            net, pipeline.head_layer, (x_tr, y_tr), (x_te, y_te), states[0], k=k, cosine=True, damping=damping,
+            include_bias=include_bias, device=device, progress=progress,
+        )  # fmt: skip
     else:
         score = review
         sharding: dict[str, Any] = {}
@@ -298,6 +323,11 @@ def run_influence(
 
         if replayed:
             full = rev.scores.scores
+        elif hessian:
+            full = influence_function(
+                net, pipeline.head_layer, (x_tr, y_tr), (x_te, y_te), states[0], damping=damping,
+                include_bias=include_bias, device=device,
+            )  # fmt: skip
         else:
             full = tracin(
                 net, pipeline.head_layer, (x_tr, y_tr), (x_te, y_te),
@@ -316,13 +346,13 @@ def run_influence(
     seconds = time.perf_counter() - t0
     for i, (c, w) in enumerate(zip(chosen, rev.checkpoint_weights, strict=True)):
         c["kappa"] = rev.checkpoint_kappas[i] if rev.checkpoint_kappas else 1.0
-        if weighting == "checkpoint":
-            c["weight"] = w  # lr, times κ for adamw on Adam checkpoints
+        if weighting != "usage":
+            c["weight"] = w  # lr, times κ for adamw on Adam checkpoints; 1/n for the influence function
         else:  # κ: the factor on each sample's Σ η_t/|B_t| over its uses in the interval
             c["weight"] = c["kappa"]
         if usage is not None:
             c["interval"] = usage.intervals[i]
-    method = "adamw_influence" if mode == ADAMW_INFLUENCE else f"tracin/{mode}"
+    method = mode if mode in (ADAMW_INFLUENCE, IF_MODE) else f"tracin/{mode}"
     params = {
         "mode": mode,
         "weighting": weighting,
@@ -354,6 +384,13 @@ def run_influence(
         params["gradients"] = gradients
         if rev.scores.projection_dim is not None:
             params["projection_dim"] = rev.scores.projection_dim
+    if hessian:
+        params["damping"] = damping
+        params["definition"] = (
+            "(1/n) grad test loss . (H + damping I)^-1 grad training loss, H the head's exact cross-entropy "
+            "Hessian over the training set at the checkpoint (Koh & Liang 2017, last layer)"
+        )
+        params["cosine"] = "cosine in the whitened space (H + damping I)^-1"
     if mode == ADAMW_INFLUENCE:
         s = rev.scores
         params["definition"] = (

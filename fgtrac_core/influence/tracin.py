@@ -402,6 +402,11 @@ def review(
     opts = _Options(mode, loss_fn, include_bias, params, projection_dim, seed, chunk_size, device, progress)
     per_ckpt = opts.features(model, layer, [(test, "test"), (train, "train")], checkpoints)
     _use_sample_weights(per_ckpt, sample_weights, 1)
+    return review_of(per_ckpt, opts, k, cosine)
+
+
+def review_of(per_ckpt: list[_Checkpointed], opts: _Options, k: int, cosine: bool) -> Review:
+    """The `Review` of gradient features already computed (test set first, then the training set, per term)."""
     tops = _streamed_topk(per_ckpt, opts, int(k), ("raw", "cosine") if cosine else ("raw",))
     return Review(
         top=tops["raw"],

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fgtrac_core import RunStore
-from fgtrac_core.influence import tracin
+from fgtrac_core.influence import influence_function, tracin
 from fgtrac_core.verify import verify_run
 from sample_runs import digits
 from tests.conftest import run_cli
@@ -74,7 +74,9 @@ def test_stored_scores_equal_the_functional_api(digits_run: Path) -> None:
         test_ids = [int(t) for t in store.influence_tests(a["analysis_id"]).sample_id.iloc[:3]]
         stored = [store.influence_topk(a["analysis_id"], t) for t in test_ids]
         labels = dict(zip(store.samples().sample_id, store.samples().label, strict=True))
-        assert a["params"]["weighting"] == "checkpoint"  # one lr per checkpoint, as the functional API's default
+        assert (
+            a["params"]["weighting"] == "checkpoint"
+        )  # one lr per checkpoint, as the functional API's default
     model = digits.DigitsCNN()
     x_tr = digits.model_inputs({"seed": 0}, train.sample_id.to_numpy())
     y_tr = torch.as_tensor(train.label.to_numpy(np.int64))
@@ -100,16 +102,24 @@ _USAGE_MISSES = (
 
 
 @pytest.mark.parametrize(
-    "weighting", ["checkpoint", pytest.param("usage", marks=pytest.mark.xfail(strict=True, reason=_USAGE_MISSES))]
+    "form",
+    [
+        "checkpoint",
+        pytest.param("usage", marks=pytest.mark.xfail(strict=True, reason=_USAGE_MISSES)),
+        "influence_function",
+    ],
 )
-def test_misclassified_examples_have_mislabelled_proponents(digits_copy: Path, weighting: str) -> None:
+def test_misclassified_examples_have_mislabelled_proponents(digits_copy: Path, form: str) -> None:
     """The review the product exists for: a misclassified test digit's top proponents include training digits
     whose label was flipped (recorded ground truth, read by no algorithm)."""
-    if weighting != "checkpoint":  # the demo stored a checkpoint-weighted analysis; the same one with the other
-        run_cli("influence", str(digits_copy), "--k", "20", "--weighting", weighting, check=True)
+    # the demo stored a checkpoint-weighted TracIn analysis; the other forms are computed here
+    if form == "usage":
+        run_cli("influence", str(digits_copy), "--k", "20", "--weighting", form, check=True)
+    elif form == "influence_function":
+        run_cli("influence", str(digits_copy), "--k", "20", "--mode", form, check=True)
     with RunStore(digits_copy) as store:
         analysis = store.latest_analysis("influence")
-        assert analysis["params"]["weighting"] == weighting
+        assert analysis["params"].get("weighting") == (None if form == "influence_function" else form)
         aid = analysis["analysis_id"]
         wrong = store.influence_tests(aid).query("misclassified")
         hits = []
@@ -119,7 +129,7 @@ def test_misclassified_examples_have_mislabelled_proponents(digits_copy: Path, w
             hits.append(bool(top5.flagged.any()))
     assert len(wrong) >= 3
     print(
-        f"{weighting} weighting: {sum(hits)}/{len(hits)} misclassified test digits have a flipped-label proponent "
+        f"{form}: {sum(hits)}/{len(hits)} misclassified test digits have a flipped-label proponent "
         "in their top 5"
     )
     assert sum(hits) >= 0.5 * len(hits)
@@ -156,6 +166,50 @@ def test_adamw_mode_through_the_cli_is_stored_and_verifies(digits_copy: Path) ->
     assert verify_run(digits_copy).ok
 
 
+def test_influence_function_mode_is_stored_equal_to_the_functional_api_and_verifies(
+    digits_copy: Path,
+) -> None:
+    with RunStore(digits_copy) as store:
+        train = store.samples("train")
+        test_ids = [int(t) for t in store.samples("test").sample_id.iloc[:5]]
+        labels = dict(zip(store.samples().sample_id, store.samples().label, strict=True))
+        final = store.checkpoints().iloc[-1]
+    proc = run_cli(
+        "influence", str(digits_copy), "--mode", "influence_function", "--damping", "0.01", "--k", "6",
+        "--test-ids", ",".join(map(str, test_ids)), "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["method"] == "influence_function" and out["weighting"] is None
+    # one term, at the final checkpoint, of weight 1/n; no interval: it stands for the whole run
+    [c] = out["checkpoints"]
+    assert c["step"] == int(final.step) and "interval" not in c  # (a stage's end and the next start share it)
+    assert c["weight"] == pytest.approx(1 / len(train))
+    model = digits.DigitsCNN()
+    x_tr = digits.model_inputs({"seed": 0}, train.sample_id.to_numpy())
+    y_tr = torch.as_tensor(train.label.to_numpy(np.int64))
+    x_te = digits.model_inputs({"seed": 0}, np.array(test_ids))
+    y_te = torch.as_tensor([labels[t] for t in test_ids])
+    full = influence_function(
+        model, "head", (x_tr, y_tr), (x_te, y_te), str(digits_copy / c["path"]), damping=0.01
+    )
+    ids = train.sample_id.to_numpy()
+    with RunStore(digits_copy) as store:
+        a = store.analysis(out["analysis_id"], "influence")
+        assert a["params"]["damping"] == 0.01 and a["params"]["mode"] == "influence_function"
+        for row, t in enumerate(test_ids):
+            table = store.influence_topk(out["analysis_id"], t)
+            for direction, largest in (("proponent", True), ("opponent", False)):
+                part = table[table.direction == direction]
+                expected = full[row].topk(6, largest=largest)
+                assert list(ids[expected.indices.numpy()]) == list(part.train_id)
+                assert np.allclose(part.score, expected.values.numpy(), rtol=1e-6)
+                assert np.allclose([json.loads(x)[0] for x in part.contributions], part.score, rtol=1e-9)
+            cos = store.influence_topk(out["analysis_id"], t, "cosine")
+            assert cos.cosine.abs().max() <= 1 + 1e-9
+    assert verify_run(digits_copy).ok
+
+
 def test_a_checkpoint_that_differs_from_the_ledger_is_refused(digits_copy: Path) -> None:
     with RunStore(digits_copy) as store:
         path = store.latest_analysis("influence")["checkpoints"][0]["path"]
@@ -175,6 +229,9 @@ def test_a_checkpoint_that_differs_from_the_ledger_is_refused(digits_copy: Path)
         (["--layer", "nope"], "no layer named"),
         (["--checkpoints", "99"], "no checkpoint 99"),
         (["--k", "0"], "--k: 0 is not between 1"),
+        (["--mode", "influence_function", "--weighting", "usage"], "--weighting usage does not apply"),
+        (["--mode", "influence_function", "--ray"], "--ray does not apply to influence_function"),
+        (["--mode", "influence_function", "--damping", "0"], "--damping: 0 is not a finite number in (0"),
     ],
 )
 def test_bad_input_is_one_line_and_records_nothing(digits_run: Path, args: list[str], needle: str) -> None:
