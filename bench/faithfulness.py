@@ -26,9 +26,11 @@ reference batch order too (each batch keeps about half its samples), the same pr
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +44,12 @@ from torch import nn
 from bench import peers_dattri
 from bench.mislabel import MLP, single_threaded
 from fgtrac_core.errors import FgtracError
-from fgtrac_core.influence import influence_function, tracin
+from fgtrac_core.influence import adamw_influence, influence_function, tracin
+from fgtrac_core.pipeline import Pipeline
+from fgtrac_core.stages._records import load_training
+from fgtrac_core.stages.replay import deterministic
+from fgtrac_core.store import RunStore
+from fgtrac_core.tracking import NullRun, Run
 
 # Leaving one sample in 500 out moves a test loss by ~1e-3 and the differences between samples are finer still:
 # float32 rounding accumulated over 100 steps would blur their order.
@@ -52,7 +59,9 @@ HIDDEN = 32
 STEPS = 100  # optimizer steps: 100 epochs full-batch, 10 epochs in mini-batches of 50
 SEED = 0
 REPLICA_CHUNK = 128  # replicas trained together; bounds the activations held for backward
-IF_DAMPING = peers_dattri.IF_DAMPING  # the damping of dattri's influence function, so the two compare like for like
+IF_DAMPING = (
+    peers_dattri.IF_DAMPING
+)  # the damping of dattri's influence function, so the two compare like for like
 LDS_TIE = 5e-4  # LDS differences below the tables' rounding (3 decimals) are ties
 
 
@@ -191,23 +200,74 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def train_reference(
-    setting: Setting, train: tuple[torch.Tensor, torch.Tensor]
+    setting: Setting, train: tuple[torch.Tensor, torch.Tensor], run: Run | NullRun | None = None
 ) -> tuple[nn.Module, list[torch.Tensor], Trajectory]:
-    """The real model and optimizer on the full training set: (model, initial parameters, trajectory)."""
+    """The real model and optimizer on the full training set: (model, initial parameters, trajectory).  With a
+    `run` (training samples registered as ids 0..n-1) fgtrac's recorder records it as one stage, as a user's
+    loop would."""
+    run = run if run is not None else NullRun()
     torch.manual_seed(SEED)
     model = _model(setting.arch)
     init = [p.detach().clone() for p in model.parameters()]
     opt = _optimizer(setting, list(model.parameters()))
     x, y = train
     checkpoints, before = [], []
-    for step, idx in enumerate(batches(setting, len(x)), 1):
-        before.append(({"model": _state(model)}, setting.lr))
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        if step % setting.checkpoint_every == 0:
-            checkpoints.append(({"model": _state(model), "optimizer": copy.deepcopy(opt.state_dict())}, setting.lr))
+    with run.stage("train", optimizer=opt, model=model):
+        for step, idx in enumerate(batches(setting, len(x)), 1):
+            before.append(({"model": _state(model)}, setting.lr))
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            run.log_batch(idx.numpy())
+            if step % setting.checkpoint_every == 0:
+                checkpoints.append(
+                    ({"model": _state(model), "optimizer": copy.deepcopy(opt.state_dict())}, setting.lr)
+                )
     return model, init, Trajectory(checkpoints, before)
+
+
+def recorded_reference(
+    setting: Setting,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    run_dir: Path,
+) -> tuple[nn.Module, list[torch.Tensor], Trajectory]:
+    """`train_reference`, recorded by fgtrac into `run_dir` (training samples ids 0..n-1, test examples after them)
+    so that the modes that replay a run (AdamW-influence) can score it."""
+    n = len(train[0])
+    run = Run.create(run_dir, name=setting.name, config={"torch_threads": torch.get_num_threads()})
+    try:
+        for split, (x, y), ids in (
+            ("train", train, np.arange(n)),
+            ("test", test, n + np.arange(len(test[0]))),
+        ):
+            run.register_samples(ids, split=split, labels=y.numpy(), raw=x.numpy())
+        return train_reference(setting, train, run)
+    finally:
+        run.close()
+
+
+def _adamw_influence(
+    run_dir: Path,
+    setting: Setting,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+) -> np.ndarray:
+    """AdamW-influence (arXiv 2605.18814; `fgtrac_core.influence.adamw_influence`) of the head on the recorded
+    reference run, replayed bit for bit (the replay refuses otherwise), in float64: its definition follows the
+    optimizer's state along the trajectory, which the replay supplies."""
+    inputs = torch.cat([train[0], test[0]])
+    pipeline = Pipeline(
+        model_factory=lambda: _model(setting.arch),
+        load_inputs=lambda config, ids: inputs[torch.as_tensor(ids)],
+        head_layer="head",
+        config={},
+    )
+    with RunStore(run_dir) as store:
+        records = load_training(store, pipeline)
+    with deterministic(records.config.get("torch_threads")):
+        scores = adamw_influence(records.training, "head", np.arange(len(train[0])), test).scores
+    return scores.numpy()
 
 
 def _column_correlations(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
@@ -296,6 +356,7 @@ def _scores(
     setting: Setting,
     trajectory: Trajectory,
     kwargs: dict[str, Any],
+    run_dir: Path,
 ) -> np.ndarray | str:
     """(n_test, n_train) TracInCP scores, or why this build of fgtrac cannot compute them.
 
@@ -304,10 +365,18 @@ def _scores(
     model32 = copy.deepcopy(model).float()
     train32, test32 = (train[0].float(), train[1]), (test[0].float(), test[1])
     kwargs = dict(kwargs)
+    if kwargs.get("mode") == "adamw_influence":
+        # along the replayed run, in float64; a replay that does not reproduce the recording is refused
+        try:
+            return _adamw_influence(run_dir, setting, train, test)
+        except FgtracError as e:
+            return str(e)
     if kwargs.get("mode") == "influence_function":  # at the final checkpoint, no weighting
         final = _float32(trajectory.checkpoints[-1][0])
         return influence_function(model32, "head", train32, test32, final, damping=IF_DAMPING).numpy()
-    checkpoints, weights = _weighted(setting, len(train[0]), trajectory, kwargs.pop("weighting", "checkpoint"))
+    checkpoints, weights = _weighted(
+        setting, len(train[0]), trajectory, kwargs.pop("weighting", "checkpoint")
+    )
     ckpts32 = [(_float32(c), lr) for c, lr in checkpoints]
     try:
         scores = tracin(
@@ -329,8 +398,10 @@ def _methods(setting: Setting, model: nn.Module, all_params: bool) -> dict[str, 
     n_params = sum(p.numel() for p in model.parameters())
     adamw = setting.optimizer == "adamw"
     methods = {
-        "influence_function": (f"influence function, head, exact Hessian, damping {IF_DAMPING:g}",
-                               {"mode": "influence_function"}),
+        "influence_function": (
+            f"influence function, head, exact Hessian, damping {IF_DAMPING:g}",
+            {"mode": "influence_function"},
+        ),
         "sgd_form": ("SGD form, head", {"mode": "last_layer"}),
         "usage": ("usage-aware SGD form, head", {"mode": "last_layer", "weighting": "usage"}),
         "step_exact": ("step-exact SGD form, head", {"mode": "last_layer", "weighting": "step"}),
@@ -338,6 +409,8 @@ def _methods(setting: Setting, model: nn.Module, all_params: bool) -> dict[str, 
     if adamw:
         methods["adamw_aware"] = ("AdamW-aware, head", {"mode": "adamw"})
         methods["adamw_usage"] = ("usage-aware AdamW-aware, head", {"mode": "adamw", "weighting": "usage"})
+        methods["adamw_influence"] = ("AdamW-influence (arXiv 2605.18814) along the replayed run, head",
+                                      {"mode": "adamw_influence"})  # fmt: skip
     if setting.arch == "mlp" and all_params:
         # projection_dim = P: the projection is exact, so these are the unprojected all-parameter scores
         methods["sgd_form_all"] = ("SGD form, all parameters", {"mode": "full", "projection_dim": n_params})
@@ -349,8 +422,14 @@ def _methods(setting: Setting, model: nn.Module, all_params: bool) -> dict[str, 
     return methods
 
 
-# (SGD form, AdamW-aware form) pairs compared for the goal, by the parameters they cover
-_PAIRS = {"head": ("sgd_form", "adamw_aware"), "all parameters": ("sgd_form_all", "adamw_aware_all")}
+# (SGD form, optimizer-aware form) pairs compared for the goal, by the form and the parameters they cover; the
+# issue's goal is AdamW-influence's
+_GOAL = "AdamW-influence, head"
+_PAIRS = {
+    "AdamW-influence, head": ("sgd_form", "adamw_influence"),
+    "checkpoint-level AdamW-aware, head": ("sgd_form", "adamw_aware"),
+    "checkpoint-level AdamW-aware, all parameters": ("sgd_form_all", "adamw_aware_all"),
+}
 
 
 def _figure(estimate: np.ndarray, truth: np.ndarray, n_draws: int) -> tuple[float, tuple[float, float]]:
@@ -420,7 +499,9 @@ def _measure(quick: bool) -> dict[str, Any]:
     t_all = time.perf_counter()
     for setting in SETTINGS:
         t0 = time.perf_counter()
-        model, init, trajectory = train_reference(setting, train)
+        tmp = tempfile.TemporaryDirectory()
+        run_dir = Path(tmp.name) / "run"
+        model, init, trajectory = recorded_reference(setting, train, test, run_dir)
         checkpoints = trajectory.checkpoints
         with torch.no_grad():
             ref_losses = F.cross_entropy(model(test[0]), test[1], reduction="none")
@@ -449,7 +530,7 @@ def _measure(quick: bool) -> dict[str, Any]:
         scored: dict[str, tuple[dict[str, Any], np.ndarray | str]] = {}
         for key, (label, kwargs) in _methods(setting, model, all_params=not quick).items():
             t = time.perf_counter()
-            scores = _scores(model, train, test, setting, trajectory, kwargs)
+            scores = _scores(model, train, test, setting, trajectory, kwargs, run_dir)
             scored[key] = (
                 {"label": label, "by": "fgtrac", "kwargs": kwargs, "seconds": time.perf_counter() - t},
                 scores,
@@ -490,6 +571,7 @@ def _measure(quick: bool) -> dict[str, Any]:
         entry["lds_vs_dattri"] = _best_lds_comparison(entry["methods"], lds_estimates, -lds, n_draws)
         entry["seconds"] = time.perf_counter() - t0
         results["settings"][setting.name] = entry
+        tmp.cleanup()
     results["seconds"] = time.perf_counter() - t_all
     return results
 
@@ -580,6 +662,11 @@ def summarise(r: dict[str, Any]) -> str:
                 f"goal {'**met**' if c['goal_met'] else '**not met**'}"
                 + (f" ({'; '.join(notes)})" if notes else "")
             )
+    verdicts = [
+        e["comparisons"][_GOAL]["goal_met"] for e in r["settings"].values() if _GOAL in e["comparisons"]
+    ]
+    if verdicts:
+        goals.append(f"- {_GOAL}: met on {sum(verdicts)} of {len(verdicts)} AdamW-trained settings")
     return f"""## Influence faithfulness (LOO and LDS by retraining)
 
 Digits: a fixed random {r["n_train"]}-sample training subset, the {r["n_test"]} held-out test examples. Logistic
@@ -611,10 +698,13 @@ so it is a constant multiple of the checkpoint-level form and ranks the same (th
 different subsets at different rates, is where they part: next section). *Step-exact*: Pruthi et al.'s
 idealised TracIn, the gradients at every step's own parameters, weighted η/|B_t| for the samples in that step's
 batch (computed here from the reference run's parameters before each step; `fgtrac influence --mode exact` takes
-them from an exact replay of the recorded run). AdamW-influence (`--mode adamw_influence`) needs a recorded run to
-replay and is measured in the next section.
+them from an exact replay of the recorded run). *AdamW-influence* (arXiv 2605.18814, `--mode adamw_influence`, on
+the AdamW-trained models): every reference run is also recorded by fgtrac's recorder (one stage, its batches), and
+the method replays that recording bit for bit and follows each use of a sample through the optimizer's recorded
+state to the final model (float64; its seconds include the replay).
 
-Goal: on the AdamW-trained models, the AdamW-aware form's LOO Spearman >= 10% above the SGD form's. The interval
+Goal: on the AdamW-trained models, AdamW-influence's LOO Spearman >= 10% above the SGD form's (the checkpoint-level
+AdamW-aware forms are held to the same bar beside it). The interval
 is the delete-half jackknife's over the choice of removed samples ({r["n_jackknife_draws"]} random halves):
 {chr(10).join(goals)}
 

@@ -5,6 +5,7 @@ measures); the only hard checks are the harness's own invariants (ranges, exact 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,8 +59,9 @@ def test_faithfulness_quick_produces_every_figure() -> None:
         for key, m in e["methods"].items():
             assert "unavailable" not in m, (name, key, m)
             assert -1.0 <= m["loo_spearman"] <= 1.0 and -1.0 <= m["lds"] <= 1.0, (name, key, m)
-        if e["optimizer"] == "adamw":
-            assert "head" in e["comparisons"], name
+        if e["optimizer"] == "adamw":  # the goal: AdamW-influence (along the replayed recording) vs SGD form
+            assert faithfulness._GOAL in e["comparisons"], name
+            assert "adamw_influence" in e["methods"], name
         # dattri's rows (the bench-only extra) are there exactly when dattri is installed
         peers = {k for k, m in e["methods"].items() if m["by"] == "dattri"}
         assert peers == (set(peers_dattri.METHODS) if r["dattri_version"] else set()), name
@@ -95,7 +97,9 @@ def test_usage_and_step_exact_weights_against_a_hand_computation() -> None:
             assert w[z, c] == pytest.approx(hand)
     model, _, trajectory = faithfulness.train_reference(setting, train)
     assert len(trajectory.before) == faithfulness.STEPS
-    got = faithfulness._scores(model, train, test, setting, trajectory, {"mode": "last_layer", "weighting": "step"})
+    got = faithfulness._scores(
+        model, train, test, setting, trajectory, {"mode": "last_layer", "weighting": "step"}, Path("unused")
+    )
     assert isinstance(got, np.ndarray)
 
     def grads(state: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
