@@ -219,11 +219,26 @@ def stage_analysis() -> dict[str, Any] | None:
 _PICKER_KEYS = {"influence": "influence", "stages": "stage_analysis"}
 
 
+# the parameters a reviewer tells analyses apart by, in this order (the rest is on the Audit page's entry)
+_SHOWN_PARAMS = ("weighting", "k", "damping", "gradients", "checkpoint_rule", "behaviours", "horizon", "readout",
+                 "adam_preconditioner", "n_test")  # fmt: skip
+
+
+def _params_line(params: dict[str, Any]) -> str:
+    """'weighting checkpoint, k 20, ..., LDS 0.45 (16 replays)': an analysis' distinguishing parameters."""
+    from fgtrac_core._text import abbreviate
+
+    parts = [f"{k} {abbreviate(params[k])}" for k in _SHOWN_PARAMS if params.get(k) is not None]
+    check = params.get("check")
+    if isinstance(check, dict) and "lds" in check:
+        parts.append(f"LDS {check['lds']:.2f} ({check.get('replays')} replays)")
+    return ", ".join(parts) if parts else abbreviate(params)
+
+
 def pick_analysis(kind: str) -> dict[str, Any] | None:
     """A sidebar picker over the run's analyses of `kind` (newest first; method, date and parameters shown),
     bound to the URL; the picked analysis, or None when the run has none."""
     from app.ui import md  # app.ui imports this module
-    from fgtrac_core._text import abbreviate
 
     table = query("analyses", kind)
     if table.empty:
@@ -238,7 +253,7 @@ def pick_analysis(kind: str) -> dict[str, Any] | None:
         bind="query-params",
     )
     r = rows[picked]
-    st.sidebar.caption(md(f"{r.method} · {r.created_at:%Y-%m-%d %H:%M} UTC · {abbreviate(json.loads(r.params))}"))
+    st.sidebar.caption(md(f"{r.method} · {r.created_at:%Y-%m-%d %H:%M} UTC · {_params_line(json.loads(r.params))}"))
     return query("analysis", picked, kind)
 
 

@@ -64,6 +64,20 @@ def test_explore_opens_a_test_example_by_url(
     assert len(captions) == 10 and all("cos " in c for c in captions)
     assert [c.split()[0] for c in captions] == [f"#{i}" for i in expected]
     assert not at.get("plotly_chart")  # charts wait until their tab is opened
+    # the analysis picker names the parameters an analysis differs by, not its raw JSON
+    side = [plain(c.value) for c in at.sidebar.caption]
+    assert any(c.startswith("tracin/last_layer") and "weighting checkpoint, k 20" in c for c in side), side
+    assert not any("{" in c for c in side), side
+
+
+def test_explore_on_an_influence_function_analysis(digits_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_cli("influence", str(digits_copy), "--mode", "influence_function", "--k", "10", check=True)
+    at = open_page(digits_copy, "views/explore.py", monkeypatch, tab="Per-checkpoint contributions")
+    header = plain(at.caption[0].value)
+    assert "influence_function" in header and "1 checkpoint ·" in header and "weighting" not in header
+    assert any("nothing to split over checkpoints" in c.value for c in at.caption)
+    assert not at.get("plotly_chart")
+    assert any("damping 0.001" in plain(c.value) for c in at.sidebar.caption)
 
 
 def test_explore_opens_a_training_sample(
