@@ -12,6 +12,7 @@ import streamlit as st
 
 from app import data
 from app.ui import md
+from fgtrac_core.store.reader import IDLE_STAGE_HINT
 
 st.set_page_config(page_title="fgtrac", layout="wide")
 page = st.navigation(
@@ -33,5 +34,8 @@ if data.fresh("is_stale"):
 for name, status in data.query("incomplete_stages"):
     st.warning(f"Stage {md(name)} is {md(status)}: this run is incomplete, so its analyses describe a partly "
                "trained model.")  # fmt: skip
+for name, steps in data.query("idle_stages"):
+    st.warning(f"Stage {md(name)} applied learning rate 0 at all {steps} of its steps: it did not change the "
+               f"parameters ({IDLE_STAGE_HINT}).")  # fmt: skip
 data.follow_snapshots(shown)
 page.run()

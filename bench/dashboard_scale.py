@@ -94,6 +94,7 @@ def _queries(store: RunStore) -> list[tuple[str, str, tuple[Any, ...]]]:
         ("once", "analyses", ("influence",)),
         ("once", "analysis", (aid, "influence")),
         ("once", "incomplete_stages", ()),
+        ("once", "idle_stages", ()),
         ("once", "marks", ()),
         ("once", "marked_ids", ("label_flipped",)),
         ("once", "influence_tests", (aid,)),

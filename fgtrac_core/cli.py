@@ -90,6 +90,7 @@ def _serve(run_dir: Path, port: int, host: str) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from fgtrac_core.store import RunStore
+    from fgtrac_core.store.reader import IDLE_STAGE_HINT
 
     with RunStore(args.run) as store:
         summary = store.summary()
@@ -108,10 +109,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
     echo(f"training   {s['n_steps']} steps, {s['n_batches']} batches, {s['n_sample_uses']} sample uses")
     echo("stages")
     for st in s["stages"]:
+        lr = st["lr_applied"]
         echo(
             f"  {st['name']:<12} {st['optimizer']:<8} steps {st['start_step']}..{st['end_step']}"
             f"  ({st['n_steps']} steps, {st['n_sample_uses']} uses)  {st['status']}"
+            + (f"  lr {lr[0]:.3g}..{lr[1]:.3g}" if lr else "")
         )
+    for st in s["stages"]:
+        if st["idle"]:
+            echo(f"warning    stage {st['name']!r} applied lr 0 at every step: it did not change the parameters ({IDLE_STAGE_HINT})")
     echo("checkpoints")
     for c in s["checkpoints"]:
         val = "-" if c["val_loss"] is None else f"{c['val_loss']:.4f}"

@@ -27,6 +27,11 @@ from fgtrac_core.store.usage_index import UsageIndex, read_usage_index
 
 # the boolean annotation that marks a sample as suspect unless a reader picks another
 DEFAULT_MARK = "label_flipped"
+# the usual cause of a stage that trained at lr 0 throughout (`RunStore.idle_stages`), for messages
+IDLE_STAGE_HINT = (
+    "was a new scheduler built on an optimizer whose rate an earlier stage annealed to 0? torch's schedulers "
+    "start from the optimizer's current lr"
+)
 
 
 class RunStore:
@@ -127,6 +132,8 @@ class RunStore:
         )[0]
         stages = self.stages()
         ckpts = self.checkpoints()
+        lr_ranges = self.applied_lr_ranges()
+        idle = {name for name, _ in self.idle_stages()}
         return {
             "run_dir": str(self.layout.root),
             "run_id": meta.get("run_id"),
@@ -149,6 +156,9 @@ class RunStore:
                     "end_step": None if pd.isna(r.end_step) else int(r.end_step),
                     "n_steps": int(r.n_steps),
                     "n_sample_uses": int(r.n_sample_uses),
+                    # over every step and param group, as applied; None without recorded optimizer steps
+                    "lr_applied": list(lr_ranges[int(r.stage_id)]) if int(r.stage_id) in lr_ranges else None,
+                    "idle": r.name in idle,
                 }
                 for r in stages.itertuples()
             ],
@@ -364,6 +374,29 @@ class RunStore:
         where, params = _ids_in("sample_id", sample_ids)
         rows = self._rows(f"SELECT sample_id, thumbnail FROM samples WHERE {where} AND thumbnail IS NOT NULL", params)
         return {int(i): bytes(t) for i, t in rows}
+
+    def applied_lr_ranges(self) -> dict[int, tuple[float, float]]:
+        """Per stage id with recorded optimizer steps: (min, max) of the learning rate its steps applied, over
+        every step and param group (from the recorded hyperparameters, which hold each group's lr at a stage's
+        first step and whenever it changed)."""
+        rows = self._rows(
+            r"""SELECT stage_id, min(v), max(v) FROM (
+                   SELECT stage_id, unnest(regexp_extract_all(hparams, '"lr":([-0-9.eE+]+)', 1))::DOUBLE AS v
+                   FROM optimizer_steps)
+               GROUP BY stage_id"""
+        )
+        return {int(sid): (float(lo), float(hi)) for sid, lo, hi in rows}
+
+    def idle_stages(self) -> list[tuple[str, int]]:
+        """(name, steps) of every stage whose optimizer steps all applied learning rate 0 in every param group:
+        it did not move the parameters (a fresh scheduler on an optimizer whose rate an earlier stage annealed
+        to 0 does this silently: torch's CosineAnnealingLR starts from the optimizer's current lr)."""
+        ranges = self.applied_lr_ranges()
+        rows = self._rows(
+            "SELECT s.stage_id, s.name, count(o.step) FROM stages s JOIN optimizer_steps o USING (stage_id) "
+            "GROUP BY ALL ORDER BY s.stage_id"
+        )
+        return [(name, int(n)) for sid, name, n in rows if int(sid) in ranges and ranges[int(sid)][1] == 0.0]
 
     def incomplete_stages(self) -> list[tuple[str, str]]:
         """(name, status) of every stage whose status is not ``done`` (failed, interrupted, running), in order."""
