@@ -233,11 +233,12 @@ def _ids(text: str | None) -> list[int] | None:
 
 
 def _cmd_influence(args: argparse.Namespace) -> int:
-    from fgtrac_core.completeness import require_complete
+    from fgtrac_core.completeness import require_complete, warn_idle_stages
     from fgtrac_core.influence.run_influence import run_influence
 
     if not args.allow_incomplete:
         require_complete(args.run, "fgtrac influence")
+    warn_idle_stages(args.run)
     rule = args.checkpoints if args.checkpoints in ("auto", "all") else _ids(args.checkpoints)
     summary = run_influence(
         args.run, mode=args.mode, k=args.k, checkpoints=rule, tau=args.tau, test_ids=_ids(args.test_ids),
@@ -316,12 +317,13 @@ def _store_stages(run_dir: str | Path, **options: Any) -> tuple[int, Any]:
 
 
 def _cmd_stages(args: argparse.Namespace) -> int:
-    from fgtrac_core.completeness import require_complete
+    from fgtrac_core.completeness import require_complete, warn_idle_stages
     from fgtrac_core.pipeline import load_pipeline
     from fgtrac_core.store import RunStore
 
     if not args.allow_incomplete:
         require_complete(args.run, "fgtrac stages")
+    warn_idle_stages(args.run)
     pipeline = None
     if args.model or args.inputs or args.head_layer:
         with RunStore(args.run) as store:
