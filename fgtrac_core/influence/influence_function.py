@@ -156,9 +156,13 @@ def influence_function_review(
 ) -> Review:
     """`review` for the influence function: top-k proponents and opponents of every test example by raw score
     (and by cosine in the whitened space, when `cosine`), streamed over training chunks, and every sample's
-    self-influence (1/n) ∇ℓ(z)ᵀ(H + λI)⁻¹∇ℓ(z).  One term, standing for the `checkpoint` it is evaluated at."""
+    self-influence (1/n) ∇ℓ(z)ᵀ(H + λI)⁻¹∇ℓ(z).  One term, standing for the `checkpoint` it is evaluated at.
+    The Hessian is formed and factored in float64; the whitened features are then ranked in the model's own
+    dtype, as the TracIn modes are (float32 halves the time of the dot products: 60k training × 10k test
+    examples with a 1,290-parameter head took 19 s instead of 38 s here)."""
+    dtype = next(model.parameters()).dtype
     w = whitened_gradients(
         model, layer, train, test, checkpoint, damping=damping, include_bias=include_bias, device=device
     )
-    terms = [_Checkpointed(1.0 / w.n, [Features(dense=w.test), Features(dense=w.train)])]
+    terms = [_Checkpointed(1.0 / w.n, [Features(dense=w.test.to(dtype)), Features(dense=w.train.to(dtype))])]
     return review_of(terms, _Options(chunk_size=chunk_size, progress=progress), k, cosine)

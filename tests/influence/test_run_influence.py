@@ -203,7 +203,7 @@ def test_influence_function_mode_is_stored_equal_to_the_functional_api_and_verif
                 part = table[table.direction == direction]
                 expected = full[row].topk(6, largest=largest)
                 assert list(ids[expected.indices.numpy()]) == list(part.train_id)
-                assert np.allclose(part.score, expected.values.numpy(), rtol=1e-6)
+                assert np.allclose(part.score, expected.values.numpy(), rtol=1e-5)  # ranked in float32
                 assert np.allclose([json.loads(x)[0] for x in part.contributions], part.score, rtol=1e-9)
             cos = store.influence_topk(out["analysis_id"], t, "cosine")
             assert cos.cosine.abs().max() <= 1 + 1e-9
