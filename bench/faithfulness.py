@@ -59,9 +59,7 @@ HIDDEN = 32
 STEPS = 100  # optimizer steps: 100 epochs full-batch, 10 epochs in mini-batches of 50
 SEED = 0
 REPLICA_CHUNK = 128  # replicas trained together; bounds the activations held for backward
-IF_DAMPING = (
-    peers_dattri.IF_DAMPING
-)  # the damping of dattri's influence function, so the two compare like for like
+IF_DAMPING = peers_dattri.IF_DAMPING  # the damping of dattri's influence function, so the two compare like for like
 LDS_TIE = 5e-4  # LDS differences below the tables' rounding (3 decimals) are ties
 
 
@@ -374,9 +372,7 @@ def _scores(
     if kwargs.get("mode") == "influence_function":  # at the final checkpoint, no weighting
         final = _float32(trajectory.checkpoints[-1][0])
         return influence_function(model32, "head", train32, test32, final, damping=IF_DAMPING).numpy()
-    checkpoints, weights = _weighted(
-        setting, len(train[0]), trajectory, kwargs.pop("weighting", "checkpoint")
-    )
+    checkpoints, weights = _weighted(setting, len(train[0]), trajectory, kwargs.pop("weighting", "checkpoint"))
     ckpts32 = [(_float32(c), lr) for c, lr in checkpoints]
     try:
         scores = tracin(
@@ -426,7 +422,7 @@ def _methods(setting: Setting, model: nn.Module, all_params: bool) -> dict[str, 
 # issue's goal is AdamW-influence's
 _GOAL = "AdamW-influence, head"
 _PAIRS = {
-    "AdamW-influence, head": ("sgd_form", "adamw_influence"),
+    _GOAL: ("sgd_form", "adamw_influence"),
     "checkpoint-level AdamW-aware, head": ("sgd_form", "adamw_aware"),
     "checkpoint-level AdamW-aware, all parameters": ("sgd_form_all", "adamw_aware_all"),
 }
@@ -662,9 +658,7 @@ def summarise(r: dict[str, Any]) -> str:
                 f"goal {'**met**' if c['goal_met'] else '**not met**'}"
                 + (f" ({'; '.join(notes)})" if notes else "")
             )
-    verdicts = [
-        e["comparisons"][_GOAL]["goal_met"] for e in r["settings"].values() if _GOAL in e["comparisons"]
-    ]
+    verdicts = [e["comparisons"][_GOAL]["goal_met"] for e in r["settings"].values() if _GOAL in e["comparisons"]]
     if verdicts:
         goals.append(f"- {_GOAL}: met on {sum(verdicts)} of {len(verdicts)} AdamW-trained settings")
     return f"""## Influence faithfulness (LOO and LDS by retraining)

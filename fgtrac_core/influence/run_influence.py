@@ -26,7 +26,7 @@ from fgtrac_core.checkpoint_files import load_checkpoint_payload
 from fgtrac_core.errors import FgtracError, UnknownSampleError
 from fgtrac_core.influence.checkpoints import select_checkpoints
 from fgtrac_core.influence.influence_function import MODE as IF_MODE
-from fgtrac_core.influence.influence_function import influence_function, influence_function_review
+from fgtrac_core.influence.influence_function import require_positive_damping, whitened_gradients
 from fgtrac_core.influence.tracin import MODES, load_state_dict, review
 from fgtrac_core.influence.weighting import WEIGHTINGS, has_batch_records, run_intervals, usage_weights
 from fgtrac_core.pipeline import Pipeline, load_pipeline
@@ -209,8 +209,8 @@ def run_influence(
         raise FgtracError(
             f"{IF_MODE} mode has one term, at the final checkpoint: --weighting {weighting} does not apply"
         )
-    if hessian and not damping > 0:
-        raise FgtracError(f"--damping must be > 0 (the head's cross-entropy Hessian is singular), not {damping}")
+    if hessian:
+        require_positive_damping(damping)
     if replayed and weighting == "checkpoint":
         raise FgtracError(f"{mode} mode weighs every step's own use (η_t/|B_t|); --weighting checkpoint does not apply")
     if k < 1:
@@ -286,11 +286,12 @@ def run_influence(
                 intervals=intervals, progress=progress,
             )  # fmt: skip
         rev.checkpoint_weights = [1.0] * len(chosen)
-    elif hessian:
-        rev = influence_function_review(
-            net, pipeline.head_layer, (x_tr, y_tr), (x_te, y_te), states[0], k=k, cosine=True, damping=damping,
-            include_bias=include_bias, device=device, progress=progress,
+    elif hessian:  # whitened once: the review and, with --check, the full score matrix
+        whitened = whitened_gradients(
+            net, pipeline.head_layer, (x_tr, y_tr), (x_te, y_te), states[0], damping=damping,
+            include_bias=include_bias, device=device,
         )  # fmt: skip
+        rev = whitened.review(k, cosine=True, progress=progress)
     else:
         score = review
         sharding: dict[str, Any] = {}
@@ -324,10 +325,7 @@ def run_influence(
         if replayed:
             full = rev.scores.scores
         elif hessian:
-            full = influence_function(
-                net, pipeline.head_layer, (x_tr, y_tr), (x_te, y_te), states[0], damping=damping,
-                include_bias=include_bias, device=device,
-            )  # fmt: skip
+            full = whitened.scores()
         else:
             full = tracin(
                 net, pipeline.head_layer, (x_tr, y_tr), (x_te, y_te),

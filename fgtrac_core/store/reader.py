@@ -133,7 +133,6 @@ class RunStore:
         stages = self.stages()
         ckpts = self.checkpoints()
         lr_ranges = self.applied_lr_ranges()
-        idle = {name for name, _ in self.idle_stages()}
         return {
             "run_dir": str(self.layout.root),
             "run_id": meta.get("run_id"),
@@ -158,7 +157,7 @@ class RunStore:
                     "n_sample_uses": int(r.n_sample_uses),
                     # over every step and param group, as applied; None without recorded optimizer steps
                     "lr_applied": list(lr_ranges[int(r.stage_id)]) if int(r.stage_id) in lr_ranges else None,
-                    "idle": r.name in idle,
+                    "idle": lr_ranges.get(int(r.stage_id), (None, None))[1] == 0.0,  # as `idle_stages`
                 }
                 for r in stages.itertuples()
             ],
@@ -375,28 +374,31 @@ class RunStore:
         rows = self._rows(f"SELECT sample_id, thumbnail FROM samples WHERE {where} AND thumbnail IS NOT NULL", params)
         return {int(i): bytes(t) for i, t in rows}
 
+    def _applied_lr(self) -> list[tuple[int, str, int, float, float]]:
+        """(stage id, name, optimizer steps, min lr, max lr) of every stage with recorded optimizer steps, the
+        rates over every step and param group, from the recorded hyperparameters (which hold each group's lr at
+        a stage's first step and whenever it changed)."""
+        rows = self._rows(
+            r"""WITH steps AS (SELECT stage_id, count(*) AS n FROM optimizer_steps GROUP BY stage_id),
+                    rates AS (SELECT stage_id,
+                                     unnest(regexp_extract_all(hparams, '"lr":([-0-9.eE+]+)', 1))::DOUBLE AS v
+                              FROM optimizer_steps)
+               SELECT s.stage_id, s.name, steps.n, min(rates.v), max(rates.v)
+               FROM stages s JOIN steps USING (stage_id) JOIN rates USING (stage_id)
+               GROUP BY ALL ORDER BY s.stage_id"""
+        )
+        return [(int(sid), name, int(n), float(lo), float(hi)) for sid, name, n, lo, hi in rows]
+
     def applied_lr_ranges(self) -> dict[int, tuple[float, float]]:
         """Per stage id with recorded optimizer steps: (min, max) of the learning rate its steps applied, over
-        every step and param group (from the recorded hyperparameters, which hold each group's lr at a stage's
-        first step and whenever it changed)."""
-        rows = self._rows(
-            r"""SELECT stage_id, min(v), max(v) FROM (
-                   SELECT stage_id, unnest(regexp_extract_all(hparams, '"lr":([-0-9.eE+]+)', 1))::DOUBLE AS v
-                   FROM optimizer_steps)
-               GROUP BY stage_id"""
-        )
-        return {int(sid): (float(lo), float(hi)) for sid, lo, hi in rows}
+        every step and param group."""
+        return {sid: (lo, hi) for sid, _, _, lo, hi in self._applied_lr()}
 
     def idle_stages(self) -> list[tuple[str, int]]:
         """(name, steps) of every stage whose optimizer steps all applied learning rate 0 in every param group:
         it did not move the parameters (a fresh scheduler on an optimizer whose rate an earlier stage annealed
         to 0 does this silently: torch's CosineAnnealingLR starts from the optimizer's current lr)."""
-        ranges = self.applied_lr_ranges()
-        rows = self._rows(
-            "SELECT s.stage_id, s.name, count(o.step) FROM stages s JOIN optimizer_steps o USING (stage_id) "
-            "GROUP BY ALL ORDER BY s.stage_id"
-        )
-        return [(name, int(n)) for sid, name, n in rows if int(sid) in ranges and ranges[int(sid)][1] == 0.0]
+        return [(name, n) for _, name, n, _, hi in self._applied_lr() if hi == 0.0]
 
     def incomplete_stages(self) -> list[tuple[str, str]]:
         """(name, status) of every stage whose status is not ``done`` (failed, interrupted, running), in order."""

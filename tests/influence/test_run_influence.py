@@ -74,9 +74,7 @@ def test_stored_scores_equal_the_functional_api(digits_run: Path) -> None:
         test_ids = [int(t) for t in store.influence_tests(a["analysis_id"]).sample_id.iloc[:3]]
         stored = [store.influence_topk(a["analysis_id"], t) for t in test_ids]
         labels = dict(zip(store.samples().sample_id, store.samples().label, strict=True))
-        assert (
-            a["params"]["weighting"] == "checkpoint"
-        )  # one lr per checkpoint, as the functional API's default
+        assert a["params"]["weighting"] == "checkpoint"  # one lr per checkpoint, as the functional API's default
     model = digits.DigitsCNN()
     x_tr = digits.model_inputs({"seed": 0}, train.sample_id.to_numpy())
     y_tr = torch.as_tensor(train.label.to_numpy(np.int64))
