@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from fgtrac_core.errors import CorruptRunError, RunLockedError, RunNotFoundError
 from fgtrac_core.store.run_files import replace_atomically
-from fgtrac_core.store.schema import check_catalog, check_schema
+from fgtrac_core.store.schema import check_catalog, check_schema, column_order
 
 
 def first_line(exc: BaseException) -> str:
@@ -74,8 +74,9 @@ def publish_snapshot(con: duckdb.DuckDBPyConnection, live: Path, snapshot: Path)
     replace_atomically(snapshot, copy)
 
 
-def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
-    """Insert an Arrow table into `table` by column name.
+def insert_arrow(con: duckdb.DuckDBPyConnection | BufferedInserts, table: str, data: pa.Table) -> None:
+    """Insert an Arrow table into `table` by column name (held until the next use of the connection when `con`
+    is a `BufferedInserts`).
 
     With every column of the table given, the columns are put in the table's order and inserted by position
     through a relation: one statement, no catalog change.  A relation's `.query()` (needed to name a subset of
@@ -84,9 +85,41 @@ def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> 
     too (~10 ms a call), and the replacement scan of a Python variable is off on our connections (external
     access is disabled).
     """
-    order = con.table(table).columns
+    if isinstance(con, BufferedInserts):
+        con.hold(table, data)
+        return
+    order = column_order(table) or con.table(table).columns
     if sorted(order) == sorted(data.column_names):
         con.from_arrow(data.select(order)).insert_into(table)
         return
     cols = ", ".join(data.column_names)
     con.from_arrow(data).query("_fgtrac_in", f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _fgtrac_in")
+
+
+class BufferedInserts:
+    """A connection whose Arrow inserts (`insert_arrow`) are held and written together: one statement per table
+    and schema instead of one per call.
+
+    The recorder's writer hands one to the jobs that share a transaction: a backlog of jobs then costs a few
+    inserts, not a few per job (each statement costs ~1 ms here, most of it DuckDB's binding).  Any other use of
+    the connection (a query, an update, a commit) first writes everything held, so every statement sees every
+    insert before it, as without holding.  Tables are written in the order first held (fgtrac's schema has no
+    foreign keys, so only each table's own row order matters, and that is kept).
+    """
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._con = con
+        self._held: dict[tuple[str, pa.Schema], list[pa.Table]] = {}
+
+    def hold(self, table: str, data: pa.Table) -> None:
+        self._held.setdefault((table, data.schema), []).append(data)
+
+    def flush(self) -> None:
+        """Write everything held."""
+        held, self._held = self._held, {}
+        for (table, _), parts in held.items():
+            insert_arrow(self._con, table, parts[0] if len(parts) == 1 else pa.concat_tables(parts))
+
+    def __getattr__(self, name: str) -> object:
+        self.flush()
+        return getattr(self._con, name)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
 from fgtrac_core.ledger.encoding import ENCODING_VERSION
 from fgtrac_core.ledger.entries import (
@@ -51,11 +52,27 @@ _PYTHON_ONLY = {k.kind for k in KINDS if k.computed}
 Entry = tuple[int | None, str | None, bytes]
 
 
+def _link_roots(
+    keys: np.ndarray, ids: list[int], values: list[int | None] | None
+) -> tuple[dict[int, str], dict[int, str | None]]:
+    """Merkle root (hex) of each set's sample ids, and of its (id, value) pairs when `values` is given, from link
+    rows ordered by set key, then by the set's order column."""
+    roots: dict[int, str] = {}
+    pair_roots: dict[int, str | None] = {}
+    if len(keys):
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        ends = np.r_[starts[1:], len(keys)]
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            roots[int(keys[s])] = ids_root(ids[s:e])
+            if values is not None:
+                pair_roots[int(keys[s])] = pairs_root(ids[s:e], values[s:e])
+    return roots, pair_roots
+
+
 def _id_roots(
     con: duckdb.DuckDBPyConnection, kind: str, keys: np.ndarray
 ) -> tuple[dict[int, str], dict[int, str | None]]:
-    """Merkle root (hex) of each set's sample ids, and of its (id, pair column) pairs when the kind has a pair
-    column, for the sets whose key is in `keys`."""
+    """`_link_roots` of the sets whose key is in `keys`, read from the kind's link table."""
     record = BY_KIND[kind]
     assert record.id_set is not None and record.id_column is not None
     (link, order), key = record.id_set, record.id_column
@@ -65,19 +82,44 @@ def _id_roots(
         f"SELECT {key} AS k, sample_id{f', {pair} AS pair' if pair else ''} FROM {link} "
         f"WHERE {key} BETWEEN {lo} AND {hi} ORDER BY {key}, {order}"
     ).to_arrow_table()
-    k = table.column("k").to_numpy()
-    ids = table.column("sample_id").to_pylist()
     values = table.column("pair").to_pylist() if pair else None
-    roots: dict[int, str] = {}
-    pair_roots: dict[int, str | None] = {}
-    if len(k):
-        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
-        ends = np.r_[starts[1:], len(k)]
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-            roots[int(k[s])] = ids_root(ids[s:e])
-            if values is not None:
-                pair_roots[int(k[s])] = pairs_root(ids[s:e], values[s:e])
-    return roots, pair_roots
+    return _link_roots(table.column("k").to_numpy(), table.column("sample_id").to_pylist(), values)
+
+
+def _with_id_roots(kind: str, cols: dict[str, list], roots: dict[int, str], pair_roots: dict[int, str | None]) -> None:
+    record = BY_KIND[kind]
+    empty = ids_root([])
+    cols[record.computed[0]] = [roots.get(r, empty) for r in cols["ref_id"]]
+    if record.pair_column is not None:
+        cols[record.computed[1]] = [pair_roots.get(r) for r in cols["ref_id"]]
+
+
+def entries_of_rows(kind: str, rows: pa.Table, links: pa.Table | None = None) -> list[Entry]:
+    """(ref_id, ref_key, entry bytes) for rows held in memory, as `iter_entries` yields them once the rows are in
+    the database: the recorder commits what it writes without reading it back.
+
+    `rows` holds at least the kind's key and entry columns, ordered by key, typed as the table's columns
+    (timestamps as Arrow timestamps: the encoder writes them as DuckDB's read-back formats them).  For kinds with
+    an id set, `links` holds the link rows of these keys (the key column, ``sample_id`` and the pair column),
+    ordered by key, then by the set's order column.  Not for kinds whose computed fields need the database
+    (an analysis' result rows, the usage index).
+    """
+    record = BY_KIND[kind]
+    if record.computed and record.id_set is None:
+        raise ValueError(f"entries of kind {kind!r} are computed from the database")
+    n = rows.num_rows
+    cols: dict[str, list] = {
+        "ref_id": rows.column(record.id_column).to_pylist() if record.id_column else [None] * n,
+        "ref_key": rows.column(record.key_column).to_pylist() if record.key_column else [None] * n,
+    }
+    for c in dict.fromkeys(record.columns):
+        cols[c] = rows.column(c).to_pylist()
+    if record.id_set is not None:
+        assert links is not None and record.id_column is not None
+        values = links.column(record.pair_column).to_pylist() if record.pair_column else None
+        keys = links.column(record.id_column).to_numpy()
+        _with_id_roots(kind, cols, *_link_roots(keys, links.column("sample_id").to_pylist(), values))
+    return list(zip(cols["ref_id"], cols["ref_key"], encode_columns(kind, cols), strict=True))
 
 
 def _analysis_roots(con: duckdb.DuckDBPyConnection, analysis_ids: list[int]) -> dict[int, str]:
@@ -129,11 +171,7 @@ def iter_entries(
         cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
         record = BY_KIND[kind]
         if record.id_set is not None:
-            roots, pair_roots = _id_roots(con, kind, np.asarray(cols["ref_id"], dtype=np.int64))
-            empty = ids_root([])
-            cols[record.computed[0]] = [roots.get(r, empty) for r in cols["ref_id"]]
-            if record.pair_column is not None:
-                cols[record.computed[1]] = [pair_roots.get(r) for r in cols["ref_id"]]
+            _with_id_roots(kind, cols, *_id_roots(con, kind, np.asarray(cols["ref_id"], dtype=np.int64)))
         elif kind == "analysis":
             roots = _analysis_roots(con, cols["ref_id"])
             cols["rows_root"] = [roots[r] for r in cols["ref_id"]]

@@ -2,17 +2,46 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fgtrac_core.ledger import GENESIS, CompactRange, chain_step, leaf_hash, sign_tree_head
-from fgtrac_core.store.db import insert_arrow
-from fgtrac_core.store.entries import iter_entries
+from fgtrac_core.store.db import BufferedInserts, insert_arrow
+from fgtrac_core.store.entries import Entry, entries_of_rows, iter_entries
 
-Touched = str | tuple[str, int, int]
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows of `kind` the same transaction just wrote, committed from memory instead of read back.
+
+    `rows` may be a callable when an earlier job of the transaction finishes the rows (a checkpoint's file hash);
+    `links` are the link rows of kinds with an id set (`entries_of_rows`).  The verifier recomputes every entry
+    from the database, so an entry built from rows that differ from those stored fails verification.
+    """
+
+    kind: str
+    rows: pa.Table | Callable[[], pa.Table]
+    links: pa.Table | None = None
+
+    def entries(self) -> list[Entry]:
+        rows = self.rows if isinstance(self.rows, pa.Table) else self.rows()
+        return entries_of_rows(self.kind, rows, self.links)
+
+
+Touched = str | tuple[str, int, int] | Rows
+
+
+def _entries(con: duckdb.DuckDBPyConnection, item: Touched) -> tuple[str, Iterable[Entry]]:
+    if isinstance(item, Rows):
+        return item.kind, item.entries()
+    if isinstance(item, str):
+        return item, iter_entries(con, item, only_new=True)
+    kind, lo, hi = item
+    return kind, iter_entries(con, kind, key_range=(lo, hi))
 
 
 class LedgerLog:
@@ -35,18 +64,17 @@ class LedgerLog:
     def size(self) -> int:
         return self._tree.size
 
-    def append(self, con: duckdb.DuckDBPyConnection, touched: Sequence[Touched]) -> None:
-        """Append entries for the rows just written, in this order: `(kind, first_key, last_key)` for a key range,
-        or a bare kind for every row of that kind that has no entry yet.
+    def append(self, con: duckdb.DuckDBPyConnection | BufferedInserts, touched: Sequence[Touched]) -> None:
+        """Append entries for the rows just written, in this order: `Rows` held in memory, `(kind, first_key,
+        last_key)` for a key range, or a bare kind for every row of that kind that has no entry yet.
 
-        Rows are read back from `con` inside the caller's transaction, through the same code the verifier uses.
+        Ranges and kinds are read back from `con` inside the caller's transaction, through the same code the
+        verifier uses; `Rows` are encoded by that code's in-memory twin.
         """
         seqs, kinds, ref_ids, ref_keys, entries, leaves, chains = [], [], [], [], [], [], []
         for item in touched:
-            kind, key_range = (item, None) if isinstance(item, str) else (item[0], (item[1], item[2]))
-            for ref_id, ref_key, entry in iter_entries(
-                con, kind, only_new=key_range is None, key_range=key_range
-            ):
+            kind, items = _entries(con, item)
+            for ref_id, ref_key, entry in items:
                 h = leaf_hash(entry)
                 self._chain = chain_step(self._chain, h)
                 seqs.append(self._tree.size)
@@ -75,16 +103,15 @@ class LedgerLog:
             ),
         )
 
-    def sign_if_grown(self, con: duckdb.DuckDBPyConnection) -> None:
+    def sign_if_grown(self, con: duckdb.DuckDBPyConnection | BufferedInserts) -> None:
         """Sign and store a tree head over everything appended, unless the last head already covers it."""
         if self._tree.size == self._signed_size:
             return
         sth = sign_tree_head(self._key, self.run_id, self._tree.size, self._tree.root(), self._chain)
         d = sth.to_json_dict()
-        con.execute(
-            "INSERT INTO tree_heads VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [self._next_sth, d["run_id"], d["tree_size"], d["root"], d["chain_head"], d["timestamp"],
-             d["key_fingerprint"], d["signature"]],
-        )  # fmt: skip
+        row = {"sth_id": pa.array([self._next_sth], pa.int32())}
+        for col in ("run_id", "tree_size", "root", "chain_head", "timestamp", "key_fingerprint", "signature"):
+            row[col] = pa.array([d[col]], pa.int64() if col == "tree_size" else pa.string())
+        insert_arrow(con, "tree_heads", pa.table(row))
         self._signed_size = self._tree.size
         self._next_sth += 1

@@ -3,7 +3,7 @@
 The training thread only validates, buffers and enqueues; serialising checkpoints, fsync, inserts, commits and
 snapshot publishing happen here, in submission order.  Every job runs inside a transaction; when several are
 queued (the writer is behind, as it is while training keeps the cores busy), they share one, so a backlog costs
-one commit instead of one per job.  If such a shared transaction fails it is rolled back, the recorder's
+one commit instead of one per job, and their inserts into each table are written as one (`BufferedInserts`).  If such a shared transaction fails it is rolled back, the recorder's
 in-memory ledger state is reset from the database (`reset`), and its jobs run again one transaction each, so
 exactly the jobs before the failing one end up committed, as without sharing.  A failed job stops the writer
 (later jobs would record out of order); the error is re-raised in the training thread at its next recorder call.
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import duckdb
 
 from fgtrac_core.errors import FgtracError
-from fgtrac_core.store.db import first_line
+from fgtrac_core.store.db import BufferedInserts, first_line
 
 Job = Callable[[duckdb.DuckDBPyConnection], None]
 
@@ -42,8 +42,10 @@ _MAX_GROUP = 64  # jobs sharing one transaction at most (bounds what one commit 
 def _in_transaction(con: duckdb.DuckDBPyConnection, jobs: list[Job]) -> None:
     con.begin()
     try:
+        held = BufferedInserts(con)  # the jobs' inserts into one table become one statement
         for job in jobs:
-            job(con)
+            job(held)  # type: ignore[arg-type]  # a connection to every job, its inserts held
+        held.flush()
     except BaseException:
         con.rollback()
         raise

@@ -71,7 +71,7 @@ from fgtrac_core.ledger import (
 from fgtrac_core.ledger.kinds import RESULT_TABLES
 from fgtrac_core.store.db import connect, insert_arrow, publish_snapshot
 from fgtrac_core.store.layout import RunLayout
-from fgtrac_core.store.ledger_log import LedgerLog, Touched
+from fgtrac_core.store.ledger_log import LedgerLog, Rows, Touched
 from fgtrac_core.store.run_files import remove_stale_temporaries, write_file_atomic
 from fgtrac_core.store.schema import create_schema
 from fgtrac_core.tracking._writer import Writer
@@ -441,7 +441,8 @@ class Run:
                 "registered_at": pa.array([_now()] * n, pa.timestamp("us")),
             }
         )
-        self._commit([_inserter("samples", table)], ["sample"])
+        table = table.sort_by("sample_id")  # entries in key order, as a read-back would give them
+        self._commit([_inserter("samples", table)], [Rows("sample", table)])
         self._known_ids = np.union1d(self._known_ids, ids)
 
     def annotate_samples(self, sample_ids: Any, key: str, values: Sequence[Any]) -> None:
@@ -459,7 +460,8 @@ class Run:
                 "value": pa.array([None if v is None else canonical_json(v) for v in values], pa.string()),
             }
         )
-        self._commit([_inserter("sample_annotations", table)], ["annotation"])
+        table = table.sort_by("sample_id")
+        self._commit([_inserter("sample_annotations", table)], [Rows("annotation", table)])
 
     def log_transform(self, name: str, sample_ids: Any, **params: Any) -> int:
         """Record that preprocessing `name` with `params` was applied to `sample_ids`; returns its id."""
@@ -480,7 +482,8 @@ class Run:
             {"transform_id": pa.array(np.full(len(ids), tid, np.int32)), "sample_id": pa.array(ids)}
         )
         self._commit(
-            [_inserter("transforms", row), _inserter("transform_samples", links)], [("transform", tid, tid)]
+            [_inserter("transforms", row), _inserter("transform_samples", links.sort_by("sample_id"))],
+            [Rows("transform", row, links.sort_by("sample_id"))],
         )
         self._next_transform_id += 1
         return tid
@@ -536,7 +539,7 @@ class Run:
                 "ended_at": pa.nulls(1, pa.timestamp("us")),
             }
         )
-        self._commit([_inserter("stages", row)], [("stage_start", stage_id, stage_id)])
+        self._commit([_inserter("stages", row)], [Rows("stage_start", row)])
         self._stage_names.add(name)
         self._next_stage_id += 1
         self._stage = _ActiveStage(stage_id, name, optimizer)
@@ -708,6 +711,7 @@ class Run:
             "path": pa.array([rel]),
         }
         path = self.layout.root / rel
+        written: list[pa.Table] = []
 
         def write(con: duckdb.DuckDBPyConnection) -> None:
             buf = io.BytesIO()
@@ -717,9 +721,10 @@ class Run:
             row["sha256"] = pa.array([hashlib.sha256(data).hexdigest()])
             row["size_bytes"] = pa.array([len(data)], pa.int64())
             row["created_at"] = pa.array([_now()], pa.timestamp("us"))
-            insert_arrow(con, "checkpoints", pa.table(row))
+            written.append(pa.table(row))
+            insert_arrow(con, "checkpoints", written[0])
 
-        self._commit([write], [("checkpoint", cid, cid)], publish=True)
+        self._commit([write], [Rows("checkpoint", lambda: written[0])], publish=True)
         self._next_checkpoint_id += 1
         return record
 
@@ -797,22 +802,21 @@ class Run:
         if len(self._buffer) > n_waiting:
             pending, self._buffer = self._buffer.split(n_waiting)
         steps, self._steps = (self._steps, StepBuffer()) if len(self._steps) else (None, self._steps)
-        batch_entries: list[Touched] = (
-            [] if pending is None else [("batch", pending.batch_id[0], pending.batch_id[-1])]
-        )
-        if steps is not None:
-            batch_entries.append(("optimizer_step", steps.step[0], steps.step[-1]))
 
         def transaction(con: duckdb.DuckDBPyConnection) -> None:  # the writer runs it inside a transaction
+            written: list[Touched] = []
             if pending is not None:
                 batches, samples = pending.tables()
                 insert_arrow(con, "batches", batches)
                 insert_arrow(con, "batch_samples", samples)
+                written.append(Rows("batch", batches, samples))
             if steps is not None:
-                insert_arrow(con, "optimizer_steps", steps.table())
+                step_rows = steps.table()
+                insert_arrow(con, "optimizer_steps", step_rows)
+                written.append(Rows("optimizer_step", step_rows))
             for op in ops:
                 op(con)
-            self._ledger.append(con, batch_entries + list(kinds))
+            self._ledger.append(con, written + list(kinds))
             if publish:  # a signed head at every checkpoint, stage end and close (snapshots may coalesce)
                 self._ledger.sign_if_grown(con)
 
