@@ -33,3 +33,9 @@ def test_goal_verdict_follows_the_figures() -> None:
     assert text.startswith("opt0 +75 us a step = +3.00% of the sample loop's time") and text.endswith("not met")
     # the share of the loop is the paired mean difference over the loop's time per step
     assert recorder_overhead.with_loop_share(paired(1.0), 2500.0)["opt0"]["loop_pct"] == 1.0
+
+
+def test_loop_and_end_to_end_goals_are_reported() -> None:
+    res = {"loop_goal_pct": 3.0, "loop_goal_met": True, "end_to_end_goal_pct": 10.0, "end_to_end_goal_met": False}
+    assert recorder_overhead._goal(res, "loop") == "goal <= 3%: met"
+    assert recorder_overhead._goal(res, "end_to_end") == "goal <= 10%: not met"
