@@ -479,11 +479,10 @@ class Run:
             }
         )
         links = pa.table(
-            {"transform_id": pa.array(np.full(len(ids), tid, np.int32)), "sample_id": pa.array(ids)}
+            {"transform_id": pa.array(np.full(len(ids), tid, np.int32)), "sample_id": pa.array(np.sort(ids))}
         )
         self._commit(
-            [_inserter("transforms", row), _inserter("transform_samples", links.sort_by("sample_id"))],
-            [Rows("transform", row, links.sort_by("sample_id"))],
+            [_inserter("transforms", row), _inserter("transform_samples", links)], [Rows("transform", row, links)]
         )
         self._next_transform_id += 1
         return tid
@@ -711,7 +710,7 @@ class Run:
             "path": pa.array([rel]),
         }
         path = self.layout.root / rel
-        written: list[pa.Table] = []
+        written: list[pa.Table] = []  # the row as this write finished it (a retried write replaces it)
 
         def write(con: duckdb.DuckDBPyConnection) -> None:
             buf = io.BytesIO()
@@ -721,7 +720,7 @@ class Run:
             row["sha256"] = pa.array([hashlib.sha256(data).hexdigest()])
             row["size_bytes"] = pa.array([len(data)], pa.int64())
             row["created_at"] = pa.array([_now()], pa.timestamp("us"))
-            written.append(pa.table(row))
+            written[:] = [pa.table(row)]
             insert_arrow(con, "checkpoints", written[0])
 
         self._commit([write], [Rows("checkpoint", lambda: written[0])], publish=True)
