@@ -220,12 +220,14 @@ def _goal(res: dict[str, Any], name: str) -> str:
 def report(res: dict[str, Any]) -> str:
     return (
         f"recorder overhead: training loop {res['train_plain_s']:.3f} s plain vs {res['train_recorded_s']:.3f} s "
-        f"recorded (median of {res['repeats']}) -> {res['overhead_pct']:+.1f}% ({_goal(res, 'loop')}); optimizer step hooks alone "
+        f"recorded (median of {res['repeats']}) -> {res['overhead_pct']:+.1f}% ({_goal(res, 'loop')}); "
+        f"optimizer step hooks alone "
         f"{res['train_hooks_s']:.3f} s -> {res['hooks_overhead_pct']:+.1f}% (per repeat "
         f"{_span(res.get('hooks_overhead_paired_pct', []))}; paired step by step: {_paired_text(res)}); "
         f"until everything is durable "
         f"(loop + close, which drains the background writer) {res['end_to_end_s']:.3f} s -> "
-        f"{res['end_to_end_overhead_pct']:+.1f}% ({_goal(res, 'end_to_end')}); ingest of 1,797 samples (hash, thumbnails, insert, committed) "
+        f"{res['end_to_end_overhead_pct']:+.1f}% ({_goal(res, 'end_to_end')}); "
+        f"ingest of 1,797 samples (hash, thumbnails, insert, committed) "
         f"{res['ingest_s']:.3f} s"
     )
 

@@ -86,7 +86,10 @@ def _id_roots(
     return _link_roots(table.column("k").to_numpy(), table.column("sample_id").to_pylist(), values)
 
 
-def _with_id_roots(kind: str, cols: dict[str, list], roots: dict[int, str], pair_roots: dict[int, str | None]) -> None:
+def _with_id_roots(
+    kind: str, cols: dict[str, list], roots: dict[int, str], pair_roots: dict[int, str | None]
+) -> None:
+    """Add the kind's computed id-set root columns (and pair roots) to `cols`, one value per `ref_id`."""
     record = BY_KIND[kind]
     empty = ids_root([])
     cols[record.computed[0]] = [roots.get(r, empty) for r in cols["ref_id"]]

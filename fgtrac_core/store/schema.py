@@ -298,23 +298,19 @@ def _name(row: tuple) -> str:
     return repr(row[0]) if len(row) == 1 or row[0] is not None else repr(row)
 
 
-def column_types(table: str) -> dict[str, str]:
-    """Column name -> DuckDB type name of one table, as the schema declares it."""
-    prefix = table + "."
-    return {
-        name[len(prefix) :]: dtype
-        for name, _, dtype, _, _ in _expected_catalog()["column"]
-        if name.startswith(prefix)
-    }
-
-
 @cache
-def column_order(table: str) -> tuple[str, ...]:
-    """The columns of one of fgtrac's tables in declaration order (empty for a table the schema lacks).
+def column_types(table: str) -> dict[str, str]:
+    """Column name -> DuckDB type name of one of fgtrac's tables, in declaration order, as the schema declares it
+    (empty for a table the schema lacks).
 
-    From the schema itself, not the database: asking a connection costs a catalog bind (~4 ms) per insert, and a
-    run database's catalog is checked to equal the schema's when it is opened."""
+    From the schema itself, not a database: asking a connection costs a catalog bind (~4 ms), and a run
+    database's catalog is checked to equal the schema's when it is opened."""
     prefix = table + "."
-    cols = [(index, name[len(prefix) :]) for name, index, *_ in _expected_catalog()["column"] if name.startswith(prefix)]
-    return tuple(name for _, name in sorted(cols))
+    cols = [(index, name[len(prefix) :], dtype) for name, index, dtype, _, _ in _expected_catalog()["column"]
+            if name.startswith(prefix)]  # fmt: skip
+    return {name: dtype for _, name, dtype in sorted(cols)}
 
+
+def column_order(table: str) -> tuple[str, ...]:
+    """The columns of one of fgtrac's tables in declaration order (empty for a table the schema lacks)."""
+    return tuple(column_types(table))

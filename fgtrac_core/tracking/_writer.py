@@ -3,10 +3,11 @@
 The training thread only validates, buffers and enqueues; serialising checkpoints, fsync, inserts, commits and
 snapshot publishing happen here, in submission order.  Every job runs inside a transaction; when several are
 queued (the writer is behind, as it is while training keeps the cores busy), they share one, so a backlog costs
-one commit instead of one per job, and their inserts into each table are written as one (`BufferedInserts`).  If such a shared transaction fails it is rolled back, the recorder's
-in-memory ledger state is reset from the database (`reset`), and its jobs run again one transaction each, so
-exactly the jobs before the failing one end up committed, as without sharing.  A failed job stops the writer
-(later jobs would record out of order); the error is re-raised in the training thread at its next recorder call.
+one commit instead of one per job, and their inserts into each table are written as one (`BufferedInserts`).
+If such a shared transaction fails it is rolled back, the recorder's in-memory ledger state is reset from the
+database (`reset`), and its jobs run again one transaction each, so exactly the jobs before the failing one end up
+committed, as without sharing.  A failed job stops the writer (later jobs would record out of order); the error
+is re-raised in the training thread at its next recorder call.
 """
 
 from __future__ import annotations
