@@ -464,17 +464,17 @@ def _result_tables(
                 )
             )
     si = rev.self_influence.double().cpu().numpy()
+    # stored highest first: "the top n" then reads only the first row groups (their zone maps on rank rule out the
+    # rest), while a lookup by sample goes through the lookup index (fgtrac_core.store.schema)
     order = np.argsort(-si, kind="stable")
-    rank = np.empty(len(si), np.int32)
-    rank[order] = np.arange(1, len(si) + 1, dtype=np.int32)
     return {
         "influence_tests": tests,
         "influence_topk": pa.concat_tables(parts),
         "self_influence": pa.table(
             {
-                "sample_id": pa.array(train_ids, pa.int64()),
-                "value": pa.array(si, pa.float64()),
-                "rank": pa.array(rank, pa.int32()),
+                "sample_id": pa.array(np.asarray(train_ids)[order], pa.int64()),
+                "value": pa.array(si[order], pa.float64()),
+                "rank": pa.array(np.arange(1, len(si) + 1, dtype=np.int32), pa.int32()),
             }
         ),
     }

@@ -73,7 +73,7 @@ from fgtrac_core.store.db import connect, insert_arrow, publish_snapshot
 from fgtrac_core.store.layout import RunLayout
 from fgtrac_core.store.ledger_log import LedgerLog, Rows, Touched
 from fgtrac_core.store.run_files import remove_stale_temporaries, write_file_atomic
-from fgtrac_core.store.schema import create_schema
+from fgtrac_core.store.schema import create_lookup_indexes, create_schema
 from fgtrac_core.tracking._writer import Writer
 from fgtrac_core.tracking.optimizer_hooks import StepBuffer, StepFacts, StepHooks, hparams_delta
 from fgtrac_core.tracking.thumbnails import as_png_list
@@ -350,7 +350,8 @@ class Run:
             return
         self._commit([], [])  # pending batches first: the index below covers every entry before it
         # then, in the one transaction that also signs the tail: the usage index over everything committed (what
-        # proves a sample's uses complete, or its absence: fgtrac_core.ledger.usage_index) and the session's close.
+        # proves a sample's uses complete, or its absence: fgtrac_core.ledger.usage_index), the session's close and
+        # the per-sample lookup indexes (built once here rather than kept up to date by every insert).
         # A crash before it leaves the session open, so Run.open accepts the unsigned tail and recovers.
         closed_at, session_id = _now(), self._session_id
         index_id, created_at = self._next_usage_index, _now()
@@ -363,7 +364,7 @@ class Run:
             con.execute("UPDATE run_sessions SET closed_at = ? WHERE session_id = ?", [closed_at, session_id])
 
         self._commit(
-            [usage_index, close_session],
+            [usage_index, close_session, create_lookup_indexes],
             [("usage_index", index_id, index_id), ("session_close", session_id, session_id)],
             publish=True,
         )

@@ -73,3 +73,34 @@ def test_id_lists_of_any_length(store: RunStore) -> None:
     assert store.labels_and_marks([], MARK).empty and store.thumbnails([]) == {}
     known = store.labels_and_marks(ids + ids[:5] + unknown, MARK)
     assert known["sample_id"].tolist() == sorted(ids)
+
+
+def test_per_sample_lifecycle_queries_use_the_lookup_indexes(store: RunStore) -> None:
+    """A closed run holds the lookup indexes; a sample's uses and self-influence are read through them, and equal
+    what the whole tables say (read into pandas, no index involved)."""
+    aid, _ = _aid_and_tests(store)
+    uses = store.df("SELECT bs.sample_id, b.step, bs.position FROM batch_samples bs JOIN batches b USING (batch_id)")
+    si = store.df("SELECT sample_id, value, rank FROM self_influence WHERE analysis_id = ?", [aid])
+    train = int(uses["sample_id"].value_counts().index[0])  # the most used sample
+    mine = uses[uses["sample_id"] == train]
+    usage, plans = statements(store, "sample_usage", train)
+    assert usage.sort_values("step")[["step", "position"]].to_numpy().tolist() == (
+        mine.sort_values("step")[["step", "position"]].to_numpy().tolist()
+    )
+    mid = int(mine["step"].median())
+    counts, more = statements(store, "uses_in_steps", train, [(0, mid), (mid + 1, 10**9), (None, None)])
+    assert counts == [int((mine["step"] <= mid).sum()), int((mine["step"] > mid).sum()), 0]
+    own, most = statements(store, "self_influence_of", aid, train)
+    row = si[si["sample_id"] == train].iloc[0]
+    assert own == {"value": row["value"], "rank": row["rank"], "n_train": len(si)}
+    scans = {(s.table, s.kind) for p in plans + more + most for s in p.scans}
+    assert ("batch_samples", "Index Scan") in scans and ("self_influence", "Index Scan") in scans
+    assert {k for t, k in scans if t in ("batch_samples", "self_influence")} == {"Index Scan"}
+
+
+def test_self_influence_is_stored_highest_first(store: RunStore) -> None:
+    """Rows in rank order, so that the quality page's top n reads the first row groups only (zone maps)."""
+    aid, _ = _aid_and_tests(store)
+    stored = store.df("SELECT rank, value FROM self_influence WHERE analysis_id = ? ORDER BY row_id", [aid])
+    assert stored["rank"].tolist() == list(range(1, len(stored) + 1))
+    assert stored["value"].is_monotonic_decreasing
