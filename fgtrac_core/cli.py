@@ -490,7 +490,10 @@ def _parser() -> argparse.ArgumentParser:
     inf.add_argument("--projection-dim", type=int_in(1, 1 << 24), help="full/adamw, exact --gradients full: dimension of the random gradient projection")
     inf.add_argument("--seed", type=int, default=0, help="seed of the random projection")
     _pipeline_args(inf)
-    inf.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda when available)")
+    inf.add_argument(
+        "--device", type=device,
+        help="cpu, cuda or cuda:N (default: cuda when available); exact and adamw_influence replay on the cpu",
+    )  # fmt: skip
     inf.add_argument(
         "--ray", nargs="?", const=True, metavar="ADDRESS",
         help="shard over the training set on Ray (same results; needs fgtrac[ray]): the cluster at ADDRESS, or a "

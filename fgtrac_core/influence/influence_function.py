@@ -38,7 +38,7 @@ from fgtrac_core.influence.gradients import (
     head_gradients,
     linear_layer,
 )
-from fgtrac_core.influence.tracin import Review, _Checkpointed, _Options, load_state_dict, review_of
+from fgtrac_core.influence.tracin import Review, _Checkpointed, _device, _Options, load_state_dict, review_of
 
 
 def _extended(act: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -108,9 +108,12 @@ def whitened_gradients(
     device: str | torch.device | None = None,
 ) -> Whitened:
     """Test and training gradients of the `layer` head at `checkpoint`, whitened by the head's damped
-    cross-entropy Hessian over `train` (float64; see `Whitened`).  The model's own parameters are restored."""
+    cross-entropy Hessian over `train` (float64; see `Whitened`), on `device` (default: CUDA when available, as
+    `tracin`; the model is moved there).  The model's own parameters are restored."""
     require_positive_damping(damping)
     bias = include_bias and linear_layer(model, layer).bias is not None
+    device = _device(device)
+    model = model.to(device)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
         model.load_state_dict(load_state_dict(checkpoint))

@@ -190,6 +190,8 @@ def run_influence(
     `ray_address`: shard the scoring over the training set on Ray (`fgtrac_core.influence.sharded`; same stored
     results): True for a local cluster started for this call, or a cluster's address; `shard_size` training
     samples per task (default: about four shards per CPU).  Not for exact mode.
+    `device`: where the scores are computed (default: CUDA when available); the modes that replay the run
+    (exact, adamw_influence) compute on the CPU, where the replay is bit-exact, and refuse another device.
     `gradients` (exact mode): ``last_layer`` (the head's, exact) or ``full`` (every parameter's, through the
     `full` mode's seeded projection: `projection_dim`, `seed`; `fgtrac_core.influence.exact`).
     Mode ``influence_function``: the head's influence function with its exact cross-entropy Hessian, damped by
@@ -213,6 +215,11 @@ def run_influence(
         require_positive_damping(damping)
     if replayed and weighting == "checkpoint":
         raise FgtracError(f"{mode} mode weighs every step's own use (η_t/|B_t|); --weighting checkpoint does not apply")
+    if replayed and device is not None and torch.device(device).type != "cpu":
+        raise FgtracError(
+            f"--device {device} does not apply to {mode} mode: it replays the recorded steps, which replay bit for "
+            "bit on the CPU (leave --device out)"
+        )
     if k < 1:
         raise FgtracError("k must be at least 1")
     if gradients != "last_layer" and mode != "exact":

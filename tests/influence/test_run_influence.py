@@ -244,3 +244,18 @@ def test_a_training_id_is_not_a_test_example(digits_run: Path) -> None:
     with RunStore(digits_run) as store:
         train_id = int(store.samples("train").sample_id.iloc[0])
     _one_line_error(run_cli("influence", str(digits_run), "--test-ids", str(train_id)), "not a test example")
+
+
+@pytest.mark.parametrize("mode", ["exact", "adamw_influence"])
+def test_the_replaying_modes_refuse_another_device_than_the_cpu(digits_run: Path, mode: str) -> None:
+    """They replay the recorded steps, bit for bit on the CPU only: asked for CUDA they say so, before any work
+    (the CLI's --device accepts cuda only on a machine that has it, so the library is called directly)."""
+    from fgtrac_core.errors import FgtracError
+    from fgtrac_core.influence.run_influence import run_influence
+
+    with RunStore(digits_run) as store:
+        before = len(store.analyses())
+    with pytest.raises(FgtracError, match=f"--device cuda does not apply to {mode} mode"):
+        run_influence(digits_run, mode=mode, device="cuda")
+    with RunStore(digits_run) as store:
+        assert len(store.analyses()) == before
