@@ -132,6 +132,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from fgtrac_core.store import RunStore
 
     with RunStore(args.run) as store:
@@ -165,9 +167,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         per_stage = usage.groupby("stage", sort=False).size()
         echo(f"used {len(usage)} times: " + ", ".join(f"{k} x{v}" for k, v in per_stage.items()))
         for u in usage.itertuples():
-            echo(
-                f"  step {u.step:<6} epoch {u.epoch:<3} {u.stage:<10} lr {u.lr:.3g}  batch loss {u.loss:.4f}"
-            )
+            # epoch, lr and loss are optional in log_batch: NULL reads back as NaN, shown as "-"
+            epoch = "-" if pd.isna(u.epoch) else int(u.epoch)
+            lr = "-" if pd.isna(u.lr) else f"{u.lr:.3g}"
+            loss = "-" if pd.isna(u.loss) else f"{u.loss:.4f}"
+            echo(f"  step {u.step:<6} epoch {epoch:<3} {u.stage:<10} lr {lr}  batch loss {loss}")
     return EXIT_OK
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from fgtrac_core import RecorderStateError, Run, RunExistsError, RunStore, UnknownSampleError
 from fgtrac_core.errors import FgtracError
+from tests.conftest import run_cli
 
 
 def _tiny_run(run_dir: Path, *, flush_every: int = 100_000) -> tuple[Run, nn.Module, np.ndarray]:
@@ -170,3 +171,20 @@ def test_stage_needs_a_model(tmp_path: Path) -> None:
     with pytest.raises(RecorderStateError, match="model"), run.stage("s", optimizer=opt):
         pass
     run.close()
+
+
+def test_sample_lists_uses_logged_without_epoch_or_loss(tmp_path: Path) -> None:
+    """log_batch's epoch and loss are optional: `fgtrac sample` shows "-" for them, not "nan" or "4.0"."""
+    run, model, _ = _tiny_run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with run.stage("only", optimizer=opt, model=model):
+        for step in range(2):
+            opt.zero_grad()
+            model(torch.randn(2, 4)).pow(2).mean().backward()
+            opt.step()
+            run.log_batch([3, 4], epoch=step if step else None, loss=None)
+    run.close()
+    lines = run_cli("sample", str(tmp_path / "r"), "3", check=True).stdout.splitlines()
+    uses = [ln.split() for ln in lines if ln.lstrip().startswith("step ")]
+    assert uses == [["step", "0", "epoch", "-", "only", "lr", "0.1", "batch", "loss", "-"],
+                    ["step", "1", "epoch", "1", "only", "lr", "0.1", "batch", "loss", "-"]]  # fmt: skip
