@@ -47,6 +47,15 @@ def _header(record: dict[str, Any], mark: str) -> None:
         right.caption(f"source: {md(record['source'])}")
 
 
+def _hover_facts(uses: pd.DataFrame) -> list[list[str]]:
+    """Epoch, lr, batch loss and position of each use as text; "-" where log_batch was not given one."""
+    def shown(value: object, spec: str) -> str:
+        return "-" if pd.isna(value) else format(value, spec)
+
+    return [[shown(u.epoch, ".0f"), shown(u.lr, ".3g"), shown(u.loss, ".3f"), shown(u.position, "d")]
+            for u in uses.itertuples()]  # fmt: skip
+
+
 def _usage(sample_id: int) -> None:
     st.subheader("Uses in training")
     usage = data.query("sample_usage", sample_id)
@@ -59,9 +68,9 @@ def _usage(sample_id: int) -> None:
     fig = go.Figure(
         [
             go.Scatter(x=g["step"].tolist(), y=g["stage"].tolist(), mode="markers", name=name, marker={"size": 11},
-                       customdata=g[["epoch", "lr", "loss", "position"]].to_numpy().tolist(),
-                       hovertemplate="step %{x}<br>epoch %{customdata[0]}<br>lr %{customdata[1]:.3g}<br>batch loss "
-                       "%{customdata[2]:.3f}<br>position %{customdata[3]}<extra></extra>")
+                       customdata=_hover_facts(g),
+                       hovertemplate="step %{x}<br>epoch %{customdata[0]}<br>lr %{customdata[1]}<br>batch loss "
+                       "%{customdata[2]}<br>position %{customdata[3]}<extra></extra>")
             for name, g in shown.groupby("stage", sort=False)
         ],
         layout={"title": {"text": f"{len(usage)} uses, by step and stage"}, "xaxis": {"title": {"text": "step"}}},

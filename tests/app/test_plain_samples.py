@@ -243,3 +243,27 @@ def test_contributions_show_the_uses_behind_each_term(
     assert analysis["params"]["weighting"] == "checkpoint"
     assert any(c.value.startswith("Checkpoint weighting: every checkpoint scores") for c in at.caption)
     assert any(" · checkpoint weighting · " in c.value for c in at.caption)  # the page header names it too
+
+
+def test_lifecycle_hover_says_what_log_batch_was_not_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """epoch and loss are optional in log_batch: the uses chart shows "-" for them, not NaN."""
+    import numpy as np
+
+    from tests.app._support import chart
+
+    run = Run.create(tmp_path / "run", name="plain")
+    run.register_samples(np.arange(4), split="train", labels=np.zeros(4, int), raw=np.eye(4, dtype=np.uint8))
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with run.stage("only", optimizer=opt, model=model):
+        for epoch in (None, 1):
+            opt.zero_grad()
+            loss = model(torch.eye(4)[:2]).pow(2).mean()
+            loss.backward()
+            opt.step()
+            run.log_batch([2, 3], epoch=epoch, loss=None if epoch is None else loss)
+    run.close()
+    at = open_page(tmp_path / "run", "views/lifecycle.py", monkeypatch, sample="3")
+    (trace,) = chart(at, 0)["data"]
+    assert trace["customdata"][0] == ["-", "0.1", "-", "1"]
+    assert trace["customdata"][1][:2] == ["1", "0.1"] and trace["customdata"][1][2] != "-"
