@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from fgtrac_core import sample_display
@@ -518,22 +519,30 @@ class RunStore:
         mark: str = DEFAULT_MARK,
     ) -> pd.DataFrame | None:
         """Precision and recall of "inspect the top fraction by self-influence" against the samples whose
-        boolean annotation `mark` is true (unannotated samples count as clean); None when none is recorded."""
-        df = self.df(
-            """SELECT si.rank, coalesce(a.value = 'true', false) AS flipped
-               FROM self_influence si
-               LEFT JOIN sample_annotations a ON a.sample_id = si.sample_id AND a.key = ?
-               WHERE si.analysis_id = ? ORDER BY si.rank""",
-            [mark, int(analysis_id)],
-        )
-        annotated = self._rows("SELECT count(*) FROM sample_annotations WHERE key = ?", [mark])[0][0]
-        if df.empty or not annotated:
+        boolean annotation `mark` is true (unannotated samples count as clean); None when none is recorded.
+
+        The ranking is read as two columns and matched against `marked_ids` (read once per snapshot) rather than
+        joined with the annotations: at a million samples the join took 0.07-0.2 s."""
+        annotated = self._rows("SELECT count(*) FROM (SELECT 1 FROM sample_annotations WHERE key = ? LIMIT 1)", [mark])
+        if not annotated[0][0]:
             return None
-        found = df["flipped"].cumsum().to_numpy()
+        try:
+            with self._con.cursor() as cur:
+                ranking = cur.execute(
+                    "SELECT sample_id, rank FROM self_influence WHERE analysis_id = ?", [int(analysis_id)]
+                ).fetchnumpy()
+        except duckdb.Error as exc:
+            raise CorruptRunError(f"{self.layout.snapshot_db} is damaged ({first_line(exc)})") from None
+        if not len(ranking["rank"]):
+            return None
+        # stored highest first, so this stable sort finds the order already in place
+        ids = np.asarray(ranking["sample_id"])[np.argsort(np.asarray(ranking["rank"]), kind="stable")]
+        marked = np.fromiter(self.marked_ids(mark), np.int64)
+        found = np.cumsum(np.isin(ids, marked))
         n_flipped = int(found[-1])
         rows = []
         for fraction in fractions:
-            inspected = max(1, round(fraction * len(df)))
+            inspected = max(1, round(fraction * len(ids)))
             hits = int(found[inspected - 1])
             rows.append(
                 {

@@ -104,3 +104,19 @@ def test_self_influence_is_stored_highest_first(store: RunStore) -> None:
     stored = store.df("SELECT rank, value FROM self_influence WHERE analysis_id = ? ORDER BY row_id", [aid])
     assert stored["rank"].tolist() == list(range(1, len(stored) + 1))
     assert stored["value"].is_monotonic_decreasing
+
+
+def test_mislabel_detection_equals_a_count_over_the_whole_tables(store: RunStore) -> None:
+    aid, _ = _aid_and_tests(store)
+    si = store.df("SELECT sample_id, rank FROM self_influence WHERE analysis_id = ?", [aid])
+    notes = store.df("SELECT sample_id, value FROM sample_annotations WHERE key = ?", [MARK])
+    marked = set(notes.loc[notes["value"] == "true", "sample_id"])
+    flipped = si.sort_values("rank")["sample_id"].isin(marked).to_numpy()
+    table = store.mislabel_detection(aid, (0.05, 0.5), MARK)
+    for row in table.itertuples():
+        inspected = max(1, round(row.inspected_fraction * len(si)))
+        assert (row.inspected, row.flipped_found) == (inspected, int(flipped[:inspected].sum()))
+        assert (row.flipped_total, row.recall) == (int(flipped.sum()), flipped[:inspected].sum() / flipped.sum())
+        assert row.precision == flipped[:inspected].sum() / inspected
+    assert 0 < table["flipped_found"].iloc[0] < table["flipped_found"].iloc[1]
+    assert store.mislabel_detection(aid, (0.1,), "no_such_annotation") is None
