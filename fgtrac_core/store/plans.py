@@ -8,7 +8,7 @@ an index or a zone map, never a whole large table.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -38,23 +38,24 @@ class Statement:
 
 @contextmanager
 def _recorded(store: RunStore) -> Iterator[list[tuple[str, list[Any]]]]:
-    """Record (sql, params) of every statement `store` runs through its `df`/`_rows` while in the block."""
+    """Record (sql, params) of every statement `store` runs through its `df`/`_rows`/`_numpy` while in the block."""
     calls: list[tuple[str, list[Any]]] = []
-    df, rows = store.df, store._rows
+    methods = ("df", "_rows", "_numpy")
 
-    def record_df(sql: str, params: list[Any] | None = None) -> Any:
-        calls.append((sql, list(params or [])))
-        return df(sql, params)
+    def recording(run: Callable[..., Any]) -> Callable[..., Any]:
+        def record(sql: str, params: list[Any] | None = None) -> Any:
+            calls.append((sql, list(params or [])))
+            return run(sql, params)
 
-    def record_rows(sql: str, params: list[Any] | None = None) -> Any:
-        calls.append((sql, list(params or [])))
-        return rows(sql, params)
+        return record
 
-    store.df, store._rows = record_df, record_rows  # type: ignore[method-assign]
+    for name in methods:
+        setattr(store, name, recording(getattr(store, name)))
     try:
         yield calls
     finally:
-        del store.df, store._rows  # the class's methods again
+        for name in methods:
+            delattr(store, name)  # the class's methods again
 
 
 def statements(store: RunStore, method: str, *args: Any) -> tuple[Any, list[Statement]]:

@@ -74,6 +74,14 @@ class RunStore:
         except duckdb.Error as exc:
             raise CorruptRunError(f"{self.layout.snapshot_db} is damaged ({first_line(exc)})") from None
 
+    def _numpy(self, sql: str, params: list[Any] | None = None) -> dict[str, np.ndarray]:
+        """Column name -> NumPy array of a read-only query's result (for large results: no per-row objects)."""
+        try:
+            with self._con.cursor() as cur:
+                return {k: np.asarray(v) for k, v in cur.execute(sql, params or []).fetchnumpy().items()}
+        except duckdb.Error as exc:
+            raise CorruptRunError(f"{self.layout.snapshot_db} is damaged ({first_line(exc)})") from None
+
     def is_stale(self) -> bool:
         """True when the live database changed after this snapshot (recording in progress or interrupted)."""
         live = self.layout.live_db
@@ -526,17 +534,11 @@ class RunStore:
         annotated = self._rows("SELECT count(*) FROM (SELECT 1 FROM sample_annotations WHERE key = ? LIMIT 1)", [mark])
         if not annotated[0][0]:
             return None
-        try:
-            with self._con.cursor() as cur:
-                ranking = cur.execute(
-                    "SELECT sample_id, rank FROM self_influence WHERE analysis_id = ?", [int(analysis_id)]
-                ).fetchnumpy()
-        except duckdb.Error as exc:
-            raise CorruptRunError(f"{self.layout.snapshot_db} is damaged ({first_line(exc)})") from None
+        ranking = self._numpy("SELECT sample_id, rank FROM self_influence WHERE analysis_id = ?", [int(analysis_id)])
         if not len(ranking["rank"]):
             return None
         # stored highest first, so this stable sort finds the order already in place
-        ids = np.asarray(ranking["sample_id"])[np.argsort(np.asarray(ranking["rank"]), kind="stable")]
+        ids = ranking["sample_id"][np.argsort(ranking["rank"], kind="stable")]
         marked = np.fromiter(self.marked_ids(mark), np.int64)
         found = np.cumsum(np.isin(ids, marked))
         n_flipped = int(found[-1])
