@@ -203,12 +203,16 @@ CREATE TABLE tree_heads (
 """
 
 # Secondary indexes for the per-sample reads of the tables that grow with the data (a sample's uses on the lifecycle
-# page and in its proofs, its self-influence): point lookups through an index instead of a scan of every row.  They
-# are built when a recording session closes (`create_lookup_indexes`), not with the tables: each insert during
-# recording would otherwise maintain them on the writer's clock.  A run may hold all, some or none of them.
+# page and in its proofs, its self-influence, its annotations and transforms): point lookups through an index
+# instead of a scan of every row (zone maps narrow those scans only while rows were logged in id order; the
+# annotations' primary key leads with sample_id but DuckDB answers only whole-key lookups from it).  They are built
+# when a recording session closes (`create_lookup_indexes`), not with the tables: each insert during recording
+# would otherwise maintain them on the writer's clock.  A run may hold all, some or none of them.
 _LOOKUP_INDEXES = """
 CREATE INDEX IF NOT EXISTS batch_samples_by_sample ON batch_samples (sample_id);
 CREATE INDEX IF NOT EXISTS self_influence_by_sample ON self_influence (sample_id);
+CREATE INDEX IF NOT EXISTS sample_annotations_by_sample ON sample_annotations (sample_id);
+CREATE INDEX IF NOT EXISTS transform_samples_by_sample ON transform_samples (sample_id);
 """
 
 # every base table, in declaration order

@@ -76,8 +76,9 @@ def test_id_lists_of_any_length(store: RunStore) -> None:
 
 
 def test_per_sample_lifecycle_queries_use_the_lookup_indexes(store: RunStore) -> None:
-    """A closed run holds the lookup indexes; a sample's uses and self-influence are read through them, and equal
-    what the whole tables say (read into pandas, no index involved)."""
+    """A closed run holds the lookup indexes; a sample's uses, self-influence, annotations and transforms are read
+    through them, and equal what the whole tables say (read into pandas, or filtered on an expression no index can
+    answer)."""
     aid, _ = _aid_and_tests(store)
     uses = store.df("SELECT bs.sample_id, b.step, bs.position FROM batch_samples bs JOIN batches b USING (batch_id)")
     si = store.df("SELECT sample_id, value, rank FROM self_influence WHERE analysis_id = ?", [aid])
@@ -93,9 +94,17 @@ def test_per_sample_lifecycle_queries_use_the_lookup_indexes(store: RunStore) ->
     own, most = statements(store, "self_influence_of", aid, train)
     row = si[si["sample_id"] == train].iloc[0]
     assert own == {"value": row["value"], "rank": row["rank"], "n_train": len(si)}
-    scans = {(s.table, s.kind) for p in plans + more + most for s in p.scans}
-    assert ("batch_samples", "Index Scan") in scans and ("self_influence", "Index Scan") in scans
-    assert {k for t, k in scans if t in ("batch_samples", "self_influence")} == {"Index Scan"}
+    noted = int(store.df("SELECT max(sample_id) AS i FROM sample_annotations")["i"][0])  # not every sample has one
+    record, notes = statements(store, "sample", noted)
+    transforms, logged = statements(store, "sample_transforms", noted)
+    known = store.df("SELECT key FROM sample_annotations WHERE sample_id + 0 = ? ORDER BY key", [noted])
+    assert list(record["annotations"]) == known["key"].tolist() and len(known)
+    applied = store.df("SELECT transform_id FROM transform_samples WHERE sample_id + 0 = ?", [noted])
+    assert sorted(transforms["transform_id"]) == sorted(applied["transform_id"]) and len(applied)
+    scans = {(s.table, s.kind) for p in plans + more + most + notes + logged for s in p.scans}
+    large = ("batch_samples", "self_influence", "sample_annotations", "transform_samples")
+    assert {t for t, k in scans if k == "Index Scan"} >= set(large)
+    assert {k for t, k in scans if t in large} == {"Index Scan"}
 
 
 def test_self_influence_is_stored_highest_first(store: RunStore) -> None:
