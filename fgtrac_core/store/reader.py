@@ -12,6 +12,8 @@ annotation are read once per snapshot (`marked_ids`) and the lists join against 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,28 +61,29 @@ class RunStore:
         self.close()
 
     # ------------------------------------------------------------------ plumbing
-    def df(self, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
-        """Run a read-only query and return a DataFrame (errors become CorruptRunError)."""
+    @contextmanager
+    def _cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor of its own for one read (so that threads may share the store); DuckDB errors become
+        CorruptRunError."""
         try:
             with self._con.cursor() as cur:
-                return cur.execute(sql, params or []).df()
+                yield cur
         except duckdb.Error as exc:
             raise CorruptRunError(f"{self.layout.snapshot_db} is damaged ({first_line(exc)})") from None
 
+    def df(self, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
+        """Run a read-only query and return a DataFrame (errors become CorruptRunError)."""
+        with self._cursor() as cur:
+            return cur.execute(sql, params or []).df()
+
     def _rows(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
-        try:
-            with self._con.cursor() as cur:
-                return cur.execute(sql, params or []).fetchall()
-        except duckdb.Error as exc:
-            raise CorruptRunError(f"{self.layout.snapshot_db} is damaged ({first_line(exc)})") from None
+        with self._cursor() as cur:
+            return cur.execute(sql, params or []).fetchall()
 
     def _numpy(self, sql: str, params: list[Any] | None = None) -> dict[str, np.ndarray]:
         """Column name -> NumPy array of a read-only query's result (for large results: no per-row objects)."""
-        try:
-            with self._con.cursor() as cur:
-                return {k: np.asarray(v) for k, v in cur.execute(sql, params or []).fetchnumpy().items()}
-        except duckdb.Error as exc:
-            raise CorruptRunError(f"{self.layout.snapshot_db} is damaged ({first_line(exc)})") from None
+        with self._cursor() as cur:
+            return {k: np.asarray(v) for k, v in cur.execute(sql, params or []).fetchnumpy().items()}
 
     def is_stale(self) -> bool:
         """True when the live database changed after this snapshot (recording in progress or interrupted)."""
@@ -463,11 +466,8 @@ class RunStore:
 
     def usage_index(self, ledger_size: int) -> UsageIndex:
         """The usage index over the first `ledger_size` ledger entries (`fgtrac_core.store.usage_index`)."""
-        try:
-            with self._con.cursor() as cur:
-                return read_usage_index(cur, ledger_size)
-        except duckdb.Error as exc:
-            raise CorruptRunError(f"{self.layout.snapshot_db} is damaged ({first_line(exc)})") from None
+        with self._cursor() as cur:
+            return read_usage_index(cur, ledger_size)
 
     def latest_tree_head(self) -> SignedTreeHead:
         """The latest signed tree head (largest, then newest); CorruptRunError when there is none or it is
