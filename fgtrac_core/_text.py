@@ -26,6 +26,16 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+def or_dash(value: object, spec: str) -> str:
+    """An optional recorded number formatted with `spec`, or "-" when it is missing (None, NaN, pandas' NA): a
+    NULL epoch, lr or loss that `log_batch` was not given reads back as one of these."""
+    try:
+        missing = value is None or bool(value != value)  # NaN is the one value unequal to itself
+    except TypeError:  # pandas' NA has no truth value
+        missing = True
+    return "-" if missing else format(value, spec)
+
+
 def for_terminal(text: object) -> str:
     """`str(text)` with every control character, DEL and bidi control replaced by a visible escape."""
     return _UNSAFE.sub(_escape, str(text))

@@ -17,7 +17,7 @@ from typing import Any
 
 from fgtrac_core._cli_args import OneLineParser, check_port_free, device, float_in, host, int_in, port
 from fgtrac_core._cli_proofs import add_parsers as add_proof_parsers
-from fgtrac_core._text import abbreviate, echo, for_terminal
+from fgtrac_core._text import abbreviate, echo, for_terminal, or_dash
 from fgtrac_core.errors import FgtracError, RunExistsError, RunNotFoundError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -132,8 +132,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from fgtrac_core.store import RunStore
 
     with RunStore(args.run) as store:
@@ -167,11 +165,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         per_stage = usage.groupby("stage", sort=False).size()
         echo(f"used {len(usage)} times: " + ", ".join(f"{k} x{v}" for k, v in per_stage.items()))
         for u in usage.itertuples():
-            # epoch, lr and loss are optional in log_batch: NULL reads back as NaN, shown as "-"
-            epoch = "-" if pd.isna(u.epoch) else int(u.epoch)
-            lr = "-" if pd.isna(u.lr) else f"{u.lr:.3g}"
-            loss = "-" if pd.isna(u.loss) else f"{u.loss:.4f}"
-            echo(f"  step {u.step:<6} epoch {epoch:<3} {u.stage:<10} lr {lr}  batch loss {loss}")
+            echo(
+                f"  step {u.step:<6} epoch {or_dash(u.epoch, '.0f'):<3} {u.stage:<10} lr {or_dash(u.lr, '.3g')}  "
+                f"batch loss {or_dash(u.loss, '.4f')}"
+            )
     return EXIT_OK
 
 

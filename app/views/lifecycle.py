@@ -13,6 +13,7 @@ import streamlit as st
 from app import data
 from app.data import EXPLORE
 from app.ui import chart_text, display, md, sample_grid
+from fgtrac_core._text import or_dash
 from fgtrac_core.errors import UnknownSampleError
 
 
@@ -49,10 +50,7 @@ def _header(record: dict[str, Any], mark: str) -> None:
 
 def _hover_facts(uses: pd.DataFrame) -> list[list[str]]:
     """Epoch, lr, batch loss and position of each use as text; "-" where log_batch was not given one."""
-    def shown(value: object, spec: str) -> str:
-        return "-" if pd.isna(value) else format(value, spec)
-
-    return [[shown(u.epoch, ".0f"), shown(u.lr, ".3g"), shown(u.loss, ".3f"), shown(u.position, "d")]
+    return [[or_dash(u.epoch, ".0f"), or_dash(u.lr, ".3g"), or_dash(u.loss, ".3f"), or_dash(u.position, "d")]
             for u in uses.itertuples()]  # fmt: skip
 
 
