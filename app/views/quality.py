@@ -20,6 +20,9 @@ def _detection(aid: int, mark: str) -> None:
         )
         return
     st.subheader(f"Finding the samples annotated {md(mark)}")
+    if not table["flipped_total"].iloc[0]:  # recall is undefined: there is nothing to find
+        st.caption(f"No training sample is annotated {md(mark)} = true: nothing for the ranking to find.")
+        return
     st.caption(f"{int(table['flipped_total'].iloc[0])} training samples are annotated {md(mark)} = true. "
                "Inspecting the top of the ranking:")  # fmt: skip
     cols = st.columns(len(table))

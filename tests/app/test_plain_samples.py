@@ -267,3 +267,20 @@ def test_lifecycle_hover_says_what_log_batch_was_not_given(tmp_path: Path, monke
     (trace,) = chart(at, 0)["data"]
     assert trace["customdata"][0] == ["-", "0.1", "-", "1"]
     assert trace["customdata"][1][:2] == ["1", "0.1"] and trace["customdata"][1][2] != "-"
+
+
+def test_data_quality_with_a_mark_no_sample_carries(
+    tabular_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A boolean annotation that is false everywhere: no recall to show, said so instead of a TypeError."""
+    dst = tmp_path / "run"
+    shutil.copytree(tabular_run, dst)
+    with RunStore(dst) as store:
+        train = store.samples("train")["sample_id"].astype(int).tolist()
+    run = Run.open(dst)
+    run.annotate_samples(train, "nothing_wrong", [False] * len(train))
+    run.close()
+    at = open_page(dst, "views/quality.py", monkeypatch)
+    at.selectbox(key="mark").set_value("nothing_wrong").run()
+    assert not at.exception and not at.error
+    assert any("No training sample is annotated nothing_wrong" in plain(c.value) for c in at.caption)
