@@ -176,7 +176,7 @@ def _index_section(store: RunStore, levels: list[list[bytes]], size: int, sample
                 "inclusion": _hex(inclusion_proof_from_levels(usage_levels, j, n))}  # fmt: skip
 
     if i < n and int(ui.sample_ids[i]) == sample_id:
-        return {**head, "leaf": leaf(i), "uses": [list(u) for u in ui.uses.get(sample_id, [])]}
+        return {**head, "leaf": leaf(i), "uses": [list(u) for u in ui.uses_of(sample_id)]}
     return {**head, "absent": [leaf(j) for j in (i - 1, i) if 0 <= j < n]}
 
 

@@ -20,10 +20,10 @@ from fgtrac_core.ledger.entries import (
     encode_columns,
     ids_root,
     json_string,
-    pairs_root,
 )
 from fgtrac_core.ledger.kinds import BY_KIND, KINDS, RecordKind
 from fgtrac_core.ledger.merkle import leaf_hash, root_from_leaf_hashes
+from fgtrac_core.store.merkle_batch import big_endian, forest_roots, hex_rows, leaf_hashes
 from fgtrac_core.store.schema import column_types
 from fgtrac_core.store.usage_index import read_usage_index
 
@@ -53,20 +53,30 @@ Entry = tuple[int | None, str | None, bytes]
 
 
 def _link_roots(
-    keys: np.ndarray, ids: list[int], values: list[int | None] | None
+    keys: np.ndarray, ids: np.ndarray, values: pa.ChunkedArray | pa.Array | None
 ) -> tuple[dict[int, str], dict[int, str | None]]:
     """Merkle root (hex) of each set's sample ids, and of its (id, value) pairs when `values` is given, from link
-    rows ordered by set key, then by the set's order column."""
-    roots: dict[int, str] = {}
-    pair_roots: dict[int, str | None] = {}
-    if len(keys):
-        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-        ends = np.r_[starts[1:], len(keys)]
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-            roots[int(keys[s])] = ids_root(ids[s:e])
-            if values is not None:
-                pair_roots[int(keys[s])] = pairs_root(ids[s:e], values[s:e])
-    return roots, pair_roots
+    rows ordered by set key, then by the set's order column.
+
+    The leaves are `ids_root`'s and `pairs_root`'s (`fgtrac_core.ledger.entries`, the reference), built as arrays:
+    every set of a commit or a verification is hashed in one pass (`merkle_batch`)."""
+    if not len(keys):
+        return {}, {}
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    lengths = np.diff(np.r_[starts, len(keys)])
+    set_keys = keys[starts].tolist()
+    id_bytes = big_endian(np.asarray(ids, np.int64), ">i8")
+    roots = dict(zip(set_keys, hex_rows(forest_roots(leaf_hashes(id_bytes), lengths)), strict=True))
+    if values is None:
+        return roots, {}
+    null = np.asarray(values.is_null().to_numpy(zero_copy_only=False), bool)
+    hashes = np.empty((len(id_bytes), 32), np.uint8)
+    hashes[null] = leaf_hashes(id_bytes[null])  # a NULL value leaves the id alone
+    value_bytes = big_endian(np.asarray(values.fill_null(0).to_numpy(zero_copy_only=False), np.int64)[~null], ">i8")
+    hashes[~null] = leaf_hashes(np.concatenate([id_bytes[~null], value_bytes], axis=1))
+    all_null = np.add.reduceat((~null).astype(np.int64), starts) == 0
+    pair_roots = hex_rows(forest_roots(hashes, lengths))
+    return roots, {k: None if a else r for k, a, r in zip(set_keys, all_null.tolist(), pair_roots, strict=True)}
 
 
 def _id_roots(
@@ -82,8 +92,8 @@ def _id_roots(
         f"SELECT {key} AS k, sample_id{f', {pair} AS pair' if pair else ''} FROM {link} "
         f"WHERE {key} BETWEEN {lo} AND {hi} ORDER BY {key}, {order}"
     ).to_arrow_table()
-    values = table.column("pair").to_pylist() if pair else None
-    return _link_roots(table.column("k").to_numpy(), table.column("sample_id").to_pylist(), values)
+    values = table.column("pair") if pair else None
+    return _link_roots(table.column("k").to_numpy(), table.column("sample_id").to_numpy(), values)
 
 
 def _with_id_roots(
@@ -119,9 +129,9 @@ def entries_of_rows(kind: str, rows: pa.Table, links: pa.Table | None = None) ->
         cols[c] = rows.column(c).to_pylist()
     if record.id_set is not None:
         assert links is not None and record.id_column is not None
-        values = links.column(record.pair_column).to_pylist() if record.pair_column else None
+        values = links.column(record.pair_column) if record.pair_column else None
         keys = links.column(record.id_column).to_numpy()
-        _with_id_roots(kind, cols, *_link_roots(keys, links.column("sample_id").to_pylist(), values))
+        _with_id_roots(kind, cols, *_link_roots(keys, links.column("sample_id").to_numpy(), values))
     return list(zip(cols["ref_id"], cols["ref_key"], encode_columns(kind, cols), strict=True))
 
 

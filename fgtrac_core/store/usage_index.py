@@ -8,13 +8,43 @@ entry have ``seq < ledger_size``.  The format is `fgtrac_core.ledger.usage_index
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import duckdb
 import numpy as np
 
-from fgtrac_core.ledger.merkle import leaf_hash, perfect_subtree_levels, root_from_leaf_hashes
-from fgtrac_core.ledger.usage_index import content_leaf, usage_leaf, uses_root
+from fgtrac_core.ledger.merkle import EMPTY_ROOT, perfect_subtree_levels
+from fgtrac_core.store.merkle_batch import big_endian, forest_roots, leaf_hashes, rows_as_bytes, tree_root
+
+
+class LeafRows(Sequence[bytes]):
+    """The leaves of one index tree, one per row of an (n, w) uint8 array, read as bytes."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> bytes:  # type: ignore[override]  # leaves are read one at a time
+        return self.rows[i].tobytes()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(rows_as_bytes(self.rows))
+
+    @cached_property
+    def hashes(self) -> np.ndarray:
+        return leaf_hashes(self.rows)
+
+    @property
+    def root(self) -> bytes:
+        return tree_root(self.hashes)
+
+    @property
+    def levels(self) -> list[list[bytes]]:
+        return perfect_subtree_levels(rows_as_bytes(self.hashes))
 
 
 @dataclass
@@ -22,36 +52,51 @@ class UsageIndex:
     """Sorted leaves of both trees, the subtree levels for proofs, and the uses behind every usage leaf."""
 
     sample_ids: np.ndarray  # ascending: usage leaf i is sample_ids[i]
-    usage_leaves: list[bytes]
-    content_leaves: list[bytes]  # ascending by (content hash, sample id)
-    uses: dict[int, list[tuple[int, int]]]  # sample id -> [(batch entry seq, position)] in ledger order
+    usage_leaves: LeafRows
+    content_leaves: LeafRows  # ascending by (content hash, sample id)
+    _used_ids: np.ndarray  # the distinct sample ids with uses, ascending
+    _use_starts: np.ndarray  # where each one's uses start in the two arrays below (one more: the end)
+    _use_seqs: np.ndarray  # (batch entry seq, position) of every use, by sample id, then in ledger order
+    _use_positions: np.ndarray
 
-    @property
-    def usage_levels(self) -> list[list[bytes]]:
-        return perfect_subtree_levels([leaf_hash(x) for x in self.usage_leaves])
-
-    @property
-    def content_levels(self) -> list[list[bytes]]:
-        return perfect_subtree_levels([leaf_hash(x) for x in self.content_leaves])
+    def uses_of(self, sample_id: int) -> list[tuple[int, int]]:
+        """[(batch entry seq, position)] of a sample's uses in ledger order (empty when it has none)."""
+        i = int(np.searchsorted(self._used_ids, sample_id))
+        if i == len(self._used_ids) or int(self._used_ids[i]) != sample_id:
+            return []
+        lo, hi = int(self._use_starts[i]), int(self._use_starts[i + 1])
+        return list(zip(self._use_seqs[lo:hi].tolist(), self._use_positions[lo:hi].tolist(), strict=True))
 
     @property
     def n_uses(self) -> int:
-        return sum(len(u) for u in self.uses.values())
+        return len(self._use_seqs)
+
+    @property
+    def usage_levels(self) -> list[list[bytes]]:
+        return self.usage_leaves.levels
+
+    @property
+    def content_levels(self) -> list[list[bytes]]:
+        return self.content_leaves.levels
 
     @property
     def usage_root(self) -> bytes:
-        return root_from_leaf_hashes([leaf_hash(x) for x in self.usage_leaves])
+        return self.usage_leaves.root
 
     @property
     def content_root(self) -> bytes:
-        return root_from_leaf_hashes([leaf_hash(x) for x in self.content_leaves])
+        return self.content_leaves.root
 
 
 def read_usage_index(con: duckdb.DuckDBPyConnection, ledger_size: int) -> UsageIndex:
-    """The index over what the first `ledger_size` ledger entries committed."""
+    """The index over what the first `ledger_size` ledger entries committed.
+
+    Leaves are built as arrays (`fgtrac_core.ledger.usage_index` defines them one by one, the reference the tests
+    hold this to): 1M samples take seconds here, where a Python loop per sample and per use took ~10 s."""
     samples = con.execute(
-        """SELECT s.sample_id, s.content_sha256 FROM samples s
-           JOIN ledger l ON l.kind = 'sample' AND l.ref_id = s.sample_id
+        """SELECT s.sample_id, s.content_sha256,
+                  coalesce(regexp_full_match(s.content_sha256, '[0-9a-fA-F]{64}'), false) AS is_hex
+           FROM samples s JOIN ledger l ON l.kind = 'sample' AND l.ref_id = s.sample_id
            WHERE l.seq < ? ORDER BY s.sample_id""",
         [ledger_size],
     ).fetchnumpy()
@@ -61,27 +106,38 @@ def read_usage_index(con: duckdb.DuckDBPyConnection, ledger_size: int) -> UsageI
            WHERE l.seq < ? ORDER BY bs.sample_id, l.seq, bs.position""",
         [ledger_size],
     ).fetchnumpy()
-    ids = samples["sample_id"].astype(np.int64)
-    hashes = samples["content_sha256"].tolist()
-    uses: dict[int, list[tuple[int, int]]] = {}
-    sid = used["sample_id"].astype(np.int64)
-    if len(sid):
-        starts = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]])
-        ends = np.r_[starts[1:], len(sid)]
-        seqs, positions = used["seq"].tolist(), used["position"].tolist()
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-            uses[int(sid[s])] = list(zip(seqs[s:e], positions[s:e], strict=True))
-    usage = [usage_leaf(i, len(uses.get(i, ())), uses_root(uses.get(i, []))) for i in ids.tolist()]
-    content = [content_leaf(_hex64(h), i) for h, i in sorted(zip(hashes, ids.tolist(), strict=True))]
-    return UsageIndex(ids, usage, content, uses)
+    ids = np.asarray(samples["sample_id"], np.int64)
+    n = len(ids)
+
+    # uses, grouped by sample id: one tree per used sample
+    sid = np.asarray(used["sample_id"], np.int64)
+    seqs, positions = np.asarray(used["seq"], np.int64), np.asarray(used["position"], np.int64)
+    used_ids, starts, counts = np.unique(sid, return_index=True, return_counts=True)
+    use_rows = np.concatenate([big_endian(seqs, ">u8"), big_endian(positions, ">u4")], axis=1)
+    roots_of_used = forest_roots(leaf_hashes(use_rows), counts)
+
+    at = np.minimum(np.searchsorted(used_ids, ids), max(len(used_ids) - 1, 0))
+    has_uses = (at < len(used_ids)) & (used_ids[at] == ids) if len(used_ids) else np.zeros(n, bool)
+    n_uses = np.where(has_uses, counts[at] if len(counts) else 0, 0)
+    roots = np.tile(np.frombuffer(EMPTY_ROOT, np.uint8), (n, 1))
+    roots[has_uses] = roots_of_used[at[has_uses]]
+    usage = np.concatenate([big_endian(ids, ">i8"), big_endian(n_uses, ">u8"), roots], axis=1)
+
+    content = np.concatenate([_content_hashes(samples["content_sha256"], samples["is_hex"]), big_endian(ids, ">i8")], axis=1)
+    keys = content[:, :32].copy().view(">u8")  # the hash as four big-endian words: sorts as the bytes do
+    order = np.lexsort((ids, keys[:, 3], keys[:, 2], keys[:, 1], keys[:, 0]))
+    return UsageIndex(
+        ids, LeafRows(usage), LeafRows(content[order]), used_ids, np.r_[starts, len(sid)], seqs, positions
+    )
 
 
-def _hex64(text: str) -> str:
-    """A recorded content hash as 64 hex digits; anything else (only an edited row holds one, which the `sample`
-    entry check reports) is hashed instead, so recomputing the index never fails on it."""
-    try:
-        if len(text) == 64 and bytes.fromhex(text):
-            return text.lower()
-    except (TypeError, ValueError):
-        pass
-    return hashlib.sha256(str(text).encode()).hexdigest()
+def _content_hashes(texts: np.ndarray, is_hex: np.ndarray) -> np.ndarray:
+    """(n, 32) uint8: each recorded content hash's bytes.  A text that is not 64 hex digits (only an edited row
+    holds one, which the `sample` entry check reports) is hashed instead, so recomputing the index never fails."""
+    is_hex = np.asarray(is_hex, bool)
+    out = np.empty((len(texts), 32), np.uint8)
+    if is_hex.any():
+        out[is_hex] = np.frombuffer(bytes.fromhex("".join(texts[is_hex].tolist())), np.uint8).reshape(-1, 32)
+    for i in np.flatnonzero(~is_hex).tolist():
+        out[i] = np.frombuffer(hashlib.sha256(str(texts[i]).encode()).digest(), np.uint8)
+    return out
