@@ -70,13 +70,15 @@ def _link_roots(
     if values is None:
         return roots, {}
     null = np.asarray(values.is_null().to_numpy(zero_copy_only=False), bool)
-    hashes = np.empty((len(id_bytes), 32), np.uint8)
-    hashes[null] = leaf_hashes(id_bytes[null])  # a NULL value leaves the id alone
-    value_bytes = big_endian(np.asarray(values.fill_null(0).to_numpy(zero_copy_only=False), np.int64)[~null], ">i8")
-    hashes[~null] = leaf_hashes(np.concatenate([id_bytes[~null], value_bytes], axis=1))
-    all_null = np.add.reduceat((~null).astype(np.int64), starts) == 0
-    pair_roots = hex_rows(forest_roots(hashes, lengths))
-    return roots, {k: None if a else r for k, a, r in zip(set_keys, all_null.tolist(), pair_roots, strict=True)}
+    has_pairs = np.add.reduceat((~null).astype(np.int64), starts) > 0  # a set of NULL values only has no root
+    rows = np.repeat(has_pairs, lengths)
+    null, value = null[rows], values.fill_null(0).to_numpy(zero_copy_only=False)[rows]
+    ids_in = id_bytes[rows]
+    hashes = np.empty((len(ids_in), 32), np.uint8)
+    hashes[null] = leaf_hashes(ids_in[null])  # a NULL value leaves the id alone
+    hashes[~null] = leaf_hashes(np.concatenate([ids_in[~null], big_endian(value[~null], ">i8")], axis=1))
+    pair_roots = iter(hex_rows(forest_roots(hashes, lengths[has_pairs])))
+    return roots, {k: next(pair_roots) if p else None for k, p in zip(set_keys, has_pairs.tolist(), strict=True)}
 
 
 def _id_roots(
