@@ -116,11 +116,13 @@ def read_usage_index(con: duckdb.DuckDBPyConnection, ledger_size: int) -> UsageI
     use_rows = np.concatenate([big_endian(seqs, ">u8"), big_endian(positions, ">u4")], axis=1)
     roots_of_used = forest_roots(leaf_hashes(use_rows), counts)
 
-    at = np.minimum(np.searchsorted(used_ids, ids), max(len(used_ids) - 1, 0))
-    has_uses = (at < len(used_ids)) & (used_ids[at] == ids) if len(used_ids) else np.zeros(n, bool)
-    n_uses = np.where(has_uses, counts[at] if len(counts) else 0, 0)
-    roots = np.tile(np.frombuffer(EMPTY_ROOT, np.uint8), (n, 1))
-    roots[has_uses] = roots_of_used[at[has_uses]]
+    n_uses = np.zeros(n, np.int64)
+    roots = np.tile(np.frombuffer(EMPTY_ROOT, np.uint8), (n, 1))  # a sample never used: the empty tree's hash
+    if len(used_ids):
+        at = np.minimum(np.searchsorted(used_ids, ids), len(used_ids) - 1)
+        has_uses = used_ids[at] == ids
+        n_uses[has_uses] = counts[at[has_uses]]
+        roots[has_uses] = roots_of_used[at[has_uses]]
     usage = np.concatenate([big_endian(ids, ">i8"), big_endian(n_uses, ">u8"), roots], axis=1)
 
     content = np.concatenate([_content_hashes(samples["content_sha256"], samples["is_hex"]), big_endian(ids, ">i8")], axis=1)
