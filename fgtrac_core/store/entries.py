@@ -23,7 +23,7 @@ from fgtrac_core.ledger.entries import (
 )
 from fgtrac_core.ledger.kinds import BY_KIND, KINDS, RecordKind
 from fgtrac_core.ledger.merkle import leaf_hash, root_from_leaf_hashes
-from fgtrac_core.store.merkle_batch import big_endian, forest_roots, hex_rows, leaf_hashes
+from fgtrac_core.store.merkle_batch import big_endian, forest_roots, hex_rows, leaf_hashes, runs
 from fgtrac_core.store.schema import column_types
 from fgtrac_core.store.usage_index import read_usage_index
 
@@ -62,21 +62,19 @@ def _link_roots(
     every set of a commit or a verification is hashed in one pass (`merkle_batch`)."""
     if not len(keys):
         return {}, {}
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    lengths = np.diff(np.r_[starts, len(keys)])
+    starts, lengths = runs(keys)
     set_keys = keys[starts].tolist()
     id_bytes = big_endian(np.asarray(ids, np.int64), ">i8")
-    roots = dict(zip(set_keys, hex_rows(forest_roots(leaf_hashes(id_bytes), lengths)), strict=True))
+    id_hashes = leaf_hashes(id_bytes)
+    roots = dict(zip(set_keys, hex_rows(forest_roots(id_hashes, lengths)), strict=True))
     if values is None:
         return roots, {}
     null = np.asarray(values.is_null().to_numpy(zero_copy_only=False), bool)
     has_pairs = np.add.reduceat((~null).astype(np.int64), starts) > 0  # a set of NULL values only has no root
     rows = np.repeat(has_pairs, lengths)
     null, value = null[rows], values.fill_null(0).to_numpy(zero_copy_only=False)[rows]
-    ids_in = id_bytes[rows]
-    hashes = np.empty((len(ids_in), 32), np.uint8)
-    hashes[null] = leaf_hashes(ids_in[null])  # a NULL value leaves the id alone
-    hashes[~null] = leaf_hashes(np.concatenate([ids_in[~null], big_endian(value[~null], ">i8")], axis=1))
+    hashes = id_hashes[rows]  # a NULL value leaves the id alone: its pair leaf is the id's
+    hashes[~null] = leaf_hashes(np.concatenate([id_bytes[rows][~null], big_endian(value[~null], ">i8")], axis=1))
     pair_roots = iter(hex_rows(forest_roots(hashes, lengths[has_pairs])))
     return roots, {k: next(pair_roots) if p else None for k, p in zip(set_keys, has_pairs.tolist(), strict=True)}
 

@@ -69,6 +69,14 @@ def forest_roots(hashes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return out
 
 
+def runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of each run of equal keys in `sorted_keys` (grouped rows: one tree per run)."""
+    if not len(sorted_keys):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    return starts, np.diff(np.r_[starts, len(sorted_keys)])
+
+
 def tree_root(hashes: np.ndarray) -> bytes:
     """The Merkle tree hash of one tree of (n, 32) leaf hashes."""
     return forest_roots(hashes, np.array([len(hashes)]))[0].tobytes()

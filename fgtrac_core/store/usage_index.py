@@ -16,7 +16,14 @@ import duckdb
 import numpy as np
 
 from fgtrac_core.ledger.merkle import EMPTY_ROOT, perfect_subtree_levels
-from fgtrac_core.store.merkle_batch import big_endian, forest_roots, leaf_hashes, rows_as_bytes, tree_root
+from fgtrac_core.store.merkle_batch import (
+    big_endian,
+    forest_roots,
+    leaf_hashes,
+    rows_as_bytes,
+    runs,
+    tree_root,
+)
 
 
 class LeafRows(Sequence[bytes]):
@@ -112,7 +119,8 @@ def read_usage_index(con: duckdb.DuckDBPyConnection, ledger_size: int) -> UsageI
     # uses, grouped by sample id: one tree per used sample
     sid = np.asarray(used["sample_id"], np.int64)
     seqs, positions = np.asarray(used["seq"], np.int64), np.asarray(used["position"], np.int64)
-    used_ids, starts, counts = np.unique(sid, return_index=True, return_counts=True)
+    starts, counts = runs(sid)  # sorted by sample id
+    used_ids = sid[starts]
     use_rows = np.concatenate([big_endian(seqs, ">u8"), big_endian(positions, ">u4")], axis=1)
     roots_of_used = forest_roots(leaf_hashes(use_rows), counts)
 
@@ -123,9 +131,10 @@ def read_usage_index(con: duckdb.DuckDBPyConnection, ledger_size: int) -> UsageI
         has_uses = used_ids[at] == ids
         n_uses[has_uses] = counts[at[has_uses]]
         roots[has_uses] = roots_of_used[at[has_uses]]
-    usage = np.concatenate([big_endian(ids, ">i8"), big_endian(n_uses, ">u8"), roots], axis=1)
+    id_bytes = big_endian(ids, ">i8")
+    usage = np.concatenate([id_bytes, big_endian(n_uses, ">u8"), roots], axis=1)
 
-    content = np.concatenate([_content_hashes(samples["content_sha256"], samples["is_hex"]), big_endian(ids, ">i8")], axis=1)
+    content = np.concatenate([_content_hashes(samples["content_sha256"], samples["is_hex"]), id_bytes], axis=1)
     keys = content[:, :32].copy().view(">u8")  # the hash as four big-endian words: sorts as the bytes do
     order = np.lexsort((ids, keys[:, 3], keys[:, 2], keys[:, 1], keys[:, 0]))
     return UsageIndex(
