@@ -56,7 +56,7 @@ def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: s
     test_ids = samples.loc[samples["split"] == split, "sample_id"].to_numpy(np.int64)
     if len(test_ids) == 0:
         raise StageAnalysisError(f"this run has no {split!r} samples to measure stage effects on")
-    stage_rows = store.df("SELECT stage_id, name, optimizer, status FROM stages ORDER BY stage_id")
+    stage_rows = store.df("SELECT stage_id, name, optimizer, status, hparams FROM stages ORDER BY stage_id")
     ckpts = store.df(
         """SELECT checkpoint_id, step, stage_id, kind, path, sha256 FROM checkpoints
            WHERE kind IN ('stage_start', 'stage_end') ORDER BY checkpoint_id"""
@@ -92,6 +92,7 @@ def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: s
                 altered=[bool(a) for a in ran["grads_altered"]],
                 fingerprints=[None if pd.isna(f) else float(f) for f in ran["param_fingerprint"]],
                 targets=[_targets(t) for t in mine["targets"]],
+                device=json.loads(row.hparams).get("device"),
             )
         )
         expected = (start.step, start.step + len(mine))

@@ -8,7 +8,9 @@ fresh in the replay too, and a stage recorded as continuing the previous stage's
 is accepted.
 
 Replays run on the CPU under `torch.use_deterministic_algorithms(True)` with the recorded thread count
-(`deterministic`); numerics match the recording only on the same kind of machine, which `replay_full` checks.
+(`deterministic`); numerics match the recording only on the same kind of machine, which `replay_full` checks
+step by step against the recorded parameter fingerprints.  A stage recorded on another device (a GPU) is refused
+before anything runs (`Training.replay_refusal`).
 """
 
 from __future__ import annotations
@@ -157,8 +159,9 @@ class Cursor:
                 bar.update(1)
 
     def run_through_stage(self, stage_index: int, bar: Any = None) -> None:
-        """Run every remaining step of stages up to `stage_index` (stops at the end of that stage)."""
-        while not self.done and self.stage_index <= stage_index:
+        """Run every remaining step of stages up to `stage_index` (stops at the end of that stage, or right after
+        the first step that diverges from its recorded fingerprint, when they are checked)."""
+        while not self.done and self.stage_index <= stage_index and self.divergence is None:
             self.step()
             if bar is not None:
                 bar.update(1)
@@ -215,6 +218,12 @@ def replay_full(training: Training, bar: Any = None) -> ReplayResult:
     cursor.check_fingerprints = True
     for k, stage in enumerate(training.stages):
         cursor.run_through_stage(k, bar)
+        if cursor.divergence is not None:  # no later step can be right: stop now, not after the stage's last one
+            raise ReplayMismatchError(
+                f"replaying the recorded batches does not reproduce the parameters recorded in stage "
+                f"{training.stages[cursor.divergence.stage_index].name!r}, so the replay stopped there and no "
+                f"stage effects are reported — {_diagnosis(training, cursor.divergence, k)}"
+            )
         replayed = cursor.model_state()
         diff = _max_abs_diff(replayed, stage.end_model)
         if diff is not None:

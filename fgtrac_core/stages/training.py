@@ -67,6 +67,7 @@ class Stage:
     altered: list[bool] | None = None
     fingerprints: list[float | None] | None = None
     targets: list[list[int | None] | None] | None = None  # per step: the recorded target of each sample, if any
+    device: str | None = None  # where the stage trained (`trained_on`); None in runs recorded before it was
 
     @property
     def n_steps(self) -> int:
@@ -193,6 +194,13 @@ class Training:
         """Why exact replay cannot reproduce this training although estimators can still linearise it (the loop
         altered gradients by hand at some step), or None.  Replay refuses with this reason; an estimator's results
         carry it as `verified: false`."""
+        for stage in self.stages:
+            if stage.device is not None and stage.device != "cpu":
+                return (
+                    f"stage {stage.name!r} trained on {stage.device}; exact replay runs on the CPU, whose kernels "
+                    f"and summation order differ from that device's, so it cannot reproduce the recorded parameters "
+                    f"bit for bit"
+                )
         for stage in self.stages:
             altered = [i for i, a in enumerate(stage.altered or []) if a]
             if not altered:

@@ -79,6 +79,18 @@ def applied_hparams(optimizer: torch.optim.Optimizer) -> Groups:
     return out
 
 
+def trained_on(optimizer: torch.optim.Optimizer) -> str:
+    """The devices holding the optimizer's parameters, e.g. ``cpu`` or ``cuda:0 (NVIDIA H200)``: exact replay
+    runs on the CPU, so a stage trained elsewhere is refused by name rather than replayed into a mismatch."""
+    names = []
+    for device in sorted({p.device for g in optimizer.param_groups for p in g["params"]}, key=str):
+        name = str(device)
+        if device.type == "cuda":
+            name += f" ({torch.cuda.get_device_name(device)})"
+        names.append(name)
+    return ", ".join(names)
+
+
 class _HparamsReader:
     """`applied_hparams`, but the previous step's result (the same object) when no group changed.
 

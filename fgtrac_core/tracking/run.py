@@ -75,7 +75,7 @@ from fgtrac_core.store.ledger_log import LedgerLog, Rows, Touched
 from fgtrac_core.store.run_files import remove_stale_temporaries, write_file_atomic
 from fgtrac_core.store.schema import create_lookup_indexes, create_schema
 from fgtrac_core.tracking._writer import Writer
-from fgtrac_core.tracking.optimizer_hooks import StepBuffer, StepFacts, StepHooks, hparams_delta
+from fgtrac_core.tracking.optimizer_hooks import StepBuffer, StepFacts, StepHooks, hparams_delta, trained_on
 from fgtrac_core.tracking.thumbnails import as_png_list
 from fgtrac_core.verify import check_before_write
 
@@ -530,7 +530,9 @@ class Run:
                 "stage_id": pa.array([stage_id], pa.int32()),
                 "name": pa.array([name], pa.string()),
                 "optimizer": pa.array([type(optimizer).__name__], pa.string()),
-                "hparams": pa.array([canonical_json({**optimizer_hparams(optimizer), "user": hparams})]),
+                "hparams": pa.array(
+                    [canonical_json({**optimizer_hparams(optimizer), "device": trained_on(optimizer), "user": hparams})]
+                ),
                 "lr_schedule": pa.array([canonical_json(schedule)]),
                 "start_step": pa.array([self._next_step], pa.int64()),
                 "end_step": pa.nulls(1, pa.int64()),

@@ -255,8 +255,41 @@ def test_changed_lr_is_diagnosed_at_the_first_diverging_step(tmp_path: Path) -> 
         con.execute("UPDATE optimizer_steps SET hparams = ? WHERE step = 7", [json.dumps(groups)])
     with RunStore(run_dir) as store, deterministic(1):
         training = load_training(store, pipeline()).training
+        bar = _StepCounter()
         with pytest.raises(ReplayMismatchError) as err:
-            replay_full(training)
+            replay_full(training, bar)
     message = str(err.value)
     assert "first diverges at step 7 (stage 'a')" in message and "lr 0.125" in message, message
     assert "thread count" not in message and "\n" not in message
+    assert bar.n == 8 < sum(s.n_steps for s in training.stages)  # stopped right after step 7 (steps 0..7 ran)
+
+
+class _StepCounter:
+    """Stands in for a tqdm bar: counts the replayed steps."""
+
+    n = 0
+
+    def update(self, k: int) -> None:
+        self.n += k
+
+
+def test_stage_trained_on_another_device_is_refused_by_name(tmp_path: Path) -> None:
+    """The recorder notes where each stage trained; replay (CPU) refuses a GPU-trained stage before running, and
+    estimators run but are marked unverified with that reason."""
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(run_dir, [StageCfg("a", _sgd(), None, epochs=1), StageCfg("b", _adam(), None, epochs=1)])
+    with duckdb.connect(str(run_dir / "snapshot.duckdb")) as con:
+        hparams = [json.loads(h) for (h,) in con.execute("SELECT hparams FROM stages ORDER BY stage_id").fetchall()]
+        assert [h["device"] for h in hparams] == ["cpu", "cpu"]
+        hparams[1]["device"] = "cuda:0 (NVIDIA H200)"
+        con.execute("UPDATE stages SET hparams = ? WHERE stage_id = 1", [json.dumps(hparams[1])])
+    with RunStore(run_dir) as store:
+        training = load_training(store, pipeline()).training
+    bar = _StepCounter()
+    with pytest.raises(StageAnalysisError, match=r"stage 'b' trained on cuda:0 \(NVIDIA H200\); exact replay runs on the CPU"):
+        replay_full(training, bar)
+    assert bar.n == 0
+    with deterministic(1):
+        fast = analyze(run_dir, method="fast", pipeline=pipeline(), progress=False)
+    assert fast.params["verified"] is False and "trained on cuda:0" in fast.params["verified_reason"]
