@@ -263,13 +263,21 @@ def _holders(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def _all_equal(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    """`torch.equal` of every pair (same shapes); on an accelerator with one host sync for all of them, not one
+    per tensor."""
+    if not a or a[0].device.type == "cpu":
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    return not bool(torch.stack([torch.ne(x, y).any() for x, y in zip(a, b, strict=True)]).any())
+
+
 def _reproduces(acc: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], clip: dict[str, Any]) -> bool:
     holders = _holders(acc)
     try:
         apply_clip(holders, clip)
     except (RuntimeError, ValueError):
         return False
-    return all(torch.equal(h.grad, g) for h, g in zip(holders, grads, strict=True))
+    return _all_equal([h.grad for h in holders], grads)
 
 
 def _short_decimals(raw: float, digits: range, *, exact: bool) -> list[float]:
@@ -367,8 +375,10 @@ class StepHooks:
         self._handles = []
 
     def _accumulate_hook(self, i: int) -> Callable[[torch.Tensor], None]:
-        seen, version, acc, clone = self._seen, self._version, self._acc, _lazy_clone  # bound once: this runs for
-        # every parameter at every backward
+        # bound once: this runs for every parameter at every backward.  Copy-on-write only on the CPU: CUDA's
+        # fused (foreach) kernels, which clip_grad_norm_ uses there, write through a lazy clone's shared storage
+        seen, version, acc = self._seen, self._version, self._acc
+        clone = _lazy_clone if self._params[i].device.type == "cpu" else torch.Tensor.clone
 
         def accumulated(param: torch.Tensor) -> None:
             grad = param.grad
@@ -408,7 +418,7 @@ class StepHooks:
                 return None, True
             acc.append(a)
             grads.append(p.grad)
-        if all(torch.equal(a, g) for a, g in zip(acc, grads, strict=True)):
+        if _all_equal(acc, grads):
             return None, False
         clip = infer_clip(acc, grads)
         return clip, clip is None

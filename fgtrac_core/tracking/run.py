@@ -87,13 +87,39 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def _as_ids(sample_ids: Any) -> np.ndarray:
-    if isinstance(sample_ids, torch.Tensor):
-        sample_ids = sample_ids.detach().cpu().numpy()
-    ids = np.asarray(sample_ids)
+def _as_ids(values: Any, what: str = "sample ids") -> np.ndarray:
+    """`values` as a new int64 array the recorder owns: rows are written later by the writer thread, and a loop
+    may reuse what it passed (a permutation shuffled in place every epoch, of which each batch is a view)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    ids = np.asarray(values)
     if ids.ndim != 1 or not (ids.dtype.kind in "iu" or ids.size == 0):
-        raise FgtracError("sample ids must be a 1-D sequence of integers")
-    return ids.astype(np.int64, copy=False)
+        raise FgtracError(f"{what} must be a 1-D sequence of integers")
+    return ids.astype(np.int64)
+
+
+def _as_targets(targets: Any) -> np.ndarray | torch.Tensor:
+    """One integer target per sample, owned by the recorder.  A tensor on an accelerator stays there (a clone,
+    fetched at flush with the others of its device in one transfer), so logging never waits for the device."""
+    if not isinstance(targets, torch.Tensor) or targets.device.type == "cpu":
+        return _as_ids(targets, "targets")
+    if targets.ndim != 1 or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise FgtracError("targets must be a 1-D sequence of integers")
+    return targets.detach().clone()
+
+
+def _fetch(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[np.ndarray]:
+    """Host copies (flattened, as `dtype`) of tensors logged during training: one transfer per device rather than
+    one device sync per tensor."""
+    out: list[np.ndarray] = [np.empty(0)] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for rows in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1).to(dtype) for i in rows]).cpu().numpy()
+        for i, part in zip(rows, np.split(flat, np.cumsum([tensors[i].numel() for i in rows])[:-1]), strict=True):
+            out[i] = part
+    return out
 
 
 def _as_float(value: Any) -> float | None:
@@ -101,7 +127,10 @@ def _as_float(value: Any) -> float | None:
         return None
     if isinstance(value, torch.Tensor):
         return float(value.detach().float().cpu())
-    return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise FgtracError(f"expected a number, not {type(value).__name__} {value!r:.40}") from None
 
 
 def _sha256_rows(raw: Sequence[bytes] | np.ndarray) -> list[str]:
@@ -158,7 +187,7 @@ class _BatchBuffer:
         self.lr: list[float | None] = []
         self.loss: list[Any] = []
         self.ids: list[np.ndarray] = []
-        self.targets: list[np.ndarray | None] = []
+        self.targets: list[np.ndarray | torch.Tensor | None] = []
         self.n_sample_rows = 0
 
     def __len__(self) -> int:
@@ -186,14 +215,17 @@ class _BatchBuffer:
                 "epoch": pa.array(self.epoch, pa.int32()),
                 "lr": pa.array(self.lr, pa.float64()),
                 # losses may be tensors (possibly on an accelerator): converted here, not per step
-                "loss": pa.array([_as_float(x) for x in self.loss], pa.float64()),
+                "loss": pa.array(_host_losses(self.loss), pa.float64()),
                 "n_samples": pa.array(sizes, pa.int32()),
             }
         )
         ids = np.concatenate(self.ids) if self.ids else np.empty(0, np.int64)
         starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
         targets, given = np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)  # NULL where none was logged
-        for start, t in zip((np.cumsum(sizes) - sizes).tolist(), self.targets, strict=True):
+        on_device = [i for i, t in enumerate(self.targets) if isinstance(t, torch.Tensor)]
+        fetched = dict(zip(on_device, _fetch([self.targets[i] for i in on_device], torch.int64), strict=True))
+        for i, start in enumerate((np.cumsum(sizes) - sizes).tolist()):
+            t = fetched.get(i, self.targets[i])
             if t is not None:
                 targets[start : start + len(t)] = t
                 given[start : start + len(t)] = True
@@ -206,6 +238,15 @@ class _BatchBuffer:
             }
         )
         return batches, samples
+
+
+def _host_losses(losses: Sequence[Any]) -> list[float | None]:
+    """Logged losses as floats: tensors (scalars, checked when logged) fetched together, per device."""
+    tensors = [i for i, x in enumerate(losses) if isinstance(x, torch.Tensor)]
+    out = [None if x is None or isinstance(x, torch.Tensor) else float(x) for x in losses]
+    for i, value in zip(tensors, _fetch([losses[i] for i in tensors], torch.float64), strict=True):
+        out[i] = float(value[0])
+    return out
 
 
 class Run:
@@ -597,7 +638,13 @@ class Run:
         """
         stage = self._require_stage()
         ids = self._require_known(_as_ids(sample_ids))
-        target_arr = None if targets is None else _as_ids(targets)
+        target_arr = None if targets is None else _as_targets(targets)
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise FgtracError(f"log_batch: loss must be a scalar, not a tensor of shape {tuple(loss.shape)}")
+            loss_value = loss.detach()
+        else:
+            loss_value = _as_float(loss)
         if target_arr is not None and len(target_arr) != len(ids):
             raise FgtracError(f"log_batch: targets has {len(target_arr)} entries for {len(ids)} sample ids")
         floor = max(self._last_user_step, self._last_batch_step)
@@ -614,7 +661,7 @@ class Run:
         buf.batch_id.append(self._next_batch_id)
         buf.stage_id.append(stage.stage_id)
         buf.epoch.append(None if epoch is None else int(epoch))
-        buf.loss.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        buf.loss.append(loss_value)
         buf.ids.append(ids)
         buf.targets.append(target_arr)
         buf.n_sample_rows += len(ids)
@@ -688,6 +735,7 @@ class Run:
         if lr is None and optimizer is not None:
             lr = float(optimizer.param_groups[0]["lr"])
         cid = self._next_checkpoint_id
+        devices: set[torch.device] = set()
         payload = {
             "format": CHECKPOINT_FORMAT,
             "run_id": self.run_id,
@@ -695,9 +743,10 @@ class Run:
             "step": step,
             "stage": stage.name if stage else None,
             # copied now: training mutates these tensors in place while the writer serialises them
-            "model": _cpu_copy(model.state_dict()),
-            "optimizer": _cpu_copy(optimizer.state_dict()) if optimizer is not None else None,
+            "model": _cpu_copy(model.state_dict(), devices),
+            "optimizer": _cpu_copy(optimizer.state_dict(), devices) if optimizer is not None else None,
         }
+        copied = _copies_done(devices)
         rel = f"{self.layout.checkpoint_dir.name}/{cid:05d}-step{step:08d}-{kind}.pt"
         record = CheckpointRecord(cid, step, stage.name if stage else None, kind, rel, _as_float(val_loss))
         row = {
@@ -716,6 +765,7 @@ class Run:
         written: list[pa.Table] = []  # the row as this write finished it (a retried write replaces it)
 
         def write(con: duckdb.DuckDBPyConnection) -> None:
+            copied()
             buf = io.BytesIO()
             torch.save(payload, buf)
             data = buf.getvalue()
@@ -895,15 +945,36 @@ def _inserter(table: str, data: pa.Table) -> Job:
     return lambda con: insert_arrow(con, table, data)
 
 
-def _cpu_copy(obj: Any) -> Any:
-    """A deep copy of a (possibly nested) state dict with every tensor detached and copied to the CPU."""
+def _cpu_copy(obj: Any, devices: set[torch.device]) -> Any:
+    """A deep copy of a (possibly nested) state dict with every tensor detached and copied to the CPU.
+
+    From a CUDA device the copy is asynchronous (into pinned memory, queued on the current stream before the
+    loop's next kernels, which cannot overwrite it first): the training thread does not wait for the device, the
+    writer does (`_copies_done`).  The devices copied from are added to `devices`."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        devices.add(obj.device)
+        return obj.detach().to("cpu", copy=True, non_blocking=obj.device.type == "cuda")
     if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
+        return {k: _cpu_copy(v, devices) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return type(obj)(_cpu_copy(v) for v in obj)
+        return type(obj)(_cpu_copy(v, devices) for v in obj)
     return obj
+
+
+def _copies_done(devices: set[torch.device]) -> Callable[[], None]:
+    """A wait for the asynchronous copies `_cpu_copy` queued on these devices so far (call it on any thread)."""
+    events = []
+    for device in devices:
+        if device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            events.append(event)
+
+    def wait() -> None:
+        for event in events:
+            event.synchronize()
+
+    return wait
 
 
 def _close_at_exit(ref: weakref.ref[Run]) -> None:

@@ -188,3 +188,61 @@ def test_sample_lists_uses_logged_without_epoch_or_loss(tmp_path: Path) -> None:
     uses = [ln.split() for ln in lines if ln.lstrip().startswith("step ")]
     assert uses == [["step", "0", "epoch", "-", "only", "lr", "0.1", "batch", "loss", "-"],
                     ["step", "1", "epoch", "1", "only", "lr", "0.1", "batch", "loss", "-"]]  # fmt: skip
+
+
+def test_arrays_the_loop_reuses_are_recorded_as_they_were_when_logged(tmp_path: Path) -> None:
+    """A loop that shuffles its permutation in place every epoch and logs views of it (batches are written by the
+    writer later): every batch is recorded as it was at log_batch, as are ids and labels registered from arrays
+    the caller changes afterwards."""
+    run = Run.create(tmp_path / "r", name="reuse", config={})
+    ids, labels = np.arange(20), np.arange(20) % 2
+    run.register_samples(ids, split="train", labels=labels, raw=np.zeros((20, 1), np.uint8))
+    ids[:] = 99
+    labels[:] = 7
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    perm, targets, logged = np.arange(20), np.zeros(5, np.int64), []
+    rng = np.random.default_rng(0)
+    with run.stage("s", optimizer=opt, model=model):
+        for epoch in range(3):
+            rng.shuffle(perm)
+            for start in range(0, 20, 5):
+                batch = perm[start : start + 5]
+                targets[:] = epoch  # one buffer, refilled per batch
+                opt.zero_grad()
+                model(torch.randn(5, 2)).sum().backward()
+                opt.step()
+                run.log_batch(batch, targets=targets)
+                logged.append((batch.tolist(), [epoch] * 5))
+    run.close()
+    with RunStore(tmp_path / "r") as store:
+        rows = store.df(
+            """SELECT list(sample_id ORDER BY position) AS ids, list(target ORDER BY position) AS targets
+               FROM batch_samples GROUP BY batch_id ORDER BY batch_id"""
+        )
+        assert [(list(a), list(t)) for a, t in zip(rows["ids"], rows["targets"], strict=True)] == logged
+        samples = store.df("SELECT sample_id, label FROM samples ORDER BY sample_id")
+    assert samples["sample_id"].tolist() == list(range(20)) and samples["label"].tolist() == [i % 2 for i in range(20)]
+
+
+def test_losses_and_targets_are_checked_when_logged(tmp_path: Path) -> None:
+    """A non-scalar loss or a loss that is not a number fails at log_batch (not later, in the writer), and the
+    batch is not recorded; tensor losses are fetched together at flush with their values."""
+    run, model, _ = _tiny_run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with run.stage("s", optimizer=opt, model=model):
+        opt.step()
+        with pytest.raises(FgtracError, match=r"loss must be a scalar, not a tensor of shape \(2,\)"):
+            run.log_batch([1, 2], loss=torch.ones(2))
+        with pytest.raises(FgtracError, match="expected a number, not str"):
+            run.log_batch([1, 2], loss="low")
+        with pytest.raises(FgtracError, match="targets must be a 1-D sequence of integers"):
+            run.log_batch([1, 2], targets=[0.5, 1.5])
+        run.log_batch([1, 2], loss=torch.tensor(0.25, dtype=torch.float64))
+        opt.step()
+        run.log_batch([3], loss=torch.tensor([[1.5]]))
+        opt.step()
+        run.log_batch([4], loss=2)
+    run.close()
+    with RunStore(tmp_path / "r") as store:
+        assert store.df("SELECT loss FROM batches ORDER BY batch_id")["loss"].tolist() == [0.25, 1.5, 2.0]

@@ -1,0 +1,95 @@
+"""The recorder on a CUDA device (skipped without one; run on a GPU machine): what a GPU loop logs is recorded as
+it was when logged, although losses, targets and checkpoint copies are fetched without waiting for the device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fgtrac_core import Run, RunStore
+from fgtrac_core.pipeline import Pipeline
+from fgtrac_core.stages._records import load_training
+from fgtrac_core.tracking.optimizer_hooks import infer_clip
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize(
+    ("clip", "expected"),
+    [
+        (lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5), {"rule": "norm", "max_norm": 0.5, "norm_type": 2.0}),
+        (lambda ps: torch.nn.utils.clip_grad_value_(ps, 0.1), {"rule": "value", "clip_value": 0.1}),
+        (lambda ps: [p.grad.mul_(0.9) for p in ps], None),
+    ],
+    ids=["norm2", "value", "scaled"],
+)
+def test_infer_clip_on_cuda(clip, expected) -> None:
+    torch.manual_seed(1)
+    params = [torch.zeros(5, 4, device="cuda", requires_grad=True), torch.zeros(7, device="cuda", requires_grad=True)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    acc = [p.grad.clone() for p in params]
+    clip(params)
+    assert infer_clip(acc, [p.grad for p in params]) == expected
+
+
+def test_a_gpu_loop_is_recorded_as_logged(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    n = 64
+    x, y = torch.randn(n, 6, device="cuda"), torch.randint(0, 3, (n,), device="cuda")
+    run = Run.create(tmp_path / "r", name="gpu", config={})
+    run.register_samples(np.arange(n), split="train", labels=y.cpu().numpy(), raw=x.cpu().numpy())
+    run.register_samples([n], split="test", labels=[0], raw=[b"test"])
+    model = _net().cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    logged_targets, logged_losses, states = [], [], []
+    with run.stage("s", optimizer=opt, model=model):
+        for epoch in range(2):
+            perm = torch.randperm(n, device="cuda")
+            for start in range(0, n, 16):
+                ids = perm[start : start + 16]
+                target = (y[ids] + epoch) % 3  # relabelled in the second epoch
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x[ids]), target)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                opt.step()
+                run.log_batch(ids.cpu(), loss=loss, targets=target)
+                logged_targets.append(target.tolist())
+                logged_losses.append(loss.item())
+            run.checkpoint(model, opt)
+            states.append({k: v.cpu().clone() for k, v in model.state_dict().items()})
+            with torch.no_grad():  # the loop goes on changing the parameters the checkpoint copied
+                for p in model.parameters():
+                    p.add_(1.0)
+    run.close()
+    with RunStore(tmp_path / "r") as store:
+        rows = store.df(
+            "SELECT list(target ORDER BY position) AS t FROM batch_samples GROUP BY batch_id ORDER BY batch_id"
+        )
+        assert [list(t) for t in rows["t"]] == logged_targets
+        assert store.df("SELECT loss FROM batches ORDER BY batch_id")["loss"].tolist() == pytest.approx(
+            logged_losses, rel=1e-6
+        )
+        clips = store.df("SELECT clip FROM optimizer_steps ORDER BY step")["clip"].tolist()
+        assert [c and json.loads(c) for c in clips] == [{"rule": "norm", "max_norm": 0.05, "norm_type": 2.0}] * 8
+        (hparams,) = store.df("SELECT hparams FROM stages")["hparams"]
+        assert json.loads(hparams)["device"].startswith("cuda:0 (")
+        paths = store.df("SELECT path FROM checkpoints WHERE kind = 'periodic' ORDER BY checkpoint_id")["path"]
+        for path, state in zip(paths, states, strict=True):
+            saved = torch.load(tmp_path / "r" / path, weights_only=True)["model"]
+            assert all(torch.equal(saved[k], state[k]) for k in state)
+        pipeline = Pipeline(_net, lambda config, ids: torch.zeros(len(ids), 6), None, {})
+        assert "trained on cuda:0" in load_training(store, pipeline).training.replay_refusal()
+    assert run_cli("verify", str(tmp_path / "r")).returncode == 0
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
