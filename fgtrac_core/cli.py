@@ -114,6 +114,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             f"  {st['name']:<12} {st['optimizer']:<8} steps {st['start_step']}..{st['end_step']}"
             f"  ({st['n_steps']} steps, {st['n_sample_uses']} uses)  {st['status']}"
             + (f"  lr {lr[0]:.3g}..{lr[1]:.3g}" if lr else "")
+            + (f"  on {st['device']}" if st["device"] not in (None, "cpu") else "")
         )
     for st in s["stages"]:
         if st["idle"]:

@@ -170,6 +170,7 @@ class RunStore:
                     # over every step and param group, as applied; None without recorded optimizer steps
                     "lr_applied": list(lr_ranges[int(r.stage_id)]) if int(r.stage_id) in lr_ranges else None,
                     "idle": lr_ranges.get(int(r.stage_id), (None, None))[1] == 0.0,  # as `idle_stages`
+                    "device": json.loads(r.hparams).get("device"),  # where it trained; None: not recorded
                 }
                 for r in stages.itertuples()
             ],

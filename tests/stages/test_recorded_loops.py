@@ -293,3 +293,5 @@ def test_stage_trained_on_another_device_is_refused_by_name(tmp_path: Path) -> N
     with deterministic(1):
         fast = analyze(run_dir, method="fast", pipeline=pipeline(), progress=False)
     assert fast.params["verified"] is False and "trained on cuda:0" in fast.params["verified_reason"]
+    info = run_cli("info", str(run_dir), check=True).stdout
+    assert "on cuda:0 (NVIDIA H200)" in info and info.count(" on cpu") == 0
