@@ -631,7 +631,7 @@ class Run:
         The step is the recorder's own count (see the module docstring); `step`, if given, must not go backwards.
         The recorded lr is the one the step applied (first param group); `lr`, if given, must equal it — checked
         now when the step already ran, else when it runs (the refusal is then raised at the next recorder call).
-        `loss` may be a tensor; it is converted at flush time, so logging never forces a device sync.
+        `loss` may be a tensor; on an accelerator it is fetched at flush time, so logging never forces a sync.
         `targets` (optional, one integer class per sample, in batch order) are the targets the batch was trained
         on; without them the registered labels are assumed.  A target that differs from the registered label is
         a relabelling (`fgtrac sample` shows it); replay trains on the recorded targets.
@@ -642,7 +642,9 @@ class Run:
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise FgtracError(f"log_batch: loss must be a scalar, not a tensor of shape {tuple(loss.shape)}")
-            loss_value = loss.detach()
+            # read now on the CPU (cheaper than keeping a detached view of a tensor the loop may reuse); on an
+            # accelerator a clone, fetched at flush, so logging never waits for the device
+            loss_value = loss.item() if loss.device.type == "cpu" else loss.detach().clone()
         else:
             loss_value = _as_float(loss)
         if target_arr is not None and len(target_arr) != len(ids):
