@@ -22,10 +22,10 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def _write(text: str, out: str | None, what: str) -> None:
+def _write(text: str, out: str | None, what: str, then: str = "") -> None:
     if out:
         Path(out).write_text(text)
-        print(f"wrote {what} to {out}", file=sys.stderr)
+        print(f"wrote {what} to {out}{then}", file=sys.stderr)
     else:
         sys.stdout.write(text)
 
@@ -48,8 +48,8 @@ def cmd_head(args: argparse.Namespace) -> int:
     _write(
         json.dumps(head.to_json_dict(), indent=1) + "\n",
         args.out,
-        f"the signed tree head of run {head.run_id} (size {head.tree_size}, {head.timestamp}); keep it and check "
-        f"later with: fgtrac verify RUN --since {args.out}",
+        f"the signed tree head of run {head.run_id} (size {head.tree_size}, {head.timestamp})",
+        f"; keep it and check later with: fgtrac verify {args.run} --since {args.out}",
     )
     return EXIT_OK
 

@@ -36,6 +36,7 @@ TABS = ["Proponents and opponents", "Stage effects", "Per-checkpoint contributio
 
 def _pick_test(tests: pd.DataFrame) -> pd.Series:
     """Filters (class, misclassified, confidence) and the test-example picker; stops when nothing matches."""
+    asked = st.query_params.get("test")  # as the URL gave it, before the bound picker replaces an unknown id
     c1, c2, c3 = st.columns([1, 1, 2])
     classes = sorted(int(c) for c in tests["label"].dropna().unique())
     cls = c1.selectbox(
@@ -54,6 +55,8 @@ def _pick_test(tests: pd.DataFrame) -> pd.Series:
         st.stop()
     by_id = shown.set_index("sample_id")
     ids = [int(i) for i in by_id.index]
+    if asked is not None and asked.isdigit() and int(asked) not in by_id.index:
+        _not_shown(int(asked), tests, ids[0])
     # plain ids as options: a bound widget writes its displayed option text into the URL
     test_id = st.selectbox(
         f"Test example id ({len(shown)} of {len(tests)} match; type to search)",
@@ -73,6 +76,18 @@ def _pick_test(tests: pd.DataFrame) -> pd.Series:
             selection_mode="single-row",
         )
     return by_id.loc[test_id].rename(test_id)
+
+
+def _not_shown(sample_id: int, tests: pd.DataFrame, instead: int) -> None:
+    """Say why the example a shared URL names is not the one shown (rather than silently showing another)."""
+    if sample_id in set(tests["sample_id"]):
+        st.warning(f"Test example #{sample_id} does not match the filters above; showing #{instead}.")
+        return
+    st.warning(
+        f"Sample #{sample_id} is not a test example of this influence analysis; showing #{instead}. A training "
+        f"sample's uses and influence are on its lifecycle page."
+    )
+    st.page_link(data.LIFECYCLE, label=f"Open the lifecycle of #{sample_id}", query_params={"sample": str(sample_id)})
 
 
 def _test_row_picked(ids: list[int]) -> None:

@@ -321,3 +321,27 @@ def test_stages_page_on_the_sample_run(digits_run: Path, monkeypatch: pytest.Mon
     at.selectbox(key="behaviour").select("accuracy").run()
     assert not at.exception
     assert any("no per-example effects" in c.value for c in at.caption)
+
+
+def test_a_url_naming_no_shown_test_example_says_so(digits_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shared URL whose ?test= is a training sample, or a test example the URL's filters exclude: Explore says
+    which example it shows instead (and links a training sample's lifecycle), rather than silently showing
+    another."""
+    with RunStore(digits_run) as store:
+        train_id = int(store.df("SELECT min(sample_id) AS i FROM samples WHERE split = 'train'")["i"][0])
+        aid = int(store.df("SELECT max(analysis_id) AS a FROM analyses WHERE kind = 'influence'")["a"][0])
+        right = store.influence_tests(aid).query("not misclassified")["sample_id"].iloc[0]
+    at = open_page(digits_run, "views/explore.py", monkeypatch, test=str(train_id))
+    shown = int(at.selectbox(key="test").value)
+    assert [plain(w.value) for w in at.warning] == [
+        f"Sample #{train_id} is not a test example of this influence analysis; showing #{shown}. A training "
+        f"sample's uses and influence are on its lifecycle page."
+    ]
+    at = open_page(digits_run, "views/explore.py", monkeypatch, test=str(int(right)), wrong="true")
+    shown = int(at.selectbox(key="test").value)
+    assert shown != right
+    assert [plain(w.value) for w in at.warning] == [
+        f"Test example #{right} does not match the filters above; showing #{shown}."
+    ]
+    at = open_page(digits_run, "views/explore.py", monkeypatch, test=str(shown))
+    assert not at.warning
