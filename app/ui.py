@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import itertools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+from plotly.colors import qualitative
 
 from app import data
 from app.data import LIFECYCLE, thumbnails
@@ -20,6 +22,7 @@ _MD_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
 # resolved, so escaping cannot stop them: an invisible U+2060 WORD JOINER before every '.', ':' and '@' does
 _AUTOLINK_BREAK = re.compile(r"(?=[.:@])")
 WORD_JOINER = "\u2060"
+GROUND_TRUTH = "replay (ground truth)"  # the legend name of exact replay's stage effects
 
 # what a positive stage effect means, per behaviour (fgtrac_core.stages.behaviours)
 EFFECT_MEANING = {
@@ -151,12 +154,21 @@ def _shade(distance: float) -> str:
 
 
 def bars(
-    frame: pd.DataFrame, x: str, y: str, color: str, *, title: str, y_title: str, height: int = 300
+    frame: pd.DataFrame,
+    x: str,
+    y: str,
+    color: str,
+    *,
+    title: str,
+    y_title: str,
+    height: int = 300,
+    colors: Callable[[str], str | None] = lambda name: None,
 ) -> go.Figure:
-    """Grouped bars, one trace per value of `color` in order of appearance.  Built with graph_objects: plotly
-    express costs ~10x more per figure, which showed in the time to switch test example."""
+    """Grouped bars, one trace per value of `color` in order of appearance (`colors(name)`: its bar colour, None
+    for the theme's next).  Built with graph_objects: plotly express costs ~10x more per figure, which showed in
+    the time to switch test example."""
     traces = [
-        go.Bar(x=group[x].tolist(), y=group[y].tolist(), name=name)
+        go.Bar(x=group[x].tolist(), y=group[y].tolist(), name=name, marker_color=colors(name))
         for name, group in frame.groupby(color, sort=False)
     ]
     return go.Figure(
@@ -181,6 +193,20 @@ def lines(
     )  # fmt: skip
 
 
+def _method_order(method: str) -> tuple[bool, str, float]:
+    """The ground truth first, then estimators by name, partial-replay horizons in numeric order (5 before 20)."""
+    name, _, horizon = method.partition(":")
+    return (method != GROUND_TRUTH, name, float(horizon) if horizon.isdigit() else -1.0)
+
+
+def method_colours(methods: list[str]) -> dict[str, str]:
+    """A distinct bar colour per method, the ground truth near-black: a comparison shows up to 11 methods, past the
+    theme's 10 colours, where the last one took the ground truth's."""
+    estimators = [m for m in methods if m != GROUND_TRUTH]
+    palette = [c for c in qualitative.Dark24 if c != "#222A2A"]  # its near-black would pass for the ground truth
+    return {GROUND_TRUTH: "#262730", **dict(zip(estimators, itertools.cycle(palette), strict=False))}
+
+
 def stage_bars(
     effects: pd.DataFrame,
     behaviour: str,
@@ -194,11 +220,13 @@ def stage_bars(
     runs when the user clicks a bar (the selection is in st.session_state[key])."""
     shown = effects.assign(
         stage=effects["stage"].map(chart_text),
-        method=effects["method"].map(lambda m: "replay (ground truth)" if m == "replay" else chart_text(m)),
-    ).sort_values("method", key=lambda m: m != "replay (ground truth)", kind="stable")
+        method=effects["method"].map(lambda m: GROUND_TRUTH if m == "replay" else chart_text(m)),
+    ).sort_values("method", key=lambda col: col.map(_method_order), kind="stable")
+    colours = method_colours(shown["method"].unique().tolist())
     fig = bars(
-        shown, "stage", "value", "method", title=title, y_title=f"effect on {chart_text(behaviour)}", height=height
-    )
+        shown, "stage", "value", "method", title=title, y_title=f"effect on {chart_text(behaviour)}", height=height,
+        colors=colours.get,
+    )  # fmt: skip
     if on_select is None:
         st.plotly_chart(fig, key=key)
     else:

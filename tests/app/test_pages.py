@@ -345,3 +345,14 @@ def test_a_url_naming_no_shown_test_example_says_so(digits_run: Path, monkeypatc
     ]
     at = open_page(digits_run, "views/explore.py", monkeypatch, test=str(shown))
     assert not at.warning
+
+
+def test_every_method_of_a_comparison_has_its_own_colour() -> None:
+    """`stages --compare` draws 11 methods, one more than the theme's colours: the ground truth stays near-black
+    and no estimator shares a colour with it or with another."""
+    from app.ui import GROUND_TRUTH, method_colours
+
+    methods = [GROUND_TRUTH, "fast", "fast:linear", "propagated", "propagated:linear"]
+    methods += [f"partial-replay:{h}" for h in (1, 5, 20, 50, 100, 120)]
+    colours = method_colours(methods)
+    assert colours[GROUND_TRUTH] == "#262730" and len(set(colours.values())) == len(methods) == 11
