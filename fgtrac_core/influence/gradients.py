@@ -103,9 +103,16 @@ def as_tensors(data: Data, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = next(iter(DataLoader(data, batch_size=n, shuffle=False)))  # type: ignore[arg-type]
     if len(x) == 0:
         raise FgtracError(f"{what} is empty")
-    if len(x) != len(y):
-        raise FgtracError(f"{what}: {len(x)} inputs but {len(y)} labels")
+    if len(x) != y.shape[-1]:
+        raise FgtracError(f"{what}: {len(x)} inputs but {y.shape[-1]} labels")
     return x, y
+
+
+def at_checkpoint(data: tuple[torch.Tensor, torch.Tensor], c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (inputs, labels) of the `c`-th checkpoint: labels are one row per checkpoint (n_checkpoints, n) when
+    training samples were trained on other targets than their registered labels (`trained_targets`)."""
+    x, y = data
+    return (x, y[c]) if y.ndim == 2 else data
 
 
 def linear_layer(model: nn.Module, layer: str) -> nn.Linear:

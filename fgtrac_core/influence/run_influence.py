@@ -25,10 +25,18 @@ from fgtrac_core.budget import DEFAULT_BUDGET_S, CostEstimate, enforce
 from fgtrac_core.checkpoint_files import load_checkpoint_payload
 from fgtrac_core.errors import FgtracError, UnknownSampleError
 from fgtrac_core.influence.checkpoints import select_checkpoints
+from fgtrac_core.influence.gradients import at_checkpoint
 from fgtrac_core.influence.influence_function import MODE as IF_MODE
 from fgtrac_core.influence.influence_function import require_positive_damping, whitened_gradients
+from fgtrac_core.influence.targets import trained_targets
 from fgtrac_core.influence.tracin import MODES, load_state_dict, review
-from fgtrac_core.influence.weighting import WEIGHTINGS, has_batch_records, run_intervals, usage_weights
+from fgtrac_core.influence.weighting import (
+    WEIGHTINGS,
+    UsageWeights,
+    has_batch_records,
+    run_intervals,
+    usage_weights,
+)
 from fgtrac_core.pipeline import Pipeline, load_pipeline
 from fgtrac_core.store.reader import RunStore
 from fgtrac_core.store.run_files import committed_checkpoints
@@ -111,6 +119,16 @@ def _chosen_checkpoints(
         )
         payloads.append(load_checkpoint_payload(store.layout, facts))
     return out, payloads
+
+
+def _target_bounds(chosen: list[dict[str, Any]], usage: UsageWeights | None) -> list[int]:
+    """Per chosen checkpoint, the step before which a sample's uses decide its target there: the end of the steps
+    the checkpoint stands for, at least its own step."""
+    out = []
+    for i, c in enumerate(chosen):
+        last = usage.intervals[i]["last_step"] if usage is not None else None
+        out.append(max(int(c["step"]), -1 if last is None else int(last) + 1))
+    return out
 
 
 def _split(
@@ -254,6 +272,9 @@ def run_influence(
         # under checkpoint weighting too: the uses behind each checkpoint's term are stored for the reviewer (not
         # for the influence function, whose one term stands for the whole run, not for the steps before it)
         usage = usage_weights(store, train_ids, [c["checkpoint_id"] for c in chosen]) if batched and not hessian else None
+        registered = y_tr
+        if batched:  # gradients at the targets training used (one row per checkpoint when some were relabelled)
+            y_tr = trained_targets(store, train_ids, y_tr, _target_bounds(chosen, usage))
         if replayed or check:
             from fgtrac_core.stages._records import load_training
 
@@ -295,7 +316,7 @@ def run_influence(
         rev.checkpoint_weights = [1.0] * len(chosen)
     elif hessian:  # whitened once: the review and, with --check, the full score matrix
         whitened = whitened_gradients(
-            net, pipeline.head_layer, (x_tr, y_tr), (x_te, y_te), states[0], damping=damping,
+            net, pipeline.head_layer, at_checkpoint((x_tr, y_tr), 0), (x_te, y_te), states[0], damping=damping,
             include_bias=include_bias, device=device,
         )  # fmt: skip
         rev = whitened.review(k, cosine=True, progress=progress)
@@ -375,6 +396,8 @@ def run_influence(
     }
     if usage is not None:
         params["uncovered_steps"] = usage.uncovered_steps
+    if y_tr.ndim == 2:  # some gradients taken at recorded targets other than the registered labels
+        params["relabelled_train_samples"] = int((y_tr != registered).any(0).sum())
     shards = getattr(rev, "n_shards", None)
     if shards is not None:  # how it ran, not what it found: the stored rows are those of one process
         params["sharded"] = {"engine": "ray", "shards": shards, "shard_size": rev.shard_size}
@@ -424,7 +447,7 @@ def run_influence(
         top_self_influence=[
             {
                 "sample_id": int(train_ids[i]),
-                "label": int(y_tr[i]),
+                "label": int(registered[i]),
                 "self_influence": float(rev.self_influence[i]),
             }
             for i in order.tolist()

@@ -291,7 +291,7 @@ def _gather(
         for i in queue:
             lo, hi = bounds[i]
             w = None if usage is None else usage[lo:hi]
-            pending[task.remote(job_ref, lo, _portable(x[lo:hi]), _portable(y[lo:hi]), w)] = i
+            pending[task.remote(job_ref, lo, _portable(x[lo:hi]), _portable(y[..., lo:hi]), w)] = i
             return
 
     for _ in range(window):

@@ -28,6 +28,7 @@ from fgtrac_core.influence.gradients import (
     LossFn,
     Projection,
     as_tensors,
+    at_checkpoint,
     head_factors,
     head_gradients,
     linear_layer,
@@ -137,7 +138,7 @@ def _features(
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out = []
     try:
-        for ckpt, lr in checkpoints:
+        for c, (ckpt, lr) in enumerate(checkpoints):
             state, opt_state = _load_checkpoint(ckpt)
             try:
                 model.load_state_dict(state)
@@ -150,7 +151,7 @@ def _features(
                 if adam is not None:
                     weight, scale, kappa = float(lr) * adam.kappa, adam.sqrt_precond, adam.kappa
             feats = []
-            for d in datasets:
+            for d in (at_checkpoint(d, c) for d in datasets):
                 if uses_head:
                     delta, act = head_factors(model, layer, d, loss_fn=loss_fn, device=device)
                     if mode == "last_layer":

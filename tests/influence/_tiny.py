@@ -52,12 +52,19 @@ def pipeline() -> Pipeline:
 
 
 def record(
-    run_dir: Path, *, accumulate: bool = False, steps_a: int | None = None, stages: tuple[str, ...] = ("a", "b")
+    run_dir: Path,
+    *,
+    accumulate: bool = False,
+    steps_a: int | None = None,
+    stages: tuple[str, ...] = ("a", "b"),
+    relabel: tuple[int, ...] = (),
 ) -> None:
     """Stage "a": SGD (lr 0.3 decaying ×0.8 per step) on ONLY_A + BOTH in batches of 5 (the last one smaller);
     stage "b": AdamW (lr 0.02) on ONLY_B + BOTH in batches of 4; a periodic checkpoint with a validation loss
     every 2 steps.  With `accumulate`, stage "a" logs two micro-batches per optimizer step (sizes 5 and 3).
-    `steps_a` stops stage "a" early and `stages` leaves stages out (a short toy)."""
+    `steps_a` stops stage "a" early and `stages` leaves stages out (a short toy).  The samples in `relabel` are
+    trained in stage "b" on target (label + 1) mod 3, logged with `targets=` (every batch of "b" logs its
+    targets, the others unchanged)."""
     torch.manual_seed(0)
     x, y = dataset()
     model = MLP()
@@ -92,9 +99,13 @@ def record(
                         parts = [ids[:5], ids[5:]] if accumulate and name == "a" and len(ids) > 5 else [ids]
                         for part in parts:
                             t = torch.as_tensor(part)
-                            loss = F.cross_entropy(model(x[t]), y[t]) * len(part) / len(ids)
+                            target = y[t]
+                            if name == "b" and relabel:
+                                moved = torch.as_tensor(np.isin(part, relabel))
+                                target = torch.where(moved, (target + 1) % N_CLASSES, target)
+                            loss = F.cross_entropy(model(x[t]), target) * len(part) / len(ids)
                             loss.backward()
-                            run.log_batch(part, epoch=epoch)
+                            run.log_batch(part, epoch=epoch, targets=target if relabel and name == "b" else None)
                         opt.step()
                         if sched is not None:
                             sched.step()

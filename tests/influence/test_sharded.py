@@ -116,6 +116,15 @@ def test_several_shards_store_the_single_process_results(
     assert top_ids[0] == top_ids[1]
 
 
+def test_relabelled_samples_shard_like_the_single_process(ray_cluster: object, tmp_path: Path) -> None:
+    """Targets that differ per checkpoint (samples relabelled in stage "b") travel sliced with their shard."""
+    _tiny.record(tmp_path / "run", relabel=(18, 19, 12))
+    single = run_influence(tmp_path / "run", k=5, weighting="checkpoint", **TINY)
+    sharded = run_influence(tmp_path / "run", k=5, weighting="checkpoint", ray_address=True, shard_size=7, **TINY)
+    params = _assert_same_results(tmp_path / "run", single.analysis_id, sharded.analysis_id)
+    assert params["relabelled_train_samples"] == 3
+
+
 @pytest.mark.parametrize(
     ("mode", "weighting", "stored"), [("last_layer", "checkpoint", True), ("adamw", "usage", False)]
 )

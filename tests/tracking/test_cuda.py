@@ -93,3 +93,28 @@ def test_a_gpu_loop_is_recorded_as_logged(tmp_path: Path) -> None:
 
 def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_the_rule_tried_first_on_cuda_still_catches_changes() -> None:
+    """On an accelerator the previous step's clipping rule is tried first; a loop that changes its threshold, or
+    scales its gradients by hand, is still recorded as it is."""
+    from fgtrac_core.tracking.optimizer_hooks import StepHooks
+
+    torch.manual_seed(0)
+    model = _net().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    facts = []
+    hooks = StepHooks(opt, facts.append)
+    x, y = torch.randn(16, 6, device="cuda"), torch.randint(0, 3, (16,), device="cuda")
+    changes = [lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.05)] * 3
+    changes += [lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.02)] * 2
+    changes += [lambda ps: [p.grad.mul_(0.5) for p in ps]]
+    for change in changes:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        change(list(model.parameters()))
+        opt.step()
+    hooks.remove()
+    norm = {"rule": "norm", "norm_type": 2.0}
+    assert [f.clip for f in facts] == [{**norm, "max_norm": 0.05}] * 3 + [{**norm, "max_norm": 0.02}] * 2 + [None]
+    assert [f.grads_altered for f in facts] == [False] * 5 + [True]
