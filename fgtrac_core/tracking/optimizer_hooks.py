@@ -17,6 +17,11 @@ For the stage's optimizer the recorder registers
     numbers the step.
 All hooks are removed at the stage end.  `param_fingerprint` and `apply_clip` are shared with replay.
 
+On CUDA a host sync per step would stall the loop until the device caught up, so once a rule has been inferred
+the following steps assume it and check it on the device (`_DeviceFlag`, read without waiting once the device is
+done, at the flush at the latest): a step it does not reproduce is recorded as ``unknown`` and altered, and the
+steps after that check was read are inferred again.  (Exact replay refuses stages trained on a GPU anyway.)
+
 Per step the training thread pays one Python call per parameter (plus a clone dispatch each while copies are
 kept) and one for the step, one dict comparison per param group (hyperparameters are converted only at the steps
 that change them), a byte copy per param group, and a row of Python lists; JSON encoding and the fingerprint's
@@ -28,6 +33,7 @@ which are refused by name), and the fingerprint is read through a memory view.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -263,21 +269,33 @@ def _holders(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def _differ(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool tensor on the pairs' device: whether any pair (same shapes) differs (NaN differs, as in
+    `torch.equal`).  Reading it is the only host sync."""
+    return torch.stack([torch.ne(x, y).any() for x, y in zip(a, b, strict=True)]).any()
+
+
 def _all_equal(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
     """`torch.equal` of every pair (same shapes); on an accelerator with one host sync for all of them, not one
     per tensor."""
     if not a or a[0].device.type == "cpu":
         return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    return not bool(torch.stack([torch.ne(x, y).any() for x, y in zip(a, b, strict=True)]).any())
+    return not bool(_differ(a, b))
 
 
-def _reproduces(acc: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], clip: dict[str, Any]) -> bool:
+def _clipped(acc: Sequence[torch.Tensor], clip: dict[str, Any]) -> list[torch.Tensor] | None:
+    """Copies of `acc` with the rule applied by torch's own function (None when it cannot be applied)."""
     holders = _holders(acc)
     try:
         apply_clip(holders, clip)
     except (RuntimeError, ValueError):
-        return False
-    return _all_equal([h.grad for h in holders], grads)
+        return None
+    return [h.grad for h in holders]
+
+
+def _reproduces(acc: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], clip: dict[str, Any]) -> bool:
+    clipped = _clipped(acc, clip)
+    return clipped is not None and _all_equal(clipped, grads)
 
 
 def _short_decimals(raw: float, digits: range, *, exact: bool) -> list[float]:
@@ -338,6 +356,27 @@ class StepFacts:
     clip: dict[str, Any] | None
     grads_altered: bool
     fingerprint: Snapshot | None  # turned into the recorded float at flush (`fingerprint_value`)
+    # on CUDA, `clip` is the rule of an earlier step, checked without a host sync: true when it did not reproduce
+    # the gradients, read at flush at the latest (the step is then recorded as UNKNOWN_CLIP)
+    unconfirmed: _DeviceFlag | None = None
+
+
+class _DeviceFlag:
+    """A CUDA bool computed by queued kernels, copied into pinned host memory behind them: `ready()` asks without
+    waiting, `value()` waits for it (never for kernels queued after it)."""
+
+    def __init__(self, flag: torch.Tensor) -> None:
+        self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self._host.copy_(flag, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record(torch.cuda.current_stream(flag.device))
+
+    def ready(self) -> bool:
+        return self._event.query()
+
+    def value(self) -> bool:
+        self._event.synchronize()
+        return bool(self._host)
 
 
 UNKNOWN_CLIP = {"rule": "unknown"}  # recorded when the loop modified gradients at a step the hooks held no copies of
@@ -360,7 +399,8 @@ class StepHooks:
         self._copying = True
         self._modifies = False
         self._rule: dict[str, Any] | None = None  # the clipping rule last inferred in this stage
-        self._on_cpu = all(p.device.type == "cpu" for p in self._params)
+        self._on_cuda = bool(self._params) and all(p.device.type == "cuda" for p in self._params)
+        self._checks: collections.deque[_DeviceFlag] = collections.deque()  # unread checks of an assumed rule
         self._handles = [optimizer.register_step_post_hook(self._post)]
         for i, p in enumerate(self._params):
             if p.requires_grad:
@@ -400,14 +440,15 @@ class StepHooks:
                 return False
         return True
 
-    def _gradient_change(self) -> tuple[dict[str, Any] | None, bool]:
-        """(clipping rule, altered otherwise) of the gradients the optimizer stepped on."""
+    def _gradient_change(self) -> tuple[dict[str, Any] | None, bool, torch.Tensor | None]:
+        """(clipping rule, altered otherwise, unconfirmed: see `StepFacts`) of the gradients the optimizer stepped
+        on."""
         if self._untouched():
             if self._copying and not self._modifies:
                 self._copying = False
                 self._acc[:] = [None] * len(self._acc)  # in place (the hooks hold the list): no stale copy may
                 # later pass for the gradients of a step that took none
-            return None, False
+            return None, False, None
         self._modifies = self._copying = True
         acc, grads = [], []
         for i, p in enumerate(self._params):
@@ -415,28 +456,38 @@ class StepHooks:
                 continue
             a = self._acc[i]
             if a is None:  # no copy of what backward made: the first modification after untouched steps
-                return dict(UNKNOWN_CLIP), True
+                return dict(UNKNOWN_CLIP), True, None
             if a.shape != p.grad.shape or a.dtype != p.grad.dtype:
-                return None, True
+                return None, True, None
             acc.append(a)
             grads.append(p.grad)
-        if self._rule is not None and not self._on_cpu and _reproduces(acc, grads, self._rule):
-            # on an accelerator the rule found at an earlier step is tried first: one host sync per step instead
-            # of the ~10 of a fresh inference (a step it leaves unchanged replays the same under either record)
-            return dict(self._rule), False
+        while self._checks and self._checks[0].ready():  # earlier steps' checks the device has finished
+            if self._checks.popleft().value():  # the loop changed what it does: infer again from here on
+                self._rule = None
+        if self._rule is not None and self._on_cuda:
+            # on CUDA the rule found at an earlier step is assumed and checked on the device, read when done: no
+            # host sync per step (each one stalled the loop until the device caught up).  A step the rule leaves
+            # unchanged replays the same under either record
+            clipped = _clipped(acc, self._rule)
+            if clipped is not None:
+                flag = _DeviceFlag(_differ(clipped, grads))
+                self._checks.append(flag)
+                return dict(self._rule), False, flag
         if _all_equal(acc, grads):
-            return None, False
+            return None, False, None
         clip = infer_clip(acc, grads)
         if clip is not None:
             self._rule = clip
-        return clip, clip is None
+        return clip, clip is None, None
 
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Read after the step, not before: the supported optimizers step on p.grad without writing it and change no
         # group value, so the gradients and hyperparameters are still those the step applied, and one hook per
         # step costs less than two.
-        clip, altered = self._gradient_change()
-        self._on_step(StepFacts(self._hparams.read(optimizer), clip, altered, self._fingerprint.snapshot()))
+        clip, altered, unconfirmed = self._gradient_change()
+        self._on_step(
+            StepFacts(self._hparams.read(optimizer), clip, altered, self._fingerprint.snapshot(), unconfirmed)
+        )
 
 
 # ----------------------------------------------------------------------------------------------- buffered rows
@@ -452,6 +503,7 @@ class StepBuffer:
     clip: list[dict[str, Any] | None] = field(default_factory=list)
     grads_altered: list[bool] = field(default_factory=list)
     fingerprint: list[Snapshot | None] = field(default_factory=list)
+    unconfirmed: list[_DeviceFlag | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.step)
@@ -463,9 +515,13 @@ class StepBuffer:
         self.clip.append(facts.clip)
         self.grads_altered.append(facts.grads_altered)
         self.fingerprint.append(facts.fingerprint)
+        self.unconfirmed.append(facts.unconfirmed)
 
     def table(self) -> pa.Table:
         fps = [None if f is None else fingerprint_value(f) for f in self.fingerprint]
+        for i, flag in enumerate(self.unconfirmed):
+            if flag is not None and flag.value():  # the assumed rule did not reproduce that step's gradients
+                self.clip[i], self.grads_altered[i] = dict(UNKNOWN_CLIP), True
         return pa.table(
             {
                 "step": pa.array(self.step, pa.int64()),

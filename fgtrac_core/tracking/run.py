@@ -74,6 +74,7 @@ from fgtrac_core.store.layout import RunLayout
 from fgtrac_core.store.ledger_log import LedgerLog, Rows, Touched
 from fgtrac_core.store.run_files import remove_stale_temporaries, write_file_atomic
 from fgtrac_core.store.schema import create_lookup_indexes, create_schema
+from fgtrac_core.tracking._device import fetch_to_host
 from fgtrac_core.tracking._writer import Writer
 from fgtrac_core.tracking.optimizer_hooks import StepBuffer, StepFacts, StepHooks, hparams_delta, trained_on
 from fgtrac_core.tracking.thumbnails import as_png_list
@@ -106,20 +107,6 @@ def _as_targets(targets: Any) -> np.ndarray | torch.Tensor:
     if targets.ndim != 1 or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise FgtracError("targets must be a 1-D sequence of integers")
     return targets.detach().clone()
-
-
-def _fetch(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[np.ndarray]:
-    """Host copies (flattened, as `dtype`) of tensors logged during training: one transfer per device rather than
-    one device sync per tensor."""
-    out: list[np.ndarray] = [np.empty(0)] * len(tensors)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    for rows in by_device.values():
-        flat = torch.cat([tensors[i].reshape(-1).to(dtype) for i in rows]).cpu().numpy()
-        for i, part in zip(rows, np.split(flat, np.cumsum([tensors[i].numel() for i in rows])[:-1]), strict=True):
-            out[i] = part
-    return out
 
 
 def _as_float(value: Any) -> float | None:
@@ -223,7 +210,7 @@ class _BatchBuffer:
         starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
         targets, given = np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)  # NULL where none was logged
         on_device = [i for i, t in enumerate(self.targets) if isinstance(t, torch.Tensor)]
-        fetched = dict(zip(on_device, _fetch([self.targets[i] for i in on_device], torch.int64), strict=True))
+        fetched = dict(zip(on_device, fetch_to_host([self.targets[i] for i in on_device], torch.int64), strict=True))
         for i, start in enumerate((np.cumsum(sizes) - sizes).tolist()):
             t = fetched.get(i, self.targets[i])
             if t is not None:
@@ -244,7 +231,7 @@ def _host_losses(losses: Sequence[Any]) -> list[float | None]:
     """Logged losses as floats: tensors (scalars, checked when logged) fetched together, per device."""
     tensors = [i for i, x in enumerate(losses) if isinstance(x, torch.Tensor)]
     out = [None if x is None or isinstance(x, torch.Tensor) else float(x) for x in losses]
-    for i, value in zip(tensors, _fetch([losses[i] for i in tensors], torch.float64), strict=True):
+    for i, value in zip(tensors, fetch_to_host([losses[i] for i in tensors], torch.float64), strict=True):
         out[i] = float(value[0])
     return out
 

@@ -95,16 +95,17 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
-def test_the_rule_tried_first_on_cuda_still_catches_changes() -> None:
-    """On an accelerator the previous step's clipping rule is tried first; a loop that changes its threshold, or
-    scales its gradients by hand, is still recorded as it is."""
-    from fgtrac_core.tracking.optimizer_hooks import StepHooks
+def test_an_assumed_clipping_rule_is_checked_and_a_change_inferred_again() -> None:
+    """On CUDA the previous steps' clipping rule is assumed and checked on the device (read without a sync once
+    the device is done, at the flush at the latest): a step it does not reproduce is recorded as unknown, and the
+    steps after the check was read are inferred again."""
+    from fgtrac_core.tracking.optimizer_hooks import UNKNOWN_CLIP, StepBuffer, StepHooks
 
     torch.manual_seed(0)
     model = _net().cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    facts = []
-    hooks = StepHooks(opt, facts.append)
+    rows = StepBuffer()
+    hooks = StepHooks(opt, lambda facts: rows.add(len(rows), 0, [], facts))
     x, y = torch.randn(16, 6, device="cuda"), torch.randint(0, 3, (16,), device="cuda")
     changes = [lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.05)] * 3
     changes += [lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.02)] * 2
@@ -114,7 +115,10 @@ def test_the_rule_tried_first_on_cuda_still_catches_changes() -> None:
         F.cross_entropy(model(x), y).backward()
         change(list(model.parameters()))
         opt.step()
+        torch.cuda.synchronize()  # each step's check is done before the next step: the order below is exact
     hooks.remove()
+    table = rows.table().to_pydict()
     norm = {"rule": "norm", "norm_type": 2.0}
-    assert [f.clip for f in facts] == [{**norm, "max_norm": 0.05}] * 3 + [{**norm, "max_norm": 0.02}] * 2 + [None]
-    assert [f.grads_altered for f in facts] == [False] * 5 + [True]
+    expected = [{**norm, "max_norm": 0.05}] * 3 + [UNKNOWN_CLIP, {**norm, "max_norm": 0.02}, UNKNOWN_CLIP]
+    assert [json.loads(c) for c in table["clip"]] == expected
+    assert table["grads_altered"] == [False, False, False, True, False, True]
