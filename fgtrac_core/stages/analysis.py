@@ -105,7 +105,9 @@ class _Context:
     slices: dict[str, np.ndarray] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.model = self.training.model_factory()
+        # behaviours are test-time values: in eval mode (BatchNorm's running statistics, no dropout), which also
+        # keeps a forward pass from updating the recorded states' BatchNorm buffers in place
+        self.model = self.training.model_factory().eval()
         self.x, self.y = self.training.test_set()
         self.at_final = self.values(self.training.final_model)
         self.slices = beh.slices(self.y.numpy(), self.at_final["margin"] > 0)

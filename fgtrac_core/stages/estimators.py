@@ -140,7 +140,10 @@ def hvp_at(cursor: Cursor) -> lin.Hvp:
     def hvp(u: lin.Vectors) -> lin.Vectors:
         params = [t.clone().requires_grad_() for t in theta]
         with torch.enable_grad():
-            out = functional_call(model, {**buffers, **dict(zip(names, params, strict=True))}, (x,))
+            # buffers cloned: a training-mode forward updates BatchNorm's running statistics in place, and this one
+            # is not a training step (the cursor's own model must keep the recorded trajectory's buffers)
+            state = {**{n: b.clone() for n, b in buffers.items()}, **dict(zip(names, params, strict=True))}
+            out = functional_call(model, state, (x,))
             grads = torch.autograd.grad(loss_fn(out, y), params, create_graph=True)
             if u[0].dim() == theta[0].dim():
                 return [h.detach() for h in torch.autograd.grad(grads, params, grad_outputs=u)]

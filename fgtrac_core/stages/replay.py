@@ -227,10 +227,17 @@ def replay_full(training: Training, bar: Any = None) -> ReplayResult:
         replayed = cursor.model_state()
         diff = _max_abs_diff(replayed, stage.end_model)
         if diff is not None:
+            buffers = {name for name, _ in cursor.model.named_buffers()}
+            differ = [n for n in stage.end_model if n not in replayed or not torch.equal(replayed[n], stage.end_model[n])]
+            why = (
+                _buffers_only(stage.name, differ)
+                if differ and set(differ) <= buffers
+                else _diagnosis(training, cursor.divergence, k)
+            )
             raise ReplayMismatchError(
                 f"replaying the recorded batches does not reproduce the parameters at the end of stage "
                 f"{stage.name!r} (max abs difference {diff:.3g}); stage effects would be wrong, so none are "
-                f"reported — {_diagnosis(training, cursor.divergence, k)}"
+                f"reported — {why}"
             )
         if k + 1 < training.n_stages and not training.stages[k + 1].fresh:
             _check_optimizer_state(cursor, stage.end_optimizer, stage.name)
@@ -245,6 +252,17 @@ def require_replayable(training: Training) -> None:
     if refusal is not None:
         raise StageAnalysisError(f"{refusal}; no exact stage effects can be computed (estimators still run, marked "
                                  "unverified: --method fast | propagated | partial-replay)")  # fmt: skip
+
+
+def _buffers_only(stage: str, names: list[str]) -> str:
+    """Why only the model's buffers (BatchNorm's running statistics...) differ at a stage end."""
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return (
+        f"every parameter of stage {stage!r} replayed bit for bit; only the model's buffers differ ({shown}): "
+        f"forward passes in training mode outside the recorded optimizer steps update them (a validation run "
+        f"without model.eval(), for instance), and replay runs only the recorded steps — evaluate in eval mode "
+        f"and switch back with model.train()"
+    )
 
 
 def _describe_step(training: Training, j: int, i: int) -> str:
@@ -295,7 +313,9 @@ def _diagnosis(training: Training, div: Divergence | None, k: int) -> str:
     return head + (
         "Every earlier step matched, so the pipeline and this machine's numerics reproduce the recording: a "
         "recorded fact of that step (hyperparameters, clipping, batch, targets) differs from what the loop did, "
-        "or the loop changed parameters or optimizer state outside optimizer.step() there"
+        "the forward pass draws random numbers (functional dropout, noise inside the model: only nn.Dropout "
+        "modules are seen before replaying), or the loop changed parameters or optimizer state outside "
+        "optimizer.step() there"
     )
 
 

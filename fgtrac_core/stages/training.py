@@ -194,6 +194,15 @@ class Training:
         """Why exact replay cannot reproduce this training although estimators can still linearise it (the loop
         altered gradients by hand at some step), or None.  Replay refuses with this reason; an estimator's results
         carry it as `verified: false`."""
+        dropout = [
+            f"{name} (p={m.p})" for name, m in self.model_factory().named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+        ]  # fmt: skip
+        if dropout:
+            return (
+                f"the model draws random dropout masks in training ({', '.join(dropout)}), which the recorder "
+                f"does not record, so replay cannot reproduce the recorded steps"
+            )
         for stage in self.stages:
             if stage.device is not None and stage.device != "cpu":
                 return (

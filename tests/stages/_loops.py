@@ -38,6 +38,26 @@ class MLP(nn.Module):
         return self.head(torch.tanh(self.body(x)))
 
 
+class BatchNormMLP(MLP):
+    """MLP with BatchNorm between its layers (running statistics: buffers the training forward updates)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.norm(self.body(x))))
+
+
+class DropoutMLP(MLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(torch.tanh(self.body(x))))
+
+
 def dataset() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     x = torch.randn(N_TRAIN + N_TEST, D_IN, generator=g)
@@ -71,14 +91,24 @@ class StageCfg:
     labels: dict[int, int] = field(default_factory=dict)  # sample id -> the target this stage trains on
 
 
-def record(run_dir: Path, stages: list[StageCfg], *, batch: int = 8, targets: bool = False) -> nn.Module:
+def record(
+    run_dir: Path,
+    stages: list[StageCfg],
+    *,
+    batch: int = 8,
+    targets: bool = False,
+    model_factory: Callable[[], nn.Module] = MLP,
+    validate: str | None = None,
+) -> nn.Module:
     """Record `stages` with the README loop (no step=, no lr=); returns the trained model.
 
-    With `targets`, every log_batch passes the targets the batch was trained on (`targets=y`).
+    With `targets`, every log_batch passes the targets the batch was trained on (`targets=y`).  `validate`
+    ("eval" or "train"): a forward pass over the test set after every epoch, in that mode, whose loss is given
+    to a checkpoint (a validation written with or without `model.eval()`).
     """
     torch.manual_seed(0)
     x, y = dataset()
-    model = MLP()
+    model = model_factory()
     run = Run.create(run_dir, name="loop", config={"torch_threads": torch.get_num_threads()})
     run.register_samples(
         np.arange(N_TRAIN), split="train", labels=y[:N_TRAIN].numpy(), raw=x[:N_TRAIN].numpy()
@@ -122,6 +152,12 @@ def record(run_dir: Path, stages: list[StageCfg], *, batch: int = 8, targets: bo
                         if cfg.order == "step_sched_log":
                             run.log_batch(b_ids, epoch=epoch, loss=loss, **extra)
                         step += 1
+                    if validate is not None:
+                        model.train(validate == "train")
+                        with torch.no_grad():
+                            val = F.cross_entropy(model(x[N_TRAIN:]), y[N_TRAIN:])
+                        model.train()
+                        run.checkpoint(model, opt, val_loss=val)
     finally:
         run.close()
     return model

@@ -8,9 +8,12 @@ import json
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from fgtrac_core.pipeline import Pipeline
 from fgtrac_core.stages import analyze
 from fgtrac_core.stages._records import load_training
 from fgtrac_core.stages.errors import ReplayMismatchError, StageAnalysisError
@@ -20,6 +23,7 @@ from tests.conftest import run_cli
 from tests.stages._loops import (
     INPUTS_REF,
     MODEL_REF,
+    N_TRAIN,
     StageCfg,
     dataset,
     pipeline,
@@ -27,6 +31,7 @@ from tests.stages._loops import (
     reference_replay,
     same_state,
 )
+from tests.stages._loops import inputs as _inputs
 
 sched = torch.optim.lr_scheduler
 
@@ -295,3 +300,63 @@ def test_stage_trained_on_another_device_is_refused_by_name(tmp_path: Path) -> N
     assert fast.params["verified"] is False and "trained on cuda:0" in fast.params["verified_reason"]
     info = run_cli("info", str(run_dir), check=True).stdout
     assert "on cuda:0 (NVIDIA H200)" in info and info.count(" on cpu") == 0
+
+
+def _bn_pipeline():
+    from tests.stages._loops import BatchNormMLP
+
+    return Pipeline(model_factory=BatchNormMLP, load_inputs=_inputs, head_layer="head", config={})
+
+
+def test_batchnorm_replays_and_its_effects_are_taken_in_eval_mode(tmp_path: Path) -> None:
+    """BatchNorm's running statistics replay bit for bit when the loop validates in eval mode, and the stage
+    effects are test-time values: the last stage's equals f(final) − f(its start) in eval mode, by hand."""
+    from tests.stages._loops import BatchNormMLP
+
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(run_dir, [StageCfg("a", _sgd(), None), StageCfg("b", _adam(), None)], model_factory=BatchNormMLP,
+               validate="eval")  # fmt: skip
+        res = analyze(run_dir, method="replay", pipeline=_bn_pipeline(), progress=False)
+    assert res.params["verified"] is True
+    x, y = dataset()
+    model = BatchNormMLP().eval()
+    with RunStore(run_dir) as store:
+        ck = store.checkpoints()
+        paths = [ck.loc[(ck["stage"] == "b") & (ck["kind"] == kind), "path"].iloc[0] for kind in ("stage_end", "stage_start")]
+    losses = []
+    for path in paths:
+        model.load_state_dict(torch.load(run_dir / path, weights_only=True)["model"])
+        with torch.no_grad():
+            losses.append(F.cross_entropy(model(x[N_TRAIN:]), y[N_TRAIN:], reduction="none").double().numpy())
+    e = res.effects
+    stored = e[(e["stage_id"] == 1) & (e["behaviour"] == "loss")].sort_values("test_id")["value"].to_numpy()
+    np.testing.assert_allclose(stored, losses[0] - losses[1], rtol=1e-6, atol=1e-9)
+
+
+def test_batchnorm_validated_in_train_mode_is_named(tmp_path: Path) -> None:
+    """A validation forward in training mode moves the running statistics outside the recorded steps: the
+    mismatch says that only buffers differ, and which."""
+    from tests.stages._loops import BatchNormMLP
+
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(run_dir, [StageCfg("a", _sgd(), None)], model_factory=BatchNormMLP, validate="train")
+        with pytest.raises(ReplayMismatchError) as err, RunStore(run_dir) as store:
+            replay_full(load_training(store, _bn_pipeline()).training)
+    message = str(err.value)
+    assert "every parameter of stage 'a' replayed bit for bit; only the model's buffers differ (norm.running_mean, norm.running_var, norm.num_batches_tracked)" in message, message
+    assert "model.eval()" in message
+
+
+def test_dropout_is_refused_before_replaying(tmp_path: Path) -> None:
+    from tests.stages._loops import DropoutMLP
+
+    run_dir = tmp_path / "run"
+    pipe = Pipeline(model_factory=DropoutMLP, load_inputs=_inputs, head_layer="head", config={})
+    with deterministic(1):
+        record(run_dir, [StageCfg("a", _sgd(), None)], model_factory=DropoutMLP)
+        with pytest.raises(StageAnalysisError, match=r"random dropout masks in training \(drop \(p=0.3\)\)"):
+            analyze(run_dir, method="replay", pipeline=pipe, progress=False)
+        fast = analyze(run_dir, method="fast", pipeline=pipe, progress=False)
+    assert fast.params["verified"] is False and "dropout" in fast.params["verified_reason"]
