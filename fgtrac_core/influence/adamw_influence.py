@@ -152,7 +152,7 @@ def _params(
 def check_supported(training: Any, sgd_form: str = "exact") -> None:
     """Refuse, in one line, what this mode cannot follow: optimizers other than SGD/Adam/AdamW, AMSGrad,
     maximize, and runs that exact replay cannot reproduce."""
-    from fgtrac_core.stages.replay import require_replayable
+    from fgtrac_core.stages.replay import INFLUENCE_REMEDY, require_replayable
 
     if sgd_form not in SGD_FORMS:
         raise FgtracError(f"sgd_form must be one of {', '.join(SGD_FORMS)}, not {sgd_form!r}")
@@ -167,7 +167,7 @@ def check_supported(training: Any, sgd_form: str = "exact") -> None:
             for flag in ("amsgrad", "maximize"):
                 if hp.get(flag):
                     raise FgtracError(f"stage {stage.name!r}: AdamW-influence does not support {flag}=True")
-    require_replayable(training)
+    require_replayable(training, INFLUENCE_REMEDY)
 
 
 # --------------------------------------------------------------------------------------- tangents and steps
@@ -428,13 +428,14 @@ def _sweep(
     """One replay.  `track`: also carry the propagator to θ_T from the end of each interval segment that had
     followed (propagated) uses.  `split` = (test gradients at θ_T, those propagators, on_segment_end): restart everything at each
     segment and hand over its (n_test, n_train) contribution block at its end."""
-    from fgtrac_core.stages.replay import Cursor
+    from fgtrac_core.stages.replay import Cursor, raise_if_diverged
 
     t0 = time.perf_counter()
     x_te, y_te = test
     n_test, n_train = len(x_te), len(train_ids)
     cols_of = _columns(train_ids)
     cursor = Cursor(training, 0, training.stages[0].start_model, None)
+    cursor.check_fingerprints = True  # a step off the recorded trajectory stops the replay (raise_if_diverged)
     tensors = spec.tensors(cursor.model)
     all_names = [n for n, _ in cursor.model.named_parameters()]
     tan = _Tangent.zeros(n_train, spec.size)
@@ -529,6 +530,7 @@ def _sweep(
             ]
             seen: list[torch.optim.Optimizer] = []
             cursor.step(seen.append)  # the optimizer right after its step (its state, the consumed gradients)
+            raise_if_diverged(cursor, "no influence is reported")
             if adam:
                 adam_steps += 1
             else:

@@ -129,11 +129,15 @@ def step_gradients(
 
 def replay_steps(training: Any, progress: bool = False) -> Any:
     """Yield (stage, step index in stage, model at θ_t, (x, y) of the batch) for every recorded step, then run
-    the step.  The batch cache of `training` is emptied as it goes (memory stays flat)."""
-    from fgtrac_core.stages.replay import Cursor
+    the step.  The batch cache of `training` is emptied as it goes (memory stays flat).  A run exact replay
+    refuses is refused first, and every step is checked against its recorded parameter fingerprint: scores from
+    a trajectory that left the recorded one are never returned (ReplayMismatchError at the first such step)."""
+    from fgtrac_core.stages.replay import INFLUENCE_REMEDY, Cursor, raise_if_diverged, require_replayable
 
+    require_replayable(training, INFLUENCE_REMEDY)
     first = training.stages[0]
     cursor = Cursor(training, 0, first.start_model, None)
+    cursor.check_fingerprints = True
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -144,6 +148,7 @@ def replay_steps(training: Any, progress: bool = False) -> Any:
             j, i = cursor.stage_index, cursor.step_index
             yield training.stages[j], i, cursor.model, cursor.batch()
             cursor.step()
+            raise_if_diverged(cursor, "no influence is reported")
             training._batch_cache.pop((j, i), None)
             if bar is not None:
                 bar.update(1)

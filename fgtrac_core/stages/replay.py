@@ -218,12 +218,7 @@ def replay_full(training: Training, bar: Any = None) -> ReplayResult:
     cursor.check_fingerprints = True
     for k, stage in enumerate(training.stages):
         cursor.run_through_stage(k, bar)
-        if cursor.divergence is not None:  # no later step can be right: stop now, not after the stage's last one
-            raise ReplayMismatchError(
-                f"replaying the recorded batches does not reproduce the parameters recorded in stage "
-                f"{training.stages[cursor.divergence.stage_index].name!r}, so the replay stopped there and no "
-                f"stage effects are reported — {_diagnosis(training, cursor.divergence, k)}"
-            )
+        raise_if_diverged(cursor, "no stage effects are reported")  # stop now, not after the stage's last step
         replayed = cursor.model_state()
         diff = _max_abs_diff(replayed, stage.end_model)
         if diff is not None:
@@ -246,12 +241,35 @@ def replay_full(training: Training, bar: Any = None) -> ReplayResult:
     )
 
 
-def require_replayable(training: Training) -> None:
-    """Raise StageAnalysisError when exact replay cannot reproduce this training (`Training.replay_refusal`)."""
+def raise_if_diverged(cursor: Cursor, consequence: str) -> None:
+    """Raise ReplayMismatchError once a cursor checking fingerprints (`check_fingerprints`) has replayed a step
+    whose parameters differ from the recorded ones: every later step would be computed off the recorded
+    trajectory.  `consequence` says what is therefore not reported."""
+    div = cursor.divergence
+    if div is not None:
+        raise ReplayMismatchError(
+            f"replaying the recorded batches does not reproduce the parameters recorded in stage "
+            f"{cursor.training.stages[div.stage_index].name!r}, so the replay stopped there and {consequence} — "
+            f"{_diagnosis(cursor.training, div, div.stage_index)}"
+        )
+
+
+STAGES_REMEDY = (
+    "no exact stage effects can be computed (estimators still run, marked unverified: --method fast | propagated | "
+    "partial-replay)"
+)
+INFLUENCE_REMEDY = (
+    "the modes that replay the run (exact, adamw_influence) cannot follow it; the checkpoint modes still run "
+    "(--mode last_layer | full | adamw | influence_function)"
+)
+
+
+def require_replayable(training: Training, remedy: str = STAGES_REMEDY) -> None:
+    """Raise StageAnalysisError when exact replay cannot reproduce this training (`Training.replay_refusal`), the
+    reason followed by `remedy` (what the caller can do instead)."""
     refusal = training.replay_refusal()
     if refusal is not None:
-        raise StageAnalysisError(f"{refusal}; no exact stage effects can be computed (estimators still run, marked "
-                                 "unverified: --method fast | propagated | partial-replay)")  # fmt: skip
+        raise StageAnalysisError(f"{refusal}; {remedy}")
 
 
 def _buffers_only(stage: str, names: list[str]) -> str:

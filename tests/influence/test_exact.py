@@ -140,3 +140,30 @@ def test_full_gradients_through_the_cli(two_stages: Path) -> None:
     assert np.abs(got - ref).max() <= 1e-6 * np.abs(want).max()
     parts = np.array([json.loads(c) for c in table.contributions])
     np.testing.assert_allclose(parts.sum(1), got, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["exact", "adamw_influence"])
+def test_modes_that_replay_never_score_off_the_recorded_trajectory(tmp_path: Path, mode: str) -> None:
+    """A recorded fact edited after the fact (step 3's lr): the replaying modes stop at that step with the
+    diagnosis instead of storing scores from a trajectory the run never took; a run replay refuses outright (the
+    loop scaled its gradients by hand) is refused before anything runs, naming the modes that still work."""
+    import duckdb
+
+    from fgtrac_core.stages.errors import ReplayMismatchError, StageAnalysisError
+
+    run = tmp_path / "run"
+    _tiny.record(run)
+    with duckdb.connect(str(run / "snapshot.duckdb")) as con:
+        (hp,) = con.execute("SELECT hparams FROM optimizer_steps WHERE step = 3").fetchone()
+        groups = json.loads(hp)
+        groups[0]["lr"] = 0.5
+        con.execute("UPDATE optimizer_steps SET hparams = ? WHERE step = 3", [json.dumps(groups)])
+        con.execute("UPDATE batches SET lr = 0.5 WHERE step = 3")
+    args = {"model": _tiny.MODEL, "inputs": _tiny.INPUTS, "layer": "head", "mode": mode, "k": 3}
+    with pytest.raises(ReplayMismatchError, match=r"first diverges at step 3 \(stage 'a'\).* lr 0\.5"):
+        run_influence(run, **args)
+    with duckdb.connect(str(run / "snapshot.duckdb")) as con:
+        assert con.execute("SELECT count(*) FROM analyses").fetchone()[0] == 0
+        con.execute("UPDATE optimizer_steps SET grads_altered = true WHERE step = 5")
+    with pytest.raises(StageAnalysisError, match="altered the gradients .* at step 5 .*checkpoint modes still run"):
+        run_influence(run, **args)
