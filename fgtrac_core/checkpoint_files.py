@@ -37,7 +37,25 @@ def load_checkpoint_payload(
         raise RunFileError(f"{what} cannot be loaded: {lines[0] if lines else type(exc).__name__}") from None
     if not isinstance(payload, dict):
         raise RunFileError(f"{what} holds no checkpoint dict (a {type(payload).__name__})")
+    if isinstance(payload.get("model"), dict):
+        payload["model"] = unwrapped_state(payload["model"])
     return payload
+
+
+# torch.compile's OptimizedModule, and DataParallel / DistributedDataParallel, prefix every key of the wrapped
+# model's state dict
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def unwrapped_state(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with the prefixes of model wrappers removed from its keys, when every key carries one (a run
+    recorded from a wrapped model before the recorder unwrapped models): the plain model's state dict."""
+    while state:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
 
 
 def load_run_checkpoint(source: Any, layout: RunLayout, checkpoint_id: int) -> dict[str, Any]:

@@ -62,6 +62,27 @@ class Pipeline:
         return x
 
 
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """`model.load_state_dict(state)`, or a one-line FgtracError naming what does not fit (the pipeline's
+    `--model` is not the class the run trained, or not built the same way)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        own = model.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+        parts = [
+            f"{label} {names[0]}" + (f" (+{len(names) - 1} more)" if len(names) > 1 else "")
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("shape differs for", shapes))
+            if names
+        ]
+        raise FgtracError(
+            f"{what} does not fit the pipeline's model {type(model).__name__}: {'; '.join(parts) or 'see torch'}"
+            f" (is --model the class the run trained, built the same way?)"
+        ) from None
+
+
 def _importable_cwd() -> None:
     """Make the current directory importable, as `python -m` does, for pipelines the user names explicitly."""
     cwd = os.getcwd()

@@ -39,6 +39,7 @@ from fgtrac_core.influence.gradients import (
     linear_layer,
 )
 from fgtrac_core.influence.tracin import Review, _Checkpointed, _device, _Options, load_state_dict, review_of
+from fgtrac_core.pipeline import load_into
 
 
 def _extended(act: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -116,7 +117,7 @@ def whitened_gradients(
     model = model.to(device)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
-        model.load_state_dict(load_state_dict(checkpoint))
+        load_into(model, load_state_dict(checkpoint), "the checkpoint")
         d_tr, a_tr = head_factors(model, layer, train, device=device)
         d_te, a_te = head_factors(model, layer, test, device=device)
     finally:

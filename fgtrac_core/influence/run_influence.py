@@ -37,7 +37,7 @@ from fgtrac_core.influence.weighting import (
     run_intervals,
     usage_weights,
 )
-from fgtrac_core.pipeline import Pipeline, load_pipeline
+from fgtrac_core.pipeline import Pipeline, load_into, load_pipeline
 from fgtrac_core.store.reader import RunStore
 from fgtrac_core.store.run_files import committed_checkpoints
 
@@ -366,7 +366,7 @@ def run_influence(
                 records.training, train_ids, (x_te, y_te), full.double().cpu().numpy(), k=int(check), seed=seed,
                 progress=progress,
             )  # fmt: skip
-    net.load_state_dict(load_state_dict(states[-1]))
+    load_into(net, load_state_dict(states[-1]), "the final checkpoint")
     preds = _predictions(net.cpu(), x_te, y_te)
     tables = _result_tables(rev, train_ids, test_ids_arr, y_te.numpy(), preds)
     seconds = time.perf_counter() - t0

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fgtrac_core.checkpoint_files import unwrapped_state
 from fgtrac_core.errors import FgtracError
 from fgtrac_core.influence.adamw import adam_state
 from fgtrac_core.influence.gradients import (
@@ -34,6 +35,7 @@ from fgtrac_core.influence.gradients import (
     linear_layer,
     per_sample_gradients,
 )
+from fgtrac_core.pipeline import load_into
 
 Checkpoint = tuple[str | Path | Mapping[str, Any], float]
 MODES = ("last_layer", "full", "adamw")
@@ -85,10 +87,10 @@ def _load_checkpoint(
     else:
         state = checkpoint
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        return dict(state["model"]), state.get("optimizer")
+        return unwrapped_state(dict(state["model"])), state.get("optimizer")
     if not isinstance(state, Mapping):
         raise FgtracError(f"checkpoint {checkpoint!r} holds no state dict")
-    return dict(state), None
+    return unwrapped_state(dict(state)), None
 
 
 def load_state_dict(checkpoint: str | Path | Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -140,11 +142,7 @@ def _features(
     try:
         for c, (ckpt, lr) in enumerate(checkpoints):
             state, opt_state = _load_checkpoint(ckpt)
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as e:
-                name = ckpt if isinstance(ckpt, str | Path) else "a checkpoint"
-                raise FgtracError(f"{name} does not fit the model: {str(e).splitlines()[0]}") from None
+            load_into(model, state, str(ckpt) if isinstance(ckpt, str | Path) else "a checkpoint")
             weight, scale, kappa = float(lr), None, 1.0
             if mode == "adamw":
                 adam = adam_state(model, opt_state, float(lr), names)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from fgtrac_core.pipeline import load_into
 from fgtrac_core.stages.errors import ReplayMismatchError, StageAnalysisError
 from fgtrac_core.stages.training import StateDict, Training
 from fgtrac_core.tracking.optimizer_hooks import (
@@ -88,7 +89,7 @@ class Cursor:
     ) -> None:
         self.training = training
         self.model = training.model_factory()
-        self.model.load_state_dict(model_state)
+        load_into(self.model, model_state, "the recorded state")
         self.params = list(self.model.parameters())
         self.stage_index = stage_index
         self.step_index = 0
@@ -325,8 +326,10 @@ def _diagnosis(training: Training, div: Divergence | None, k: int) -> str:
     if j == 0 and i == 0:
         return head + (
             "It is the first step, so the model, inputs or loss the pipeline rebuilds may differ from the ones "
-            "trained, a recorded fact of that step (hyperparameters, clipping, batch, targets) may not be what "
-            "the loop used, or this machine / thread count computes differently from the recording one"
+            "trained (a loss other than mean cross-entropy, mixed precision under torch.autocast, random "
+            "augmentation in the inputs), a recorded fact of that step (hyperparameters, clipping, batch, "
+            "targets) may not be what the loop used, or this machine / thread count computes differently from "
+            "the recording one"
         )
     return head + (
         "Every earlier step matched, so the pipeline and this machine's numerics reproduce the recording: a "

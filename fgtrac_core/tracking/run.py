@@ -732,7 +732,7 @@ class Run:
             "step": step,
             "stage": stage.name if stage else None,
             # copied now: training mutates these tensors in place while the writer serialises them
-            "model": _cpu_copy(model.state_dict(), devices),
+            "model": _cpu_copy(_unwrapped(model).state_dict(), devices),
             "optimizer": _cpu_copy(optimizer.state_dict(), devices) if optimizer is not None else None,
         }
         copied = _copies_done(devices)
@@ -932,6 +932,18 @@ def _lr_refusal(given: float, step: int, applied: float) -> str:
 
 def _inserter(table: str, data: pa.Table) -> Job:
     return lambda con: insert_arrow(con, table, data)
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside torch.compile's and DataParallel's wrappers, whose state dict (keys without the wrapper's
+    prefix) is what the pipeline's plain model loads."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, torch.nn.DataParallel | torch.nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
 
 
 def _cpu_copy(obj: Any, devices: set[torch.device]) -> Any:

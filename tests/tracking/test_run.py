@@ -246,3 +246,21 @@ def test_losses_and_targets_are_checked_when_logged(tmp_path: Path) -> None:
     run.close()
     with RunStore(tmp_path / "r") as store:
         assert store.df("SELECT loss FROM batches ORDER BY batch_id")["loss"].tolist() == [0.25, 1.5, 2.0]
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_wrapped_models_are_checkpointed_as_the_plain_model(tmp_path: Path, wrap: str) -> None:
+    """torch.compile and DataParallel prefix every state-dict key (`_orig_mod.`, `module.`): checkpoints hold
+    the plain model's keys, which the pipeline's model loads."""
+    run, model, _ = _tiny_run(tmp_path / "r")
+    wrapped = torch.compile(model, backend="eager") if wrap == "compile" else nn.DataParallel(model)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    with run.stage("s", optimizer=opt, model=wrapped):
+        opt.zero_grad()
+        wrapped(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        run.log_batch([0, 1])
+        record = run.checkpoint(wrapped, opt)
+    run.close()
+    saved = torch.load(tmp_path / "r" / record.path, weights_only=True)["model"]
+    assert set(saved) == set(model.state_dict()) == {"0.weight", "0.bias"}
