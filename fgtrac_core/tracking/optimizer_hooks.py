@@ -440,7 +440,7 @@ class StepHooks:
                 return False
         return True
 
-    def _gradient_change(self) -> tuple[dict[str, Any] | None, bool, torch.Tensor | None]:
+    def _gradient_change(self) -> tuple[dict[str, Any] | None, bool, _DeviceFlag | None]:
         """(clipping rule, altered otherwise, unconfirmed: see `StepFacts`) of the gradients the optimizer stepped
         on."""
         if self._untouched():

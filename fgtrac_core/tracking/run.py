@@ -439,7 +439,7 @@ class Run:
         if (raw is None) == (content_sha256 is None):
             raise FgtracError("register_samples needs exactly one of raw= or content_sha256=")
         hashes = _sha256_rows(raw) if raw is not None else [str(h).lower() for h in content_sha256]
-        label_arr = None if labels is None else _as_ids(labels)
+        label_arr = None if labels is None else _as_ids(labels, "labels (class indices)")
         pngs = None if thumbnails is None else as_png_list(thumbnails, scale=thumbnail_scale)
         shown = [None] * n if display is None else sample_display.encode(display, n)
         for what, seq in (("labels", label_arr), ("raw/content_sha256", hashes), ("thumbnails", pngs)):
