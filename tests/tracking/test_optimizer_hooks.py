@@ -225,9 +225,13 @@ def test_hooks_are_removed_at_the_stage_end(tmp_path: Path) -> None:
     ],
     ids=["norm2", "norm_inf", "value", "scaled", "shifted"],
 )
-def test_infer_clip(clip, expected) -> None:
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+)
+def test_infer_clip(clip, expected, device: str) -> None:
     torch.manual_seed(1)
-    params = [torch.zeros(5, 4, requires_grad=True), torch.zeros(7, requires_grad=True)]
+    params = [torch.zeros(5, 4, device=device, requires_grad=True), torch.zeros(7, device=device, requires_grad=True)]
     for p in params:
         p.grad = torch.randn_like(p) * 3
     acc = [p.grad.clone() for p in params]
