@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fgtrac_core.tracking import NullRun, Run
-from fgtrac_core.tracking.optimizer_hooks import StepBuffer, StepFacts, StepHooks, hparams_delta
+from fgtrac_core.tracking.optimizer_hooks import StepBuffer, StepFacts, StepHooks
 from sample_runs import digits
 
 HOOKS_GOAL_PCT = 2.0  # issue 11: the per-step hooks cost at most 2% of the sample loop's time
@@ -36,7 +36,7 @@ class HooksOnlyRun(NullRun):
         self._groups: list[dict[str, Any]] | None = None
 
     def _on_step(self, facts: StepFacts) -> None:
-        self.rows.add(len(self.rows), 0, hparams_delta(self._groups, facts.groups), facts)
+        self.rows.add(len(self.rows), 0, self._groups, facts)
         self._groups = facts.groups
 
     @contextmanager

@@ -23,9 +23,9 @@ done, at the flush at the latest): a step it does not reproduce is recorded as `
 steps after that check was read are inferred again.  (Exact replay refuses stages trained on a GPU anyway.)
 
 Per step the training thread pays one Python call per parameter (plus a clone dispatch each while copies are
-kept) and one for the step, one dict comparison per param group (hyperparameters are converted only at the steps
-that change them), a byte copy per param group, and a row of Python lists; JSON encoding and the fingerprint's
-reduction happen at flush.  A torch dispatch costs ~10-25 us inside a training loop (far more than in a
+kept) and one for the step, an identity and version check per gradient (C-level loops), one dict comparison per
+param group (hyperparameters are converted only at the steps that change them), a byte copy per param group, and
+one tuple appended; the hyperparameters' deltas, JSON encoding and the fingerprint's reduction happen at flush.  A torch dispatch costs ~10-25 us inside a training loop (far more than in a
 microbenchmark), so the per-step path keeps none where it can: copies are dropped after the first step that
 leaves every gradient as backward made it (a loop that clips does so from its first step in all but rare cases,
 which are refused by name), and the fingerprint is read through a memory view.
@@ -36,8 +36,9 @@ from __future__ import annotations
 import collections
 import json
 import math
+import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,9 @@ import torch
 from fgtrac_core._json import canonical_json
 
 _SKIP = object()
+_GRAD = operator.attrgetter("grad")
+_VERSION = operator.attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
 Groups = list[dict[str, Any]]
 
 
@@ -207,14 +211,15 @@ class ParamFingerprint:
         self._ptrs = [t.data_ptr() for t in self._tensors]
         self._dtypes = [t.dtype for t in self._tensors]
         self._views = [_host_bytes(t) for t in self._tensors]
+        self._on_host = None not in self._views
 
     def snapshot(self) -> Snapshot:
-        if list(map(torch.Tensor.data_ptr, self._tensors)) != self._ptrs:
+        if list(map(_DATA_PTR, self._tensors)) != self._ptrs:
             self._bind()
-        parts = []
-        for t, view in zip(self._tensors, self._views, strict=True):
-            parts.append(_leading(t).clone() if view is None else view.tobytes())
-        return self._dtypes, parts
+        if self._on_host:  # every step on the CPU: one C-level pass
+            return self._dtypes, list(map(memoryview.tobytes, self._views))
+        pairs = zip(self._tensors, self._views, strict=True)
+        return self._dtypes, [_leading(t).clone() if v is None else v.tobytes() for t, v in pairs]
 
 
 def _as_float64(part: bytes | torch.Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -348,7 +353,7 @@ def _copy_on_write(t: torch.Tensor) -> torch.Tensor:
 _lazy_clone: Callable[[torch.Tensor], torch.Tensor] = getattr(torch, "_lazy_clone", _copy_on_write)
 
 
-@dataclass
+@dataclass(slots=True)
 class StepFacts:
     """What one optimizer step applied: hyperparameters per group, clipping, alteration, fingerprint after it."""
 
@@ -434,11 +439,17 @@ class StepHooks:
 
     def _untouched(self) -> bool:
         """True when every gradient is still the tensor backward accumulated, not modified in place since."""
-        for p, seen, version in zip(self._params, self._seen, self._version, strict=True):
-            grad = p.grad
-            if grad is not None and (grad is not seen or grad._version != version):
-                return False
-        return True
+        grads = list(map(_GRAD, self._params))  # C-level loops: this runs at every step
+        if all(map(operator.is_, grads, self._seen)):
+            try:
+                if list(map(_VERSION, grads)) == self._version:
+                    return True
+            except AttributeError:  # a parameter without a gradient (frozen, or unused this step)
+                pass
+        return all(
+            grad is None or (grad is seen and grad._version == version)
+            for grad, seen, version in zip(grads, self._seen, self._version, strict=True)
+        )
 
     def _gradient_change(self) -> tuple[dict[str, Any] | None, bool, _DeviceFlag | None]:
         """(clipping rule, altered otherwise, unconfirmed: see `StepFacts`) of the gradients the optimizer stepped
@@ -493,42 +504,38 @@ class StepHooks:
 # ----------------------------------------------------------------------------------------------- buffered rows
 
 
-@dataclass
 class StepBuffer:
-    """Pending `optimizer_steps` rows; converted to Arrow once per flush (fingerprints synced there)."""
+    """Pending `optimizer_steps` rows, one tuple each (the per-step cost is one append); turned into Arrow columns
+    once per flush, where the hyperparameters' deltas are taken and the fingerprints reduced."""
 
-    step: list[int] = field(default_factory=list)
-    stage_id: list[int] = field(default_factory=list)
-    hparams: list[Groups] = field(default_factory=list)
-    clip: list[dict[str, Any] | None] = field(default_factory=list)
-    grads_altered: list[bool] = field(default_factory=list)
-    fingerprint: list[Snapshot | None] = field(default_factory=list)
-    unconfirmed: list[_DeviceFlag | None] = field(default_factory=list)
+    def __init__(self) -> None:
+        self._rows: list[tuple[int, int, Groups | None, StepFacts]] = []
 
     def __len__(self) -> int:
-        return len(self.step)
+        return len(self._rows)
 
-    def add(self, step: int, stage_id: int, delta: Groups, facts: StepFacts) -> None:
-        self.step.append(step)
-        self.stage_id.append(stage_id)
-        self.hparams.append(delta)
-        self.clip.append(facts.clip)
-        self.grads_altered.append(facts.grads_altered)
-        self.fingerprint.append(facts.fingerprint)
-        self.unconfirmed.append(facts.unconfirmed)
+    def add(self, step: int, stage_id: int, previous: Groups | None, facts: StepFacts) -> None:
+        """Buffer one step; `previous` is the hyperparameters of the stage's step before it (None at its first:
+        all values are recorded)."""
+        self._rows.append((step, stage_id, previous, facts))
 
     def table(self) -> pa.Table:
-        fps = [None if f is None else fingerprint_value(f) for f in self.fingerprint]
-        for i, flag in enumerate(self.unconfirmed):
-            if flag is not None and flag.value():  # the assumed rule did not reproduce that step's gradients
-                self.clip[i], self.grads_altered[i] = dict(UNKNOWN_CLIP), True
+        steps, stage_ids, previous, facts = zip(*self._rows, strict=True) if self._rows else ((), (), (), ())
+        clips, altered = [f.clip for f in facts], [f.grads_altered for f in facts]
+        for i, f in enumerate(facts):
+            if f.unconfirmed is not None and f.unconfirmed.value():  # the assumed rule did not reproduce the step
+                clips[i], altered[i] = dict(UNKNOWN_CLIP), True
         return pa.table(
             {
-                "step": pa.array(self.step, pa.int64()),
-                "stage_id": pa.array(self.stage_id, pa.int32()),
-                "hparams": pa.array([canonical_json(h) for h in self.hparams], pa.string()),
-                "clip": pa.array([None if c is None else canonical_json(c) for c in self.clip], pa.string()),
-                "grads_altered": pa.array(self.grads_altered, pa.bool_()),
-                "param_fingerprint": pa.array(fps, pa.float64()),
+                "step": pa.array(steps, pa.int64()),
+                "stage_id": pa.array(stage_ids, pa.int32()),
+                "hparams": pa.array(
+                    [canonical_json(hparams_delta(p, f.groups)) for p, f in zip(previous, facts, strict=True)], pa.string()
+                ),
+                "clip": pa.array([None if c is None else canonical_json(c) for c in clips], pa.string()),
+                "grads_altered": pa.array(altered, pa.bool_()),
+                "param_fingerprint": pa.array(
+                    [None if f.fingerprint is None else fingerprint_value(f.fingerprint) for f in facts], pa.float64()
+                ),
             }
         )

@@ -76,7 +76,7 @@ from fgtrac_core.store.run_files import remove_stale_temporaries, write_file_ato
 from fgtrac_core.store.schema import create_lookup_indexes, create_schema
 from fgtrac_core.tracking._device import fetch_to_host
 from fgtrac_core.tracking._writer import Writer
-from fgtrac_core.tracking.optimizer_hooks import StepBuffer, StepFacts, StepHooks, hparams_delta, trained_on
+from fgtrac_core.tracking.optimizer_hooks import StepBuffer, StepFacts, StepHooks, trained_on
 from fgtrac_core.tracking.thumbnails import as_png_list
 from fgtrac_core.verify import check_before_write
 
@@ -675,10 +675,11 @@ class Run:
         if stage is None or self._closed:
             return
         step = self._next_step
-        self._steps.add(step, stage.stage_id, hparams_delta(stage.groups, facts.groups), facts)
-        stage.groups = facts.groups
-        lr = facts.groups[0].get("lr") if facts.groups else None
-        stage.last_lr = float(lr) if isinstance(lr, int | float) else None
+        self._steps.add(step, stage.stage_id, stage.groups, facts)
+        if facts.groups is not stage.groups:  # the same object when no hyperparameter changed (most steps)
+            stage.groups = facts.groups
+            lr = facts.groups[0].get("lr") if facts.groups else None
+            stage.last_lr = float(lr) if isinstance(lr, int | float) else None
         self._next_step += 1
         stage.last_step_open = not self._pending_lrs
         if self._pending_lrs:

@@ -85,7 +85,7 @@ def test_an_assumed_clipping_rule_is_checked_and_a_change_inferred_again() -> No
     model = _net().cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     rows = StepBuffer()
-    hooks = StepHooks(opt, lambda facts: rows.add(len(rows), 0, [], facts))
+    hooks = StepHooks(opt, lambda facts: rows.add(len(rows), 0, None, facts))
     x, y = torch.randn(16, 6, device="cuda"), torch.randint(0, 3, (16,), device="cuda")
     changes = [lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.05)] * 3
     changes += [lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.02)] * 2

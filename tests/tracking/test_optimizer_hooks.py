@@ -4,6 +4,7 @@ either loop order, refusals of a step that goes backwards or an lr that was not 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -350,6 +351,35 @@ def test_gradient_copies_are_kept_only_while_the_loop_modifies_gradients() -> No
     facts.clear()
     hooks = StepHooks(opt, facts.append)
     assert [step(True).clip["rule"] for _ in range(3)] == ["norm"] * 3
+    hooks.remove()
+
+
+def test_gradient_changes_are_seen_beside_frozen_and_unused_parameters() -> None:
+    """The per-step identity and version check (a C-level pass, an exact one-by-one fallback) with a frozen
+    parameter in the optimizer and a layer that some steps leave out (its gradients None): those steps stay
+    untouched; a replaced gradient and one scaled in place are gradients altered by the loop."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    frozen = nn.Parameter(torch.ones(1), requires_grad=False)
+    opt = torch.optim.SGD([*a.parameters(), *b.parameters(), frozen], lr=0.1)
+    facts: list[StepFacts] = []
+    hooks = StepHooks(opt, facts.append)
+    x = torch.randn(4, 3)
+
+    def step(use_b: bool, change: Callable[[], object] | None = None) -> tuple[object, bool]:
+        opt.zero_grad()
+        out = a(x) + b(x) if use_b else a(x)
+        out.pow(2).sum().backward()
+        if change is not None:
+            change()
+        opt.step()
+        return facts[-1].clip, facts[-1].grads_altered
+
+    assert [step(use_b) for use_b in (True, False, True, False)] == [(None, False)] * 4
+    assert b.weight.grad is None and frozen.grad is None
+    assert step(False, lambda: setattr(a.weight, "grad", a.weight.grad * 0.5)) == ({"rule": "unknown"}, True)
+    assert step(True, lambda: b.bias.grad.mul_(0.5))[1] is True
+    assert step(True) == (None, False)
     hooks.remove()
 
 
