@@ -400,6 +400,7 @@ class StepHooks:
         self._seen: list[torch.Tensor | None] = [None] * len(self._params)
         self._version: list[int] = [0] * len(self._params)
         self._acc: list[torch.Tensor | None] = [None] * len(self._params)
+        self._none: list[None] = [None] * len(self._params)
         # copies are taken for the stage's first step and, once the loop has modified gradients, for every step
         self._copying = True
         self._modifies = False
@@ -457,8 +458,6 @@ class StepHooks:
         if self._untouched():
             if self._copying and not self._modifies:
                 self._copying = False
-                self._acc[:] = [None] * len(self._acc)  # in place (the hooks hold the list): no stale copy may
-                # later pass for the gradients of a step that took none
             return None, False, None
         self._modifies = self._copying = True
         acc, grads = [], []
@@ -496,6 +495,9 @@ class StepHooks:
         # group value, so the gradients and hyperparameters are still those the step applied, and one hook per
         # step costs less than two.
         clip, altered, unconfirmed = self._gradient_change()
+        # let go of this backward's gradients and copies: held until the next backward, they kept a second set of
+        # gradients alive through it after zero_grad() (a step without a backward of its own is then "altered")
+        self._seen[:] = self._acc[:] = self._none
         self._on_step(
             StepFacts(self._hparams.read(optimizer), clip, altered, self._fingerprint.snapshot(), unconfirmed)
         )

@@ -92,7 +92,7 @@ def _as_ids(values: Any, what: str = "sample ids") -> np.ndarray:
     """`values` as a new int64 array the recorder owns: rows are written later by the writer thread, and a loop
     may reuse what it passed (a permutation shuffled in place every epoch, of which each batch is a view)."""
     if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
+        values = values.numpy() if values.device.type == "cpu" and not values.requires_grad else values.detach().cpu().numpy()
     ids = np.asarray(values)
     if ids.ndim != 1 or not (ids.dtype.kind in "iu" or ids.size == 0):
         raise FgtracError(f"{what} must be a 1-D sequence of integers")
@@ -888,11 +888,12 @@ class Run:
 
     def _require_known(self, ids: np.ndarray) -> np.ndarray:
         known = self._known_ids
-        pos = np.searchsorted(known, ids)
-        ok = pos < len(known)
-        ok[ok] = known[pos[ok]] == ids[ok]
-        if not ok.all():
-            raise UnknownSampleError(f"sample id {int(ids[~ok][0])} was never registered in this run")
+        # every batch: three array calls (a position past the end is clipped onto the largest id, which differs)
+        if len(known) and (known.take(known.searchsorted(ids), mode="clip") == ids).all():
+            return ids
+        unknown = ids[~np.isin(ids, known)]
+        if len(unknown):
+            raise UnknownSampleError(f"sample id {int(unknown[0])} was never registered in this run")
         return ids
 
 

@@ -3,7 +3,9 @@ either loop order, refusals of a step that goes backwards or an lr that was not 
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -380,6 +382,26 @@ def test_gradient_changes_are_seen_beside_frozen_and_unused_parameters() -> None
     assert step(False, lambda: setattr(a.weight, "grad", a.weight.grad * 0.5)) == ({"rule": "unknown"}, True)
     assert step(True, lambda: b.bias.grad.mul_(0.5))[1] is True
     assert step(True) == (None, False)
+    hooks.remove()
+
+
+def test_the_hooks_let_go_of_each_steps_gradients() -> None:
+    """After a step the hooks hold neither the gradients backward made nor their copies: zero_grad() frees them
+    (they used to stay alive through the next forward and backward, a second set of gradients in memory)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks = StepHooks(opt, lambda facts: None)
+    for clip in (False, True, True):  # no copies, then copies kept while the loop clips
+        opt.zero_grad()
+        _backward(model)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        opt.step()
+        grads = [weakref.ref(p.grad) for p in model.parameters()]
+        opt.zero_grad()
+        gc.collect()
+        assert [g() for g in grads] == [None, None]
     hooks.remove()
 
 

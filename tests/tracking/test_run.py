@@ -122,9 +122,13 @@ def test_bad_calls_fail_clearly_and_record_nothing(tmp_path: Path) -> None:
         run.register_samples([3], split="train", raw=[b"x"])
     with pytest.raises(FgtracError, match="exactly one"):
         run.register_samples([50], split="train")
+    run.register_samples([20], split="train", raw=[b"y"])  # ids 0-9 and 20: a gap between them
     with run.stage("s", optimizer=opt, model=model):
         with pytest.raises(UnknownSampleError, match="42"):
             run.log_batch([1, 42], step=0)
+        for unknown in (-3, 15):  # below the smallest id, in the gap
+            with pytest.raises(UnknownSampleError, match=f"sample id {unknown} was never"):
+                run.log_batch(torch.tensor([20, unknown, 1]), step=0)
         run.log_batch([1], step=0)
         with pytest.raises(RecorderStateError, match="nest"), run.stage("t", optimizer=opt):
             pass
