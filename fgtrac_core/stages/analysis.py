@@ -161,6 +161,10 @@ def analyze(
     refusal = training.replay_refusal()
     if method == "replay" or compare:
         require_replayable(training)  # now, not after the estimators' minutes
+    if method != "replay" or compare:
+        unmodelled = training.linearisation_refusal()
+        if unmodelled is not None:
+            raise StageAnalysisError(f"{unmodelled}; --method replay (exact replay) supports it")
     fns = {**fns, "margin": beh.BEHAVIOURS["margin"]}  # accuracy aggregates are read from the margin
     with deterministic(records.config.get("torch_threads")):
         jobs = _plan(method, horizon, compare, readout)

@@ -165,11 +165,6 @@ class Training:
                     f"stage {stage.name!r}: its optimizer holds {sum(stage.group_sizes())} parameters, the model "
                     f"has {n_params}; the optimizer must be built over model.parameters() in order"
                 )
-            per_step = [stage.step_groups(i) for i in range(stage.n_steps)] if stage.hparams else []
-            for hp in [*stage.group_hparams(), *(g for groups in per_step for g in groups)]:
-                for flag in ("amsgrad", "maximize"):
-                    if hp.get(flag):
-                        raise StageAnalysisError(f"stage {stage.name!r}: {flag}=True is not supported")
             if len(stage.lrs) != stage.n_steps or len(stage.batches) != stage.n_steps:
                 raise StageAnalysisError(f"stage {stage.name!r}: steps, learning rates and batches disagree")
             if j == 0:
@@ -189,6 +184,18 @@ class Training:
                     f"{prev.name!r} ended with; start each stage with a new optimizer, or carry the same one"
                 )
 
+
+    def linearisation_refusal(self) -> str | None:
+        """Why the estimators (fast, propagated, partial-replay), which linearise SGD and Adam/AdamW steps as
+        descent with Adam's plain second moment, cannot model this training, or None.  Exact replay steps torch's
+        own optimizer and needs none of this."""
+        for stage in self.stages:
+            per_step = [stage.step_groups(i) for i in range(stage.n_steps)] if stage.hparams else []
+            for hp in [*stage.group_hparams(), *(g for groups in per_step for g in groups)]:
+                for flag in ("amsgrad", "maximize"):
+                    if hp.get(flag):
+                        return f"stage {stage.name!r} uses {flag}=True, which the estimators do not model"
+        return None
 
     def replay_refusal(self) -> str | None:
         """Why exact replay cannot reproduce this training although estimators can still linearise it (the loop

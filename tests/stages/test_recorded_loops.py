@@ -95,6 +95,10 @@ LOOPS: dict[str, list[StageCfg]] = {
         StageCfg("a", _sgd(), None, epochs=2),
         StageCfg("b", _adam(), None, epochs=2, labels=RELABELLED),
     ],
+    "amsgrad_and_maximize": [  # torch's own optimizers replay them; the estimators do not model them
+        StageCfg("a", lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, maximize=True), None),
+        StageCfg("b", lambda m: torch.optim.Adam(m.parameters(), lr=0.01, amsgrad=True), _step_lr, epochs=2),
+    ],
     "adam_carried": [
         StageCfg("a", _adam(), lambda o, n: sched.CosineAnnealingLR(o, T_max=n), epochs=2),
         StageCfg("b", None, None, epochs=2),
@@ -150,7 +154,8 @@ def test_recorded_facts(recorded) -> None:
 
 
 @pytest.mark.parametrize(
-    "loop", ["readme_literal_sched_then_log", "log_before_step", "clip_grad_norm", "adam_carried"]
+    "loop",
+    ["readme_literal_sched_then_log", "log_before_step", "clip_grad_norm", "adam_carried", "amsgrad_and_maximize"],
 )
 def test_cli_stages_replay_succeeds(tmp_path: Path, loop: str) -> None:
     run_dir = tmp_path / "run"
@@ -235,6 +240,21 @@ def test_clipping_that_starts_later_in_a_stage_is_refused_at_its_first_step(tmp_
         training = load_training(store, pipeline()).training
     with pytest.raises(StageAnalysisError, match=r"at step 3 \(stage 'a'\) after earlier steps of the stage"):
         replay_full(training)
+
+
+def test_estimators_refuse_what_they_do_not_model_and_replay_runs_it(tmp_path: Path) -> None:
+    """amsgrad and maximize: torch's optimizers step them, so exact replay runs (bit for bit, above); the
+    estimators linearise plain Adam descent and refuse by name, pointing at --method replay."""
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(run_dir, LOOPS["amsgrad_and_maximize"])
+    for method in ("fast", "propagated", "partial-replay"):
+        proc = run_cli("stages", str(run_dir), "--method", method, "--model", MODEL_REF, "--inputs", INPUTS_REF)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            "fgtrac: error: stage 'a' uses maximize=True, which the estimators do not model; --method replay "
+            "(exact replay) supports it"
+        ]
 
 
 def test_estimates_of_a_replayable_run_are_marked_as_estimates(tmp_path: Path) -> None:
