@@ -55,6 +55,21 @@ def chart_text(text: Any) -> str:
     return html.escape(str(text))
 
 
+def label_text(row: Any) -> str:
+    """A listed training sample's label: the registered one, then "→t" for each other target the loop trained it
+    on (`log_batch(targets=...)`), then ⚠ when the picked mark flags it; e.g. "0→1 ⚠"."""
+    text = "-" if pd.isna(row.label) else str(int(row.label))
+    trained = getattr(row, "trained_as", None) or []
+    return text + "".join(f"→{t}" for t in trained) + (" ⚠" if row.flagged else "")
+
+
+def relabel_legend(frame: pd.DataFrame) -> str:
+    """The legend of `label_text`'s arrows ("" when no listed sample was trained on another target)."""
+    if "trained_as" not in frame or not any(len(t) for t in frame["trained_as"]):
+        return ""
+    return "; 0→1 = registered label 0, trained on target 1"
+
+
 FEATURES_SHOWN = 8  # feature columns in a sample table: the ones that differ most from the reference
 _ROW_PX = 35  # st.dataframe's row height: tables of listed samples are drawn whole, without a scrollbar
 
@@ -80,7 +95,8 @@ def sample_grid(
 
     Samples with a thumbnail are drawn as images; the others as one table row each, with the text or feature
     values recorded by `register_samples(display=...)`.  Feature columns are ordered by how far the listed
-    samples are from sample `reference` (the test example; else from their mean) and shaded where they are far.
+    samples are from sample `reference` (the test example, or the training sample whose influence is listed; else
+    from their mean) and shaded where they are far.
     All thumbnails go into one image element and all ids into one widget: drawn as one element per sample (in
     columns, each with its own link), the grids were about a third of the browser's time to draw Explore.
     """
@@ -95,15 +111,20 @@ def sample_grid(
         st.image([thumbs[sid] for sid, _ in imaged], width=width, caption=[caption(sid, f) for sid, f in imaged])
     plain = [(sid, facts(row)) for sid, row in rows if sid not in thumbs]
     if plain:
-        _sample_table(plain, reference, key=f"{key}_table")
+        # the listed samples open in the lifecycle page when they are training samples, whose reference is then
+        # the test example; listed test examples are read against the training sample whose page this is
+        _sample_table(plain, reference, target == LIFECYCLE, key=f"{key}_table")
     param, label = ("sample", "Open the lifecycle of") if target == LIFECYCLE else ("test", "Open in Explore")
     pick = st.pills(label, ids, format_func=lambda i: f"#{i}", key=key, wrap=True)
     if pick is not None:
         st.switch_page(target, query_params={param: str(pick)})
 
 
-def _sample_table(rows: list[tuple[int, dict[str, str]]], reference: int | None, *, key: str) -> None:
+def _sample_table(
+    rows: list[tuple[int, dict[str, str]]], reference: int | None, reference_is_test: bool, *, key: str
+) -> None:
     """Samples without a thumbnail as a table: id, facts, then their recorded text or feature values."""
+    short, name = ("test", "test example") if reference_is_test else ("train", "training sample")
     wanted = [sid for sid, _ in rows] + ([reference] if reference is not None else [])
     shown = data.query("displays", wanted)
     table = pd.DataFrame([f for _, f in rows], index=[f"#{sid}" for sid, _ in rows])
@@ -122,7 +143,7 @@ def _sample_table(rows: list[tuple[int, dict[str, str]]], reference: int | None,
     values.index = distance.index = [f"#{sid}" for sid in values.index]
     values, distance = values.reindex(table.index), distance.reindex(table.index)
     if ref is not None:  # the reference's own values first, to read the others against
-        first = pd.DataFrame([{c: ref.get(c) for c in columns}], index=[f"test #{reference}"])
+        first = pd.DataFrame([{c: ref.get(c) for c in columns}], index=[f"{short} #{reference}"])
         values = pd.concat([first, values])
         distance = pd.concat([pd.DataFrame(0.0, index=first.index, columns=columns), distance])
         table = pd.concat([pd.DataFrame([dict.fromkeys(table.columns, "")], index=first.index), table])
@@ -132,7 +153,7 @@ def _sample_table(rows: list[tuple[int, dict[str, str]]], reference: int | None,
         .apply(lambda col: [_shade(d) for d in distance[col.name]], subset=columns, axis=0)
     )
     n = len(next(iter(features.values())))
-    against = f"test example #{reference}" if ref is not None else "the listed samples' mean"
+    against = f"{name} #{reference}" if ref is not None else "the listed samples' mean"
     st.caption(f"{len(columns)} of {n} features, those furthest from {md(against)} first; shaded: more than "
                "one standard deviation (over the training set) away, darker further")  # fmt: skip
     st.dataframe(styled, key=key, height=_ROW_PX * (len(values) + 1) + 3)

@@ -22,8 +22,10 @@ from app.ui import (
     bars,
     chart_text,
     display,
+    label_text,
     md,
     plural,
+    relabel_legend,
     sample_grid,
     stage_bars,
     stage_method,
@@ -117,7 +119,7 @@ def _show_test(test: pd.Series) -> None:
 def _facts(view: str) -> Callable[[Any], dict[str, str]]:
     def facts(row: Any) -> dict[str, str]:
         value = f"{row.score:+.3g}" if view == "raw" else f"{row.cosine:+.2f}"
-        return {"label": f"{row.label}{' ⚠' if row.flagged else ''}", "score" if view == "raw" else "cos": value}
+        return {"label": label_text(row), "score" if view == "raw" else "cos": value}
 
     return facts
 
@@ -215,11 +217,11 @@ def render() -> None:
             left, right = st.columns(2, gap="large")
             with left:
                 st.subheader("Proponents")
-                st.caption(f"lowered this example's loss; ⚠ = annotated {md(mark)}")
+                st.caption(f"lowered this example's loss; ⚠ = annotated {md(mark)}{relabel_legend(proponents)}")
                 sample_grid(proponents, "train_id", _facts(view), key="open_proponent", reference=test_id)
             with right:
                 st.subheader("Opponents")
-                st.caption(f"raised this example's loss; ⚠ = annotated {md(mark)}")
+                st.caption(f"raised this example's loss; ⚠ = annotated {md(mark)}{relabel_legend(opponents)}")
                 sample_grid(opponents, "train_id", _facts(view), key="open_opponent", reference=test_id)
     if stages.open:
         with stages:

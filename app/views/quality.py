@@ -8,7 +8,7 @@ from typing import Any
 import streamlit as st
 
 from app import data
-from app.ui import md, sample_grid
+from app.ui import label_text, md, relabel_legend, sample_grid
 
 
 def _detection(aid: int, mark: str) -> None:
@@ -46,9 +46,11 @@ def render() -> None:
     )
     # only the rows shown: the whole ranking is a row per training sample (a million on a large run)
     ranked = data.query("self_influence", aid, mark, n)
+    if legend := relabel_legend(ranked):
+        st.caption(legend.removeprefix("; "))
 
     def facts(row: Any) -> dict[str, str]:
-        return {"rank": str(row.rank), "label": f"{row.label}{' ⚠' if row.flagged else ''}",
+        return {"rank": str(row.rank), "label": label_text(row),
                 "self-influence": f"{row.value:.3g}"}  # fmt: skip
 
     sample_grid(ranked, "sample_id", facts, key="open_sample", width=72)

@@ -326,11 +326,29 @@ class RunStore:
         return self._marked[mark]
 
     def _with_labels_and_marks(self, frame: pd.DataFrame, id_column: str, mark: str) -> pd.DataFrame:
-        """`frame` with `label` (recorded label of the sample in `id_column`) and `flagged` columns added."""
+        """`frame` with `label` (recorded label of the sample in `id_column`), `flagged` and `trained_as` (the
+        targets it was trained on other than its label, see `trained_targets`) columns added."""
         ids = sorted({int(i) for i in frame[id_column]})
         known = self.labels_and_marks(ids, mark).set_index("sample_id")
+        trained = self.trained_targets(ids)
+        known["trained_as"] = [trained.get(int(i), []) for i in known.index]
         out = frame.join(known, on=id_column, how="inner")
         return out.reset_index(drop=True)
+
+    def trained_targets(self, sample_ids: list[int]) -> dict[int, list[int]]:
+        """Per sample (of these), the targets the loop trained it on that differ from its registered label
+        (`log_batch(targets=...)`), in the order of their first use; samples never relabelled are left out."""
+        where, params = _ids_in("bs.sample_id", sample_ids)
+        rows = self._rows(
+            f"""SELECT bs.sample_id, bs.target FROM batch_samples bs JOIN samples s USING (sample_id)
+                WHERE {where} AND bs.target IS NOT NULL AND bs.target IS DISTINCT FROM s.label
+                GROUP BY bs.sample_id, bs.target ORDER BY bs.sample_id, min(bs.batch_id)""",
+            params,
+        )
+        out: dict[int, list[int]] = {}
+        for sample_id, target in rows:
+            out.setdefault(int(sample_id), []).append(int(target))
+        return out
 
     def marks(self) -> list[str]:
         """Annotation keys whose values are all booleans: what the dashboard can mark samples as suspect by."""

@@ -120,6 +120,12 @@ def test_lifecycle_shows_feature_values(
     values = at.dataframe[0].value
     assert values.columns.tolist() == list(features) and len(features) == 30
     assert values.iloc[0].tolist() == pytest.approx(list(features.values()))
+    # the test examples it most influences are read against this training sample's values, named as such
+    influenced = _table(at, f"train #{train_id}")
+    assert influenced.iloc[0][list(influenced.columns[-3:])].tolist() == pytest.approx(
+        [features[c] for c in influenced.columns[-3:]]
+    )
+    assert any(f"training sample \\#{train_id}" in c.value for c in at.caption), [c.value for c in at.caption]
 
 
 def test_audit_says_the_run_stores_no_thumbnails(tabular_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
