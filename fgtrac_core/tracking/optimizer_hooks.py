@@ -25,10 +25,12 @@ steps after that check was read are inferred again.  (Exact replay refuses stage
 Per step the training thread pays one Python call per parameter (plus a clone dispatch each while copies are
 kept) and one for the step, an identity and version check per gradient (C-level loops), one dict comparison per
 param group (hyperparameters are converted only at the steps that change them), a byte copy per param group, and
-one tuple appended; the hyperparameters' deltas, JSON encoding and the fingerprint's reduction happen at flush.  A torch dispatch costs ~10-25 us inside a training loop (far more than in a
-microbenchmark), so the per-step path keeps none where it can: copies are dropped after the first step that
-leaves every gradient as backward made it (a loop that clips does so from its first step in all but rare cases,
-which are refused by name), and the fingerprint is read through a memory view.
+one tuple appended; the hyperparameters' deltas, JSON encoding and the fingerprint's reduction happen at flush.
+The gradients and copies a step saw are let go after it, so zero_grad() frees them as it would without hooks.  A
+torch dispatch costs ~10-25 us inside a training loop (far more than in a microbenchmark), so the per-step path
+keeps none where it can: copies are dropped after the first step that leaves every gradient as backward made it
+(a loop that clips does so from its first step in all but rare cases, which are refused by name), and the
+fingerprint is read through a memory view.
 """
 
 from __future__ import annotations
@@ -523,6 +525,7 @@ class StepBuffer:
 
     def table(self) -> pa.Table:
         steps, stage_ids, previous, facts = zip(*self._rows, strict=True) if self._rows else ((), (), (), ())
+        deltas = [hparams_delta(p, f.groups) for p, f in zip(previous, facts, strict=True)]
         clips, altered = [f.clip for f in facts], [f.grads_altered for f in facts]
         for i, f in enumerate(facts):
             if f.unconfirmed is not None and f.unconfirmed.value():  # the assumed rule did not reproduce the step
@@ -531,9 +534,7 @@ class StepBuffer:
             {
                 "step": pa.array(steps, pa.int64()),
                 "stage_id": pa.array(stage_ids, pa.int32()),
-                "hparams": pa.array(
-                    [canonical_json(hparams_delta(p, f.groups)) for p, f in zip(previous, facts, strict=True)], pa.string()
-                ),
+                "hparams": pa.array([canonical_json(d) for d in deltas], pa.string()),
                 "clip": pa.array([None if c is None else canonical_json(c) for c in clips], pa.string()),
                 "grads_altered": pa.array(altered, pa.bool_()),
                 "param_fingerprint": pa.array(

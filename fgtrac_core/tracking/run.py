@@ -91,8 +91,9 @@ def _now() -> datetime:
 def _as_ids(values: Any, what: str = "sample ids") -> np.ndarray:
     """`values` as a new int64 array the recorder owns: rows are written later by the writer thread, and a loop
     may reuse what it passed (a permutation shuffled in place every epoch, of which each batch is a view)."""
-    if isinstance(values, torch.Tensor):
-        values = values.numpy() if values.device.type == "cpu" and not values.requires_grad else values.detach().cpu().numpy()
+    if isinstance(values, torch.Tensor):  # (a CPU tensor outside autograd is read as it is: one call per batch)
+        plain = values.device.type == "cpu" and not values.requires_grad
+        values = values.numpy() if plain else values.detach().cpu().numpy()
     ids = np.asarray(values)
     if ids.ndim != 1 or not (ids.dtype.kind in "iu" or ids.size == 0):
         raise FgtracError(f"{what} must be a 1-D sequence of integers")
