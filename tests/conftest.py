@@ -35,6 +35,19 @@ def tabular_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def relabelled_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small recorded run whose later stages train some samples on other targets than their labels
+    (`tests.stages._loops.record_relabelled`), with an influence analysis (read-only for tests)."""
+    from fgtrac_core.stages.replay import deterministic
+    from tests.stages._loops import INPUTS_REF, MODEL_REF, record_relabelled
+
+    with deterministic(1):
+        out = record_relabelled(tmp_path_factory.mktemp("relabelled") / "run")
+    run_cli("influence", str(out), "--model", MODEL_REF, "--inputs", INPUTS_REF, "--head-layer", "head", check=True)
+    return out
+
+
 @pytest.fixture
 def digits_copy(digits_run: Path, tmp_path: Path) -> Path:
     """A private copy of the sample run that a test may damage."""

@@ -219,3 +219,24 @@ def reference_replay(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# a relabelled run: sample 0 trained on two other targets in turn, sample 5 on one, sample 9 on its own label again
+_LABELS = dataset()[1]
+RELABEL_B = {0: (int(_LABELS[0]) + 1) % 3, 5: (int(_LABELS[5]) + 1) % 3, 9: int(_LABELS[9])}
+RELABEL_C = {0: (int(_LABELS[0]) + 2) % 3}
+
+
+def record_relabelled(run_dir: Path) -> Path:
+    """Three SGD stages, the last two training samples 0, 5 (and 9) on `RELABEL_B` / `RELABEL_C`, targets logged."""
+    stages = [
+        StageCfg("a", _plain_sgd, None, epochs=1),
+        StageCfg("b", _plain_sgd, None, epochs=1, labels=RELABEL_B),
+        StageCfg("c", _plain_sgd, None, epochs=1, labels=RELABEL_C),
+    ]
+    record(run_dir, stages, targets=True)
+    return run_dir
+
+
+def _plain_sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1)
