@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fgtrac_core.stages.errors import MissingBoundaryStateError, StageAnalysisError
-from fgtrac_core.tracking.optimizer_hooks import UNKNOWN_CLIP
+from fgtrac_core.tracking.optimizer_hooks import is_unknown
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(model outputs for a batch, targets) -> the scalar training loss of the batch."""
@@ -97,7 +97,7 @@ class Stage:
         """The gradient clipping applied at step index `i` (None: the gradients as accumulated, or a modification
         the recorder could not identify, which `altered[i]` marks)."""
         clip = None if self.clips is None else self.clips[i]
-        return None if clip == UNKNOWN_CLIP else clip
+        return None if is_unknown(clip) else clip
 
 
 @dataclass
@@ -223,7 +223,17 @@ class Training:
                 continue
             i = altered[0]
             where = f"at step {stage.steps[i]} (stage {stage.name!r})"
-            if stage.clips is not None and stage.clips[i] == UNKNOWN_CLIP:
+            clip = (stage.clips[i] if stage.clips is not None else None) or {}
+            if is_unknown(clip) and clip.get("stale"):
+                names = [self.param_names[k] for k in clip["stale"] if k < len(self.param_names)]
+                return (
+                    f"the optimizer stepped on gradients that no backward of the step produced {where} "
+                    f"({', '.join(names)}): zero_grad(set_to_none=False) leaves a zeroed gradient on a parameter "
+                    f"the step does not use, and an optimizer.step() without a backward of its own steps on the "
+                    f"previous step's; replay starts every step from no gradients, so it cannot reproduce that "
+                    f"step (zero_grad() with its default set_to_none=True records replayable steps)"
+                )
+            if is_unknown(clip):
                 return (
                     f"the training loop modified the gradients between backward and optimizer.step() {where} "
                     f"after earlier steps of the stage had left them as backward made them; the recorder keeps "

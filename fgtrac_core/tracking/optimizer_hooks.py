@@ -10,11 +10,13 @@ For the stage's optimizer the recorder registers
     place since backward (identity and version counter), compares the gradients the optimizer stepped on with the
     accumulated copies.  A difference is explained as torch's ``clip_grad_norm_`` (norm type 2 or inf) or
     ``clip_grad_value_`` with a short threshold that reproduces it *exactly* (re-applying torch's own function to
-    copies), else the step is marked "gradients altered by the loop".  A loop that first modifies gradients after
-    steps that left them alone has no copies at that step: it is marked altered with the rule ``unknown``.  Then
-    it takes a cheap fingerprint of the parameters (`ParamFingerprint`: per param group, a copy of the leading
-    values of its smallest trainable tensor, reduced to a float at flush), and the facts go to the recorder, which
-    numbers the step.
+    copies), else the step is marked "gradients altered by the loop".  A gradient no backward of the step
+    accumulated (zeroed by ``zero_grad(set_to_none=False)`` on a parameter the step did not use, or left from the
+    previous step) is marked altered too, rule ``unknown`` with its parameters listed (``"stale"``).  A loop that
+    first modifies gradients after steps that left them alone has no copies at that step: it is marked altered
+    with the rule ``unknown``.  Then it takes a cheap fingerprint of the parameters (`ParamFingerprint`: per param
+    group, a copy of the leading values of its smallest trainable tensor, reduced to a float at flush), and the
+    facts go to the recorder, which numbers the step.
 All hooks are removed at the stage end.  `param_fingerprint` and `apply_clip` are shared with replay.
 
 On CUDA a host sync per step would stall the loop until the device caught up, so once a rule has been inferred
@@ -386,7 +388,14 @@ class _DeviceFlag:
         return bool(self._host)
 
 
-UNKNOWN_CLIP = {"rule": "unknown"}  # recorded when the loop modified gradients at a step the hooks held no copies of
+# recorded when the loop modified gradients at a step the hooks held no copies of; with "stale": [indices into the
+# optimizer's parameters] when some gradients were not produced by the step's backward at all
+UNKNOWN_CLIP = {"rule": "unknown"}
+
+
+def is_unknown(clip: dict[str, Any] | None) -> bool:
+    """Whether a recorded clipping rule says what the loop did to the gradients is unknown (`UNKNOWN_CLIP`)."""
+    return clip is not None and clip.get("rule") == UNKNOWN_CLIP["rule"]
 
 
 class StepHooks:
@@ -462,6 +471,12 @@ class StepHooks:
                 self._copying = False
             return None, False, None
         self._modifies = self._copying = True
+        # a gradient no backward of this step accumulated (seen is cleared after every step): a zeroed one that
+        # zero_grad(set_to_none=False) left on a parameter the step did not use, or the previous step's
+        pairs = enumerate(zip(self._params, self._seen, strict=True))
+        stale = [i for i, (p, seen) in pairs if seen is None and p.grad is not None]
+        if stale:
+            return {**UNKNOWN_CLIP, "stale": stale}, True, None
         acc, grads = [], []
         for i, p in enumerate(self._params):
             if p.grad is None:

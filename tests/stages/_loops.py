@@ -49,6 +49,18 @@ class BatchNormMLP(MLP):
         return self.head(torch.tanh(self.norm(self.body(x))))
 
 
+class BranchMLP(MLP):
+    """MLP with an auxiliary head that only batches whose first sample has x[0] > 0 use (some steps leave it out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Linear(10, N_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        return self.head(h) + self.aux(h) if x[0, 0] > 0 else self.head(h)
+
+
 class DropoutMLP(MLP):
     def __init__(self) -> None:
         super().__init__()
@@ -89,6 +101,7 @@ class StageCfg:
     order: str = "step_sched_log"  # step_sched_log | step_log_sched | log_step_sched
     clip: Hook | None = None  # called between backward and optimizer.step() (clipping, or altering grads)
     labels: dict[int, int] = field(default_factory=dict)  # sample id -> the target this stage trains on
+    set_to_none: bool = True  # zero_grad(set_to_none=...): False zeroes gradients in place
 
 
 def record(
@@ -139,7 +152,7 @@ def record(
                         extra = {"targets": yb} if targets else {}
                         if cfg.order == "log_step_sched":
                             run.log_batch(b_ids, epoch=epoch, **extra)
-                        opt.zero_grad()
+                        opt.zero_grad(set_to_none=cfg.set_to_none)
                         loss = F.cross_entropy(model(xb), yb)
                         loss.backward()
                         if cfg.clip is not None:

@@ -24,6 +24,7 @@ from tests.stages._loops import (
     INPUTS_REF,
     MODEL_REF,
     N_TRAIN,
+    BranchMLP,
     StageCfg,
     dataset,
     pipeline,
@@ -239,6 +240,37 @@ def test_clipping_that_starts_later_in_a_stage_is_refused_at_its_first_step(tmp_
     with RunStore(run_dir) as store:
         training = load_training(store, pipeline()).training
     with pytest.raises(StageAnalysisError, match=r"at step 3 \(stage 'a'\) after earlier steps of the stage"):
+        replay_full(training)
+
+
+def test_gradients_no_backward_produced_are_named(tmp_path: Path) -> None:
+    """A model whose auxiliary head some steps leave out: with zero_grad()'s default the head has no gradient at
+    those steps and replay reproduces them bit for bit; with zero_grad(set_to_none=False) the optimizer steps on
+    its zeroed gradient, which no backward produced, and replay refuses naming the first such step and the head's
+    parameters (it used to blame a modification 'after earlier steps had left them as backward made them')."""
+    branch = Pipeline(model_factory=BranchMLP, load_inputs=_inputs, head_layer="head", config={})
+    for set_to_none in (True, False):
+        run_dir = tmp_path / f"run_{set_to_none}"
+        with deterministic(1):
+            trained = record(
+                run_dir, [StageCfg("a", _sgd(), None, epochs=2, set_to_none=set_to_none)], model_factory=BranchMLP
+            )
+            with RunStore(run_dir) as store:
+                training = load_training(store, branch).training
+            if set_to_none:
+                assert training.replay_refusal() is None
+                assert same_state(replay_full(training).model, trained.state_dict())
+                continue
+            refusal = training.replay_refusal()
+    x = dataset()[0]
+    uses_aux = [bool(x[int(ids[0]), 0] > 0) for ids in training.stages[0].batches]
+    first_used, first_unused = uses_aux.index(True), uses_aux.index(False, uses_aux.index(True))
+    assert first_used < first_unused  # the head got a gradient at some step before a step that left it out
+    assert refusal is not None and refusal.startswith(
+        f"the optimizer stepped on gradients that no backward of the step produced at step {first_unused} "
+        "(stage 'a') (aux.weight, aux.bias): zero_grad(set_to_none=False)"
+    ), refusal
+    with pytest.raises(StageAnalysisError, match="no backward of the step produced"), deterministic(1):
         replay_full(training)
 
 
