@@ -59,15 +59,19 @@ def label_text(row: Any) -> str:
     """A listed training sample's label: the registered one, then "→t" for each other target the loop trained it
     on (`log_batch(targets=...)`), then ⚠ when the picked mark flags it; e.g. "0→1 ⚠"."""
     text = "-" if pd.isna(row.label) else str(int(row.label))
-    trained = getattr(row, "trained_as", None) or []
-    return text + "".join(f"→{t}" for t in trained) + (" ⚠" if row.flagged else "")
+    return text + "".join(f"→{t}" for t in row.trained_as) + (" ⚠" if row.flagged else "")
 
 
 def relabel_legend(frame: pd.DataFrame) -> str:
     """The legend of `label_text`'s arrows ("" when no listed sample was trained on another target)."""
-    if "trained_as" not in frame or not any(len(t) for t in frame["trained_as"]):
+    if not any(len(t) for t in frame["trained_as"]):
         return ""
-    return "; 0→1 = registered label 0, trained on target 1"
+    return "0→1 = registered label 0, trained on target 1"
+
+
+def list_caption(effect: str, mark: str, listed: pd.DataFrame) -> str:
+    """The caption over a list of training samples: what they did, what ⚠ marks, and `relabel_legend`."""
+    return "; ".join(filter(None, [effect, f"⚠ = annotated {md(mark)}", relabel_legend(listed)]))
 
 
 FEATURES_SHOWN = 8  # feature columns in a sample table: the ones that differ most from the reference

@@ -23,9 +23,9 @@ from app.ui import (
     chart_text,
     display,
     label_text,
+    list_caption,
     md,
     plural,
-    relabel_legend,
     sample_grid,
     stage_bars,
     stage_method,
@@ -217,11 +217,11 @@ def render() -> None:
             left, right = st.columns(2, gap="large")
             with left:
                 st.subheader("Proponents")
-                st.caption(f"lowered this example's loss; ⚠ = annotated {md(mark)}{relabel_legend(proponents)}")
+                st.caption(list_caption("lowered this example's loss", mark, proponents))
                 sample_grid(proponents, "train_id", _facts(view), key="open_proponent", reference=test_id)
             with right:
                 st.subheader("Opponents")
-                st.caption(f"raised this example's loss; ⚠ = annotated {md(mark)}{relabel_legend(opponents)}")
+                st.caption(list_caption("raised this example's loss", mark, opponents))
                 sample_grid(opponents, "train_id", _facts(view), key="open_opponent", reference=test_id)
     if stages.open:
         with stages:

@@ -47,7 +47,7 @@ def render() -> None:
     # only the rows shown: the whole ranking is a row per training sample (a million on a large run)
     ranked = data.query("self_influence", aid, mark, n)
     if legend := relabel_legend(ranked):
-        st.caption(legend.removeprefix("; "))
+        st.caption(legend)
 
     def facts(row: Any) -> dict[str, str]:
         return {"rank": str(row.rank), "label": label_text(row),

@@ -162,11 +162,8 @@ def check_supported(training: Any, sgd_form: str = "exact") -> None:
                 f"stage {stage.name!r} uses {stage.optimizer}; AdamW-influence follows Adam and AdamW steps "
                 f"(and SGD steps in the step-exact TracIn form), not {stage.optimizer}"
             )
-        per_step = [g for i in range(stage.n_steps) for g in stage.step_groups(i)] if stage.hparams else []
-        for hp in [*stage.group_hparams(), *per_step]:
-            for flag in ("amsgrad", "maximize"):
-                if hp.get(flag):
-                    raise FgtracError(f"stage {stage.name!r}: AdamW-influence does not support {flag}=True")
+    if (found := training.enabled_option("amsgrad", "maximize")) is not None:
+        raise FgtracError(f"stage {found[0]!r}: AdamW-influence does not support {found[1]}=True")
     require_replayable(training, INFLUENCE_REMEDY)
 
 

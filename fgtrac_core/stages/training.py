@@ -185,17 +185,23 @@ class Training:
                 )
 
 
+    def enabled_option(self, *flags: str) -> tuple[str, str] | None:
+        """(stage name, flag) of the first of these boolean optimizer options (e.g. ``amsgrad``) that any param
+        group applied at any step, or None."""
+        for stage in self.stages:
+            per_step = [g for i in range(stage.n_steps) for g in stage.step_groups(i)] if stage.hparams else []
+            for hp in [*stage.group_hparams(), *per_step]:
+                for flag in flags:
+                    if hp.get(flag):
+                        return stage.name, flag
+        return None
+
     def linearisation_refusal(self) -> str | None:
         """Why the estimators (fast, propagated, partial-replay), which linearise SGD and Adam/AdamW steps as
         descent with Adam's plain second moment, cannot model this training, or None.  Exact replay steps torch's
         own optimizer and needs none of this."""
-        for stage in self.stages:
-            per_step = [stage.step_groups(i) for i in range(stage.n_steps)] if stage.hparams else []
-            for hp in [*stage.group_hparams(), *(g for groups in per_step for g in groups)]:
-                for flag in ("amsgrad", "maximize"):
-                    if hp.get(flag):
-                        return f"stage {stage.name!r} uses {flag}=True, which the estimators do not model"
-        return None
+        found = self.enabled_option("amsgrad", "maximize")
+        return None if found is None else f"stage {found[0]!r} uses {found[1]}=True, which the estimators do not model"
 
     def replay_refusal(self) -> str | None:
         """Why exact replay cannot reproduce this training although estimators can still linearise it (the loop

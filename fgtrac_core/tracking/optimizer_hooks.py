@@ -25,9 +25,9 @@ done, at the flush at the latest): a step it does not reproduce is recorded as `
 steps after that check was read are inferred again.  (Exact replay refuses stages trained on a GPU anyway.)
 
 Per step the training thread pays one Python call per parameter (plus a clone dispatch each while copies are
-kept) and one for the step, an identity and version check per gradient (C-level loops), one dict comparison per
-param group (hyperparameters are converted only at the steps that change them), a byte copy per param group, and
-one tuple appended; the hyperparameters' deltas, JSON encoding and the fingerprint's reduction happen at flush.
+kept) and one for the step, an identity and version check per gradient, one dict comparison per param group
+(hyperparameters are converted only at the steps that change them), a byte copy per param group, and one tuple
+appended; the hyperparameters' deltas, JSON encoding and the fingerprint's reduction happen at flush.
 The gradients and copies a step saw are let go after it, so zero_grad() frees them as it would without hooks.  A
 torch dispatch costs ~10-25 us inside a training loop (far more than in a microbenchmark), so the per-step path
 keeps none where it can: copies are dropped after the first step that leaves every gradient as backward made it
@@ -40,7 +40,6 @@ from __future__ import annotations
 import collections
 import json
 import math
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,8 +51,6 @@ import torch
 from fgtrac_core._json import canonical_json
 
 _SKIP = object()
-_GRAD = operator.attrgetter("grad")
-_VERSION = operator.attrgetter("_version")
 _DATA_PTR = torch.Tensor.data_ptr
 Groups = list[dict[str, Any]]
 
@@ -451,17 +448,11 @@ class StepHooks:
 
     def _untouched(self) -> bool:
         """True when every gradient is still the tensor backward accumulated, not modified in place since."""
-        grads = list(map(_GRAD, self._params))  # C-level loops: this runs at every step
-        if all(map(operator.is_, grads, self._seen)):
-            try:
-                if list(map(_VERSION, grads)) == self._version:
-                    return True
-            except AttributeError:  # a parameter without a gradient (frozen, or unused this step)
-                pass
-        return all(
-            grad is None or (grad is seen and grad._version == version)
-            for grad, seen, version in zip(grads, self._seen, self._version, strict=True)
-        )
+        for p, seen, version in zip(self._params, self._seen, self._version, strict=True):
+            grad = p.grad
+            if grad is not None and (grad is not seen or grad._version != version):
+                return False
+        return True
 
     def _gradient_change(self) -> tuple[dict[str, Any] | None, bool, _DeviceFlag | None]:
         """(clipping rule, altered otherwise, unconfirmed: see `StepFacts`) of the gradients the optimizer stepped
