@@ -136,10 +136,13 @@ timed with the real recorder and with a `NullRun` (identical loop, no recording)
 The whole-loop figures move by several percent between repeats on this 2-core machine (the hooks-only arm per
 repeat: {recorder_overhead._span(ro.get("hooks_overhead_paired_pct", []))}), so the hooks' cost is measured step by step:
 every step of a hooked model is timed beside the same step of an identical unhooked one (zero_grad, forward,
-backward, optimizer step), and the mean of those differences is set against the whole sample loop's time per step
-(data loading, scheduler and evaluation included: the goal's "sample loop's time"); the share of the bare step,
-the smallest denominator the loop has, is given beside it. An A/A run (the same pairing, no hooks anywhere) shows
-the measurement's own noise.
+backward, optimizer step), and the {recorder_overhead.TRIM:.0%}-trimmed mean of those differences, with its bootstrap 95%
+interval, is set against the whole sample loop's time per step (data loading, scheduler and evaluation included:
+the goal's "sample loop's time"); the goal counts as met when the interval's upper end is within it. Trimmed,
+because a step the scheduler preempts costs milliseconds in either arm at random: the plain mean (given beside it)
+wanders by +-15 us between runs minutes apart while the hooks do the same work at every step. The share of the
+bare step, the smallest denominator the loop has, is given too, and an A/A run (the same pairing, no hooks
+anywhere) shows the measurement's own noise.
 The training thread only validates, buffers and enqueues; checkpoint serialisation, fsync, DuckDB commits,
 ledger entries, a signed tree head and a snapshot copy per checkpoint run on a writer thread at the lowest CPU
 priority, so that they take cores only in the loop's gaps. On this tiny loop (a checkpoint every ~20 steps of ~5 ms) the writer

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import scipy.stats
+
 from bench import recorder_overhead
 from sample_runs import digits
 
@@ -16,23 +19,52 @@ def test_paired_step_overhead_times_every_step_of_both_arms() -> None:
         fig = res[name]
         assert fig["steps"] == n_batches  # the warm-up epoch is not counted
         assert fig["plain_step_us"] > 0 and math.isfinite(fig["overhead_pct"]) and math.isfinite(fig["aa_pct"])
+        lo, hi = fig["trimmed_ci_us"]
+        assert lo <= fig["trimmed_diff_us"] <= hi
+        lo, hi = fig["mean_ci_us"]
+        assert lo <= fig["mean_diff_us"] <= hi
+
+
+def test_trimmed_mean_equals_scipy_and_ignores_a_preempted_step() -> None:
+    rng = np.random.default_rng(1)
+    diffs = rng.normal(25.0, 5.0, 1000)
+    assert math.isclose(
+        recorder_overhead._trimmed_mean(diffs), scipy.stats.trim_mean(diffs, recorder_overhead.TRIM), rel_tol=1e-12
+    )
+    preempted = diffs.copy()
+    preempted[3] = 5000.0  # one step the scheduler took the core from: milliseconds, in one arm
+    assert preempted.mean() - diffs.mean() > 4.0
+    assert abs(recorder_overhead._trimmed_mean(preempted) - recorder_overhead._trimmed_mean(diffs)) < 0.1
+    lo, hi = recorder_overhead._bootstrap_ci(diffs, recorder_overhead._trimmed_mean)
+    assert lo < 25.0 < hi and hi - lo < 2.0  # 1,000 differences of sd 5: an interval of about +-0.35
+    assert recorder_overhead._bootstrap_ci(diffs, np.mean) == recorder_overhead._bootstrap_ci(diffs, np.mean)
 
 
 def test_goal_verdict_follows_the_figures() -> None:
-    def paired(*pcts: float) -> dict:
-        figures = {"overhead_pct": 9.0, "median_diff_us": 1.0, "plain_step_us": 2000.0, "steps": 10, "aa_pct": 0.0}
-        return {f"opt{i}": {**figures, "mean_diff_us": p * 25.0, "loop_pct": p} for i, p in enumerate(pcts)}
+    def paired(*highs: float) -> dict:
+        figures = {
+            "overhead_pct": 9.0, "median_diff_us": 1.0, "plain_step_us": 2000.0, "steps": 10, "aa_trimmed_us": 0.0,
+            "mean_diff_us": 30.0, "mean_ci_us": [10.0, 50.0], "trimmed_diff_us": 25.0,
+        }  # fmt: skip
+        return {
+            f"opt{i}": {**figures, "trimmed_ci_us": [20.0, hi * 25.0], "loop_pct": 1.0, "loop_pct_hi": hi}
+            for i, hi in enumerate(highs)
+        }
 
     goal = recorder_overhead.HOOKS_GOAL_PCT
     assert recorder_overhead.goal_met(paired(1.0, goal))
-    assert not recorder_overhead.goal_met(paired(1.0, goal + 0.01))
+    assert not recorder_overhead.goal_met(paired(1.0, goal + 0.01))  # the interval's upper end decides
     assert not recorder_overhead.goal_met({})
     text = recorder_overhead._paired_text(
         {"hooks_paired": paired(3.0), "hooks_goal_pct": goal, "hooks_goal_met": False}
     )
-    assert text.startswith("opt0 +75 us a step = +3.00% of the sample loop's time") and text.endswith("not met")
-    # the share of the loop is the paired mean difference over the loop's time per step
-    assert recorder_overhead.with_loop_share(paired(1.0), 2500.0)["opt0"]["loop_pct"] == 1.0
+    assert text.startswith(
+        "opt0 +25 us a step (95% interval +20 to +75 us) = +1.00% of the sample loop's time (at most +3.00%"
+    )
+    assert "plain mean +30 us (+10 to +50 us)" in text and text.endswith("not met")
+    # the share of the loop is the paired trimmed difference (and its interval's upper end) over the loop's step
+    shares = recorder_overhead.with_loop_share(paired(2.0), 2500.0)["opt0"]
+    assert shares["loop_pct"] == 1.0 and shares["loop_pct_hi"] == 2.0
 
 
 def test_loop_and_end_to_end_goals_are_reported() -> None:
