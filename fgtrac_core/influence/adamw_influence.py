@@ -151,7 +151,7 @@ def _params(
 
 def check_supported(training: Any, sgd_form: str = "exact") -> None:
     """Refuse, in one line, what this mode cannot follow: optimizers other than SGD/Adam/AdamW, AMSGrad,
-    maximize, and runs that exact replay cannot reproduce."""
+    maximize, steps on zeroed gradients backward did not produce, and runs that exact replay cannot reproduce."""
     from fgtrac_core.stages.replay import INFLUENCE_REMEDY, require_replayable
 
     if sgd_form not in SGD_FORMS:
@@ -164,6 +164,13 @@ def check_supported(training: Any, sgd_form: str = "exact") -> None:
             )
     if (found := training.enabled_option("amsgrad", "maximize")) is not None:
         raise FgtracError(f"stage {found[0]!r}: AdamW-influence does not support {found[1]}=True")
+    for stage in training.stages:
+        if (i := next((i for i in range(stage.n_steps) if stage.zeros(i)), None)) is not None:
+            raise FgtracError(
+                f"stage {stage.name!r} stepped on zeroed gradients of parameters its backward did not reach at step "
+                f"{stage.steps[i]} (zero_grad(set_to_none=False)), which AdamW-influence does not follow; exact "
+                f"replay (--method replay, --check) does"
+            )
     require_replayable(training, INFLUENCE_REMEDY)
 
 

@@ -77,7 +77,8 @@ class Cursor:
 
     Created at the start of stage `stage_index` with parameters `model_state`; `carried` is the optimizer state
     a stage that continues its predecessor's optimizer would inherit.  `step()` runs the next recorded step
-    exactly as the training loop did: zero grads, mean loss of the batch, backward, optimizer step.
+    exactly as the training loop did: zero grads, mean loss of the batch, backward, zero gradients where the loop
+    stepped on zeroed ones its backward did not reach, the recorded clipping, optimizer step.
     """
 
     def __init__(
@@ -130,6 +131,11 @@ class Cursor:
         x, y = self.batch()
         self.optimizer.zero_grad()
         self.training.loss_fn(self.model(x), y).backward()
+        if zeros := stage.zeros(self.step_index):  # the loop's zero_grad(set_to_none=False) left zeros there
+            stepped = [p for g in self.optimizer.param_groups for p in g["params"]]
+            for k in zeros:
+                if stepped[k].grad is None:
+                    stepped[k].grad = torch.zeros_like(stepped[k])
         apply_clip(self.params, stage.clip(self.step_index))
         self.optimizer.step()
         if self.check_fingerprints and self.divergence is None:
@@ -300,6 +306,8 @@ def _describe_step(training: Training, j: int, i: int) -> str:
         clipping = f"clip_grad_norm_(max_norm={clip['max_norm']!r}, norm_type={clip['norm_type']!r})"
     else:
         clipping = f"clip_grad_value_(clip_value={clip['clip_value']!r})"
+    if zeros := stage.zeros(i):
+        clipping += f", zero gradients stepped on for {', '.join(training.param_names[k] for k in zeros)}"
     return (
         f"optimizer {stage.optimizer}, {'; '.join(parts)}, {clipping}, a batch of {len(stage.batches[i])} "
         f"samples"

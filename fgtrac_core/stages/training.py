@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fgtrac_core.stages.errors import MissingBoundaryStateError, StageAnalysisError
-from fgtrac_core.tracking.optimizer_hooks import is_unknown
+from fgtrac_core.tracking.optimizer_hooks import clipping, is_unknown, zeroed
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(model outputs for a batch, targets) -> the scalar training loss of the batch."""
@@ -96,8 +96,12 @@ class Stage:
     def clip(self, i: int) -> dict[str, Any] | None:
         """The gradient clipping applied at step index `i` (None: the gradients as accumulated, or a modification
         the recorder could not identify, which `altered[i]` marks)."""
-        clip = None if self.clips is None else self.clips[i]
-        return None if is_unknown(clip) else clip
+        return clipping(None if self.clips is None else self.clips[i])
+
+    def zeros(self, i: int) -> list[int]:
+        """Indices (into the optimizer's parameters) that step index `i` stepped on a zero gradient for, though its
+        backward did not reach them (a loop's zero_grad(set_to_none=False))."""
+        return zeroed(None if self.clips is None else self.clips[i])
 
 
 @dataclass
@@ -234,10 +238,9 @@ class Training:
                 names = [self.param_names[k] for k in clip["stale"] if k < len(self.param_names)]
                 return (
                     f"the optimizer stepped on gradients that no backward of the step produced {where} "
-                    f"({', '.join(names)}): zero_grad(set_to_none=False) leaves a zeroed gradient on a parameter "
-                    f"the step does not use, and an optimizer.step() without a backward of its own steps on the "
-                    f"previous step's; replay starts every step from no gradients, so it cannot reproduce that "
-                    f"step (zero_grad() with its default set_to_none=True records replayable steps)"
+                    f"({', '.join(names)}), and not zeros: an optimizer.step() without a backward of its own steps "
+                    f"on the previous step's gradients; replay computes every step's gradients from its batch, so "
+                    f"it cannot reproduce that step (call zero_grad() and backward before every optimizer.step())"
                 )
             if is_unknown(clip):
                 return (

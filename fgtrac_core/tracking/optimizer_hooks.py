@@ -11,8 +11,9 @@ For the stage's optimizer the recorder registers
     accumulated copies.  A difference is explained as torch's ``clip_grad_norm_`` (norm type 2 or inf) or
     ``clip_grad_value_`` with a short threshold that reproduces it *exactly* (re-applying torch's own function to
     copies), else the step is marked "gradients altered by the loop".  A gradient no backward of the step
-    accumulated (zeroed by ``zero_grad(set_to_none=False)`` on a parameter the step did not use, or left from the
-    previous step) is marked altered too, rule ``unknown`` with its parameters listed (``"stale"``).  A loop that
+    accumulated but all zeros (``zero_grad(set_to_none=False)`` on a parameter the step did not use) is listed
+    (``"zeros"``: replay steps on zeros there too); one that is not all zeros (left from the previous step) is
+    marked altered, rule ``unknown`` with its parameters listed (``"stale"``).  A loop that
     first modifies gradients after steps that left them alone has no copies at that step: it is marked altered
     with the rule ``unknown``.  Then it takes a cheap fingerprint of the parameters (`ParamFingerprint`: per param
     group, a copy of the leading values of its smallest trainable tensor, reduced to a float at flush), and the
@@ -386,13 +387,28 @@ class _DeviceFlag:
 
 
 # recorded when the loop modified gradients at a step the hooks held no copies of; with "stale": [indices into the
-# optimizer's parameters] when some gradients were not produced by the step's backward at all
+# optimizer's parameters] when the step stepped on gradients no backward of it produced that were not all zero
 UNKNOWN_CLIP = {"rule": "unknown"}
+# recorded, with "zeros": [indices into the optimizer's parameters], for a step that did not clip but stepped on
+# zeroed gradients of parameters its backward did not reach (zero_grad(set_to_none=False)); a clipping rule
+# carries "zeros" the same way
+NO_CLIP = {"rule": "none"}
 
 
 def is_unknown(clip: dict[str, Any] | None) -> bool:
     """Whether a recorded clipping rule says what the loop did to the gradients is unknown (`UNKNOWN_CLIP`)."""
     return clip is not None and clip.get("rule") == UNKNOWN_CLIP["rule"]
+
+
+def clipping(clip: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The clipping rule of a recorded `clip` value that `apply_clip` applies (None: no clipping, or unknown)."""
+    return None if clip is None or clip.get("rule") in (UNKNOWN_CLIP["rule"], NO_CLIP["rule"]) else clip
+
+
+def zeroed(clip: dict[str, Any] | None) -> list[int]:
+    """Indices (into the optimizer's parameters) whose gradient the step took as zeros though its backward did not
+    reach them (`NO_CLIP`)."""
+    return [] if clip is None else list(clip.get("zeros", ()))
 
 
 class StepHooks:
@@ -446,11 +462,12 @@ class StepHooks:
 
         return accumulated
 
-    def _untouched(self) -> bool:
-        """True when every gradient is still the tensor backward accumulated, not modified in place since."""
-        for p, seen, version in zip(self._params, self._seen, self._version, strict=True):
+    def _untouched(self, skip: frozenset[int] = frozenset()) -> bool:
+        """True when every gradient (but those of the parameters at indices `skip`) is still the tensor backward
+        accumulated, not modified in place since."""
+        for i, (p, seen, version) in enumerate(zip(self._params, self._seen, self._version, strict=True)):
             grad = p.grad
-            if grad is not None and (grad is not seen or grad._version != version):
+            if grad is not None and (grad is not seen or grad._version != version) and i not in skip:
                 return False
         return True
 
@@ -461,16 +478,27 @@ class StepHooks:
             if self._copying and not self._modifies:
                 self._copying = False
             return None, False, None
-        self._modifies = self._copying = True
         # a gradient no backward of this step accumulated (seen is cleared after every step): a zeroed one that
-        # zero_grad(set_to_none=False) left on a parameter the step did not use, or the previous step's
+        # zero_grad(set_to_none=False) left on a parameter the step did not use (the step used zeros there, which
+        # replay can do), or the previous step's (it cannot)
         pairs = enumerate(zip(self._params, self._seen, strict=True))
-        stale = [i for i, (p, seen) in pairs if seen is None and p.grad is not None]
-        if stale:
-            return {**UNKNOWN_CLIP, "stale": stale}, True, None
+        zeros = [i for i, (p, seen) in pairs if seen is None and p.grad is not None]
+        if zeros and any(bool(self._params[i].grad.any()) for i in zeros):
+            self._modifies = self._copying = True
+            return {**UNKNOWN_CLIP, "stale": zeros}, True, None
+        if zeros and self._untouched(skip=frozenset(zeros)):
+            if not self._modifies:
+                self._copying = False
+            return {**NO_CLIP, "zeros": zeros}, False, None
+        clip, altered, unconfirmed = self._modification(frozenset(zeros))
+        return ({**(clip or NO_CLIP), "zeros": zeros} if zeros else clip), altered, unconfirmed
+
+    def _modification(self, zeros: frozenset[int]) -> tuple[dict[str, Any] | None, bool, _DeviceFlag | None]:
+        """`_gradient_change` of gradients backward produced (not those in `zeros`) and the loop then changed."""
+        self._modifies = self._copying = True
         acc, grads = [], []
         for i, p in enumerate(self._params):
-            if p.grad is None:
+            if p.grad is None or i in zeros:
                 continue
             a = self._acc[i]
             if a is None:  # no copy of what backward made: the first modification after untouched steps

@@ -13,15 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fgtrac_core.errors import FgtracError
+from fgtrac_core.influence.adamw_influence import check_supported
 from fgtrac_core.pipeline import Pipeline
 from fgtrac_core.stages import analyze
 from fgtrac_core.stages._records import load_training
 from fgtrac_core.stages.errors import ReplayMismatchError, StageAnalysisError
 from fgtrac_core.stages.replay import deterministic, replay_full
 from fgtrac_core.store import RunStore
+from fgtrac_core.tracking import Run
 from tests.conftest import run_cli
 from tests.stages._loops import (
     INPUTS_REF,
+    MLP,
     MODEL_REF,
     N_TRAIN,
     BranchMLP,
@@ -243,12 +247,14 @@ def test_clipping_that_starts_later_in_a_stage_is_refused_at_its_first_step(tmp_
         replay_full(training)
 
 
-def test_gradients_no_backward_produced_are_named(tmp_path: Path) -> None:
+def test_zeroed_gradients_backward_did_not_reach_replay(tmp_path: Path) -> None:
     """A model whose auxiliary head some steps leave out: with zero_grad()'s default the head has no gradient at
-    those steps and replay reproduces them bit for bit; with zero_grad(set_to_none=False) the optimizer steps on
-    its zeroed gradient, which no backward produced, and replay refuses naming the first such step and the head's
-    parameters (it used to blame a modification 'after earlier steps had left them as backward made them')."""
+    those steps; with zero_grad(set_to_none=False) the optimizer steps on its zeroed gradient (momentum and weight
+    decay still move it).  The recorder lists those parameters per step ("zeros") and both runs replay bit for bit
+    against the trained model (replay used to refuse the second); AdamW-influence, which does not follow such
+    steps, refuses by name."""
     branch = Pipeline(model_factory=BranchMLP, load_inputs=_inputs, head_layer="head", config={})
+    x = dataset()[0]
     for set_to_none in (True, False):
         run_dir = tmp_path / f"run_{set_to_none}"
         with deterministic(1):
@@ -257,21 +263,61 @@ def test_gradients_no_backward_produced_are_named(tmp_path: Path) -> None:
             )
             with RunStore(run_dir) as store:
                 training = load_training(store, branch).training
-            if set_to_none:
-                assert training.replay_refusal() is None
-                assert same_state(replay_full(training).model, trained.state_dict())
-                continue
-            refusal = training.replay_refusal()
-    x = dataset()[0]
-    uses_aux = [bool(x[int(ids[0]), 0] > 0) for ids in training.stages[0].batches]
-    first_used, first_unused = uses_aux.index(True), uses_aux.index(False, uses_aux.index(True))
-    assert first_used < first_unused  # the head got a gradient at some step before a step that left it out
+            stage = training.stages[0]
+            uses_aux = [bool(x[int(ids[0]), 0] > 0) for ids in stage.batches]
+            aux = [training.param_names.index(n) for n in ("aux.weight", "aux.bias")]
+            first_used = uses_aux.index(True)
+            # before the head's first gradient there is nothing to zero; after it, every step that leaves it out
+            expected = [aux if not used and i > first_used and not set_to_none else [] for i, used in enumerate(uses_aux)]
+            assert [stage.zeros(i) for i in range(stage.n_steps)] == expected
+            assert any(expected) != set_to_none and not any(stage.altered or [])
+            assert training.replay_refusal() is None
+            assert same_state(replay_full(training).model, trained.state_dict())
+            if not set_to_none:
+                with pytest.raises(FgtracError, match=r"stage 'a' stepped on zeroed gradients .* at step \d+ "):
+                    check_supported(training)
+                z = next(i for i, e in enumerate(expected) if e)
+                saved = stage.clips[z]
+                stage.clips[z] = None  # as if the zeros were not recorded: the head would not have moved there
+                with pytest.raises(ReplayMismatchError, match=rf"first diverges at step {stage.steps[z]} "):
+                    replay_full(training)
+                stage.clips[z] = saved
+                stage.hparams[z][0]["lr"] = 0.125
+                with pytest.raises(ReplayMismatchError) as err:
+                    replay_full(training)
+                assert "lr 0.125" in str(err.value)
+                assert "zero gradients stepped on for aux.weight, aux.bias" in str(err.value), str(err.value)
+
+
+def test_a_step_without_its_own_backward_is_refused_by_name(tmp_path: Path) -> None:
+    """optimizer.step() twice after one backward: the second steps on the first's gradients, which no backward of
+    it produced and which are not zeros; replay refuses naming that step and the parameters."""
+    torch.manual_seed(0)
+    x, y = dataset()
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = Run.create(tmp_path / "run", name="twice")
+    run.register_samples(np.arange(N_TRAIN), split="train", labels=y[:N_TRAIN].numpy(), raw=x[:N_TRAIN].numpy())
+    test = np.arange(N_TRAIN, N_TRAIN + 4)
+    run.register_samples(test, split="test", labels=y[test].numpy(), raw=x[test].numpy())
+    with run.stage("a", optimizer=opt, model=model):
+        for k in range(4):
+            ids = np.arange(8 * k, 8 * k + 8)
+            opt.zero_grad()
+            F.cross_entropy(model(x[ids]), y[ids]).backward()
+            opt.step()
+            run.log_batch(ids)
+            if k == 2:
+                opt.step()  # no backward of its own
+                run.log_batch(ids)
+    run.close()
+    with RunStore(tmp_path / "run") as store:
+        training = load_training(store, pipeline()).training
+    refusal = training.replay_refusal()
     assert refusal is not None and refusal.startswith(
-        f"the optimizer stepped on gradients that no backward of the step produced at step {first_unused} "
-        "(stage 'a') (aux.weight, aux.bias): zero_grad(set_to_none=False)"
+        "the optimizer stepped on gradients that no backward of the step produced at step 3 (stage 'a') "
+        "(body.weight, body.bias, head.weight, head.bias), and not zeros"
     ), refusal
-    with pytest.raises(StageAnalysisError, match="no backward of the step produced"), deterministic(1):
-        replay_full(training)
 
 
 def test_estimators_refuse_what_they_do_not_model_and_replay_runs_it(tmp_path: Path) -> None:
