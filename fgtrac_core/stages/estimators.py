@@ -144,13 +144,22 @@ def hvp_at(cursor: Cursor) -> lin.Hvp:
             # is not a training step (the cursor's own model must keep the recorded trajectory's buffers)
             state = {**{n: b.clone() for n, b in buffers.items()}, **dict(zip(names, params, strict=True))}
             out = functional_call(model, state, (x,))
-            grads = torch.autograd.grad(loss_fn(out, y), params, create_graph=True)
+            # a parameter this batch does not reach (a branch the forward skips) has zero gradient and curvature
+            grads = torch.autograd.grad(
+                loss_fn(out, y), params, create_graph=True, allow_unused=True, materialize_grads=True
+            )
+            live = [i for i, g in enumerate(grads) if g.requires_grad]
+
+            def h_times(v: lin.Vectors, retain: bool) -> list[torch.Tensor]:
+                hv = torch.autograd.grad(
+                    [grads[i] for i in live], params, grad_outputs=[v[i] for i in live], retain_graph=retain,
+                    allow_unused=True, materialize_grads=True,
+                )  # fmt: skip
+                return [h.detach() for h in hv]
+
             if u[0].dim() == theta[0].dim():
-                return [h.detach() for h in torch.autograd.grad(grads, params, grad_outputs=u)]
-            rows = []
-            for b in range(u[0].shape[0]):
-                hb = torch.autograd.grad(grads, params, grad_outputs=[v[b] for v in u], retain_graph=True)
-                rows.append([h.detach() for h in hb])
+                return h_times(u, retain=False)
+            rows = [h_times([v[b] for v in u], retain=True) for b in range(u[0].shape[0])]
             return [torch.stack(col) for col in zip(*rows, strict=True)]
 
     return hvp

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from fgtrac_core.errors import FgtracError
 from fgtrac_core.influence.adamw_influence import check_supported
@@ -19,7 +20,9 @@ from fgtrac_core.pipeline import Pipeline
 from fgtrac_core.stages import analyze
 from fgtrac_core.stages._records import load_training
 from fgtrac_core.stages.errors import ReplayMismatchError, StageAnalysisError
-from fgtrac_core.stages.replay import deterministic, replay_full
+from fgtrac_core.stages.estimators import hvp_at
+from fgtrac_core.stages.replay import Cursor, deterministic, replay_full
+from fgtrac_core.stages.training import Training
 from fgtrac_core.store import RunStore
 from fgtrac_core.tracking import Run
 from tests.conftest import run_cli
@@ -282,11 +285,40 @@ def test_zeroed_gradients_backward_did_not_reach_replay(tmp_path: Path) -> None:
                 with pytest.raises(ReplayMismatchError, match=rf"first diverges at step {stage.steps[z]} "):
                     replay_full(training)
                 stage.clips[z] = saved
-                stage.hparams[z][0]["lr"] = 0.125
+                saved_lr, stage.hparams[z][0]["lr"] = stage.hparams[z][0]["lr"], 0.125
                 with pytest.raises(ReplayMismatchError) as err:
                     replay_full(training)
                 assert "lr 0.125" in str(err.value)
                 assert "zero gradients stepped on for aux.weight, aux.bias" in str(err.value), str(err.value)
+                stage.hparams[z][0]["lr"] = saved_lr
+                _assert_hvp_at_a_step_leaving_out(training, first_unused=uses_aux.index(False, first_used), aux=aux)
+                analyze(run_dir, method="propagated", pipeline=branch, progress=False)  # used to raise: unused aux
+
+
+def _assert_hvp_at_a_step_leaving_out(training: Training, first_unused: int, aux: list[int]) -> None:
+    """The propagated estimator's Hessian-vector product at a step whose batch skips the auxiliary head equals
+    torch.autograd.functional.hvp over the flattened parameters (zero on the head), for one vector and a batch."""
+    cursor = Cursor(training, 0, training.stages[0].start_model, None)
+    for _ in range(first_unused):
+        cursor.step()
+    params, names = cursor.params, training.param_names
+    x, y = cursor.batch()
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(flat, [p.numel() for p in params])
+        state = {n: t.reshape(p.shape) for n, t, p in zip(names, parts, params, strict=True)}
+        return training.loss_fn(functional_call(cursor.model, state, (x,)), y)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    g = torch.Generator().manual_seed(0)
+    u = [torch.randn((2, *p.shape), generator=g) for p in params]
+    hvp = hvp_at(cursor)
+    for got, rows in ((hvp([v[0] for v in u]), [0]), (hvp(u), [0, 1])):
+        for r in rows:
+            mine = [h if len(rows) == 1 else h[r] for h in got]
+            _, ref = torch.autograd.functional.hvp(loss, flat, torch.cat([v[r].reshape(-1) for v in u]))
+            assert torch.allclose(torch.cat([h.reshape(-1) for h in mine]), ref, atol=1e-6, rtol=1e-5)
+            assert all(not mine[k].any() for k in aux)
 
 
 def test_a_step_without_its_own_backward_is_refused_by_name(tmp_path: Path) -> None:
