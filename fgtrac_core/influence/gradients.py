@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad
 from torch.utils.data import DataLoader, Dataset
 
+from fgtrac_core._per_example import per_example
 from fgtrac_core.errors import FgtracError
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor]
@@ -230,7 +231,7 @@ def per_sample_gradients(
     batch_size: int = 128,
     device: torch.device,
 ) -> torch.Tensor:
-    """(n, P) per-sample gradients of the named parameters (vmap over grad), each multiplied element-wise by
+    """(n, P) per-sample gradients of the named parameters (vmap over grad; `per_example`), each multiplied element-wise by
     `scale[name]` when given, then passed through `reduce` (a projection) batch by batch to bound memory."""
     x, y = as_tensors(data, "data")
     fn = per_sample_loss(loss_fn)
@@ -242,14 +243,14 @@ def per_sample_gradients(
         out = functional_call(model, ({**fixed, **p}, buffers), (xi.unsqueeze(0),))
         return fn(out, yi.unsqueeze(0)).sum()
 
-    grad_fn = vmap(grad(loss_one), in_dims=(None, 0, 0))
+    grad_fn = grad(loss_one)
     chosen = {k: params[k] for k in names}
     rows = []
     was_training = model.training
     model.eval()
     try:
         for sl in _batches(len(x), batch_size):
-            g = grad_fn(chosen, x[sl].to(device), y[sl].to(device))
+            g = per_example(grad_fn, chosen, x[sl].to(device), y[sl].to(device))
             flat = torch.cat([(g[k] * scale[k] if scale else g[k]).reshape(len(g[k]), -1) for k in names], 1)
             rows.append(reduce(flat) if reduce is not None else flat)
     finally:

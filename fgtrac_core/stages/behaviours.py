@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jvp
 
+from fgtrac_core._per_example import per_example
 from fgtrac_core.stages.errors import StageAnalysisError
 from fgtrac_core.stages.training import StateDict
 
@@ -103,5 +104,5 @@ def gradients(
     def value(params: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         return fn(functional_call(model, {**fixed, **params}, (xi[None],)), yi[None])[0]
 
-    grads = vmap(grad(value), in_dims=(None, 0, 0))({n: state[n] for n in names}, x, y)
+    grads = per_example(grad(value), {n: state[n] for n in names}, x, y)
     return [grads[n].detach() for n in names]
