@@ -70,8 +70,10 @@ def relabel_legend(frame: pd.DataFrame) -> str:
 
 
 def list_caption(effect: str, mark: str, listed: pd.DataFrame) -> str:
-    """The caption over a list of training samples: what they did, what ⚠ marks, and `relabel_legend`."""
-    return "; ".join(filter(None, [effect, f"⚠ = annotated {md(mark)}", relabel_legend(listed)]))
+    """The caption over a list of training samples: what they did, what ⚠ marks (when a listed sample carries
+    it), and `relabel_legend`."""
+    marked = f"⚠ = annotated {md(mark)}" if listed["flagged"].any() else ""
+    return "; ".join(filter(None, [effect, marked, relabel_legend(listed)]))
 
 
 FEATURES_SHOWN = 8  # feature columns in a sample table: the ones that differ most from the reference

@@ -21,6 +21,16 @@ def test_label_text_and_legend() -> None:
     assert "trained on target" in ui.relabel_legend(frame) and ui.relabel_legend(frame.head(1)) == ""
 
 
+def test_list_caption_explains_only_the_marks_it_shows() -> None:
+    """⚠'s legend only over a list holding a marked sample (a run without annotations has none to explain)."""
+    plain = pd.DataFrame({"flagged": [False, False], "trained_as": [[], []]})
+    assert ui.list_caption("lowered this example's loss", "label_flipped", plain) == "lowered this example's loss"
+    marked = pd.DataFrame({"flagged": [False, True], "trained_as": [[], [1]]})
+    assert ui.list_caption("raised it", "label_flipped", marked) == (
+        "raised it; ⚠ = annotated label\\_flipped; 0→1 = registered label 0, trained on target 1"
+    )
+
+
 def test_data_quality_shows_the_trained_targets(relabelled_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     label = int(dataset()[1][0])
     with RunStore(relabelled_run) as store:
