@@ -295,6 +295,26 @@ def test_zeroed_gradients_backward_did_not_reach_replay(tmp_path: Path) -> None:
                 analyze(run_dir, method="propagated", pipeline=branch, progress=False)  # used to raise: unused aux
 
 
+def test_zeroed_gradients_with_clipping_and_adam_replay(tmp_path: Path) -> None:
+    """The same auxiliary head with zero_grad(set_to_none=False), clip_grad_norm_ (which the zeroed gradients
+    leave unchanged: their norm is 0) and an Adam stage after SGD: every step that leaves the head out records the
+    clipping rule with the zeroed parameters, and the run replays bit for bit against the trained model."""
+    branch = Pipeline(model_factory=BranchMLP, load_inputs=_inputs, head_layer="head", config={})
+    stages = [
+        StageCfg("a", _sgd(), None, epochs=1, clip=_clip_norm, set_to_none=False),
+        StageCfg("b", _adam(), None, epochs=1, clip=_clip_norm, set_to_none=False),
+    ]
+    with deterministic(1):
+        trained = record(tmp_path / "run", stages, model_factory=BranchMLP)
+        with RunStore(tmp_path / "run") as store:
+            training = load_training(store, branch).training
+        clips = [c for stage in training.stages for c in stage.clips or []]
+        both = [c for c in clips if c and c.get("zeros") and c["rule"] == "norm"]
+        assert both and all(c["zeros"] == [4, 5] and c["max_norm"] == 0.3 for c in both)  # aux.weight, aux.bias
+        assert training.replay_refusal() is None
+        assert same_state(replay_full(training).model, trained.state_dict())
+
+
 def _assert_hvp_at_a_step_leaving_out(training: Training, first_unused: int, aux: list[int]) -> None:
     """The propagated estimator's Hessian-vector product at a step whose batch skips the auxiliary head equals
     torch.autograd.functional.hvp over the flattened parameters (zero on the head), for one vector and a batch."""
