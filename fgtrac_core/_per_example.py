@@ -1,4 +1,4 @@
-"""Per-example gradients by torch.func, for models whose forward branches on its input too.
+"""Per-example values by torch.func (gradients; losses), for models and losses that branch on their input too.
 
 `vmap` batches one example's gradient function over many, but cannot trace Python control flow that depends on
 tensor values (``if x[0, 0] > 0:`` picking a head, a per-example early exit); such a model's examples are then
@@ -26,3 +26,20 @@ def per_example(
             raise
     rows = [grad_fn(params, xi, yi) for xi, yi in zip(x, y, strict=True)]
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def per_example_losses(
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], outputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """(n,) `loss` of each example alone: ``loss(outputs[i:i+1], targets[i:i+1])`` (a batch loss, e.g. a
+    label-smoothed cross-entropy, taken per sample)."""
+
+    def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return loss(o[None], t[None]).reshape(())
+
+    try:
+        return vmap(one)(outputs, targets)
+    except RuntimeError as exc:
+        if "data-dependent control flow" not in str(exc) or not len(outputs):
+            raise
+    return torch.stack([one(o, t) for o, t in zip(outputs, targets, strict=True)])

@@ -245,7 +245,7 @@ def _cmd_influence(args: argparse.Namespace) -> int:
     summary = run_influence(
         args.run, mode=args.mode, k=args.k, checkpoints=rule, tau=args.tau, test_ids=_ids(args.test_ids),
         include_bias=not args.no_bias, projection_dim=args.projection_dim, seed=args.seed, model=args.model,
-        inputs=args.inputs, layer=args.head_layer, device=args.device, progress=sys.stderr.isatty(),
+        inputs=args.inputs, layer=args.head_layer, loss=args.loss, device=args.device, progress=sys.stderr.isatty(),
         weighting=args.weighting, check=args.check, ray_address=args.ray, budget_s=args.budget, force=args.force,
         on_estimate=lambda cost: print(f"--check {args.check}: {cost.line()}", file=sys.stderr),
         gradients=args.gradients, damping=args.damping,
@@ -327,10 +327,12 @@ def _cmd_stages(args: argparse.Namespace) -> int:
         require_complete(args.run, "fgtrac stages")
     warn_idle_stages(args.run)
     pipeline = None
-    if args.model or args.inputs or args.head_layer:
+    if args.model or args.inputs or args.head_layer or args.loss:
         with RunStore(args.run) as store:
             config = store.meta().get("config", "{}")
-        pipeline = load_pipeline(config, model=args.model, inputs=args.inputs, head_layer=args.head_layer)
+        pipeline = load_pipeline(
+            config, model=args.model, inputs=args.inputs, head_layer=args.head_layer, loss=args.loss
+        )
     aid, result = _store_stages(
         args.run, method=args.method, horizon=args.horizon, compare=args.compare,
         behaviours=tuple(b.strip() for b in args.behaviour.split(",") if b.strip()), budget_s=args.budget,
@@ -550,6 +552,10 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", metavar="MODULE:NAME", help="class or function building the model with no arguments")
     g.add_argument("--inputs", metavar="MODULE:NAME", help="function(config, sample_ids) -> input tensor")
     g.add_argument("--head-layer", "--layer", dest="head_layer", metavar="NAME", help="the final nn.Linear")
+    g.add_argument(
+        "--loss", metavar="MODULE:NAME",
+        help="function(outputs, targets) -> the loop's batch loss, as the loop computes it (default: mean cross-entropy)",
+    )  # fmt: skip
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:

@@ -4,12 +4,18 @@ A run names its pipeline in its config (``Run.create(config=...)``):
 
     {"model": "package.module:ModelClass",        # called with no arguments
      "inputs": "package.module:function",         # function(config: dict, sample_ids: np.ndarray) -> Tensor
-     "head_layer": "head"}                         # the final nn.Linear (influence's last_layer mode)
+     "head_layer": "head",                         # the final nn.Linear (influence's last_layer mode)
+     "loss": "package.module:function"}           # optional: the loop's loss (default: mean cross-entropy)
+
+The loss is the training loss of a batch exactly as the loop computes it, ``loss(outputs, targets) -> scalar``
+(e.g. ``F.cross_entropy(outputs, targets, label_smoothing=0.1)``): replay must reproduce the loop's steps bit for
+bit, and a mean over per-sample losses is not always the same bits as a reduction inside the loss.  Influence
+takes a sample's loss as the same function of that sample alone (a batch of one).
 
 Labels are never taken from the pipeline: they are the recorded labels (`samples.label`), the ones training saw.
 Importing a module runs its code, so fgtrac imports by itself only the bundled pipelines (`sample_runs.*`); any
-other run's pipeline must be named explicitly by the user (``--model``/``--inputs``/``--head-layer`` on every
-command that rebuilds the model), who thereby trusts it; the current directory is then importable, as with
+other run's pipeline must be named explicitly by the user (``--model``/``--inputs``/``--head-layer`` and
+``--loss`` when the config names one, on every command that rebuilds the model), who thereby trusts it; the current directory is then importable, as with
 ``python -m``.
 """
 
@@ -29,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fgtrac_core._per_example import per_example_losses
 from fgtrac_core.errors import FgtracError
 
 _TRUSTED_PREFIXES = ("sample_runs.",)
@@ -42,9 +49,15 @@ class Pipeline:
     load_inputs: Callable[[dict[str, Any], np.ndarray], torch.Tensor]
     head_layer: str | None
     config: dict[str, Any]
+    # the loop's training loss of a batch, (outputs, targets) -> scalar; None: mean cross-entropy
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def model(self) -> nn.Module:
         return self.model_factory()
+
+    def per_sample_loss(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """(outputs, targets) -> one loss per sample: `loss_fn` of each sample alone (None: cross-entropy's)."""
+        return None if self.loss_fn is None else functools.partial(per_example_losses, self.loss_fn)
 
     def inputs(self, sample_ids: np.ndarray) -> torch.Tensor:
         """Model inputs of these samples, in the given order."""
@@ -129,14 +142,17 @@ def load_pipeline(
     inputs: str | None = None,
     head_layer: str | None = None,
     need_head: bool = False,
+    loss: str | None = None,
 ) -> Pipeline:
-    """The pipeline a run's config names; `model`/`inputs`/`head_layer` override it (and are trusted).
+    """The pipeline a run's config names; `model`/`inputs`/`head_layer`/`loss` override it (and are trusted).
 
     Everything missing — a model or inputs the config does not name, or names in a module fgtrac does not import
     by itself, and the head layer when `need_head` — is named in one error, with the flags that supply it.
     """
     cfg = json.loads(config) if isinstance(config, str) else dict(config)
     refs = {"--model": (model, cfg.get("model")), "--inputs": (inputs, cfg.get("inputs"))}
+    if cfg.get("loss"):  # a run that names its loss must not be replayed or scored with another one
+        refs["--loss"] = (loss, cfg["loss"])
     missing = []
     for flag, (given, recorded) in refs.items():
         if given is None and not (isinstance(recorded, str) and recorded.split(":")[0].startswith(_TRUSTED_PREFIXES)):
@@ -149,12 +165,13 @@ def load_pipeline(
             "name this run's pipeline: " + " ".join(missing) + " (fgtrac imports only its bundled pipelines by "
             "itself; naming a module means you trust its code; run from the folder that holds it)"
         )
-    if model is not None or inputs is not None:
+    if model is not None or inputs is not None or loss is not None:
         _importable_cwd()
-    model_ref = model or cfg["model"]
+    model_ref, loss_ref = model or cfg["model"], loss or cfg.get("loss")
     return Pipeline(
         model_factory=_build(model_ref, _resolve(model_ref, "--model")),
         load_inputs=_resolve(inputs or cfg["inputs"], "--inputs"),
         head_layer=head,
         config=cfg,
+        loss_fn=_resolve(loss_ref, "--loss") if loss_ref else None,
     )

@@ -19,13 +19,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
 from fgtrac_core.budget import DEFAULT_BUDGET_S, CostEstimate, enforce
 from fgtrac_core.checkpoint_files import load_checkpoint_payload
 from fgtrac_core.errors import FgtracError, UnknownSampleError
 from fgtrac_core.influence.checkpoints import select_checkpoints
-from fgtrac_core.influence.gradients import at_checkpoint
+from fgtrac_core.influence.gradients import LossFn, at_checkpoint, per_sample_loss
 from fgtrac_core.influence.influence_function import MODE as IF_MODE
 from fgtrac_core.influence.influence_function import require_positive_damping, whitened_gradients
 from fgtrac_core.influence.targets import trained_targets
@@ -152,7 +151,11 @@ def _split(
     return sample_ids, pipeline.inputs(sample_ids), torch.as_tensor(samples["label"].to_numpy(np.int64))
 
 
-def _predictions(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
+def _predictions(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None
+) -> dict[str, np.ndarray]:
+    """Each test example's predicted class, its softmax confidence and its loss (`loss_fn`, per sample; default
+    cross-entropy)."""
     model.eval()
     with torch.no_grad():
         logits = model(x)
@@ -160,7 +163,7 @@ def _predictions(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
         return {
             "prediction": logits.argmax(1).numpy().astype(np.int32),
             "confidence": prob.max(1).values.double().numpy(),
-            "loss": F.cross_entropy(logits, y, reduction="none").double().numpy(),
+            "loss": per_sample_loss(loss_fn)(logits, y).double().numpy(),
         }
 
 
@@ -178,6 +181,7 @@ def run_influence(
     model: str | None = None,
     inputs: str | None = None,
     layer: str | None = None,
+    loss: str | None = None,
     device: str | None = None,
     progress: bool = False,
     weighting: str | None = None,
@@ -257,8 +261,14 @@ def run_influence(
     t0 = time.perf_counter()
     with RunStore(run_dir) as store:
         pipeline = load_pipeline(
-            store.meta().get("config", "{}"), model=model, inputs=inputs, head_layer=layer, need_head=True
+            store.meta().get("config", "{}"), model=model, inputs=inputs, head_layer=layer, need_head=True, loss=loss
         )
+        if hessian and pipeline.loss_fn is not None:
+            raise FgtracError(
+                f"--mode {IF_MODE} uses the head's exact cross-entropy Hessian, and this run's pipeline names its "
+                f"own loss; use a TracIn mode (--mode last_layer, full, exact, adamw_influence)"
+            )
+        per_sample = pipeline.per_sample_loss()
         chosen, states = _chosen_checkpoints(store, checkpoints, tau)
         if hessian:
             chosen, states = chosen[-1:], states[-1:]
@@ -302,6 +312,7 @@ def run_influence(
             rev: Any = exact_review(
                 records.training, pipeline.head_layer, train_ids, (x_te, y_te), k=k, include_bias=include_bias,
                 intervals=intervals, progress=progress, gradients=gradients, projection_dim=projection_dim, seed=seed,
+                loss_fn=per_sample,
             )  # fmt: skip
         rev.checkpoint_weights = [1.0] * len(chosen)
     elif mode == ADAMW_INFLUENCE:  # uses at Adam(W) steps followed through the optimizer to θ_T; SGD steps: exact
@@ -311,7 +322,7 @@ def run_influence(
         with deterministic(records.config.get("torch_threads")):
             rev = adamw_influence_review(
                 records.training, pipeline.head_layer, train_ids, (x_te, y_te), k=k, include_bias=include_bias,
-                intervals=intervals, progress=progress,
+                intervals=intervals, progress=progress, loss_fn=per_sample,
             )  # fmt: skip
         rev.checkpoint_weights = [1.0] * len(chosen)
     elif hessian:  # whitened once: the review and, with --check, the full score matrix
@@ -342,6 +353,7 @@ def run_influence(
             device=device,
             progress=progress,
             sample_weights=usage.matrix if weighting == "usage" else None,
+            loss_fn=per_sample,
             **sharding,
         )
     measured = None
@@ -359,7 +371,7 @@ def run_influence(
                 net, pipeline.head_layer, (x_tr, y_tr), (x_te, y_te),
                 [(state, c["lr"]) for c, state in zip(chosen, states, strict=True)],
                 mode=mode, include_bias=include_bias, projection_dim=projection_dim, seed=seed, device=device,
-                sample_weights=usage.matrix if weighting == "usage" else None,
+                sample_weights=usage.matrix if weighting == "usage" else None, loss_fn=per_sample,
             )  # fmt: skip
         with deterministic(records.config.get("torch_threads")):
             measured = run_check(
@@ -367,7 +379,7 @@ def run_influence(
                 progress=progress,
             )  # fmt: skip
     load_into(net, load_state_dict(states[-1]), "the final checkpoint")
-    preds = _predictions(net.cpu(), x_te, y_te)
+    preds = _predictions(net.cpu(), x_te, y_te, per_sample)
     tables = _result_tables(rev, train_ids, test_ids_arr, y_te.numpy(), preds)
     seconds = time.perf_counter() - t0
     for i, (c, w) in enumerate(zip(chosen, rev.checkpoint_weights, strict=True)):

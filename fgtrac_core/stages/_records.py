@@ -18,7 +18,7 @@ import torch
 from fgtrac_core.checkpoint_files import load_run_checkpoint
 from fgtrac_core.pipeline import Pipeline, load_pipeline
 from fgtrac_core.stages.errors import MissingBoundaryStateError, StageAnalysisError
-from fgtrac_core.stages.training import Stage, Training
+from fgtrac_core.stages.training import Stage, Training, cross_entropy
 from fgtrac_core.store.reader import RunStore
 from fgtrac_core.tracking.optimizer_hooks import expand_hparams
 
@@ -101,7 +101,10 @@ def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: s
                 f"stage {row.name!r}: its boundary checkpoints (steps {start.step}, {end.step}) and its "
                 f"{len(mine)} logged steps are not one contiguous range"
             )
-    training = Training(stages=stages, model_factory=pipeline.model, load_batch=load_batch, test_ids=test_ids)
+    training = Training(
+        stages=stages, model_factory=pipeline.model, load_batch=load_batch, test_ids=test_ids,
+        loss_fn=pipeline.loss_fn or cross_entropy,
+    )  # fmt: skip
     training.validate()
     return RunRecords(
         training,

@@ -334,8 +334,8 @@ def _diagnosis(training: Training, div: Divergence | None, k: int) -> str:
     if j == 0 and i == 0:
         return head + (
             "It is the first step, so the model, inputs or loss the pipeline rebuilds may differ from the ones "
-            "trained (a loss other than mean cross-entropy, mixed precision under torch.autocast, random "
-            "augmentation in the inputs), a recorded fact of that step (hyperparameters, clipping, batch, "
+            "trained (a loss other than mean cross-entropy: name the loop's with --loss; mixed precision under "
+            "torch.autocast; random augmentation in the inputs), a recorded fact of that step (hyperparameters, clipping, batch, "
             "targets) may not be what the loop used, or this machine / thread count computes differently from "
             "the recording one"
         )

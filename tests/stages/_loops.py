@@ -26,6 +26,12 @@ from fgtrac_core.tracking import Run
 
 N_TRAIN, N_TEST, D_IN, N_CLASSES = 48, 16, 6, 3
 MODEL_REF, INPUTS_REF = "tests.stages._loops:MLP", "tests.stages._loops:inputs"
+LOSS_REF = "tests.stages._loops:smoothed_loss"
+
+
+def smoothed_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A loop's own loss: label-smoothed cross-entropy, mean over the batch (as the loop computes it)."""
+    return F.cross_entropy(outputs, targets, label_smoothing=0.2)
 
 
 class MLP(nn.Module):
@@ -112,6 +118,8 @@ def record(
     targets: bool = False,
     model_factory: Callable[[], nn.Module] = MLP,
     validate: str | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    config: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Record `stages` with the README loop (no step=, no lr=); returns the trained model.
 
@@ -122,7 +130,7 @@ def record(
     torch.manual_seed(0)
     x, y = dataset()
     model = model_factory()
-    run = Run.create(run_dir, name="loop", config={"torch_threads": torch.get_num_threads()})
+    run = Run.create(run_dir, name="loop", config={"torch_threads": torch.get_num_threads(), **(config or {})})
     run.register_samples(
         np.arange(N_TRAIN), split="train", labels=y[:N_TRAIN].numpy(), raw=x[:N_TRAIN].numpy()
     )
@@ -153,7 +161,7 @@ def record(
                         if cfg.order == "log_step_sched":
                             run.log_batch(b_ids, epoch=epoch, **extra)
                         opt.zero_grad(set_to_none=cfg.set_to_none)
-                        loss = F.cross_entropy(model(xb), yb)
+                        loss = loss_fn(model(xb), yb)
                         loss.backward()
                         if cfg.clip is not None:
                             cfg.clip(model, step)
