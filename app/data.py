@@ -221,14 +221,15 @@ _PICKER_KEYS = {"influence": "influence", "stages": "stage_analysis"}
 
 # the parameters a reviewer tells analyses apart by, in this order (the rest is on the Audit page's entry)
 _SHOWN_PARAMS = ("weighting", "k", "damping", "gradients", "checkpoint_rule", "behaviours", "horizon", "readout",
-                 "adam_preconditioner", "n_test")  # fmt: skip
+                 "adam_preconditioner", "training_loss", "n_test")  # fmt: skip
+_DEFAULT_LOSS = "mean cross-entropy"  # not shown: only a loop's own loss tells analyses apart
 
 
 def _params_line(params: dict[str, Any]) -> str:
     """'weighting checkpoint, k 20, ..., LDS 0.45 (16 replays)': an analysis' distinguishing parameters."""
     from fgtrac_core._text import abbreviate
 
-    parts = [f"{k} {abbreviate(params[k])}" for k in _SHOWN_PARAMS if params.get(k) is not None]
+    parts = [f"{k} {abbreviate(params[k])}" for k in _SHOWN_PARAMS if params.get(k) not in (None, _DEFAULT_LOSS)]
     check = params.get("check")
     if isinstance(check, dict) and "lds" in check:
         parts.append(f"LDS {check['lds']:.2f} ({check.get('replays')} replays)")

@@ -1,13 +1,14 @@
 """Per-example values by torch.func (gradients; losses), for models and losses that branch on their input too.
 
-`vmap` batches one example's gradient function over many, but cannot trace Python control flow that depends on
-tensor values (``if x[0, 0] > 0:`` picking a head, a per-example early exit); such a model's examples are then
-taken one call each, eagerly: the same values, slower.
+`vmap` batches one example's function over many, but cannot trace Python control flow that depends on tensor
+values (``if x[0, 0] > 0:`` picking a head, a per-example early exit); such examples are then taken one call
+each, eagerly: the same values, slower.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.func import vmap
@@ -15,17 +16,28 @@ from torch.func import vmap
 Params = dict[str, torch.Tensor]
 
 
+def _map_examples(fn: Callable[..., Any], args: Sequence[Any], in_dims: Sequence[int | None], stack: Callable) -> Any:
+    """``vmap(fn, in_dims)(*args)``, or `stack` of one eager call per example where vmap cannot trace `fn`."""
+    try:
+        return vmap(fn, in_dims=tuple(in_dims))(*args)
+    except RuntimeError as exc:
+        n = min(len(a) for a, d in zip(args, in_dims, strict=True) if d is not None)
+        if "data-dependent control flow" not in str(exc) or not n:
+            raise
+    return stack(
+        [fn(*(a if d is None else a[i] for a, d in zip(args, in_dims, strict=True))) for i in range(n)]
+    )
+
+
 def per_example(
     grad_fn: Callable[[Params, torch.Tensor, torch.Tensor], Params], params: Params, x: torch.Tensor, y: torch.Tensor
 ) -> Params:
     """`grad_fn(params, x[i], y[i])` for every example i, stacked along a new first dimension per parameter."""
-    try:
-        return vmap(grad_fn, in_dims=(None, 0, 0))(params, x, y)
-    except RuntimeError as exc:
-        if "data-dependent control flow" not in str(exc) or not len(x):
-            raise
-    rows = [grad_fn(params, xi, yi) for xi, yi in zip(x, y, strict=True)]
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def stack(rows: list[Params]) -> Params:
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    return _map_examples(grad_fn, (params, x, y), (None, 0, 0), stack)
 
 
 def per_example_losses(
@@ -37,9 +49,4 @@ def per_example_losses(
     def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return loss(o[None], t[None]).reshape(())
 
-    try:
-        return vmap(one)(outputs, targets)
-    except RuntimeError as exc:
-        if "data-dependent control flow" not in str(exc) or not len(outputs):
-            raise
-    return torch.stack([one(o, t) for o, t in zip(outputs, targets, strict=True)])
+    return _map_examples(one, (outputs, targets), (0, 0), torch.stack)

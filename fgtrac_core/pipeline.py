@@ -55,6 +55,10 @@ class Pipeline:
     def model(self) -> nn.Module:
         return self.model_factory()
 
+    def loss_name(self) -> str:
+        """What analyses record as the training loss: `loss_description` of `loss_fn`."""
+        return loss_description(self.loss_fn)
+
     def per_sample_loss(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
         """(outputs, targets) -> one loss per sample: `loss_fn` of each sample alone (None: cross-entropy's)."""
         return None if self.loss_fn is None else functools.partial(per_example_losses, self.loss_fn)
@@ -133,6 +137,13 @@ def _build(model_ref: str, factory: Callable[[], nn.Module]) -> Callable[[], nn.
     if not isinstance(built, nn.Module):
         raise FgtracError(f"--model {model_ref} built a {type(built).__name__}, not a torch.nn.Module")
     return factory
+
+
+def loss_description(loss_fn: Callable[..., Any] | None, default: Callable[..., Any] | None = None) -> str:
+    """``module:name`` of a pipeline's training loss, or "mean cross-entropy" for none (or `default`)."""
+    if loss_fn is None or loss_fn is default:
+        return "mean cross-entropy"
+    return f"{getattr(loss_fn, '__module__', '?')}:{getattr(loss_fn, '__qualname__', type(loss_fn).__name__)}"
 
 
 def load_pipeline(

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fgtrac_core._per_example import per_example
+from fgtrac_core._per_example import per_example, per_example_losses
 from fgtrac_core.influence.gradients import per_sample_gradients
 from fgtrac_core.stages import behaviours
 
@@ -68,3 +68,14 @@ def test_vmap_errors_other_than_branching_still_raise() -> None:
 
     with pytest.raises(RuntimeError, match="something else"):
         per_example(broken, {}, torch.zeros(2, 1), torch.zeros(2))
+
+
+def test_per_example_losses_of_a_branching_loss_equal_each_example_alone() -> None:
+    def weighted(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # weights class 0 by branching on it
+        return F.cross_entropy(out, target) * (2.0 if target[0] == 0 else 1.0)
+
+    out, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 0])
+    expected = torch.stack([weighted(out[i : i + 1], y[i : i + 1]) for i in range(6)])
+    assert torch.equal(per_example_losses(weighted, out, y), expected)
+    smoothed = per_example_losses(lambda o, t: F.cross_entropy(o, t, label_smoothing=0.1), out, y)  # vmapped
+    assert torch.allclose(smoothed, F.cross_entropy(out, y, label_smoothing=0.1, reduction="none"), atol=1e-6)

@@ -401,6 +401,7 @@ def run_influence(
         "projection_dim": projection_dim,
         "seed": seed,
         "layer": pipeline.head_layer,
+        "training_loss": pipeline.loss_name(),
         "n_train": len(train_ids),
         "n_test": len(test_ids_arr),
         "views": ["raw", "cosine"],

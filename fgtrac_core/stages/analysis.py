@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from fgtrac_core.budget import DEFAULT_BUDGET_S, CostEstimate, enforce, seconds_per_step
 from fgtrac_core.ledger.entries import ENTRY_KINDS
-from fgtrac_core.pipeline import Pipeline
+from fgtrac_core.pipeline import Pipeline, loss_description
 from fgtrac_core.stages import behaviours as beh
 from fgtrac_core.stages import estimators as est
 from fgtrac_core.stages import faithfulness as faith
@@ -35,7 +35,7 @@ from fgtrac_core.stages._records import load_training
 from fgtrac_core.stages.errors import StageAnalysisError
 from fgtrac_core.stages.linearize import ADAM_MODES
 from fgtrac_core.stages.replay import Cursor, deterministic, replay_full, replay_without, require_replayable
-from fgtrac_core.stages.training import StateDict, Training
+from fgtrac_core.stages.training import StateDict, Training, cross_entropy
 from fgtrac_core.store.reader import RunStore
 
 METHODS = ("replay", "fast", "propagated", "partial-replay")
@@ -198,6 +198,7 @@ def analyze(
         "behaviours": list(behaviours),
         "faithfulness_behaviour": behaviours[0],
         "readout": readout,
+        "training_loss": loss_description(training.loss_fn, default=cross_entropy),
         "adam_preconditioner": adam,
         "budget_s": budget_s,
         "force": force,

@@ -87,6 +87,7 @@ def test_influence_scores_with_the_loops_loss(
     )
     with RunStore(run_dir) as store:
         aid = summary.analysis_id
+        assert store.analysis(aid, "influence")["params"]["training_loss"] == LOSS_REF  # what the scores used
         test_id = int(store.influence_tests(aid)["sample_id"].iloc[0])
         stored = store.influence_topk(aid, test_id, "raw").query("direction == 'proponent'")
         used = [int(c["checkpoint_id"]) for c in summary.checkpoints]
@@ -116,3 +117,5 @@ def test_the_cli_takes_the_loss(smoothed_run: tuple[Path, dict[str, torch.Tensor
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and f"--loss {LOSS_REF}" in refused.stderr
     proc = run_cli("stages", str(run_dir), "--method", "replay", *pipeline, "--loss", LOSS_REF, "--json")
     assert proc.returncode == 0, proc.stderr
+    with RunStore(run_dir) as store:
+        assert store.latest_analysis("stages")["params"]["training_loss"] == LOSS_REF
