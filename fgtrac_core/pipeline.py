@@ -15,8 +15,8 @@ takes a sample's loss as the same function of that sample alone (a batch of one)
 Labels are never taken from the pipeline: they are the recorded labels (`samples.label`), the ones training saw.
 Importing a module runs its code, so fgtrac imports by itself only the bundled pipelines (`sample_runs.*`); any
 other run's pipeline must be named explicitly by the user (``--model``/``--inputs``/``--head-layer`` and
-``--loss`` when the config names one, on every command that rebuilds the model), who thereby trusts it; the current directory is then importable, as with
-``python -m``.
+``--loss`` when the config names one, on every command that rebuilds the model), who thereby trusts it; the
+current directory is then importable, as with ``python -m``.
 """
 
 from __future__ import annotations

@@ -231,8 +231,9 @@ def per_sample_gradients(
     batch_size: int = 128,
     device: torch.device,
 ) -> torch.Tensor:
-    """(n, P) per-sample gradients of the named parameters (vmap over grad; `per_example`), each multiplied element-wise by
-    `scale[name]` when given, then passed through `reduce` (a projection) batch by batch to bound memory."""
+    """(n, P) per-sample gradients of the named parameters (vmap over grad, see `per_example`), each multiplied
+    element-wise by `scale[name]` when given, then passed through `reduce` (a projection) batch by batch to bound
+    memory."""
     x, y = as_tensors(data, "data")
     fn = per_sample_loss(loss_fn)
     params = {k: v.detach() for k, v in model.named_parameters()}

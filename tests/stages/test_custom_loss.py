@@ -57,7 +57,8 @@ def test_replay_uses_the_loops_loss(smoothed_run: tuple[Path, dict[str, torch.Te
         training = load_training(store, _pipeline(loss=True)).training
         assert same_state(replay_full(training).model, trained)
         default = load_training(store, _pipeline(loss=False)).training
-        with pytest.raises(ReplayMismatchError, match=r"first diverges at step 0 .*loss other than mean cross-entropy: name the loop's with --loss"):
+        diverges = r"first diverges at step 0 .*loss other than mean cross-entropy: name the loop's with --loss"
+        with pytest.raises(ReplayMismatchError, match=diverges):
             replay_full(default)
 
 
@@ -101,7 +102,8 @@ def test_influence_scores_with_the_loops_loss(
     states = [(load_state_dict(run_dir / p), lr) for p, lr in zip(ckpts["path"], ckpts["lr"], strict=True)]
 
     def scores(loss_fn):  # noqa: ANN001, ANN202
-        return tracin(MLP(), "head", (x[torch.from_numpy(ids.copy())], y_tr), (x[[test_id]], y_te), states, loss_fn=loss_fn)[0].double()
+        train = (x[torch.from_numpy(ids.copy())], y_tr)
+        return tracin(MLP(), "head", train, (x[[test_id]], y_te), states, loss_fn=loss_fn)[0].double()
 
     smoothed = scores(lambda o, t: F.cross_entropy(o, t, label_smoothing=0.2, reduction="none"))
     top = stored.sort_values("rank")

@@ -271,7 +271,9 @@ def test_zeroed_gradients_backward_did_not_reach_replay(tmp_path: Path) -> None:
             aux = [training.param_names.index(n) for n in ("aux.weight", "aux.bias")]
             first_used = uses_aux.index(True)
             # before the head's first gradient there is nothing to zero; after it, every step that leaves it out
-            expected = [aux if not used and i > first_used and not set_to_none else [] for i, used in enumerate(uses_aux)]
+            expected = [
+                aux if not used and i > first_used and not set_to_none else [] for i, used in enumerate(uses_aux)
+            ]
             assert [stage.zeros(i) for i in range(stage.n_steps)] == expected
             assert any(expected) != set_to_none and not any(stage.altered or [])
             assert training.replay_refusal() is None
