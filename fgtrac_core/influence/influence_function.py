@@ -14,9 +14,12 @@ exact and small: for cross-entropy over a linear head the loss is convex in θ a
     H = (1/n) Σ_i (diag(p_i) − p_i p_iᵀ) ⊗ ã_i ã_iᵀ,        ∇ℓ(z) = δ_z ⊗ ã_z,
 
 with p the softmax, δ = p − onehot(y) the gradient at the logits and ã = (a, 1) the head's input with a 1 for
-the bias (left out with `include_bias=False`).  p is recovered from δ and the label, so only the default
-cross-entropy loss is supported.  H is (C·(d+1))² for C classes and a d-dimensional head input; it is formed
-by C² matmuls over the training set and solved once in float64 against the test gradients.  For a model whose
+the bias (left out with `include_bias=False`).  For cross-entropy p is recovered from δ and the label; for
+another per-sample loss ℓ(z, y) of the logits z (`loss_fn`, e.g. a label-smoothed cross-entropy) the
+per-sample (C, C) block diag(p) − ppᵀ is ∇²_z ℓ instead, by torch.func (exact, not assumed convex: the damping
+must then make H + λI positive definite, else a one-line error).  H is (C·(d+1))² for C classes and a
+d-dimensional head input; it is formed by C² matmuls over the training set and solved once in float64 against the
+test gradients.  For a model whose
 head is the whole model (logistic regression) this is the classical influence function with an exact Hessian.
 """
 
@@ -28,11 +31,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import hessian, vmap
 
 from fgtrac_core.errors import FgtracError
 from fgtrac_core.influence.gradients import (
     Data,
     Features,
+    LossFn,
     as_tensors,
     head_factors,
     head_gradients,
@@ -46,13 +51,27 @@ def _extended(act: torch.Tensor, bias: bool) -> torch.Tensor:
     return torch.cat([act, torch.ones(len(act), 1, dtype=act.dtype, device=act.device)], 1) if bias else act
 
 
-def _head_hessian(delta: torch.Tensor, act: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(C·k, C·k) Hessian of the mean cross-entropy over the head's (class, input) coordinates, k = act width."""
-    n, c = delta.shape
-    p = delta + F.one_hot(labels, c).to(delta.dtype)  # softmax: δ = p − onehot(y) under cross-entropy
-    s = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (n, C, C)
+def _cross_entropy_logit_hessians(delta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(n, C, C) per-sample Hessians of cross-entropy over the logits, diag(p) − ppᵀ, from δ = p − onehot(y)."""
+    p = delta + F.one_hot(labels, delta.shape[1]).to(delta.dtype)
+    return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+
+
+def _logit_hessians(loss_fn: LossFn, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(n, C, C) per-sample Hessians ∇²_z ℓ(z, y) of a per-sample loss over the logits z, by torch.func."""
+
+    def one(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(z[None], y[None]).reshape(())
+
+    return vmap(hessian(one))(logits, labels)
+
+
+def _head_hessian(s: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """(C·k, C·k) Hessian of the mean loss over the head's (class, input) coordinates, k = act width, from the
+    per-sample Hessians `s` (n, C, C) of the loss over the logits."""
+    n, c = s.shape[:2]
     k = act.shape[1]
-    h = torch.empty(c, k, c, k, dtype=delta.dtype, device=delta.device)
+    h = torch.empty(c, k, c, k, dtype=s.dtype, device=s.device)
     for i in range(c):
         for j in range(i, c):
             block = (act * s[:, i, j, None]).T @ act
@@ -107,19 +126,25 @@ def whitened_gradients(
     damping: float = 1e-3,
     include_bias: bool = True,
     device: str | torch.device | None = None,
+    loss_fn: LossFn | None = None,
 ) -> Whitened:
-    """Test and training gradients of the `layer` head at `checkpoint`, whitened by the head's damped
-    cross-entropy Hessian over `train` (float64; see `Whitened`), on `device` (default: CUDA when available, as
-    `tracin`; the model is moved there).  The model's own parameters are restored."""
+    """Test and training gradients of the `layer` head at `checkpoint`, whitened by the head's damped Hessian of
+    the mean training loss over `train` (float64; see `Whitened`), on `device` (default: CUDA when available, as
+    `tracin`; the model is moved there).  `loss_fn(outputs, labels)` returns per-sample losses (default:
+    cross-entropy).  The model's own parameters are restored."""
     require_positive_damping(damping)
-    bias = include_bias and linear_layer(model, layer).bias is not None
+    head = linear_layer(model, layer)
+    bias = include_bias and head.bias is not None
     device = _device(device)
     model = model.to(device)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
         load_into(model, load_state_dict(checkpoint), "the checkpoint")
-        d_tr, a_tr = head_factors(model, layer, train, device=device)
-        d_te, a_te = head_factors(model, layer, test, device=device)
+        d_tr, a_tr = head_factors(model, layer, train, device=device, loss_fn=loss_fn)
+        d_te, a_te = head_factors(model, layer, test, device=device, loss_fn=loss_fn)
+        # copies: the parameters are restored in place below (and .double() of a float64 tensor is no copy)
+        w = head.weight.detach().double().clone()
+        b = None if head.bias is None else head.bias.detach().double().clone()
     finally:
         model.load_state_dict(original)
     dim = d_tr.shape[1] * (a_tr.shape[1] + bias)
@@ -129,10 +154,20 @@ def whitened_gradients(
             f"(at most {MAX_HESSIAN_DIM}); use a TracIn mode (--mode last_layer)"
         )
     d_tr, a_tr, d_te, a_te = (t.double() for t in (d_tr, a_tr, d_te, a_te))
+    labels = as_tensors(train, "train")[1].long().to(d_tr.device)
+    if loss_fn is None:
+        s = _cross_entropy_logit_hessians(d_tr, labels)
+    else:  # the head's outputs rebuilt from its input: the logits the loss was taken at
+        s = _logit_hessians(loss_fn, a_tr @ w.T + (0.0 if b is None else b), labels)
     a_tr, a_te = _extended(a_tr, bias), _extended(a_te, bias)
-    h = _head_hessian(d_tr, a_tr, as_tensors(train, "train")[1].long().to(d_tr.device))
+    h = _head_hessian(s, a_tr)
     h.diagonal().add_(damping)
-    chol = torch.linalg.cholesky(h)  # positive definite once damped
+    chol, info = torch.linalg.cholesky_ex(h)  # cross-entropy's is positive definite once damped
+    if int(info):
+        raise FgtracError(
+            f"the head's loss Hessian plus damping {damping:g} is not positive definite (the loss is not convex in "
+            f"the head there); raise --damping or use a TracIn mode (--mode last_layer)"
+        )
     # vec(δ ãᵀ): the bias is the last input column, matching the Hessian's (class, input) layout
     out = [
         torch.linalg.solve_triangular(chol, head_gradients(d, a, bias=False).T, upper=False).T
@@ -151,6 +186,7 @@ def influence_function(
     damping: float = 1e-3,
     include_bias: bool = True,
     device: str | torch.device | None = None,
+    loss_fn: LossFn | None = None,
 ) -> torch.Tensor:
     """(n_test, n_train) influence-function scores of the `layer` head at `checkpoint` (a path or state dict, as
     for `tracin`; usually the final one), float64.  Positive = proponent (removing the training sample raises
@@ -158,8 +194,9 @@ def influence_function(
     since the softmax is unchanged by adding the same value to every logit, so H is singular along that
     direction."""
     return whitened_gradients(
-        model, layer, train, test, checkpoint, damping=damping, include_bias=include_bias, device=device
-    ).scores()
+        model, layer, train, test, checkpoint, damping=damping, include_bias=include_bias, device=device,
+        loss_fn=loss_fn,
+    ).scores()  # fmt: skip
 
 
 def influence_function_review(
@@ -176,6 +213,7 @@ def influence_function_review(
     chunk_size: int = 8192,
     device: str | torch.device | None = None,
     progress: bool = False,
+    loss_fn: LossFn | None = None,
 ) -> Review:
     """`review` for the influence function: top-k proponents and opponents of every test example by raw score
     (and by cosine in the whitened space, when `cosine`), streamed over training chunks, and every sample's
@@ -183,6 +221,7 @@ def influence_function_review(
     The Hessian is formed and factored in float64; the whitened features are then ranked in the model's own
     dtype, as the TracIn modes are (`Whitened`)."""
     w = whitened_gradients(
-        model, layer, train, test, checkpoint, damping=damping, include_bias=include_bias, device=device
-    )
+        model, layer, train, test, checkpoint, damping=damping, include_bias=include_bias, device=device,
+        loss_fn=loss_fn,
+    )  # fmt: skip
     return w.review(k, cosine=cosine, chunk_size=chunk_size, progress=progress)

@@ -263,11 +263,6 @@ def run_influence(
         pipeline = load_pipeline(
             store.meta().get("config", "{}"), model=model, inputs=inputs, head_layer=layer, need_head=True, loss=loss
         )
-        if hessian and pipeline.loss_fn is not None:
-            raise FgtracError(
-                f"--mode {IF_MODE} uses the head's exact cross-entropy Hessian, and this run's pipeline names its "
-                f"own loss; use a TracIn mode (--mode last_layer, full, exact, adamw_influence)"
-            )
         per_sample = pipeline.per_sample_loss()
         chosen, states = _chosen_checkpoints(store, checkpoints, tau)
         if hessian:
@@ -328,7 +323,7 @@ def run_influence(
     elif hessian:  # whitened once: the review and, with --check, the full score matrix
         whitened = whitened_gradients(
             net, pipeline.head_layer, at_checkpoint((x_tr, y_tr), 0), (x_te, y_te), states[0], damping=damping,
-            include_bias=include_bias, device=device,
+            include_bias=include_bias, device=device, loss_fn=per_sample,
         )  # fmt: skip
         rev = whitened.review(k, cosine=True, progress=progress)
     else:
@@ -428,8 +423,8 @@ def run_influence(
     if hessian:
         params["damping"] = damping
         params["definition"] = (
-            "(1/n) grad test loss . (H + damping I)^-1 grad training loss, H the head's exact cross-entropy "
-            "Hessian over the training set at the checkpoint (Koh & Liang 2017, last layer)"
+            "(1/n) grad test loss . (H + damping I)^-1 grad training loss, H the head's exact Hessian of the mean "
+            "training loss (training_loss) over the training set at the checkpoint (Koh & Liang 2017, last layer)"
         )
         params["cosine"] = "cosine in the whitened space (H + damping I)^-1"
     if mode == ADAMW_INFLUENCE:

@@ -22,9 +22,10 @@ def _data() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torc
 
 
 def _brute_force(
-    state: dict, train: tuple, test: tuple, damping: float, bias: bool, against: tuple | None = None
+    state: dict, train: tuple, test: tuple, damping: float, bias: bool, against: tuple | None = None, loss=F.cross_entropy
 ) -> np.ndarray:
-    """(1/n) g(test)ᵀ (H + λI)⁻¹ g(z) for z in `against` (default: the training set), H over the training set."""
+    """(1/n) g(test)ᵀ (H + λI)⁻¹ g(z) for z in `against` (default: the training set), H over the training set,
+    the batch `loss` (mean over its samples) of the training set, g the gradient of each sample's loss alone."""
     model = HeadNet().double()
     model.load_state_dict(state)
     w0, b0 = model.head.weight.detach(), model.head.bias.detach()
@@ -33,7 +34,7 @@ def _brute_force(
     def params_to_loss(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         w = flat[: w0.numel()].reshape(w0.shape)
         b = flat[w0.numel() :] if bias else b0
-        return F.cross_entropy(feats(x) @ w.T + b, y)
+        return loss(feats(x) @ w.T + b, y)
 
     flat = torch.cat([w0.flatten(), b0]) if bias else w0.flatten().clone()
     hess = torch.autograd.functional.hessian(lambda f: params_to_loss(f, *train), flat)
@@ -60,6 +61,28 @@ def test_equals_brute_force_autograd(damping: float, bias: bool) -> None:
     want = _brute_force(state, train, test, damping, bias)
     assert got.shape == (8, 22)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-9 * np.abs(want).max())
+
+
+def _smoothed(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, labels, label_smoothing=0.2)
+
+
+def test_a_loops_own_loss_equals_brute_force_autograd() -> None:
+    """Label-smoothed cross-entropy: the Hessian over the logits by torch.func, not the softmax's closed form."""
+    train, test, state = _data()
+    per_sample = lambda o, t: F.cross_entropy(o, t, label_smoothing=0.2, reduction="none")  # noqa: E731
+    got = influence_function(HeadNet().double(), "head", train, test, state, damping=1e-3, loss_fn=per_sample)
+    want = _brute_force(state, train, test, 1e-3, True, loss=_smoothed)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-9 * np.abs(want).max())
+    plain = influence_function(HeadNet().double(), "head", train, test, state, damping=1e-3)
+    assert not np.allclose(plain.numpy(), want, rtol=1e-3)  # the loss made a difference
+
+
+def test_a_hessian_the_damping_leaves_indefinite_is_refused() -> None:
+    train, test, state = _data()
+    concave = lambda o, t: -F.cross_entropy(o, t, reduction="none")  # noqa: E731
+    with pytest.raises(FgtracError, match="not positive definite .* raise --damping"):
+        influence_function(HeadNet().double(), "head", train, test, state, damping=1e-3, loss_fn=concave)
 
 
 def test_sign_a_copy_of_a_test_example_is_its_proponent() -> None:

@@ -81,8 +81,10 @@ def test_influence_scores_with_the_loops_loss(
     smoothed_run: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
 ) -> None:
     run_dir, _ = smoothed_run
-    with pytest.raises(FgtracError, match="cross-entropy Hessian, and this run's pipeline names its own loss"):
-        run_influence(run_dir, mode="influence_function", model=MODEL_REF, inputs=INPUTS_REF, loss=LOSS_REF)
+    hessian = run_influence(run_dir, mode="influence_function", model=MODEL_REF, inputs=INPUTS_REF, loss=LOSS_REF)
+    with RunStore(run_dir) as store:  # the influence function's Hessian is the smoothed loss's (tested against
+        # brute force in tests/influence/test_influence_function.py)
+        assert store.analysis(hessian.analysis_id, "influence")["params"]["training_loss"] == LOSS_REF
     summary = run_influence(
         run_dir, k=5, checkpoints="all", model=MODEL_REF, inputs=INPUTS_REF, loss=LOSS_REF, weighting="checkpoint"
     )
