@@ -55,10 +55,6 @@ class Pipeline:
     def model(self) -> nn.Module:
         return self.model_factory()
 
-    def loss_name(self) -> str:
-        """What analyses record as the training loss: `loss_description` of `loss_fn`."""
-        return loss_description(self.loss_fn)
-
     def per_sample_loss(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
         """(outputs, targets) -> one loss per sample: `loss_fn` of each sample alone (None: cross-entropy's)."""
         return None if self.loss_fn is None else functools.partial(per_example_losses, self.loss_fn)

@@ -19,8 +19,8 @@ another per-sample loss ℓ(z, y) of the logits z (`loss_fn`, e.g. a label-smoot
 per-sample (C, C) block diag(p) − ppᵀ is ∇²_z ℓ instead, by torch.func (exact, not assumed convex: the damping
 must then make H + λI positive definite, else a one-line error).  H is (C·(d+1))² for C classes and a
 d-dimensional head input; it is formed by C² matmuls over the training set and solved once in float64 against the
-test gradients.  For a model whose
-head is the whole model (logistic regression) this is the classical influence function with an exact Hessian.
+test gradients.  For a model whose head is the whole model (logistic regression) this is the classical influence
+function with an exact Hessian.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from fgtrac_core.influence.weighting import (
     run_intervals,
     usage_weights,
 )
-from fgtrac_core.pipeline import Pipeline, load_into, load_pipeline
+from fgtrac_core.pipeline import Pipeline, load_into, load_pipeline, loss_description
 from fgtrac_core.store.reader import RunStore
 from fgtrac_core.store.run_files import committed_checkpoints
 
@@ -396,7 +396,7 @@ def run_influence(
         "projection_dim": projection_dim,
         "seed": seed,
         "layer": pipeline.head_layer,
-        "training_loss": pipeline.loss_name(),
+        "training_loss": loss_description(pipeline.loss_fn),
         "n_train": len(train_ids),
         "n_test": len(test_ids_arr),
         "views": ["raw", "cosine"],

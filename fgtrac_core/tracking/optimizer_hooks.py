@@ -462,12 +462,11 @@ class StepHooks:
 
         return accumulated
 
-    def _untouched(self, skip: frozenset[int] = frozenset()) -> bool:
-        """True when every gradient (but those of the parameters at indices `skip`) is still the tensor backward
-        accumulated, not modified in place since."""
-        for i, (p, seen, version) in enumerate(zip(self._params, self._seen, self._version, strict=True)):
+    def _untouched(self) -> bool:
+        """True when every gradient is still the tensor backward accumulated, not modified in place since."""
+        for p, seen, version in zip(self._params, self._seen, self._version, strict=True):
             grad = p.grad
-            if grad is not None and (grad is not seen or grad._version != version) and i not in skip:
+            if grad is not None and (grad is not seen or grad._version != version):
                 return False
         return True
 
@@ -486,7 +485,9 @@ class StepHooks:
         if zeros and any(bool(self._params[i].grad.any()) for i in zeros):
             self._modifies = self._copying = True
             return {**UNKNOWN_CLIP, "stale": zeros}, True, None
-        if zeros and self._untouched(skip=frozenset(zeros)):
+        for i in zeros:  # all zeros, whatever the loop did to them: taken as they are, the others checked as usual
+            self._seen[i], self._version[i] = self._params[i].grad, self._params[i].grad._version
+        if zeros and self._untouched():
             if not self._modifies:
                 self._copying = False
             return {**NO_CLIP, "zeros": zeros}, False, None
