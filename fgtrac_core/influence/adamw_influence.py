@@ -151,7 +151,8 @@ def _params(
 
 def check_supported(training: Any, sgd_form: str = "exact") -> None:
     """Refuse, in one line, what this mode cannot follow: optimizers other than SGD/Adam/AdamW, AMSGrad,
-    maximize, steps on zeroed gradients backward did not produce, and runs that exact replay cannot reproduce."""
+    maximize, steps on zeroed gradients backward did not produce, gradient accumulation, and runs that exact replay
+    cannot reproduce."""
     from fgtrac_core.stages.replay import INFLUENCE_REMEDY, require_replayable
 
     if sgd_form not in SGD_FORMS:
@@ -170,6 +171,12 @@ def check_supported(training: Any, sgd_form: str = "exact") -> None:
                 f"stage {stage.name!r} stepped on zeroed gradients of parameters its backward did not reach at step "
                 f"{stage.steps[i]} (zero_grad(set_to_none=False)), which AdamW-influence does not follow; exact "
                 f"replay (--method replay, --check) does"
+            )
+    for stage in training.stages:
+        if stage.accumulation > 1:
+            raise FgtracError(
+                f"stage {stage.name!r} accumulates gradients over several logged batches per optimizer step, which "
+                f"AdamW-influence does not follow; exact TracIn (--mode exact) and stage replay do"
             )
     require_replayable(training, INFLUENCE_REMEDY)
 

@@ -78,6 +78,12 @@ def _kept_cursor(training: Any, train_ids: np.ndarray, keep: np.ndarray, stage_i
             m = torch.from_numpy(~np.isin(ids, dropped))
             return x[m], y[m]
 
+        def parts(self) -> list[int]:
+            sizes = super().parts()
+            ids = np.asarray(run.stages[self.stage_index].batches[self.step_index], np.int64)
+            kept = ~np.isin(ids, dropped)
+            return [int(kept[a : a + n].sum()) for a, n in zip(np.cumsum([0, *sizes[:-1]]), sizes, strict=True)]
+
         def step(self, observe: Any = None) -> None:
             j, i = self.stage_index, self.step_index
             super().step(observe)

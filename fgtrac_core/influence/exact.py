@@ -128,7 +128,7 @@ def step_gradients(
 
 
 def replay_steps(training: Any, progress: bool = False) -> Any:
-    """Yield (stage, step index in stage, model at θ_t, (x, y) of the batch) for every recorded step, then run
+    """Yield (stage index, step index in stage, model at θ_t, (x, y) of the batch) for every recorded step, then run
     the step.  The batch cache of `training` is emptied as it goes (memory stays flat).  A run exact replay
     refuses is refused first, and every step is checked against its recorded parameter fingerprint: scores from
     a trajectory that left the recorded one are never returned (ReplayMismatchError at the first such step)."""
@@ -146,7 +146,7 @@ def replay_steps(training: Any, progress: bool = False) -> Any:
     try:
         while not cursor.done:
             j, i = cursor.stage_index, cursor.step_index
-            yield training.stages[j], i, cursor.model, cursor.batch()
+            yield j, i, cursor.model, cursor.batch()
             cursor.step()
             raise_if_diverged(cursor, "no influence is reported")
             training._batch_cache.pop((j, i), None)
@@ -200,7 +200,8 @@ def exact_pass(
     current = -1
     cols_of = _columns(train_ids)
     n_steps = uses = 0
-    for stage, i, model, (xb, yb) in replay_steps(training, progress):
+    for j, i, model, (xb, yb) in replay_steps(training, progress):
+        stage = training.stages[j]
         n_steps += 1
         ids = np.asarray(stage.batches[i], dtype=np.int64)
         if block is not None and interval_of_step is not None:
@@ -213,15 +214,15 @@ def exact_pass(
         at, cols = cols_of(ids)
         if len(cols) == 0:
             continue
-        weight = float(stage.lrs[i]) / len(ids)
+        weight = _step_weights(training, j, i, at)
         f_te, f_b = grads(model, x_te, y_te), grads(model, xb[at], yb[at])
         # the weight applied in float64, after the dot products, as the step's terms are summed
         part = f_te.add_dots(f_b, slice(None), bias, 1.0, None).double().mul_(weight)
         scores.index_add_(1, cols, part)
         if block is not None and current >= 0:
             block.index_add_(1, cols, part)
-        t_sq = f_te.sq_norms(bias).double().mul_(weight)
-        test_sq.index_add_(1, cols, t_sq[:, None].expand(-1, len(cols)))
+        t_sq = f_te.sq_norms(bias).double()[:, None] * weight  # a column per sample when weights differ
+        test_sq.index_add_(1, cols, t_sq.expand(-1, len(cols)))
         self_inf.index_add_(0, cols, f_b.sq_norms(bias).double().mul_(weight))
         uses += len(cols)
     if block is not None and current >= 0:
@@ -230,6 +231,15 @@ def exact_pass(
         raise FgtracError("the run has no recorded steps to replay")
     dim = None if grads.projection is None else int(grads.projection.matrix.shape[1])
     return ExactScores(scores, test_sq, self_inf, n_steps, time.perf_counter() - t0, uses, dim)
+
+
+def _step_weights(training: Any, j: int, i: int, at: np.ndarray) -> float | torch.Tensor:
+    """lr times each sample's weight in the step's loss (`Training.sample_weights`), for the batch positions
+    `at`: one number for a step of one batch (lr / B), per sample with gradient accumulation."""
+    stage = training.stages[j]
+    if stage.accumulation == 1:
+        return float(stage.lrs[i]) / len(stage.batches[i])
+    return torch.from_numpy(training.sample_weights(j, i)[at] * float(stage.lrs[i]))
 
 
 def _topk(matrix: torch.Tensor, k: int) -> TopK:

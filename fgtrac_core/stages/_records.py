@@ -46,8 +46,8 @@ def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: s
     """Build the `Training` of the run behind `store` (test examples: the samples of `split`).
 
     Raises MissingBoundaryStateError when a stage lacks its stage_start/stage_end checkpoint or the optimizer
-    state in it, and StageAnalysisError for runs that cannot be replayed as recorded (e.g. several batches per
-    optimizer step).
+    state in it, and StageAnalysisError for runs that cannot be replayed as recorded (e.g. an optimizer step no
+    batch was logged for).
     """
     config = json.loads(store.meta().get("config", "{}"))
     pipeline = pipeline or load_pipeline(config)
@@ -93,6 +93,7 @@ def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: s
                 fingerprints=[None if pd.isna(f) else float(f) for f in ran["param_fingerprint"]],
                 targets=[_targets(t) for t in mine["targets"]],
                 device=json.loads(row.hparams).get("device"),
+                micro=[[int(n) for n in sizes] for sizes in mine["sizes"]],
             )
         )
         expected = (start.step, start.step + len(mine))
@@ -114,18 +115,26 @@ def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: s
 
 
 def _steps(store: RunStore) -> pd.DataFrame:
-    """One row per optimizer step: step, stage_id, lr, sample ids in batch order."""
+    """One row per optimizer step: step, stage_id, lr, sample ids in log order (batch by batch, each in batch
+    order), their targets, and the sizes of its batches (several: the loop accumulated gradients over them)."""
     steps = store.df(
-        """SELECT b.step, b.stage_id, b.lr, count(DISTINCT b.batch_id) AS n_batches,
-                  list(bs.sample_id ORDER BY b.batch_id, bs.position) AS ids,
-                  list(bs.target ORDER BY b.batch_id, bs.position) AS targets
-           FROM batches b JOIN batch_samples bs USING (batch_id)
-           GROUP BY b.step, b.stage_id, b.lr ORDER BY b.step"""
+        """WITH logged AS (
+               SELECT b.batch_id, b.step, b.stage_id, b.lr,
+                      list(bs.sample_id ORDER BY bs.position) AS ids,
+                      list(bs.target ORDER BY bs.position) AS targets
+               FROM batches b JOIN batch_samples bs USING (batch_id)
+               GROUP BY b.batch_id, b.step, b.stage_id, b.lr)
+           SELECT step, stage_id, lr,
+                  flatten(list(ids ORDER BY batch_id)) AS ids,
+                  flatten(list(targets ORDER BY batch_id)) AS targets,
+                  list(len(ids) ORDER BY batch_id) AS sizes
+           FROM logged GROUP BY step, stage_id, lr ORDER BY step"""
     )
-    if steps["step"].duplicated().any() or (steps["n_batches"] > 1).any():
+    if steps["step"].duplicated().any():
+        step = int(steps.loc[steps["step"].duplicated(), "step"].iloc[0])
         raise StageAnalysisError(
-            "several batches were logged for one optimizer step (gradient accumulation); stage replay needs "
-            "one log_batch call per optimizer step"
+            f"the batches logged for optimizer step {step} disagree on its stage or learning rate; replay needs "
+            f"each step's batches recorded by the one stage that ran it"
         )
     return steps
 
@@ -146,7 +155,8 @@ def _check_steps(stage: str, logged: list[int], ran: list[int]) -> None:
     if no_step:
         raise StageAnalysisError(
             f"stage {stage!r}: a batch was logged for step {no_step[0]}, but no optimizer step of the stage's "
-            f"optimizer followed it; replay needs every logged batch to be stepped on"
+            f"optimizer followed it; replay needs every logged batch to be stepped on (with gradient accumulation, "
+            f"log each micro-batch before the optimizer.step() that applies it)"
         )
     no_batch = sorted(set(ran) - set(logged))
     if no_batch:

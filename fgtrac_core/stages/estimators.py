@@ -126,7 +126,8 @@ def _enter(training: Training, d: Perturbation, j: int) -> Perturbation:
 
 
 def hvp_at(cursor: Cursor) -> lin.Hvp:
-    """u -> H_t u for the step `cursor` runs next: analytic double backward of its batch's training loss.
+    """u -> H_t u for the step `cursor` runs next: analytic double backward of its batch's training loss (with
+    gradient accumulation, of the loss its micro-batches' backward passes summed, `Training.step_loss`).
 
     The parameters are copied now, so the product can be taken after the optimizer step has moved them.
     """
@@ -135,7 +136,7 @@ def hvp_at(cursor: Cursor) -> lin.Hvp:
     theta = [p.detach().clone() for p in cursor.params]
     buffers = {n: b for n, b in model.named_buffers()}
     x, y = cursor.batch()
-    loss_fn = cursor.training.loss_fn
+    training, at_stage, at_step = cursor.training, cursor.stage_index, cursor.step_index
 
     def hvp(u: lin.Vectors) -> lin.Vectors:
         params = [t.clone().requires_grad_() for t in theta]
@@ -146,7 +147,8 @@ def hvp_at(cursor: Cursor) -> lin.Hvp:
             out = functional_call(model, state, (x,))
             # a parameter this batch does not reach (a branch the forward skips) has zero gradient and curvature
             grads = torch.autograd.grad(
-                loss_fn(out, y), params, create_graph=True, allow_unused=True, materialize_grads=True
+                training.step_loss(out, y, at_stage, at_step), params, create_graph=True, allow_unused=True,
+                materialize_grads=True,
             )
             live = [i for i, g in enumerate(grads) if g.requires_grad]
 

@@ -77,8 +77,10 @@ class Cursor:
 
     Created at the start of stage `stage_index` with parameters `model_state`; `carried` is the optimizer state
     a stage that continues its predecessor's optimizer would inherit.  `step()` runs the next recorded step
-    exactly as the training loop did: zero grads, mean loss of the batch, backward, zero gradients where the loop
-    stepped on zeroed ones its backward did not reach, the recorded clipping, optimizer step.
+    exactly as the training loop did: zero grads, the loss of the batch and its backward (with gradient
+    accumulation: one forward and backward per micro-batch, in recorded order, each loss scaled as the loop did,
+    `Training.micro_loss`), zero gradients where the loop stepped on zeroed ones its backward did not reach,
+    the recorded clipping, optimizer step.
     """
 
     def __init__(
@@ -115,8 +117,24 @@ class Cursor:
         return here + self.training.steps_after(self.stage_index)
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) of the step `step()` runs next."""
+        """(inputs, targets) of the step `step()` runs next (with gradient accumulation: of all its micro-batches,
+        concatenated)."""
         return self.training.batch(self.stage_index, self.step_index)
+
+    def parts(self) -> list[int]:
+        """The sizes of the micro-batches in `batch()` (one: no gradient accumulation)."""
+        return self.training.stages[self.stage_index].parts(self.step_index)
+
+    def _backward(self) -> None:
+        x, y = self.batch()
+        if self.training.stages[self.stage_index].accumulation == 1:
+            self.training.loss_fn(self.model(x), y).backward()
+            return
+        sizes = self.parts()
+        for m, (xm, ym) in enumerate(zip(x.split(sizes), y.split(sizes), strict=True)):
+            # a copy, not a view into the concatenated batch: the loop's micro-batch was a tensor of its own
+            loss = self.training.loss_fn(self.model(xm.clone()), ym.clone())
+            self.training.micro_loss(loss, self.stage_index, sizes, m).backward()
 
     def step(self, observe: Callable[[torch.optim.Optimizer], None] | None = None) -> None:
         """Run the next recorded optimizer step (then move to the next stage if this one is finished).
@@ -128,9 +146,8 @@ class Cursor:
         # every group's hyperparameters as the recorded step applied them (lr, momentum, betas, weight decay...)
         for group, hp in zip(self.optimizer.param_groups, stage.step_groups(self.step_index), strict=True):
             group.update(hp)
-        x, y = self.batch()
         self.optimizer.zero_grad()
-        self.training.loss_fn(self.model(x), y).backward()
+        self._backward()
         if zeros := stage.zeros(self.step_index):  # the loop's zero_grad(set_to_none=False) left zeros there
             stepped = [p for g in self.optimizer.param_groups for p in g["params"]]
             for k in zeros:
@@ -308,10 +325,23 @@ def _describe_step(training: Training, j: int, i: int) -> str:
         clipping = f"clip_grad_value_(clip_value={clip['clip_value']!r})"
     if zeros := stage.zeros(i):
         clipping += f", zero gradients stepped on for {', '.join(training.param_names[k] for k in zeros)}"
-    return (
-        f"optimizer {stage.optimizer}, {'; '.join(parts)}, {clipping}, a batch of {len(stage.batches[i])} "
-        f"samples"
-    )
+    if stage.accumulation == 1:
+        batch = f"a batch of {len(stage.batches[i])} samples"
+    else:
+        sizes = stage.parts(i)
+        batch = (
+            f"gradients accumulated over {len(sizes)} logged batch(es) of {', '.join(map(str, sizes))} samples, "
+            f"each loss scaled as {_RULE_TEXT[training.accumulation_rule(j)].format(k=stage.accumulation)}"
+        )
+    return f"optimizer {stage.optimizer}, {'; '.join(parts)}, {clipping}, {batch}"
+
+
+_RULE_TEXT = {
+    "mean": "loss / {k} (the stage's most micro-batches per step)",
+    "sum": "loss (summed, not scaled)",
+    "share": "loss * n / N (micro-batch size over the step's samples)",
+    "share_ratio": "loss * (n / N) (micro-batch size over the step's samples)",
+}
 
 
 def _diagnosis(training: Training, div: Divergence | None, k: int) -> str:

@@ -16,7 +16,7 @@ reproduce it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(model outputs for a batch, targets) -> the scalar training loss of the batch."""
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+
+ACCUMULATION = ("mean", "sum", "share", "share_ratio")
+"""The ways a loop may scale each micro-batch's loss when it accumulates gradients (`Training.accumulation_rule`)."""
 
 StateDict = dict[str, torch.Tensor]
 
@@ -50,6 +53,9 @@ class Stage:
     hyperparameters as applied, `clips[i]` the gradient clipping rule (or None), `altered[i]` whether the loop
     changed the gradients otherwise, `fingerprints[i]` the parameter fingerprint after the step.  Without
     `hparams` (in-memory trainings) the other groups keep their recorded ratio to the first group's lr.
+    `micro[i]`: the sizes of the batches logged for step i, in log order, when the loop accumulated gradients
+    over several (several `log_batch` calls before one `optimizer.step()`); `batches[i]` is then their
+    concatenation.
     """
 
     stage_id: int
@@ -68,10 +74,20 @@ class Stage:
     fingerprints: list[float | None] | None = None
     targets: list[list[int | None] | None] | None = None  # per step: the recorded target of each sample, if any
     device: str | None = None  # where the stage trained (`trained_on`); None in runs recorded before it was
+    micro: list[list[int]] | None = None
 
     @property
     def n_steps(self) -> int:
         return len(self.steps)
+
+    def parts(self, i: int) -> list[int]:
+        """The sizes of the micro-batches whose gradients step index `i` accumulated (one: no accumulation)."""
+        return [len(self.batches[i])] if self.micro is None else self.micro[i]
+
+    @property
+    def accumulation(self) -> int:
+        """The most micro-batches any step of the stage accumulated (1: one batch per step)."""
+        return max((len(p) for p in self.micro or ()), default=1)
 
     @property
     def fresh(self) -> bool:
@@ -113,6 +129,7 @@ class Training:
     load_batch: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
     test_ids: np.ndarray
     loss_fn: LossFn = cross_entropy
+    _accumulation: dict[int, str] = field(default_factory=dict, repr=False)
     _batch_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False
     )
@@ -145,6 +162,89 @@ class Training:
             self._batch_cache[key] = (x, y)
         return self._batch_cache[key]
 
+    def accumulation_rule(self, stage_index: int) -> str:
+        """How the loop scaled each micro-batch's loss in a stage that accumulates gradients (`ACCUMULATION`):
+        ``mean`` (``loss / K``, K the stage's most micro-batches per step, also at a step with fewer), ``sum``
+        (``loss`` as it is), ``share`` (``loss * n / N``: the micro-batch's size over the step's samples, so the
+        step's mean) or ``share_ratio`` (``loss * (n / N)``, the same value in other bits); ``none`` for a stage
+        with one batch per step.
+
+        The recorder sees the accumulated gradients, not the loss, so the rule is inferred, once per stage: the
+        stage is replayed from its recorded start under every rule, step by step, and a rule is dropped at the
+        first step whose parameters differ from the recorded fingerprint; this stops once the rules left agree
+        on every later step (usually after the first step, at most at the first step whose micro-batches differ
+        in size).  Without fingerprints to decide: ``mean``.
+        """
+        stage = self.stages[stage_index]
+        if stage.accumulation == 1:
+            return "none"
+        if stage_index not in self._accumulation:
+            self._accumulation[stage_index] = self._infer_accumulation(stage_index)
+        return self._accumulation[stage_index]
+
+    def _infer_accumulation(self, stage_index: int) -> str:
+        from fgtrac_core.stages.replay import Cursor  # replay builds on this module
+
+        stage = self.stages[stage_index]
+        if not stage.fingerprints or any(f is None for f in stage.fingerprints):
+            return "mean"
+        carried = self.stages[stage_index - 1].end_optimizer if stage_index else None
+        alive = {rule: Cursor(self, stage_index, stage.start_model, carried) for rule in ACCUMULATION}
+        for cursor in alive.values():
+            cursor.check_fingerprints = True
+        seeds = [{r: _seeds(r, tuple(stage.parts(i)), stage.accumulation) for r in ACCUMULATION}
+                 for i in range(stage.n_steps)]  # fmt: skip
+
+        def last_disagreement() -> int:  # the last step at which the rules still alive differ in any bit
+            return max((i for i, w in enumerate(seeds) if len({w[r] for r in alive}) > 1), default=-1)
+
+        decided_after = last_disagreement()
+        for i in range(stage.n_steps):
+            last = i == stage.n_steps - 1
+            for rule, cursor in list(alive.items()):
+                self._accumulation[stage_index] = rule
+                # at the stage's last step also its recorded end state: Adam's update hardly depends on the scale
+                # of the gradients, so the parameters (and the fingerprints) can agree under two rules while the
+                # moments differ by that scale
+                ended = _EndCheck(stage, cursor.model) if last else None
+                cursor.step(ended)
+                if cursor.divergence is not None or (ended is not None and not ended.same):
+                    del alive[rule]
+                    decided_after = last_disagreement()
+            if len(alive) <= 1 or i >= decided_after:
+                break
+        return next(iter(alive), "mean")
+
+    def micro_loss(self, loss: torch.Tensor, stage_index: int, sizes: list[int], part: int) -> torch.Tensor:
+        """`loss` (the training loss of micro-batch `part` of a step of stage `stage_index` whose micro-batches
+        have `sizes`) scaled as the loop scaled it before its backward (`accumulation_rule`); `loss` itself in a
+        stage with one batch per step."""
+        return _scale(self.accumulation_rule(stage_index), loss, sizes, part, self.stages[stage_index].accumulation)
+
+    def step_loss(
+        self, outputs: torch.Tensor, targets: torch.Tensor, stage_index: int, step_index: int
+    ) -> torch.Tensor:
+        """The loss whose gradient recorded step `step_index` applied, from the model's outputs on its whole
+        batch: the training loss of the batch, or with gradient accumulation the sum of its micro-batches'
+        scaled losses (`micro_loss`; the value of the loop's backward passes, not their bits)."""
+        stage = self.stages[stage_index]
+        if stage.accumulation == 1:
+            return self.loss_fn(outputs, targets)
+        sizes = stage.parts(step_index)
+        parts = enumerate(zip(outputs.split(sizes), targets.split(sizes), strict=True))
+        return sum(self.micro_loss(self.loss_fn(o, t), stage_index, sizes, m) for m, (o, t) in parts)
+
+    def sample_weights(self, stage_index: int, step_index: int) -> np.ndarray:
+        """Each sample's weight in the loss of a recorded step, in batch order, for a loss that averages over its
+        batch (cross-entropy's default): 1/B for a batch of B; with gradient accumulation, per micro-batch of
+        n samples 1/(K n) (rule ``mean``, K the stage's accumulation count), 1/n (``sum``) or 1/N (``share``, N
+        the step's samples).  A step moves the parameters along minus lr times the weighted sum of the
+        per-sample gradients (plain SGD)."""
+        stage = self.stages[stage_index]
+        sizes = stage.parts(step_index)
+        weights = _part_weights(self.accumulation_rule(stage_index), sizes, stage.accumulation)
+        return np.repeat(np.asarray(weights, dtype=np.float64), sizes)
+
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of the test examples, in `test_ids` order."""
         return self.load_batch(self.test_ids)
@@ -171,6 +271,8 @@ class Training:
                 )
             if len(stage.lrs) != stage.n_steps or len(stage.batches) != stage.n_steps:
                 raise StageAnalysisError(f"stage {stage.name!r}: steps, learning rates and batches disagree")
+            if stage.micro is not None and [sum(p) for p in stage.micro] != [len(b) for b in stage.batches]:
+                raise StageAnalysisError(f"stage {stage.name!r}: micro-batch sizes and batches disagree")
             if j == 0:
                 continue
             prev = self.stages[j - 1]
@@ -255,6 +357,54 @@ class Training:
                 f"than by torch.nn.utils.clip_grad_norm_ / clip_grad_value_, so replay cannot reproduce that step"
             )
         return None
+
+
+@functools.cache
+def _seeds(rule: str, sizes: tuple[int, ...], count: int) -> tuple[float, ...]:
+    """The gradient each micro-batch's loss receives from its scaled backward under an accumulation rule, in
+    float32 and float64 (by autograd): two rules with the same seeds at a step replay it in the same bits."""
+    out = []
+    for dtype in (torch.float32, torch.float64):
+        for part in range(len(sizes)):
+            loss = torch.ones((), dtype=dtype, requires_grad=True)
+            (seed,) = torch.autograd.grad(_scale(rule, loss, sizes, part, count), loss)
+            out.append(float(seed))
+    return tuple(out)
+
+
+def _scale(rule: str, loss: torch.Tensor, sizes: Sequence[int], part: int, count: int) -> torch.Tensor:
+    n, total = sizes[part], sum(sizes)
+    if n == 0:  # a micro-batch emptied by a counterfactual (`influence --check`): its loss is a zero already
+        return loss
+    if rule == "mean":
+        return loss / count
+    if rule == "share":
+        return loss * n / total
+    if rule == "share_ratio":
+        return loss * (n / total)
+    return loss
+
+
+class _EndCheck:
+    """An `observe` for a replay's last step of `stage`: whether the model and optimizer end as recorded."""
+
+    def __init__(self, stage: Stage, model: nn.Module) -> None:
+        self.stage, self.model, self.same = stage, model, False
+
+    def __call__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.same = _same_tensors(self.model.state_dict(), self.stage.end_model) and _same_optimizer_state(
+            optimizer.state_dict(), self.stage.end_optimizer
+        )
+
+
+def _part_weights(rule: str, sizes: list[int], count: int) -> list[float]:
+    """Per micro-batch, its samples' weight in a step's loss under an accumulation rule (`Training.sample_weights`)."""
+    total = sum(sizes)
+    if rule == "mean":
+        return [1.0 / (count * n) for n in sizes]
+    if rule == "sum":
+        return [1.0 / n for n in sizes]
+    return [1.0 / total] * len(sizes)
 
 
 def _same_tensors(a: StateDict, b: StateDict) -> bool:

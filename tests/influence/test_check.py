@@ -46,6 +46,22 @@ def test_replay_without_nothing_is_the_recorded_run(tiny: Path) -> None:
     assert np.array_equal(got, want.double().numpy())
 
 
+def test_replay_without_samples_of_accumulated_steps(tmp_path: Path) -> None:
+    """Stage "a" accumulates two micro-batches per step (losses scaled by size): removing samples replays the
+    step's mean over the samples kept, as a hand retraining does (micro-batches emptied too)."""
+    _tiny.record(tmp_path / "run", accumulate=True)
+    x, y = _tiny.dataset()
+    with RunStore(tmp_path / "run") as store:
+        records = load_training(store, _tiny.pipeline())
+    dropped = {0, 1, 2, 3, 5, 8, 13}
+    keep = np.array([i not in dropped for i in range(_tiny.N_TRAIN)])
+    with deterministic(records.config.get("torch_threads")):
+        got = replay_without(
+            records.training, np.arange(_tiny.N_TRAIN), keep, (x[_tiny.N_TRAIN :], y[_tiny.N_TRAIN :])
+        )
+    np.testing.assert_allclose(got, _tiny.hand_losses_without(tmp_path / "run", dropped), rtol=1e-5, atol=1e-7)
+
+
 def test_check_lds_equals_an_independent_computation(tiny: Path) -> None:
     k, seed = 6, 3
     summary = run_influence(

@@ -62,6 +62,15 @@ def test_two_stages_equal_a_hand_computation(two_stages: Path) -> None:
     np.testing.assert_allclose(s.scores.numpy(), want.numpy(), rtol=1e-4, atol=1e-9)
 
 
+def test_accumulated_steps_equal_a_hand_computation(tmp_path: Path) -> None:
+    """Stage "a" logs two micro-batches per step, their losses scaled by size (the step's mean): each sample
+    weighs lr / (samples of the step), as in the hand computation over the step's union."""
+    _tiny.record(tmp_path / "run", accumulate=True)
+    s = _exact(tmp_path / "run")
+    want = _tiny.hand_exact(tmp_path / "run")
+    np.testing.assert_allclose(s.scores.numpy(), want.numpy(), rtol=1e-4, atol=1e-9)
+
+
 def test_stored_exact_analysis(two_stages: Path) -> None:
     summary = run_influence(
         two_stages, mode="exact", k=_tiny.N_TRAIN, checkpoints="all", model=_tiny.MODEL, inputs=_tiny.INPUTS,
