@@ -171,9 +171,12 @@ class Training:
 
         The recorder sees the accumulated gradients, not the loss, so the rule is inferred, once per stage: the
         stage is replayed from its recorded start under every rule, step by step, and a rule is dropped at the
-        first step whose parameters differ from the recorded fingerprint; this stops once the rules left agree
-        on every later step (usually after the first step, at most at the first step whose micro-batches differ
-        in size).  Without fingerprints to decide: ``mean``.
+        first step whose parameters differ from the recorded fingerprint, or at the stage's end when its model or
+        optimizer state differs from the recorded one.  This stops as soon as the rules left give every later
+        micro-batch's backward the same gradient in every bit (`_seeds`): after one step for SGD in most runs;
+        for Adam, whose update hardly depends on the gradients' scale, ``loss / K`` and ``loss`` are often told
+        apart only by the moments at the stage's end, at the cost of replaying the stage once per such rule.
+        Without fingerprints to decide: ``mean``.
         """
         stage = self.stages[stage_index]
         if stage.accumulation == 1:
