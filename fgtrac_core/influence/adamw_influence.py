@@ -151,8 +151,7 @@ def _params(
 
 def check_supported(training: Any, sgd_form: str = "exact") -> None:
     """Refuse, in one line, what this mode cannot follow: optimizers other than SGD/Adam/AdamW, AMSGrad,
-    maximize, steps on zeroed gradients backward did not produce, gradient accumulation, and runs that exact replay
-    cannot reproduce."""
+    maximize, steps on zeroed gradients backward did not produce, and runs that exact replay cannot reproduce."""
     from fgtrac_core.stages.replay import INFLUENCE_REMEDY, require_replayable
 
     if sgd_form not in SGD_FORMS:
@@ -171,12 +170,6 @@ def check_supported(training: Any, sgd_form: str = "exact") -> None:
                 f"stage {stage.name!r} stepped on zeroed gradients of parameters its backward did not reach at step "
                 f"{stage.steps[i]} (zero_grad(set_to_none=False)), which AdamW-influence does not follow; exact "
                 f"replay (--method replay, --check) does"
-            )
-    for stage in training.stages:
-        if stage.accumulation > 1:
-            raise FgtracError(
-                f"stage {stage.name!r} accumulates gradients over several logged batches per optimizer step, which "
-                f"AdamW-influence does not follow; exact TracIn (--mode exact) and stage replay do"
             )
     require_replayable(training, INFLUENCE_REMEDY)
 
@@ -350,6 +343,14 @@ def _sgd_step(hps: list[dict[str, Any]], first: list[bool], sizes: list[int]) ->
     )  # fmt: skip
 
 
+def _loss_weights(training: Any, j: int, i: int) -> torch.Tensor | None:
+    """Each sample's weight in the loss of step i of stage j (float64, batch order) when the loop accumulated
+    gradients there (`Training.sample_weights`); None for a step of one batch, whose loss is its mean."""
+    if training.stages[j].accumulation == 1:
+        return None
+    return torch.from_numpy(training.sample_weights(j, i))
+
+
 def _clip_jacobian(
     model: nn.Module,
     spec: _Params,
@@ -358,9 +359,11 @@ def _clip_jacobian(
     at: torch.Tensor,
     clip: dict[str, Any],
     dg: torch.Tensor,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The perturbation of the clipped gradient on the scored coordinates, from the unclipped ones `dg` of the
-    batch rows `at` (each ∇ℓ_z/|B|): exact derivative of torch's clipping (see the module docstring)."""
+    batch rows `at` (each ∇ℓ_z/|B|, or ∇ℓ_z times its weight `scale` with gradient accumulation): exact
+    derivative of torch's clipping (see the module docstring)."""
     fn = per_sample_loss(spec.loss_fn)
     params = list(model.parameters())
     named = dict(model.named_parameters())
@@ -371,7 +374,8 @@ def _clip_jacobian(
     model.eval()
     try:
         with torch.enable_grad():
-            loss = (fn(model(xb), yb) * weights).sum() / len(xb)
+            per_sample = fn(model(xb), yb) * weights
+            loss = per_sample.sum() / len(xb) if scale is None else (per_sample * scale.to(weights.dtype)).sum()
             grads = torch.autograd.grad(loss, params, create_graph=norm_rule)
             flat = torch.cat([g.reshape(-1) for g in grads])
             here = torch.cat(
@@ -395,7 +399,7 @@ def _clip_jacobian(
             (s,) = torch.autograd.grad((flat * u.to(flat.dtype)).sum(), weights)
     finally:
         model.train(was_training)
-    s_z = s.detach().double()[at]  # u · ∇ℓ_z/|B| (the loss above is the batch mean)
+    s_z = s.detach().double()[at]  # u · ∇ℓ_z/|B| (or times its weight): the loss above is the step's
     return coef * (dg - s_z[:, None] * here.double()[None, :] / (float(total) + _CLIP_EPS))
 
 
@@ -516,22 +520,24 @@ def _sweep(
             hps = [stage.step_groups(i)[g] for g in _group_of(stage, spec.names, all_names)]
             model = cursor.model
             dg = None
+            scale = _loss_weights(training, j, i)
             if len(cols) and (adam or sgd_form == "trajectory"):
-                dg = spec.grads(model, xb[at], yb[at]) / len(ids)
+                g_b = spec.grads(model, xb[at], yb[at])
+                dg = g_b / len(ids) if scale is None else g_b * scale[at][:, None]
                 clip = stage.clip(i)
                 if clip:
-                    dg = _clip_jacobian(model, spec, xb, yb, at, clip, dg)
+                    dg = _clip_jacobian(model, spec, xb, yb, at, clip, dg, scale)
                 propagated_uses += len(cols)
             elif len(cols):  # SGD: the step-exact TracIn term, as exact.py
-                weight = float(stage.lrs[i]) / len(ids)
+                weight = float(stage.lrs[i]) / len(ids) if scale is None else scale[at] * float(stage.lrs[i])
                 g_te = spec.grads(model, x_te, y_te)
                 g_b = spec.grads(model, xb[at], yb[at])
                 part = (g_te @ g_b.T).mul_(weight)
                 sgd.index_add_(1, cols, part)
                 if block is not None:
                     block.index_add_(1, cols, part)
-                t_sq = g_te.pow(2).sum(1).mul_(weight)
-                test_sq.index_add_(1, cols, t_sq[:, None].expand(-1, len(cols)))
+                t_sq = g_te.pow(2).sum(1)[:, None] * weight  # a column per sample when weights differ
+                test_sq.index_add_(1, cols, t_sq.expand(-1, len(cols)))
                 self_inf.index_add_(0, cols, g_b.pow(2).sum(1).mul_(weight))
             uses += len(cols)
             follow = live or dg is not None or bool(props)
@@ -811,7 +817,8 @@ def unrolled_influence(
             else:
                 at = {n: t if t.requires_grad else t.requires_grad_() for n, t in theta.items()}
             out = functional_call(model, (at, buffers), (xb.to(dtype),))
-            loss = (fn(out, yb) * wb).sum() / len(ids)
+            scale = _loss_weights(training, j, i)
+            loss = (fn(out, yb) * wb).sum() / len(ids) if scale is None else (fn(out, yb) * wb * scale.to(dtype)).sum()
             grads = list(torch.autograd.grad(loss, [at[n] for n in names], create_graph=True))
             grads = _functional_clip(grads, stage.clip(i))
             hps = stage.step_groups(i)

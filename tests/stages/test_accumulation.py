@@ -1,7 +1,8 @@
 """Gradient accumulation: a loop that logs several micro-batches per optimizer step replays bit for bit whichever
 way it scales their losses (the rule is inferred from the recorded fingerprints), with clipping and an epoch's
 shorter last step; exact TracIn weighs each sample as the loop's loss did (against a hand computation); a loop
-that logs a micro-batch after the step it belongs to is refused in one line."""
+that logs a micro-batch after the step it belongs to is refused in one line; AdamW-influence equals its brute-force
+reference on such a run."""
 
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from fgtrac_core.errors import FgtracError
-from fgtrac_core.influence.adamw_influence import check_supported
+from fgtrac_core.influence.adamw_influence import adamw_influence, unrolled_influence
 from fgtrac_core.influence.exact import exact_pass
 from fgtrac_core.pipeline import Pipeline
 from fgtrac_core.stages._records import load_training
@@ -179,10 +179,23 @@ def test_exact_tracin_weighs_samples_as_the_loop_did(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)  # float32 gradients: ~1e-9 apart
 
 
-def test_adamw_influence_refuses_accumulation_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("adam", "clip"), [(True, True), (False, False)])
+def test_adamw_influence_weighs_samples_as_the_loop_did(tmp_path: Path, adam: bool, clip: bool) -> None:
+    """AdamW-influence on an accumulating run (loss / K; Adam with clipping, and SGD) equals its brute-force
+    reference, autograd through the unrolled training with each sample weighted as the loop's loss weighed it
+    (1/(K n)); SGD's step-exact form equals exact TracIn."""
     with deterministic(1):
-        _record(tmp_path / "run", "mean", adam=True)
+        _record(tmp_path / "run", "mean", adam=adam, clip=clip)
+    x, y = dataset()
+    test = (x[N_TRAIN:], y[N_TRAIN:])
     with RunStore(tmp_path / "run") as store:
         training = load_training(store, _pipeline()).training
-    with pytest.raises(FgtracError, match="accumulates gradients over several logged batches"):
-        check_supported(training)
+    with deterministic(1):
+        assert training.accumulation_rule(0) == "mean"
+        want = unrolled_influence(training, np.arange(N_TRAIN), test, params=["head.weight", "head.bias"])
+        got = adamw_influence(training, "head", np.arange(N_TRAIN), test, sgd_form="trajectory").scores
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-6
+        if not adam:  # SGD's step-exact TracIn form: exact TracIn's terms (tested above against a hand computation)
+            tracin = adamw_influence(training, "head", np.arange(N_TRAIN), test).scores
+            exact = exact_pass(training, "head", np.arange(N_TRAIN), test).scores
+            np.testing.assert_allclose(tracin.numpy(), exact.numpy(), rtol=1e-5, atol=1e-8)  # float32 factors
