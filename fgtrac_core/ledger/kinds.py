@@ -95,11 +95,12 @@ KINDS: tuple[RecordKind, ...] = (
     ),
     # one per optimizer step, as the recorder's step hooks saw it: the hyperparameters applied (canonical JSON, per
     # param group only the keys changed since the stage's previous step; all keys at a stage's first step), the
-    # gradient clipping inferred, whether the loop altered gradients otherwise, and a parameter fingerprint
+    # gradient clipping inferred, whether the loop altered gradients otherwise, a parameter fingerprint, and the
+    # seeds of the model's training forwards that fed it (JSON list; NULL when the stage does not reseed them)
     RecordKind(
         "optimizer_step",
         "optimizer_steps",
-        ("step", "stage_id", "hparams", "clip", "grads_altered", "param_fingerprint"),
+        ("step", "stage_id", "hparams", "clip", "grads_altered", "param_fingerprint", "forward_seeds"),
         "step",
     ),
     RecordKind(

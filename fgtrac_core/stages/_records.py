@@ -63,8 +63,8 @@ def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: s
     )
     steps = _steps(store)
     applied = store.df(
-        """SELECT step, stage_id, hparams, clip, grads_altered, param_fingerprint FROM optimizer_steps
-           ORDER BY step"""
+        """SELECT step, stage_id, hparams, clip, grads_altered, param_fingerprint, forward_seeds
+           FROM optimizer_steps ORDER BY step"""
     )
     stages, used = [], []
     for row in stage_rows.itertuples():
@@ -94,6 +94,7 @@ def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: s
                 targets=[_targets(t) for t in mine["targets"]],
                 device=json.loads(row.hparams).get("device"),
                 micro=[[int(n) for n in sizes] for sizes in mine["sizes"]],
+                seeds=[None if v is None or pd.isna(v) else json.loads(v) for v in ran["forward_seeds"]],
             )
         )
         expected = (start.step, start.step + len(mine))

@@ -32,6 +32,7 @@ from fgtrac_core.stages import linearize as lin
 from fgtrac_core.stages.linearize import Perturbation, StepPoint
 from fgtrac_core.stages.replay import Cursor, check_final, recorded_cursor, skipped_cursor
 from fgtrac_core.stages.training import StateDict, Training
+from fgtrac_core.tracking.forward_seeds import reseed
 
 
 @dataclass
@@ -144,7 +145,11 @@ def hvp_at(cursor: Cursor) -> lin.Hvp:
             # buffers cloned: a training-mode forward updates BatchNorm's running statistics in place, and this one
             # is not a training step (the cursor's own model must keep the recorded trajectory's buffers)
             state = {**{n: b.clone() for n, b in buffers.items()}, **dict(zip(names, params, strict=True))}
-            out = functional_call(model, state, (x,))
+            seeds = training.stages[at_stage].seeds
+            with torch.random.fork_rng(devices=[]):
+                if seeds and seeds[at_step]:  # the step's dropout masks (of its first forward), not fresh ones
+                    reseed(seeds[at_step][0])
+                out = functional_call(model, state, (x,))
             # a parameter this batch does not reach (a branch the forward skips) has zero gradient and curvature
             grads = torch.autograd.grad(
                 training.step_loss(out, y, at_stage, at_step), params, create_graph=True, allow_unused=True,

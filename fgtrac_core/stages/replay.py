@@ -27,6 +27,7 @@ import torch
 from fgtrac_core.pipeline import load_into
 from fgtrac_core.stages.errors import ReplayMismatchError, StageAnalysisError
 from fgtrac_core.stages.training import StateDict, Training
+from fgtrac_core.tracking.forward_seeds import reseed
 from fgtrac_core.tracking.optimizer_hooks import (
     ParamFingerprint,
     apply_clip,
@@ -126,15 +127,33 @@ class Cursor:
         return self.training.stages[self.stage_index].parts(self.step_index)
 
     def _backward(self) -> None:
+        stage = self.training.stages[self.stage_index]
+        seeds = stage.seeds[self.step_index] if stage.seeds else None
+        if not seeds:
+            self._backward_passes(None)
+            return
+        with torch.random.fork_rng(devices=[]):  # the caller's generator continues as if replay drew nothing
+            self._backward_passes(seeds)
+
+    def _backward_passes(self, seeds: list[int] | None) -> None:
         x, y = self.batch()
-        if self.training.stages[self.stage_index].accumulation == 1:
+        stage = self.training.stages[self.stage_index]
+        if stage.accumulation == 1:
+            self._reseed(seeds, 0)
             self.training.loss_fn(self.model(x), y).backward()
             return
         sizes = self.parts()
         for m, (xm, ym) in enumerate(zip(x.split(sizes), y.split(sizes), strict=True)):
+            self._reseed(seeds, m)
             # a copy, not a view into the concatenated batch: the loop's micro-batch was a tensor of its own
             loss = self.training.loss_fn(self.model(xm.clone()), ym.clone())
             self.training.micro_loss(loss, self.stage_index, sizes, m).backward()
+
+    @staticmethod
+    def _reseed(seeds: list[int] | None, m: int) -> None:
+        """Reseed torch's generator as the recorder did before the forward of micro-batch m (dropout masks)."""
+        if seeds:
+            reseed(seeds[m])
 
     def step(self, observe: Callable[[torch.optim.Optimizer], None] | None = None) -> None:
         """Run the next recorded optimizer step (then move to the next stage if this one is finished).
@@ -365,16 +384,17 @@ def _diagnosis(training: Training, div: Divergence | None, k: int) -> str:
         return head + (
             "It is the first step, so the model, inputs or loss the pipeline rebuilds may differ from the ones "
             "trained (a loss other than mean cross-entropy: name the loop's with --loss; mixed precision under "
-            "torch.autocast; random augmentation in the inputs), a recorded fact of that step (hyperparameters, clipping, batch, "
+            "torch.autocast; random augmentation in the inputs; random numbers drawn inside the model, such as functional "
+            "dropout, in a stage not recorded with run.stage(..., seed_forwards=True)), a recorded fact of that step (hyperparameters, clipping, batch, "
             "targets) may not be what the loop used, or this machine / thread count computes differently from "
             "the recording one"
         )
     return head + (
         "Every earlier step matched, so the pipeline and this machine's numerics reproduce the recording: a "
         "recorded fact of that step (hyperparameters, clipping, batch, targets) differs from what the loop did, "
-        "the forward pass draws random numbers (functional dropout, noise inside the model: only nn.Dropout "
-        "modules are seen before replaying), or the loop changed parameters or optimizer state outside "
-        "optimizer.step() there"
+        "the forward pass draws random numbers the recorder did not reseed (functional dropout, noise inside the "
+        "model: record the stage with run.stage(..., seed_forwards=True)), or the loop changed parameters or "
+        "optimizer state outside optimizer.step() there"
     )
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fgtrac_core.stages.errors import MissingBoundaryStateError, StageAnalysisError
+from fgtrac_core.tracking.forward_seeds import random_modules
 from fgtrac_core.tracking.optimizer_hooks import clipping, is_unknown, zeroed
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,6 +76,7 @@ class Stage:
     targets: list[list[int | None] | None] | None = None  # per step: the recorded target of each sample, if any
     device: str | None = None  # where the stage trained (`trained_on`); None in runs recorded before it was
     micro: list[list[int]] | None = None
+    seeds: list[list[int] | None] | None = None  # per step: the seeds of its training forwards (`forward_seeds`)
 
     @property
     def n_steps(self) -> int:
@@ -316,15 +318,24 @@ class Training:
         """Why exact replay cannot reproduce this training although estimators can still linearise it (the loop
         altered gradients by hand at some step), or None.  Replay refuses with this reason; an estimator's results
         carry it as `verified: false`."""
-        dropout = [
-            f"{name} (p={m.p})" for name, m in self.model_factory().named_modules()
-            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
-        ]  # fmt: skip
-        if dropout:
-            return (
-                f"the model draws random dropout masks in training ({', '.join(dropout)}), which the recorder "
-                f"does not record, so replay cannot reproduce the recorded steps"
-            )
+        dropout = random_modules(self.model_factory())
+        for stage in self.stages if dropout else ():
+            if stage.seeds is None or any(s is None for s in stage.seeds):
+                return (
+                    f"the model draws random dropout masks in training ({', '.join(dropout)}), and stage "
+                    f"{stage.name!r} was recorded without reseeding its forward passes (run.stage(..., "
+                    f"seed_forwards=False), or by an fgtrac before they were), so replay cannot draw them again"
+                )
+        for stage in self.stages:
+            for i, seeds in enumerate(stage.seeds or ()):
+                if seeds is not None and len(seeds) != len(stage.parts(i)):
+                    return (
+                        f"step {stage.steps[i]} (stage {stage.name!r}) ran {len(seeds)} training-mode forward "
+                        f"pass(es) of the model with gradients for its {len(stage.parts(i))} logged batch(es); "
+                        f"replay draws the model's random numbers (dropout) again per logged batch, so a forward "
+                        f"that trains on no logged batch leaves it unable to tell which seed fed which batch "
+                        f"(evaluate in model.eval() or under torch.no_grad())"
+                    )
         for stage in self.stages:
             if stage.device is not None and stage.device != "cpu":
                 return (

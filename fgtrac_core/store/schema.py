@@ -13,7 +13,7 @@ import duckdb
 
 from fgtrac_core.errors import CorruptRunError, SchemaVersionError, TamperedRunError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _DDL = """
 CREATE TABLE meta (
@@ -87,7 +87,8 @@ CREATE TABLE optimizer_steps (
     hparams VARCHAR NOT NULL,
     clip VARCHAR,
     grads_altered BOOLEAN NOT NULL,
-    param_fingerprint DOUBLE
+    param_fingerprint DOUBLE,
+    forward_seeds VARCHAR
 );
 CREATE TABLE checkpoints (
     checkpoint_id INTEGER PRIMARY KEY,

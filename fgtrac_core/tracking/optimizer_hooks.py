@@ -548,18 +548,21 @@ class StepBuffer:
     once per flush, where the hyperparameters' deltas are taken and the fingerprints reduced."""
 
     def __init__(self) -> None:
-        self._rows: list[tuple[int, int, Groups | None, StepFacts]] = []
+        self._rows: list[tuple[int, int, Groups | None, StepFacts, list[int] | None]] = []
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def add(self, step: int, stage_id: int, previous: Groups | None, facts: StepFacts) -> None:
+    def add(
+        self, step: int, stage_id: int, previous: Groups | None, facts: StepFacts, seeds: list[int] | None = None
+    ) -> None:
         """Buffer one step; `previous` is the hyperparameters of the stage's step before it (None at its first:
-        all values are recorded)."""
-        self._rows.append((step, stage_id, previous, facts))
+        all values are recorded); `seeds` those of the model's training forwards that fed it (`ForwardSeeds`;
+        None when the stage does not reseed them)."""
+        self._rows.append((step, stage_id, previous, facts, seeds))
 
     def table(self) -> pa.Table:
-        steps, stage_ids, previous, facts = zip(*self._rows, strict=True) if self._rows else ((), (), (), ())
+        steps, stage_ids, previous, facts, seeds = zip(*self._rows, strict=True) if self._rows else ((),) * 5
         deltas = [hparams_delta(p, f.groups) for p, f in zip(previous, facts, strict=True)]
         clips, altered = [f.clip for f in facts], [f.grads_altered for f in facts]
         for i, f in enumerate(facts):
@@ -575,5 +578,6 @@ class StepBuffer:
                 "param_fingerprint": pa.array(
                     [None if f.fingerprint is None else fingerprint_value(f.fingerprint) for f in facts], pa.float64()
                 ),
+                "forward_seeds": pa.array([None if s is None else canonical_json(s) for s in seeds], pa.string()),
             }
         )

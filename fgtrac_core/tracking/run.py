@@ -76,6 +76,7 @@ from fgtrac_core.store.run_files import remove_stale_temporaries, write_file_ato
 from fgtrac_core.store.schema import create_lookup_indexes, create_schema
 from fgtrac_core.tracking._device import fetch_to_host
 from fgtrac_core.tracking._writer import Writer
+from fgtrac_core.tracking.forward_seeds import ForwardSeeds, random_modules
 from fgtrac_core.tracking.optimizer_hooks import StepBuffer, StepFacts, StepHooks, trained_on
 from fgtrac_core.tracking.thumbnails import as_png_list
 from fgtrac_core.verify import check_before_write
@@ -157,6 +158,7 @@ class _ActiveStage:
     optimizer: torch.optim.Optimizer
     last_lr: float | None = None
     hooks: StepHooks | None = None
+    seeds: ForwardSeeds | None = None  # reseeds the model's training forwards (a model with dropout)
     groups: list[dict[str, Any]] | None = None  # the hyperparameters applied at the stage's previous step
     last_step_open: bool = False  # the stage's last optimizer step has no batch yet
 
@@ -530,13 +532,17 @@ class Run:
         optimizer: torch.optim.Optimizer,
         scheduler: Any = None,
         model: torch.nn.Module | None = None,
+        seed_forwards: bool | None = None,
         **hparams: Any,
     ) -> Iterator[Run]:
         """Mark a training stage; parameters and optimizer state are checkpointed at its start and end.
 
         Records the optimizer class and every param group's hyperparameters, the scheduler's class and state
         (what each optimizer step applied is recorded per step in `optimizer_steps` by hooks on `optimizer`,
-        attached until the stage ends), and any extra `hparams` given.
+        attached until the stage ends), and any extra `hparams` given.  `seed_forwards` (default: when the model
+        has dropout layers) reseeds torch's generator before each training forward with a recorded seed drawn
+        from it, so that replay draws the same dropout masks (`fgtrac_core.tracking.forward_seeds`); pass True
+        for a model that draws random numbers otherwise (functional dropout, noise).
         """
         self._check_open()
         if self._stage is not None:
@@ -576,6 +582,8 @@ class Run:
         self._stage = _ActiveStage(stage_id, name, optimizer)
         self.checkpoint(self._model, optimizer, kind="stage_start")
         self._stage.hooks = StepHooks(optimizer, self._on_optimizer_step)
+        if seed_forwards or (seed_forwards is None and random_modules(self._model)):
+            self._stage.seeds = ForwardSeeds(self._model)
         status = "failed"
         try:
             yield self
@@ -589,6 +597,8 @@ class Run:
         stage_id, ended_at = self._stage.stage_id, _now()
         if self._stage.hooks is not None:
             self._stage.hooks.remove()
+        if self._stage.seeds is not None:
+            self._stage.seeds.remove()
         if self._pending_lrs:  # batches logged for a step that never ran: they keep a step number of their own
             self._resolve_pending(self._next_step, None)
             self._next_step += 1
@@ -676,7 +686,8 @@ class Run:
         if stage is None or self._closed:
             return
         step = self._next_step
-        self._steps.add(step, stage.stage_id, stage.groups, facts)
+        seeds = stage.seeds.take() if stage.seeds is not None else None
+        self._steps.add(step, stage.stage_id, stage.groups, facts, seeds)
         if facts.groups is not stage.groups:  # the same object when no hyperparameter changed (most steps)
             stage.groups = facts.groups
             lr = facts.groups[0].get("lr") if facts.groups else None

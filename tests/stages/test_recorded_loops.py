@@ -501,14 +501,3 @@ def test_batchnorm_validated_in_train_mode_is_named(tmp_path: Path) -> None:
     assert "model.eval()" in message
 
 
-def test_dropout_is_refused_before_replaying(tmp_path: Path) -> None:
-    from tests.stages._loops import DropoutMLP
-
-    run_dir = tmp_path / "run"
-    pipe = Pipeline(model_factory=DropoutMLP, load_inputs=_inputs, head_layer="head", config={})
-    with deterministic(1):
-        record(run_dir, [StageCfg("a", _sgd(), None)], model_factory=DropoutMLP)
-        with pytest.raises(StageAnalysisError, match=r"random dropout masks in training \(drop \(p=0.3\)\)"):
-            analyze(run_dir, method="replay", pipeline=pipe, progress=False)
-        fast = analyze(run_dir, method="fast", pipeline=pipe, progress=False)
-    assert fast.params["verified"] is False and "dropout" in fast.params["verified_reason"]
