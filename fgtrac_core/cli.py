@@ -112,8 +112,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         lr = st["lr_applied"]
         echo(
             f"  {st['name']:<12} {st['optimizer']:<8} steps {st['start_step']}..{st['end_step']}"
-            f"  ({st['n_steps']} steps, {st['n_sample_uses']} uses)  {st['status']}"
+            f"  ({st['n_steps']} steps, "
+            + (f"{st['n_batches']} batches: gradient accumulation, " if st["n_batches"] > st["n_steps"] else "")
+            + f"{st['n_sample_uses']} uses)  {st['status']}"
             + (f"  lr {lr[0]:.3g}..{lr[1]:.3g}" if lr else "")
+            + ("  dropout seeds recorded" if st["forward_seeds"] else "")
             + (f"  on {st['device']}" if st["device"] not in (None, "cpu") else "")
         )
     for st in s["stages"]:

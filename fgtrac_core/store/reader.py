@@ -145,6 +145,9 @@ class RunStore:
         stages = self.stages()
         ckpts = self.checkpoints()
         lr_ranges = self.applied_lr_ranges()
+        seeded = {int(sid) for (sid,) in self._rows(
+            "SELECT DISTINCT stage_id FROM optimizer_steps WHERE forward_seeds IS NOT NULL"
+        )}  # fmt: skip
         return {
             "run_dir": str(self.layout.root),
             "run_id": meta.get("run_id"),
@@ -166,7 +169,10 @@ class RunStore:
                     "start_step": int(r.start_step),
                     "end_step": None if pd.isna(r.end_step) else int(r.end_step),
                     "n_steps": int(r.n_steps),
+                    "n_batches": int(r.n_batches),  # more than n_steps: gradient accumulation
                     "n_sample_uses": int(r.n_sample_uses),
+                    # the recorder reseeded the model's training forwards (dropout), so replay redraws them
+                    "forward_seeds": int(r.stage_id) in seeded,
                     # over every step and param group, as applied; None without recorded optimizer steps
                     "lr_applied": list(lr_ranges[int(r.stage_id)]) if int(r.stage_id) in lr_ranges else None,
                     "idle": lr_ranges.get(int(r.stage_id), (None, None))[1] == 0.0,  # as `idle_stages`

@@ -128,6 +128,10 @@ def test_stages_replay_through_the_cli(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["method"] == "replay"
+    (stage,) = json.loads(run_cli("info", str(tmp_path / "run"), "--json", check=True).stdout)["stages"]
+    assert (stage["n_steps"], stage["n_batches"]) == (8, 20)  # 10 micro-batches an epoch in steps of 3, 3, 3, 1
+    info = run_cli("info", str(tmp_path / "run"), check=True).stdout
+    assert "(8 steps, 20 batches: gradient accumulation, 96 uses)" in info
 
 
 def test_a_micro_batch_logged_after_its_step_is_refused(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from fgtrac_core.stages.errors import StageAnalysisError
 from fgtrac_core.stages.replay import deterministic, replay_full
 from fgtrac_core.store import RunStore
 from fgtrac_core.tracking import Run
+from tests.conftest import run_cli
 from tests.stages._loops import MLP, N_TEST, N_TRAIN, DropoutMLP, dataset, inputs, same_state
 
 
@@ -117,6 +118,9 @@ def test_dropout_replays_bit_for_bit(tmp_path: Path) -> None:
         analysis = analyze(tmp_path / "run", method="replay", pipeline=Pipeline(DropoutMLP, inputs, "head", {}),
                            progress=False)  # fmt: skip
     assert analysis.params["verified"] is True
+    info = run_cli("info", str(tmp_path / "run"), "--json", check=True).stdout
+    assert [s["forward_seeds"] for s in json.loads(info)["stages"]] == [True, True]
+    assert "dropout seeds recorded" in run_cli("info", str(tmp_path / "run"), check=True).stdout
 
 
 @pytest.mark.parametrize("accumulate", [False, True])
@@ -130,6 +134,8 @@ def test_unseeded_dropout_is_refused_before_replaying(tmp_path: Path) -> None:
     pipe = Pipeline(DropoutMLP, inputs, "head", {})
     with deterministic(1):
         _record(tmp_path / "run", seed_forwards=False)
+        info = json.loads(run_cli("info", str(tmp_path / "run"), "--json", check=True).stdout)
+        assert [s["forward_seeds"] for s in info["stages"]] == [False, False]
         refused = r"random dropout masks in training \(drop \(p=0.3\)\), and stage 'sgd' was recorded without"
         with pytest.raises(StageAnalysisError, match=refused):
             analyze(tmp_path / "run", method="replay", pipeline=pipe, progress=False)
