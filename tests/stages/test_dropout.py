@@ -18,7 +18,7 @@ from torch import nn
 from fgtrac_core.pipeline import Pipeline
 from fgtrac_core.stages._records import load_training
 from fgtrac_core.stages.analysis import analyze
-from fgtrac_core.stages.errors import StageAnalysisError
+from fgtrac_core.stages.errors import ReplayMismatchError, StageAnalysisError
 from fgtrac_core.stages.replay import deterministic, replay_full
 from fgtrac_core.store import RunStore
 from fgtrac_core.tracking import Run
@@ -149,3 +149,12 @@ def test_a_training_forward_outside_the_batches_is_refused(tmp_path: Path) -> No
         refused = r"step 1 \(stage 'sgd'\) ran 2 training-mode forward pass\(es\) of the model with gradients for its 1"
         with pytest.raises(StageAnalysisError, match=refused):
             replay_full(_training(tmp_path / "run"))
+
+
+def test_unseeded_functional_dropout_diverges_with_the_remedy(tmp_path: Path) -> None:
+    """A model that draws random numbers without dropout layers is not reseeded by default: replay names the first
+    step and the option that records it."""
+    with deterministic(1):
+        _record(tmp_path / "run", NoisyMLP)
+        with pytest.raises(ReplayMismatchError, match=r"first diverges at step 0 .*seed_forwards=True"):
+            replay_full(_training(tmp_path / "run", NoisyMLP))
