@@ -102,3 +102,21 @@ def test_an_assumed_clipping_rule_is_checked_and_a_change_inferred_again() -> No
     expected = [{**norm, "max_norm": 0.05}] * 3 + [UNKNOWN_CLIP, {**norm, "max_norm": 0.02}, UNKNOWN_CLIP]
     assert [json.loads(c) for c in table["clip"]] == expected
     assert table["grads_altered"] == [False, False, False, True, False, True]
+
+
+def test_dropout_seeds_redraw_the_masks_on_the_device() -> None:
+    """The recorder reseeds the CUDA generator of a model on the GPU too: reseeding with a recorded seed redraws
+    the mask that forward drew."""
+    from fgtrac_core.tracking.forward_seeds import ForwardSeeds, reseed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5)).cuda()
+    seeds = ForwardSeeds(model)
+    x = torch.randn(8, 6, device="cuda")
+    first, second = model(x), model(x)
+    recorded = seeds.take()
+    seeds.remove()
+    assert len(recorded) == 2 and not torch.equal(first, second)
+    for seed, out in zip(recorded, (first, second), strict=True):
+        reseed(seed, [x.device])
+        assert torch.equal(model(x), out)
