@@ -39,6 +39,7 @@ def _stages() -> None:
         "start_step",
         "end_step",
         "n_steps",
+        "n_batches",  # more than n_steps: the loop accumulated gradients over several batches per step
         "n_sample_uses",
         "lr_min",
         "lr_max",

@@ -26,6 +26,7 @@ def test_overview_shows_the_run(digits_run: Path, monkeypatch: pytest.MonkeyPatc
     assert metrics["test accuracy"] == f"{accuracy:.1%}"
     stages = at.dataframe[0].value
     assert stages["name"].tolist() == ["pretrain", "finetune", "adapt"]
+    assert (stages["n_batches"] == stages["n_steps"]).all()  # one batch a step: no gradient accumulation
     # the checkpoints chosen for influence are marked with the reason they were chosen
     ckpts = at.dataframe[1].value
     chosen = ckpts[ckpts["influence"] != ""]
