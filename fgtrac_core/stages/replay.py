@@ -384,8 +384,9 @@ def _diagnosis(training: Training, div: Divergence | None, k: int) -> str:
         return head + (
             "It is the first step, so the model, inputs or loss the pipeline rebuilds may differ from the ones "
             "trained (a loss other than mean cross-entropy: name the loop's with --loss; mixed precision under "
-            "torch.autocast; random augmentation in the inputs; random numbers drawn inside the model, such as "
-            "functional dropout, in a stage not recorded with run.stage(..., seed_forwards=True)), a recorded "
+            "torch.autocast; random augmentation in the inputs: do it in the model's first module instead; random "
+            "numbers drawn inside the model, such as functional dropout or that augmentation, in a stage not "
+            "recorded with run.stage(..., seed_forwards=True)), a recorded "
             "fact of that step (hyperparameters, clipping, batch, targets) may not be what the loop used, or this "
             "machine / thread count computes differently from the recording one"
         )

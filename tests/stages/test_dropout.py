@@ -26,6 +26,24 @@ from tests.conftest import run_cli
 from tests.stages._loops import MLP, N_TEST, N_TRAIN, DropoutMLP, dataset, inputs, same_state
 
 
+class Jitter(nn.Module):
+    """Random augmentation as a module: in training, a random sign flip and noise per sample (torch's generator)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        flip = torch.where(torch.rand(len(x), 1) < 0.5, -1.0, 1.0)
+        return x * flip + 0.1 * torch.randn_like(x)
+
+
+class AugmentedMLP(nn.Sequential):
+    """The documented recipe for random augmentation: done by the model's first module, so the recorder's seed
+    for the forward draws it too (`seed_forwards=True`), and the pipeline's inputs stay the plain ones."""
+
+    def __init__(self) -> None:
+        super().__init__(Jitter(), MLP())
+
+
 class NoisyMLP(MLP):
     """Draws random numbers without a dropout module: functional dropout on its hidden layer."""
 
@@ -123,11 +141,14 @@ def test_dropout_replays_bit_for_bit(tmp_path: Path) -> None:
     assert "dropout seeds recorded" in run_cli("info", str(tmp_path / "run"), check=True).stdout
 
 
-@pytest.mark.parametrize("accumulate", [False, True])
-def test_functional_dropout_replays_when_seeded(tmp_path: Path, accumulate: bool) -> None:
+@pytest.mark.parametrize(("model", "accumulate"), [(NoisyMLP, False), (NoisyMLP, True), (AugmentedMLP, False)])
+def test_random_numbers_in_the_forward_replay_when_seeded(
+    tmp_path: Path, model: type[nn.Module], accumulate: bool
+) -> None:
+    """Functional dropout, and random augmentation done by the model's first module."""
     with deterministic(1):
-        trained = _record(tmp_path / "run", NoisyMLP, seed_forwards=True, accumulate=accumulate).state_dict()
-        assert same_state(replay_full(_training(tmp_path / "run", NoisyMLP)).model, trained)
+        trained = _record(tmp_path / "run", model, seed_forwards=True, accumulate=accumulate).state_dict()
+        assert same_state(replay_full(_training(tmp_path / "run", model)).model, trained)
 
 
 def test_unseeded_dropout_is_refused_before_replaying(tmp_path: Path) -> None:
