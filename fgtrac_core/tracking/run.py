@@ -540,9 +540,10 @@ class Run:
         Records the optimizer class and every param group's hyperparameters, the scheduler's class and state
         (what each optimizer step applied is recorded per step in `optimizer_steps` by hooks on `optimizer`,
         attached until the stage ends), and any extra `hparams` given.  `seed_forwards` (default: when the model
-        has dropout layers) reseeds torch's generator before each training forward with a recorded seed drawn
-        from it, so that replay draws the same dropout masks (`fgtrac_core.tracking.forward_seeds`); pass True
-        for a model that draws random numbers otherwise (functional dropout, noise).
+        has dropout layers) reseeds torch's generator before each training forward with a recorded seed that
+        follows from it, so that replay draws the same dropout masks (`fgtrac_core.tracking.forward_seeds`); pass
+        True for a model that draws random numbers otherwise (functional dropout, noise, augmentation done by
+        its first module).
         """
         self._check_open()
         if self._stage is not None:
