@@ -16,6 +16,7 @@ reproduce it.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from fgtrac_core.stages.errors import MissingBoundaryStateError, StageAnalysisError
 from fgtrac_core.tracking.forward_seeds import random_modules
@@ -204,6 +206,10 @@ class Training:
             return max((i for i, w in enumerate(seeds) if len({w[r] for r in alive}) > 1), default=-1)
 
         decided_after = last_disagreement()
+        bar = tqdm(  # on a terminal only: for an Adam stage this can replay the stage once per rule left
+            total=stage.n_steps * len(alive), desc=f"loss scaling of stage {stage.name!r}", unit="step",
+            file=sys.stderr, disable=None, leave=False,
+        )  # fmt: skip
         for i in range(stage.n_steps):
             last = i == stage.n_steps - 1
             for rule, cursor in list(alive.items()):
@@ -213,11 +219,13 @@ class Training:
                 # moments differ by that scale
                 ended = _EndCheck(stage, cursor.model) if last else None
                 cursor.step(ended)
+                bar.update(1)
                 if cursor.divergence is not None or (ended is not None and not ended.same):
                     del alive[rule]
                     decided_after = last_disagreement()
             if len(alive) <= 1 or i >= decided_after:
                 break
+        bar.close()
         return next(iter(alive), "mean")
 
     def micro_loss(self, loss: torch.Tensor, stage_index: int, sizes: list[int], part: int) -> torch.Tensor:
