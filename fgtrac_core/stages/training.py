@@ -88,9 +88,10 @@ class Stage:
         """The sizes of the micro-batches whose gradients step index `i` accumulated (one: no accumulation)."""
         return [len(self.batches[i])] if self.micro is None else self.micro[i]
 
-    @property
+    @functools.cached_property
     def accumulation(self) -> int:
-        """The most micro-batches any step of the stage accumulated (1: one batch per step)."""
+        """The most micro-batches any step of the stage accumulated (1: one batch per step).  Cached: replay asks
+        at every step, and it is a pass over all of them."""
         return max((len(p) for p in self.micro or ()), default=1)
 
     @property

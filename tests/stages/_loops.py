@@ -110,6 +110,28 @@ class StageCfg:
     set_to_none: bool = True  # zero_grad(set_to_none=...): False zeroes gradients in place
 
 
+def create_run(run_dir: Path, name: str, config: dict[str, Any] | None = None) -> Run:
+    """A new run with `dataset()` registered: the first N_TRAIN samples as train, the rest as test; the config
+    holds the thread count (replay needs it) and `config`."""
+    x, y = dataset()
+    run = Run.create(run_dir, name=name, config={"torch_threads": torch.get_num_threads(), **(config or {})})
+    run.register_samples(np.arange(N_TRAIN), split="train", labels=y[:N_TRAIN].numpy(), raw=x[:N_TRAIN].numpy())
+    test = np.arange(N_TRAIN, N_TRAIN + N_TEST)
+    run.register_samples(test, split="test", labels=y[N_TRAIN:].numpy(), raw=x[N_TRAIN:].numpy())
+    return run
+
+
+def validation_loss(model: nn.Module, *, train_mode: bool = False) -> torch.Tensor:
+    """The test samples' mean loss, without gradients, in eval mode (or in training mode: a validation written
+    without `model.eval()`); the model is left in training mode."""
+    x, y = dataset()
+    model.train(train_mode)
+    with torch.no_grad():
+        val = F.cross_entropy(model(x[N_TRAIN:]), y[N_TRAIN:])
+    model.train()
+    return val
+
+
 def record(
     run_dir: Path,
     stages: list[StageCfg],
@@ -130,12 +152,7 @@ def record(
     torch.manual_seed(0)
     x, y = dataset()
     model = model_factory()
-    run = Run.create(run_dir, name="loop", config={"torch_threads": torch.get_num_threads(), **(config or {})})
-    run.register_samples(
-        np.arange(N_TRAIN), split="train", labels=y[:N_TRAIN].numpy(), raw=x[:N_TRAIN].numpy()
-    )
-    test = np.arange(N_TRAIN, N_TRAIN + N_TEST)
-    run.register_samples(test, split="test", labels=y[N_TRAIN:].numpy(), raw=x[N_TRAIN:].numpy())
+    run = create_run(run_dir, "loop", config)
     opt = None
     step = 0
     try:
@@ -174,11 +191,7 @@ def record(
                             run.log_batch(b_ids, epoch=epoch, loss=loss, **extra)
                         step += 1
                     if validate is not None:
-                        model.train(validate == "train")
-                        with torch.no_grad():
-                            val = F.cross_entropy(model(x[N_TRAIN:]), y[N_TRAIN:])
-                        model.train()
-                        run.checkpoint(model, opt, val_loss=val)
+                        run.checkpoint(model, opt, val_loss=validation_loss(model, train_mode=validate == "train"))
     finally:
         run.close()
     return model

@@ -23,9 +23,18 @@ from fgtrac_core.stages.errors import ReplayMismatchError, StageAnalysisError
 from fgtrac_core.stages.replay import deterministic, replay_full
 from fgtrac_core.stages.training import _seeds
 from fgtrac_core.store import RunStore
-from fgtrac_core.tracking import Run
 from tests.conftest import run_cli
-from tests.stages._loops import INPUTS_REF, MLP, MODEL_REF, N_TEST, N_TRAIN, dataset, inputs, same_state
+from tests.stages._loops import (
+    INPUTS_REF,
+    MLP,
+    MODEL_REF,
+    N_TEST,
+    N_TRAIN,
+    create_run,
+    dataset,
+    inputs,
+    same_state,
+)
 
 K, MICRO = 3, 5  # 48 samples in micro-batches of 5 (the last 3): steps of 3, 3, 3 and 1 micro-batches an epoch
 
@@ -43,10 +52,7 @@ def _record(
     torch.manual_seed(0)
     x, y = dataset()
     model = MLP()
-    config = {"torch_threads": torch.get_num_threads(), "model": MODEL_REF, "inputs": INPUTS_REF, "head_layer": "head"}
-    run = Run.create(run_dir, name="accumulate", config=config)
-    run.register_samples(np.arange(N_TRAIN), split="train", labels=y[:N_TRAIN].numpy(), raw=x[:N_TRAIN].numpy())
-    run.register_samples(np.arange(N_TRAIN, N_TRAIN + N_TEST), split="test", labels=y[N_TRAIN:].numpy(), raw=x[N_TRAIN:].numpy())
+    run = create_run(run_dir, "accumulate", {"model": MODEL_REF, "inputs": INPUTS_REF, "head_layer": "head"})
     opt = (
         torch.optim.Adam(model.parameters(), lr=0.01)
         if adam

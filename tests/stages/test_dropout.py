@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,9 +20,17 @@ from fgtrac_core.stages.analysis import analyze
 from fgtrac_core.stages.errors import ReplayMismatchError, StageAnalysisError
 from fgtrac_core.stages.replay import deterministic, replay_full
 from fgtrac_core.store import RunStore
-from fgtrac_core.tracking import Run
 from tests.conftest import run_cli
-from tests.stages._loops import MLP, N_TEST, N_TRAIN, DropoutMLP, dataset, inputs, same_state
+from tests.stages._loops import (
+    MLP,
+    N_TRAIN,
+    DropoutMLP,
+    create_run,
+    dataset,
+    inputs,
+    same_state,
+    validation_loss,
+)
 
 
 class Jitter(nn.Module):
@@ -65,10 +72,7 @@ def _record(
     torch.manual_seed(0)
     x, y = dataset()
     model = model_factory()
-    run = Run.create(run_dir, name="dropout", config={"torch_threads": torch.get_num_threads()})
-    run.register_samples(np.arange(N_TRAIN), split="train", labels=y[:N_TRAIN].numpy(), raw=x[:N_TRAIN].numpy())
-    test = np.arange(N_TRAIN, N_TRAIN + N_TEST)
-    run.register_samples(test, split="test", labels=y[N_TRAIN:].numpy(), raw=x[N_TRAIN:].numpy())
+    run = create_run(run_dir, "dropout")
     try:
         for name, opt in (("sgd", torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)),
                           ("adam", torch.optim.Adam(model.parameters(), lr=0.01))):  # fmt: skip
@@ -82,11 +86,7 @@ def _record(
                         opt.step()
                         if train_accuracy:
                             (model(x[ids]).argmax(1) == y[ids]).float().mean()
-                    model.eval()
-                    with torch.no_grad():
-                        val = F.cross_entropy(model(x[N_TRAIN:]), y[N_TRAIN:])
-                    model.train()
-                    run.checkpoint(model, opt, val_loss=val)
+                    run.checkpoint(model, opt, val_loss=validation_loss(model))
     finally:
         run.close()
     return model
