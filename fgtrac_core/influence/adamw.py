@@ -63,8 +63,9 @@ def adam_state(
     """κ and √P for the named parameters from an Adam/AdamW `optimizer.state_dict()`; None when the state holds
     no second moments (an SGD checkpoint keeps the SGD form).
 
-    The optimizer's parameters are matched to `model.named_parameters()` in order, as when it was built with
-    `model.parameters()`.
+    The optimizer's parameters are matched to the model's by the names the checkpoint recorded
+    (``optimizer_params``: fgtrac checkpoints have them, so optimizers over some parameters or in groups of their
+    own order work), else to `model.named_parameters()` in order, as when it was built with `model.parameters()`.
     """
     if not optimizer_state or not optimizer_state.get("state"):
         return None
@@ -72,17 +73,24 @@ def adam_state(
     if not any("exp_avg_sq" in s for s in state.values()):
         return None
     order = [i for g in groups for i in g["params"]]
-    named = list(model.named_parameters())
-    if len(order) != len(named):
-        raise FgtracError(
-            f"the optimizer state covers {len(order)} parameters but the model has {len(named)}; "
-            "adamw mode needs an optimizer built over model.parameters()"
-        )
+    held = optimizer_state.get("optimizer_params")
+    if held is not None:
+        index_of = dict(zip([n for g in held for n in g], order, strict=True))
+    else:
+        named = list(model.named_parameters())
+        if len(order) != len(named):
+            raise FgtracError(
+                f"the optimizer state covers {len(order)} parameters but the model has {len(named)}, and the "
+                f"checkpoint does not say which (fgtrac checkpoints do: 'optimizer_params'); adamw mode then needs "
+                f"an optimizer built over model.parameters()"
+            )
+        index_of = {name: i for (name, _), i in zip(named, order, strict=True)}
     group_of = {i: g for g in groups for i in g["params"]}
-    index_of = {name: i for (name, _), i in zip(named, order, strict=True)}
     sqrt_precond: dict[str, torch.Tensor] = {}
     kappas = set()
     for name in names:
+        if name not in index_of:
+            raise FgtracError(f"the checkpoint's optimizer did not hold {name!r}, so it has no second moment for it")
         i = index_of[name]
         s, g = state.get(i) or state.get(str(i)), group_of[i]
         if s is None or "exp_avg_sq" not in s:

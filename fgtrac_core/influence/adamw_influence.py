@@ -171,6 +171,8 @@ def check_supported(training: Any, sgd_form: str = "exact") -> None:
                 f"{stage.steps[i]} (zero_grad(set_to_none=False)), which AdamW-influence does not follow; exact "
                 f"replay (--method replay, --check) does"
             )
+    if (subset := training.subset_refusal("AdamW-influence's tangents")) is not None:
+        raise FgtracError(f"{subset}; exact replay (--mode exact, --check) does")
     require_replayable(training, INFLUENCE_REMEDY)
 
 

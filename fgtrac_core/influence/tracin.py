@@ -76,7 +76,9 @@ def _device(device: str | torch.device | None) -> torch.device:
 def _load_checkpoint(
     checkpoint: str | Path | Mapping[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(model state dict, optimizer state dict or None) from a path or dict (fgtrac files: {"model", "optimizer"})."""
+    """(model state dict, optimizer state dict or None) from a path or dict (fgtrac files: {"model", "optimizer"});
+    the optimizer state dict gains the payload's ``optimizer_params`` (per param group, the model parameter names
+    the optimizer held) under that key when the file has them."""
     if isinstance(checkpoint, str | Path):
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -87,7 +89,10 @@ def _load_checkpoint(
     else:
         state = checkpoint
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        return unwrapped_state(dict(state["model"])), state.get("optimizer")
+        optimizer = state.get("optimizer")
+        if isinstance(optimizer, Mapping) and state.get("optimizer_params") is not None:
+            optimizer = {**optimizer, "optimizer_params": state["optimizer_params"]}
+        return unwrapped_state(dict(state["model"])), optimizer
     if not isinstance(state, Mapping):
         raise FgtracError(f"checkpoint {checkpoint!r} holds no state dict")
     return unwrapped_state(dict(state)), None

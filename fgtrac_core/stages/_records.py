@@ -93,6 +93,7 @@ def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: s
                 fingerprints=[None if pd.isna(f) else float(f) for f in ran["param_fingerprint"]],
                 targets=[_targets(t) for t in mine["targets"]],
                 device=json.loads(row.hparams).get("device"),
+                params=start_payload.get("optimizer_params"),
                 micro=[[int(n) for n in sizes] for sizes in mine["sizes"]],
                 seeds=[None if v is None or pd.isna(v) else json.loads(v) for v in ran["forward_seeds"]],
             )

@@ -61,9 +61,10 @@ def build_optimizer(
     """
     stage = training.stages[stage_index]
     cls = getattr(torch.optim, stage.optimizer)
+    held = [params[k] for k in training.optimizer_params(stage_index)]
     groups, at = [], 0
     for size in stage.group_sizes():
-        groups.append({"params": params[at : at + size]})
+        groups.append({"params": held[at : at + size]})
         at += size
     optimizer = cls(groups)
     state = copy.deepcopy(stage.start_optimizer)
@@ -167,12 +168,12 @@ class Cursor:
             group.update(hp)
         self.optimizer.zero_grad()
         self._backward()
-        if zeros := stage.zeros(self.step_index):  # the loop's zero_grad(set_to_none=False) left zeros there
-            stepped = [p for g in self.optimizer.param_groups for p in g["params"]]
-            for k in zeros:
-                if stepped[k].grad is None:
-                    stepped[k].grad = torch.zeros_like(stepped[k])
-        apply_clip(self.params, stage.clip(self.step_index))
+        stepped = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for k in stage.zeros(self.step_index):  # the loop's zero_grad(set_to_none=False) left zeros there
+            if stepped[k].grad is None:
+                stepped[k].grad = torch.zeros_like(stepped[k])
+        # over the optimizer's parameters, as the recorder inferred the rule (`infer_clip`)
+        apply_clip(stepped, stage.clip(self.step_index))
         self.optimizer.step()
         if self.check_fingerprints and self.divergence is None:
             self._compare_fingerprint(stage)
@@ -343,7 +344,7 @@ def _describe_step(training: Training, j: int, i: int) -> str:
     else:
         clipping = f"clip_grad_value_(clip_value={clip['clip_value']!r})"
     if zeros := stage.zeros(i):
-        clipping += f", zero gradients stepped on for {', '.join(training.param_names[k] for k in zeros)}"
+        clipping += f", zero gradients stepped on for {', '.join(training.optimizer_param_names(j, zeros))}"
     if stage.accumulation == 1:
         batch = f"a batch of {len(stage.batches[i])} samples"
     else:

@@ -79,6 +79,9 @@ class Stage:
     device: str | None = None  # where the stage trained (`trained_on`); None in runs recorded before it was
     micro: list[list[int]] | None = None
     seeds: list[list[int] | None] | None = None  # per step: the seeds of its training forwards (`forward_seeds`)
+    # per param group, the model parameter name of each parameter the optimizer held (the checkpoints'
+    # `optimizer_params`); None in runs recorded before they were: the optimizer held model.parameters() in order
+    params: list[list[str | None]] | None = None
 
     @property
     def n_steps(self) -> int:
@@ -143,6 +146,25 @@ class Training:
     def param_names(self) -> list[str]:
         """The model's parameter names in model.parameters() order (the optimizer's order)."""
         return [name for name, _ in self.model_factory().named_parameters()]
+
+    def optimizer_params(self, stage_index: int) -> list[int]:
+        """Index into `param_names` of each parameter stage `stage_index`'s optimizer held, in the optimizer's order
+        (its param groups one after the other); `validate` refuses names the model does not have."""
+        stage = self.stages[stage_index]
+        if stage.params is None:
+            return list(range(sum(stage.group_sizes())))
+        at = {name: k for k, name in enumerate(self.param_names)}
+        return [at[name] for group in stage.params for name in group]  # type: ignore[index]
+
+    def optimizer_param_names(self, stage_index: int, indices: Sequence[int]) -> list[str]:
+        """The model's names of the parameters at `indices` into stage `stage_index`'s optimizer (as the recorder
+        lists zeroed or stale gradients)."""
+        held = self.optimizer_params(stage_index)
+        return [self.param_names[held[k]] for k in indices if k < len(held)]
+
+    def optimizes_all_in_order(self, stage_index: int) -> bool:
+        """Whether stage `stage_index`'s optimizer held every model parameter, in model.parameters() order."""
+        return self.optimizer_params(stage_index) == list(range(len(self.param_names)))
 
     @property
     def n_stages(self) -> int:
@@ -278,11 +300,22 @@ class Training:
                     f"stage {stage.name!r} uses {stage.optimizer}; stage analysis supports "
                     f"{', '.join(SUPPORTED_OPTIMIZERS)}"
                 )
-            if sum(stage.group_sizes()) != n_params:
+            if stage.params is None and sum(stage.group_sizes()) != n_params:
                 raise StageAnalysisError(
                     f"stage {stage.name!r}: its optimizer holds {sum(stage.group_sizes())} parameters, the model "
-                    f"has {n_params}; the optimizer must be built over model.parameters() in order"
+                    f"has {n_params}, and this run was recorded before fgtrac noted which ones; record it again "
+                    f"to replay an optimizer over some of the model's parameters"
                 )
+            if stage.params is not None:
+                known = set(self.param_names)
+                foreign = [n for group in stage.params for n in group if n not in known]
+                if foreign or [len(g) for g in stage.params] != stage.group_sizes():
+                    shown = ", ".join(str(n) for n in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+                    what = f"parameters the model has not ({shown})" if foreign else "other param groups than its state"
+                    raise StageAnalysisError(
+                        f"stage {stage.name!r}: its optimizer held {what}; the pipeline's model must be the one the "
+                        f"run trained, and the optimizer hold only its parameters"
+                    )
             if len(stage.lrs) != stage.n_steps or len(stage.batches) != stage.n_steps:
                 raise StageAnalysisError(f"stage {stage.name!r}: steps, learning rates and batches disagree")
             if stage.micro is not None and [sum(p) for p in stage.micro] != [len(b) for b in stage.batches]:
@@ -321,7 +354,24 @@ class Training:
         descent with Adam's plain second moment, cannot model this training, or None.  Exact replay steps torch's
         own optimizer and needs none of this."""
         found = self.enabled_option("amsgrad", "maximize")
-        return None if found is None else f"stage {found[0]!r} uses {found[1]}=True, which the estimators do not model"
+        if found is not None:
+            return f"stage {found[0]!r} uses {found[1]}=True, which the estimators do not model"
+        return self.subset_refusal("the estimators")
+
+    def subset_refusal(self, what: str) -> str | None:
+        """Why `what` (a method that pairs optimizer state with parameters by position) cannot follow a stage
+        whose optimizer held some of the model's parameters, or all of them in another order; None when none
+        did."""
+        for j, stage in enumerate(self.stages):
+            if not self.optimizes_all_in_order(j):
+                held = len(self.optimizer_params(j))
+                which = (
+                    f"{held} of the model's {len(self.param_names)} parameters"
+                    if held != len(self.param_names)
+                    else "the model's parameters in another order than model.parameters()"
+                )
+                return f"the optimizer of stage {stage.name!r} held {which}, which {what} do not model"
+        return None
 
     def replay_refusal(self) -> str | None:
         """Why exact replay cannot reproduce this training although estimators can still linearise it (the loop
@@ -352,7 +402,7 @@ class Training:
                     f"and summation order differ from that device's, so it cannot reproduce the recorded parameters "
                     f"bit for bit"
                 )
-        for stage in self.stages:
+        for j, stage in enumerate(self.stages):
             altered = [i for i, a in enumerate(stage.altered or []) if a]
             if not altered:
                 continue
@@ -360,7 +410,7 @@ class Training:
             where = f"at step {stage.steps[i]} (stage {stage.name!r})"
             clip = (stage.clips[i] if stage.clips is not None else None) or {}
             if is_unknown(clip) and clip.get("stale"):
-                names = [self.param_names[k] for k in clip["stale"] if k < len(self.param_names)]
+                names = self.optimizer_param_names(j, clip["stale"])
                 return (
                     f"the optimizer stepped on gradients that no backward of the step produced {where} "
                     f"({', '.join(names)}), and not zeros: an optimizer.step() without a backward of its own steps "

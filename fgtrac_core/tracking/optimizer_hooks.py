@@ -103,6 +103,15 @@ def trained_on(optimizer: torch.optim.Optimizer) -> str:
     return ", ".join(names)
 
 
+def optimizer_params(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[list[str | None]]:
+    """Per param group, the name in `model.named_parameters()` of each parameter the optimizer holds (None for
+    one that is not the model's): replay builds the stage's optimizer over the same parameters in the same order,
+    whether the loop optimizes all of them in model order, in groups of its own order, or a subset (a head-only
+    finetune)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [[names.get(id(p)) for p in group["params"]] for group in optimizer.param_groups]
+
+
 class _HparamsReader:
     """`applied_hparams`, but the previous step's result (the same object) when no group changed.
 

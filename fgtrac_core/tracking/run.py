@@ -77,7 +77,13 @@ from fgtrac_core.store.schema import create_lookup_indexes, create_schema
 from fgtrac_core.tracking._device import fetch_to_host
 from fgtrac_core.tracking._writer import Writer
 from fgtrac_core.tracking.forward_seeds import ForwardSeeds, random_modules
-from fgtrac_core.tracking.optimizer_hooks import StepBuffer, StepFacts, StepHooks, trained_on
+from fgtrac_core.tracking.optimizer_hooks import (
+    StepBuffer,
+    StepFacts,
+    StepHooks,
+    optimizer_params,
+    trained_on,
+)
 from fgtrac_core.tracking.thumbnails import as_png_list
 from fgtrac_core.verify import check_before_write
 
@@ -748,6 +754,7 @@ class Run:
             # copied now: training mutates these tensors in place while the writer serialises them
             "model": _cpu_copy(_unwrapped(model).state_dict(), devices),
             "optimizer": _cpu_copy(optimizer.state_dict(), devices) if optimizer is not None else None,
+            "optimizer_params": optimizer_params(optimizer, _unwrapped(model)) if optimizer is not None else None,
         }
         copied = _copies_done(devices)
         rel = f"{self.layout.checkpoint_dir.name}/{cid:05d}-step{step:08d}-{kind}.pt"

@@ -123,6 +123,57 @@ def test_adamw_matches_hand_computed_value() -> None:
     assert torch.allclose(diag, same, rtol=1e-5)
 
 
+def _head_first(model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over groups of the loop's own order: the head first, then the body at a lower rate."""
+    body = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+    return torch.optim.AdamW([{"params": model.head.parameters()}, {"params": body, "lr": 0.01}], lr=0.05)
+
+
+def _head_only(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.head.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("make", [_head_first, _head_only])
+def test_adamw_pairs_optimizer_state_with_parameters_by_recorded_name(make) -> None:
+    """An optimizer over groups in the loop's own order, or over the head alone: the checkpoint's
+    `optimizer_params` (as fgtrac checkpoints carry them) pair its state with the right parameters; the hand
+    computation reads the optimizer's state by parameter object, not by position."""
+    torch.manual_seed(0)
+    model = HeadNet()
+    opt = make(model)
+    x, y = _data(30, 1)
+    train, test = _data(6, 2), _data(3, 3)
+    names = ["head.weight", "head.bias"]
+    params = dict(model.named_parameters())
+    ids = {id(p): n for n, p in model.named_parameters()}
+    checkpoints, expected = [], torch.zeros(3, 6, dtype=torch.float64)
+    for lr in (0.05, 0.03):
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        held = [[ids[id(p)] for p in g["params"]] for g in opt.param_groups]
+        state = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict())}
+        checkpoints.append(({**state, "optimizer_params": held}, lr))
+        group = opt.param_groups[0]  # the head's group in both optimizers
+        beta1, beta2 = group["betas"]
+        precond = []
+        for n in names:
+            s = opt.state[params[n]]
+            step = int(s["step"])
+            v_hat = s["exp_avg_sq"].double() / (1 - beta2**step)
+            precond.append((1 / (v_hat.sqrt() + group["eps"])).reshape(-1))
+        kappa = momentum_factor(beta1, step, lr, group["weight_decay"])
+        gt, gr = _grads(model, *test, names).double(), _grads(model, *train, names).double()
+        expected += lr * kappa * (gt * torch.cat(precond)) @ gr.T
+    got = tracin(model, "head", train, test, checkpoints, mode="adamw")
+    assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    if make is _head_only:  # without the names the state cannot be paired: refused in one line
+        bare = [({k: v for k, v in c.items() if k != "optimizer_params"}, lr) for c, lr in checkpoints]
+        with pytest.raises(FgtracError, match="covers 2 parameters but the model has 4, and the checkpoint"):
+            tracin(model, "head", train, test, bare, mode="adamw")
+
+
 def test_adamw_on_sgd_checkpoints_is_the_sgd_form() -> None:
     model, checkpoints = _train(torch.optim.SGD, 3, lr=0.1, momentum=0.9)
     train, test = _data(6, 2), _data(3, 3)

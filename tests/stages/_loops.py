@@ -227,11 +227,16 @@ def reference_replay(run_dir: Path) -> dict[str, torch.Tensor]:
         con.close()
     model = MLP()
     model.load_state_dict(_load_ckpt(run_dir, starts[stages[0][0]])["model"])
+    params = dict(model.named_parameters())
     opt = None
     for stage_id, opt_name in stages:
-        start = _load_ckpt(run_dir, starts[stage_id])["optimizer"]
+        payload = _load_ckpt(run_dir, starts[stage_id])
+        start = payload["optimizer"]
         if opt is None or not start["state"]:  # a fresh optimizer, else the same one continues
-            opt = getattr(torch.optim, opt_name)(model.parameters())
+            # over the parameters the loop's optimizer held, in its groups (all of them in model order, groups
+            # of the loop's own order, or a subset)
+            held = [{"params": [params[n] for n in group]} for group in payload["optimizer_params"]]
+            opt = getattr(torch.optim, opt_name)(held)
             opt.load_state_dict(start)
         groups: list[dict[str, Any]] = []
         for _, _, hparams, clip, ids, targets in (r for r in rows if r[1] == stage_id):

@@ -64,9 +64,33 @@ def _step_lr(opt, n):
     return sched.StepLR(opt, step_size=4, gamma=0.7)
 
 
+def _own_order(cls: type[torch.optim.Optimizer], lr: float, decay: float, **kw: float):
+    """Param groups in the loop's own order (weights, then biases without weight decay at half the rate), not
+    model.parameters() order: body.weight, head.weight | body.bias, head.bias."""
+
+    def make(m: torch.nn.Module) -> torch.optim.Optimizer:
+        weights = [p for n, p in m.named_parameters() if n.endswith("weight")]
+        biases = [p for n, p in m.named_parameters() if n.endswith("bias")]
+        groups = [{"params": weights, "weight_decay": decay}, {"params": biases, "weight_decay": 0.0, "lr": lr / 2}]
+        return cls(groups, lr=lr, **kw)
+
+    return make
+
+
+def _head_only(m: torch.nn.Module) -> torch.optim.Optimizer:
+    """A head-only finetune: the body frozen, a new Adam over the head's parameters alone."""
+    m.body.requires_grad_(False)
+    return torch.optim.Adam(m.head.parameters(), lr=0.02)
+
+
 # sample id -> the target stage "b" trains on (differs from the registered label)
 RELABELLED = {i: (int(dataset()[1][i]) + 1) % 3 for i in (0, 5, 9)}
-WITH_TARGETS = {"relabelled_later_stage", "readme_literal_sched_then_log", "readme_literal_log_then_sched"}
+WITH_TARGETS = {
+    "relabelled_later_stage",
+    "head_only_finetune",
+    "readme_literal_sched_then_log",
+    "readme_literal_log_then_sched",
+}
 
 
 def _readme_stage(order: str) -> list[StageCfg]:
@@ -106,6 +130,14 @@ LOOPS: dict[str, list[StageCfg]] = {
     "amsgrad_and_maximize": [  # torch's own optimizers replay them; the estimators do not model them
         StageCfg("a", lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, maximize=True), None),
         StageCfg("b", lambda m: torch.optim.Adam(m.parameters(), lr=0.01, amsgrad=True), _step_lr, epochs=2),
+    ],
+    "param_groups_own_order": [
+        StageCfg("a", _own_order(torch.optim.SGD, 0.1, 1e-3, momentum=0.9), _step_lr, epochs=2),
+        StageCfg("b", _own_order(torch.optim.AdamW, 0.01, 0.05), None, epochs=2),
+    ],
+    "head_only_finetune": [
+        StageCfg("a", _sgd(), None, epochs=2),
+        StageCfg("b", _head_only, lambda o, n: sched.CosineAnnealingLR(o, T_max=n), epochs=2, labels=RELABELLED),
     ],
     "adam_carried": [
         StageCfg("a", _adam(), lambda o, n: sched.CosineAnnealingLR(o, T_max=n), epochs=2),
@@ -163,7 +195,15 @@ def test_recorded_facts(recorded) -> None:
 
 @pytest.mark.parametrize(
     "loop",
-    ["readme_literal_sched_then_log", "log_before_step", "clip_grad_norm", "adam_carried", "amsgrad_and_maximize"],
+    [
+        "readme_literal_sched_then_log",
+        "log_before_step",
+        "clip_grad_norm",
+        "adam_carried",
+        "amsgrad_and_maximize",
+        "param_groups_own_order",
+        "head_only_finetune",
+    ],
 )
 def test_cli_stages_replay_succeeds(tmp_path: Path, loop: str) -> None:
     run_dir = tmp_path / "run"
@@ -387,6 +427,35 @@ def test_estimators_refuse_what_they_do_not_model_and_replay_runs_it(tmp_path: P
             "fgtrac: error: stage 'a' uses maximize=True, which the estimators do not model; --method replay "
             "(exact replay) supports it"
         ]
+
+
+@pytest.mark.parametrize(
+    ("loop", "held"),
+    [
+        ("param_groups_own_order", "the model's parameters in another order than model.parameters()"),
+        ("head_only_finetune", "2 of the model's 4 parameters"),
+    ],
+)
+def test_methods_that_pair_state_by_position_refuse_an_optimizer_over_other_parameters(
+    tmp_path: Path, loop: str, held: str
+) -> None:
+    """The estimators and AdamW-influence pair optimizer state with model parameters by position: a stage whose
+    optimizer held a subset, or groups of the loop's own order, is refused in one line naming it (exact replay
+    runs it, above)."""
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(run_dir, LOOPS[loop], targets=loop in WITH_TARGETS)
+    stage = "a" if loop == "param_groups_own_order" else "b"
+    proc = run_cli("stages", str(run_dir), "--method", "fast", "--model", MODEL_REF, "--inputs", INPUTS_REF)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"fgtrac: error: the optimizer of stage '{stage}' held {held}, which the estimators do not model; "
+        "--method replay (exact replay) supports it"
+    ]
+    with RunStore(run_dir) as store:
+        training = load_training(store, pipeline()).training
+    with pytest.raises(FgtracError, match=f"the optimizer of stage '{stage}' held .*AdamW-influence"):
+        check_supported(training)
 
 
 def test_estimates_of_a_replayable_run_are_marked_as_estimates(tmp_path: Path) -> None:
