@@ -108,10 +108,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     echo("samples    " + ", ".join(f"{k} {v}" for k, v in s["samples"].items()))
     echo(f"training   {s['n_steps']} steps, {s['n_batches']} batches, {s['n_sample_uses']} sample uses")
     echo("stages")
+    width = max([12, *(len(st["name"]) for st in s["stages"])])  # the columns line up under long stage names
     for st in s["stages"]:
         lr = st["lr_applied"]
         echo(
-            f"  {st['name']:<12} {st['optimizer']:<8} steps {st['start_step']}..{st['end_step']}"
+            f"  {st['name']:<{width}} {st['optimizer']:<8} steps {st['start_step']}..{st['end_step']}"
             f"  ({st['n_steps']} steps, "
             + (f"{st['n_batches']} batches: gradient accumulation, " if st["n_batches"] > st["n_steps"] else "")
             + f"{st['n_sample_uses']} uses)  {st['status']}"
@@ -123,10 +124,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         if st["idle"]:
             echo(f"warning    stage {st['name']!r} applied lr 0 at every step: it did not change the parameters ({IDLE_STAGE_HINT})")
     echo("checkpoints")
+    width = max([10, *(len(c["stage"] or "-") for c in s["checkpoints"])])
     for c in s["checkpoints"]:
         val = "-" if c["val_loss"] is None else f"{c['val_loss']:.4f}"
         echo(
-            f"  #{c['checkpoint_id']:<3} step {c['step']:<6} {c['stage'] or '-':<10} {c['kind']:<11} val_loss {val:<8} {c['sha256'][:16]}"
+            f"  #{c['checkpoint_id']:<3} step {c['step']:<6} {c['stage'] or '-':<{width}} {c['kind']:<11} val_loss {val:<8} {c['sha256'][:16]}"
         )
     if s["transforms"]:
         echo("transforms")
@@ -168,9 +170,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     else:
         per_stage = usage.groupby("stage", sort=False).size()
         echo(f"used {len(usage)} times: " + ", ".join(f"{k} x{v}" for k, v in per_stage.items()))
+        width = max([10, *(len(str(k)) for k in per_stage.index)])
         for u in usage.itertuples():
             echo(
-                f"  step {u.step:<6} epoch {or_dash(u.epoch, '.0f'):<3} {u.stage:<10} lr {or_dash(u.lr, '.3g')}  "
+                f"  step {u.step:<6} epoch {or_dash(u.epoch, '.0f'):<3} {u.stage:<{width}} lr {or_dash(u.lr, '.3g')}  "
                 f"batch loss {or_dash(u.loss, '.4f')}"
             )
     return EXIT_OK

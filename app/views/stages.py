@@ -39,7 +39,10 @@ def _extremes(effects: pd.DataFrame, behaviour: str, stage: str, method: str, ma
     helped = rows.assign(helped=rows["value"] * HELPED_SIGN.get(behaviour, 1.0)).dropna(subset=["helped"])
     left, right = st.columns(2)
 
-    shown = pd.concat([helped.nlargest(PER_LIST, "helped"), helped.nsmallest(PER_LIST, "helped")])
+    # only examples the stage actually helped (hurt): a stage that helped every example hurt none of them
+    best = helped[helped["helped"] > 0].nlargest(PER_LIST, "helped")
+    worst = helped[helped["helped"] < 0].nsmallest(PER_LIST, "helped")
+    shown = pd.concat([best, worst])
     known = data.query("labels_and_marks", [int(t) for t in shown["test_id"]], mark).set_index("sample_id")
 
     def facts(row: Any) -> dict[str, str]:
@@ -47,14 +50,13 @@ def _extremes(effects: pd.DataFrame, behaviour: str, stage: str, method: str, ma
         return {"label": f"{'-' if pd.isna(label) else int(label)}{' ⚠' if flagged else ''}",
                 "effect": f"{row.value:+.3g}"}  # fmt: skip
 
-    with left:
-        st.markdown(f"**Most helped by {md(stage)}**")
-        sample_grid(
-            helped.nlargest(PER_LIST, "helped"), "test_id", facts, key="open_helped", target=EXPLORE
-        )
-    with right:
-        st.markdown(f"**Most hurt by {md(stage)}**")
-        sample_grid(helped.nsmallest(PER_LIST, "helped"), "test_id", facts, key="open_hurt", target=EXPLORE)
+    for column, rows, verb, key in ((left, best, "helped", "open_helped"), (right, worst, "hurt", "open_hurt")):
+        with column:
+            st.markdown(f"**Most {verb} by {md(stage)}**")
+            if rows.empty:
+                st.caption(f"No test example in this list was {verb} by {md(stage)} ({behaviour}, {method}).")
+            else:
+                sample_grid(rows, "test_id", facts, key=key, target=EXPLORE)
 
 
 def render() -> None:

@@ -94,6 +94,8 @@ def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: s
                 targets=[_targets(t) for t in mine["targets"]],
                 device=json.loads(row.hparams).get("device"),
                 params=start_payload.get("optimizer_params"),
+                frozen=start_payload.get("frozen"),
+                frozen_end=end_payload.get("frozen"),
                 micro=[[int(n) for n in sizes] for sizes in mine["sizes"]],
                 seeds=[None if v is None or pd.isna(v) else json.loads(v) for v in ran["forward_seeds"]],
             )

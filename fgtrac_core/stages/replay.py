@@ -169,6 +169,8 @@ class Cursor:
         self.optimizer.zero_grad()
         self._backward()
         stepped = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for k in self.training.frozen_params(self.stage_index):  # the loop's backward gave them no gradient
+            stepped[k].grad = None
         for k in stage.zeros(self.step_index):  # the loop's zero_grad(set_to_none=False) left zeros there
             if stepped[k].grad is None:
                 stepped[k].grad = torch.zeros_like(stepped[k])

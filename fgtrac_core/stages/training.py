@@ -82,6 +82,10 @@ class Stage:
     # per param group, the model parameter name of each parameter the optimizer held (the checkpoints'
     # `optimizer_params`); None in runs recorded before they were: the optimizer held model.parameters() in order
     params: list[list[str | None]] | None = None
+    # the model parameters that did not require grad at the stage's start and end (the checkpoints' `frozen`;
+    # None in runs recorded before they were)
+    frozen: list[str] | None = None
+    frozen_end: list[str] | None = None
 
     @property
     def n_steps(self) -> int:
@@ -138,6 +142,7 @@ class Training:
     test_ids: np.ndarray
     loss_fn: LossFn = cross_entropy
     _accumulation: dict[int, str] = field(default_factory=dict, repr=False)
+    _frozen: dict[int, list[int]] = field(default_factory=dict, repr=False)  # `frozen_params`, asked per step
     _batch_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False
     )
@@ -162,9 +167,21 @@ class Training:
         held = self.optimizer_params(stage_index)
         return [self.param_names[held[k]] for k in indices if k < len(held)]
 
+    def frozen_params(self, stage_index: int) -> list[int]:
+        """Indices into stage `stage_index`'s optimizer of the parameters it held that did not require grad
+        throughout the stage (`validate` refuses one frozen or unfrozen within it): it never stepped them, their
+        gradients being None, and replay drops the gradients its own backward gives them."""
+        if stage_index not in self._frozen:
+            frozen = set(self.stages[stage_index].frozen or ())
+            held = self.optimizer_params(stage_index)
+            self._frozen[stage_index] = [i for i, k in enumerate(held) if self.param_names[k] in frozen]
+        return self._frozen[stage_index]
+
     def optimizes_all_in_order(self, stage_index: int) -> bool:
-        """Whether stage `stage_index`'s optimizer held every model parameter, in model.parameters() order."""
-        return self.optimizer_params(stage_index) == list(range(len(self.param_names)))
+        """Whether stage `stage_index`'s optimizer held every model parameter, in model.parameters() order, and
+        stepped them all (none frozen)."""
+        held = self.optimizer_params(stage_index)
+        return held == list(range(len(self.param_names))) and not self.frozen_params(stage_index)
 
     @property
     def n_stages(self) -> int:
@@ -316,6 +333,15 @@ class Training:
                         f"stage {stage.name!r}: its optimizer held {what}; the pipeline's model must be the one the "
                         f"run trained, and the optimizer hold only its parameters"
                     )
+            self._validate_frozen(stage)
+            n_groups = len(stage.group_sizes())
+            if (i := next((i for i, g in enumerate(stage.hparams or ()) if len(g) != n_groups), None)) is not None:
+                raise StageAnalysisError(
+                    f"stage {stage.name!r}: its optimizer stepped {len(stage.hparams[i])} param group(s) at step "
+                    f"{stage.steps[i]} but held {n_groups} at the stage's start (optimizer.add_param_group within "
+                    f"the stage); replay builds a stage's optimizer from its start checkpoint, so add parameters "
+                    f"between stages (a new run.stage), not within one"
+                )
             if len(stage.lrs) != stage.n_steps or len(stage.batches) != stage.n_steps:
                 raise StageAnalysisError(f"stage {stage.name!r}: steps, learning rates and batches disagree")
             if stage.micro is not None and [sum(p) for p in stage.micro] != [len(b) for b in stage.batches]:
@@ -337,6 +363,25 @@ class Training:
                     f"{prev.name!r} ended with; start each stage with a new optimizer, or carry the same one"
                 )
 
+
+    @staticmethod
+    def _validate_frozen(stage: Stage) -> None:
+        """Refuse a stage within which a parameter was frozen or unfrozen (requires_grad changed): replay keeps a
+        parameter's requires_grad for a whole stage, as its checkpoints record it at the stage's start."""
+        if stage.frozen is None:
+            return
+        unfrozen = [n for n in stage.frozen if not torch.equal(stage.start_model[n], stage.end_model[n])]
+        refrozen = [n for n in stage.frozen_end or () if n not in stage.frozen]
+        if unfrozen or refrozen:
+            names = unfrozen or refrozen
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            what = "did not require grad at its start but changed during it (unfrozen within the stage)"
+            if not unfrozen:
+                what = "required grad at its start but not at its end (frozen within the stage)"
+            raise StageAnalysisError(
+                f"stage {stage.name!r}: {shown} {what}; replay freezes a parameter for a whole stage or not at all, "
+                f"so freeze or unfreeze parameters between stages (a new run.stage), not within one"
+            )
 
     def enabled_option(self, *flags: str) -> tuple[str, str] | None:
         """(stage name, flag) of the first of these boolean optimizer options (e.g. ``amsgrad``) that any param
@@ -364,13 +409,14 @@ class Training:
         did."""
         for j, stage in enumerate(self.stages):
             if not self.optimizes_all_in_order(j):
-                held = len(self.optimizer_params(j))
-                which = (
-                    f"{held} of the model's {len(self.param_names)} parameters"
-                    if held != len(self.param_names)
-                    else "the model's parameters in another order than model.parameters()"
-                )
-                return f"the optimizer of stage {stage.name!r} held {which}, which {what} do not model"
+                held, frozen = len(self.optimizer_params(j)), len(self.frozen_params(j))
+                if held != len(self.param_names):
+                    which = f"held {held} of the model's {len(self.param_names)} parameters"
+                elif frozen:
+                    which = f"held {frozen} parameter(s) that did not require grad (frozen), which it never stepped"
+                else:
+                    which = "held the model's parameters in another order than model.parameters()"
+                return f"the optimizer of stage {stage.name!r} {which}, which {what} do not model"
         return None
 
     def replay_refusal(self) -> str | None:

@@ -755,6 +755,8 @@ class Run:
             "model": _cpu_copy(_unwrapped(model).state_dict(), devices),
             "optimizer": _cpu_copy(optimizer.state_dict(), devices) if optimizer is not None else None,
             "optimizer_params": optimizer_params(optimizer, _unwrapped(model)) if optimizer is not None else None,
+            # parameters that do not require grad now: an optimizer skips them (replay too, for a whole stage)
+            "frozen": [name for name, p in _unwrapped(model).named_parameters() if not p.requires_grad],
         }
         copied = _copies_done(devices)
         rel = f"{self.layout.checkpoint_dir.name}/{cid:05d}-step{step:08d}-{kind}.pt"

@@ -242,8 +242,10 @@ def test_stages_page(staged_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         & (effects["behaviour"] == "loss")
         & (effects["stage"] == HURTING_STAGE)
     ]
-    assert _picks(at, "open_helped") == rows.nsmallest(10, "value")["test_id"].tolist()  # loss lowered most
-    assert _picks(at, "open_hurt") == rows.nlargest(10, "value")["test_id"].tolist()
+    # loss lowered most / raised most, only examples whose loss the stage lowered / raised
+    assert _picks(at, "open_helped") == rows[rows["value"] < 0].nsmallest(10, "value")["test_id"].tolist()
+    assert _picks(at, "open_hurt") == rows[rows["value"] > 0].nlargest(10, "value")["test_id"].tolist()
+    assert _picks(at, "open_hurt")
     assert [plain(m.value) for m in at.markdown if "by" in m.value] == [
         f"**Most helped by {HURTING_STAGE}**", f"**Most hurt by {HURTING_STAGE}**"]  # fmt: skip
 
@@ -316,7 +318,14 @@ def test_stages_page_on_the_sample_run(digits_run: Path, monkeypatch: pytest.Mon
                         & (aggregates["slice"] == "all")]  # fmt: skip
     assert list(truth["x"]) == stored["stage"].tolist()
     assert list(truth["y"]) == pytest.approx(stored["value"].tolist())
-    assert len(_picks(at, "open_helped")) == 10 and len(_picks(at, "open_hurt")) == 10
+    with RunStore(digits_run) as store:
+        effects = store.stage_effects(analysis["analysis_id"])
+    first = effects[(effects["method"] == "replay") & (effects["behaviour"] == "loss")]
+    first = first[first["stage"] == first["stage"].iloc[0]]["value"]  # the page's first stage
+    assert len(_picks(at, "open_helped")) == min(10, int((first < 0).sum())) > 0
+    assert len(_picks(at, "open_hurt")) == min(10, int((first > 0).sum()))
+    hurt_none = [c.value for c in at.caption if "No test example in this list was hurt" in c.value]
+    assert bool(hurt_none) == (not (first > 0).any())
     # accuracy is stored per slice only: the page says so instead of listing examples
     at.selectbox(key="behaviour").select("accuracy").run()
     assert not at.exception

@@ -238,6 +238,7 @@ def reference_replay(run_dir: Path) -> dict[str, torch.Tensor]:
             held = [{"params": [params[n] for n in group]} for group in payload["optimizer_params"]]
             opt = getattr(torch.optim, opt_name)(held)
             opt.load_state_dict(start)
+        frozen = [params[n] for n in payload["frozen"]]  # no gradient in the loop: the optimizer skipped them
         groups: list[dict[str, Any]] = []
         for _, _, hparams, clip, ids, targets in (r for r in rows if r[1] == stage_id):
             delta = json.loads(hparams)
@@ -247,6 +248,8 @@ def reference_replay(run_dir: Path) -> dict[str, torch.Tensor]:
             yb = torch.tensor([labels[i] if t is None else t for i, t in zip(ids, targets, strict=True)])
             opt.zero_grad()
             F.cross_entropy(model(x[torch.tensor(ids)]), yb).backward()
+            for p in frozen:
+                p.grad = None
             rule = json.loads(clip) if clip else None
             if rule and rule["rule"] == "norm":
                 torch.nn.utils.clip_grad_norm_(model.parameters(), rule["max_norm"], rule["norm_type"])

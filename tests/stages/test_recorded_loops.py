@@ -77,6 +77,13 @@ def _own_order(cls: type[torch.optim.Optimizer], lr: float, decay: float, **kw: 
     return make
 
 
+def _frozen_body(m: torch.nn.Module) -> torch.optim.Optimizer:
+    """The body frozen, the optimizer still over model.parameters() (it skips the frozen ones: their gradient is
+    None); momentum and weight decay would move them if it did not."""
+    m.body.requires_grad_(False)
+    return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+
+
 def _head_only(m: torch.nn.Module) -> torch.optim.Optimizer:
     """A head-only finetune: the body frozen, a new Adam over the head's parameters alone."""
     m.body.requires_grad_(False)
@@ -135,6 +142,10 @@ LOOPS: dict[str, list[StageCfg]] = {
         StageCfg("a", _own_order(torch.optim.SGD, 0.1, 1e-3, momentum=0.9), _step_lr, epochs=2),
         StageCfg("b", _own_order(torch.optim.AdamW, 0.01, 0.05), None, epochs=2),
     ],
+    "frozen_body_all_params": [
+        StageCfg("a", _sgd(), None, epochs=2),
+        StageCfg("b", _frozen_body, _step_lr, epochs=2, clip=_clip_norm),  # the clip norm over the head alone
+    ],
     "head_only_finetune": [
         StageCfg("a", _sgd(), None, epochs=2),
         StageCfg("b", _head_only, lambda o, n: sched.CosineAnnealingLR(o, T_max=n), epochs=2, labels=RELABELLED),
@@ -181,8 +192,8 @@ def test_recorded_facts(recorded) -> None:
     assert [s[0] for s in steps] == list(range(len(steps))) == [b[0] for b in batches]
     assert not any(s[3] for s in steps)
     clips = [json.loads(s[2]) for s in steps if s[2]]
-    if name == "clip_grad_norm" or (name.startswith("readme_literal") and clips):
-        max_norm = 0.3 if name == "clip_grad_norm" else 1.0
+    if name in ("clip_grad_norm", "frozen_body_all_params") or (name.startswith("readme_literal") and clips):
+        max_norm = 1.0 if name.startswith("readme_literal") else 0.3
         assert clips and all(c == {"rule": "norm", "max_norm": max_norm, "norm_type": 2.0} for c in clips)
     elif name == "clip_grad_value":
         assert clips and all(c == {"rule": "value", "clip_value": 0.05} for c in clips)
@@ -203,6 +214,7 @@ def test_recorded_facts(recorded) -> None:
         "amsgrad_and_maximize",
         "param_groups_own_order",
         "head_only_finetune",
+        "frozen_body_all_params",
     ],
 )
 def test_cli_stages_replay_succeeds(tmp_path: Path, loop: str) -> None:
@@ -432,8 +444,9 @@ def test_estimators_refuse_what_they_do_not_model_and_replay_runs_it(tmp_path: P
 @pytest.mark.parametrize(
     ("loop", "held"),
     [
-        ("param_groups_own_order", "the model's parameters in another order than model.parameters()"),
-        ("head_only_finetune", "2 of the model's 4 parameters"),
+        ("param_groups_own_order", "held the model's parameters in another order than model.parameters()"),
+        ("head_only_finetune", "held 2 of the model's 4 parameters"),
+        ("frozen_body_all_params", "held 2 parameter(s) that did not require grad (frozen), which it never stepped"),
     ],
 )
 def test_methods_that_pair_state_by_position_refuse_an_optimizer_over_other_parameters(
@@ -449,13 +462,64 @@ def test_methods_that_pair_state_by_position_refuse_an_optimizer_over_other_para
     proc = run_cli("stages", str(run_dir), "--method", "fast", "--model", MODEL_REF, "--inputs", INPUTS_REF)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"fgtrac: error: the optimizer of stage '{stage}' held {held}, which the estimators do not model; "
+        f"fgtrac: error: the optimizer of stage '{stage}' {held}, which the estimators do not model; "
         "--method replay (exact replay) supports it"
     ]
     with RunStore(run_dir) as store:
         training = load_training(store, pipeline()).training
     with pytest.raises(FgtracError, match=f"the optimizer of stage '{stage}' held .*AdamW-influence"):
         check_supported(training)
+
+
+@pytest.mark.parametrize("change", ["unfreeze", "freeze"])
+def test_freezing_or_unfreezing_within_a_stage_is_refused_by_name(tmp_path: Path, change: str) -> None:
+    """Replay keeps a parameter's requires_grad for a whole stage (as the stage's start checkpoint records it): a
+    body unfrozen (or frozen) halfway through stage 'b' is refused in one line naming the parameters."""
+
+    def toggle(model: torch.nn.Module, step: int) -> None:
+        if step == 15:  # stage b runs steps 12..23
+            model.body.requires_grad_(change == "unfreeze")
+
+    start = _frozen_body if change == "unfreeze" else _sgd()
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(run_dir, [StageCfg("a", _sgd(), None, epochs=2), StageCfg("b", start, None, epochs=2, clip=toggle)])
+    proc = run_cli("stages", str(run_dir), "--method", "replay", "--model", MODEL_REF, "--inputs", INPUTS_REF)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    what = (
+        "did not require grad at its start but changed during it (unfrozen within the stage)"
+        if change == "unfreeze"
+        else "required grad at its start but not at its end (frozen within the stage)"
+    )
+    assert proc.stderr.strip().splitlines() == [
+        f"fgtrac: error: stage 'b': body.weight, body.bias {what}; replay freezes a parameter for a whole stage or "
+        "not at all, so freeze or unfreeze parameters between stages (a new run.stage), not within one"
+    ]
+
+
+def test_a_param_group_added_within_a_stage_is_refused_by_name(tmp_path: Path) -> None:
+    """A head-only optimizer that gains the body as a second param group halfway through stage 'b'
+    (optimizer.add_param_group, gradual unfreezing): refused in one line naming the first step that stepped it."""
+    made: list[torch.optim.Optimizer] = []
+
+    def head_only(m: torch.nn.Module) -> torch.optim.Optimizer:
+        made.append(torch.optim.SGD(m.head.parameters(), lr=0.1))
+        return made[-1]
+
+    def add_body(model: torch.nn.Module, step: int) -> None:
+        if step == 15:
+            made[-1].add_param_group({"params": list(model.body.parameters()), "lr": 0.05})
+
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(run_dir, [StageCfg("a", _sgd(), None), StageCfg("b", head_only, None, clip=add_body)])
+    proc = run_cli("stages", str(run_dir), "--method", "replay", "--model", MODEL_REF, "--inputs", INPUTS_REF)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "fgtrac: error: stage 'b': its optimizer stepped 2 param group(s) at step 15 but held 1 at the stage's "
+        "start (optimizer.add_param_group within the stage); replay builds a stage's optimizer from its start "
+        "checkpoint, so add parameters between stages (a new run.stage), not within one"
+    ]
 
 
 def test_estimates_of_a_replayable_run_are_marked_as_estimates(tmp_path: Path) -> None:
