@@ -334,6 +334,7 @@ class Training:
                         f"run trained, and the optimizer hold only its parameters"
                     )
             self._validate_frozen(stage)
+            self._validate_unheld(stage)
             n_groups = len(stage.group_sizes())
             if (i := next((i for i, g in enumerate(stage.hparams or ()) if len(g) != n_groups), None)) is not None:
                 raise StageAnalysisError(
@@ -381,6 +382,25 @@ class Training:
             raise StageAnalysisError(
                 f"stage {stage.name!r}: {shown} {what}; replay freezes a parameter for a whole stage or not at all, "
                 f"so freeze or unfreeze parameters between stages (a new run.stage), not within one"
+            )
+
+    def _validate_unheld(self, stage: Stage) -> None:
+        """Refuse a stage in which a model parameter its optimizer did not hold changed: replay steps the stage's
+        optimizer alone, so it would leave that parameter as it was."""
+        if stage.params is None:
+            return
+        held = {n for group in stage.params for n in group}
+        moved = [
+            n
+            for n in self.param_names
+            if n not in held and n in stage.start_model and not torch.equal(stage.start_model[n], stage.end_model[n])
+        ]
+        if moved:
+            shown = ", ".join(moved[:3]) + (", ..." if len(moved) > 3 else "")
+            raise StageAnalysisError(
+                f"stage {stage.name!r}: {shown} changed during the stage, though the stage's optimizer did not hold "
+                f"them (a second optimizer, or an update outside optimizer.step()); replay steps the stage's "
+                f"optimizer alone: train with one optimizer per stage (param groups for different rates)"
             )
 
     def enabled_option(self, *flags: str) -> tuple[str, str] | None:

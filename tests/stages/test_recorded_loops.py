@@ -522,6 +522,34 @@ def test_a_param_group_added_within_a_stage_is_refused_by_name(tmp_path: Path) -
     ]
 
 
+def test_a_second_optimizer_in_a_stage_is_refused_by_name(tmp_path: Path) -> None:
+    """Stage 'b' is recorded with a head-only optimizer while a second one, which fgtrac never sees, steps the
+    body: the body's parameters changed without the stage's optimizer holding them, refused by name."""
+
+    def two_optimizers(m: torch.nn.Module) -> torch.optim.Optimizer:
+        body = torch.optim.SGD(m.body.parameters(), lr=0.05)
+        bodies.append(body)
+        return torch.optim.SGD(m.head.parameters(), lr=0.1)
+
+    bodies: list[torch.optim.Optimizer] = []
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(
+            run_dir,
+            [
+                StageCfg("a", _sgd(), None),
+                StageCfg("b", two_optimizers, None, clip=lambda m, step: bodies[-1].step()),
+            ],
+        )
+    proc = run_cli("stages", str(run_dir), "--method", "replay", "--model", MODEL_REF, "--inputs", INPUTS_REF)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "fgtrac: error: stage 'b': body.weight, body.bias changed during the stage, though the stage's optimizer did "
+        "not hold them (a second optimizer, or an update outside optimizer.step()); replay steps the stage's "
+        "optimizer alone: train with one optimizer per stage (param groups for different rates)"
+    ]
+
+
 def test_estimates_of_a_replayable_run_are_marked_as_estimates(tmp_path: Path) -> None:
     """fast on a replayable run: verified false, 'not replayed'; replay: verified true."""
     run_dir = tmp_path / "run"
