@@ -50,16 +50,19 @@ def displacement(training: Training, k: int) -> Perturbation:
     d = Perturbation([stage.end_model[n] - stage.start_model[n] for n in names])
     nxt = training.stages[k + 1] if k + 1 < training.n_stages else None
     if nxt is not None and not nxt.fresh:
+        index = training.stepped_index(k)
         for key in lin.STATE_KEYS[stage.optimizer]:
             d.state[key] = [
                 _state(stage.end_optimizer, i, key, p) - _state(stage.start_optimizer, i, key, p)
-                for i, p in enumerate(d.param)
+                for i, p in zip(index, d.param, strict=True)
             ]
     return d
 
 
-def _state(opt_state: dict[str, Any], i: int, key: str, like: torch.Tensor) -> torch.Tensor:
-    value = opt_state.get("state", {}).get(i, {}).get(key)
+def _state(opt_state: dict[str, Any], i: int | None, key: str, like: torch.Tensor) -> torch.Tensor:
+    """The optimizer state `key` of the parameter at index `i` of a state_dict (zeros when there is none, or
+    the optimizer did not step that parameter: i None)."""
+    value = None if i is None else opt_state.get("state", {}).get(i, {}).get(key)
     return torch.zeros_like(like) if value is None else value
 
 
@@ -81,10 +84,11 @@ def schedule_point(training: Training, j: int, i: int) -> StepPoint:
     moment the recorder keeps for a stage that started fresh); the step size eta / bc1 uses the step's own count.
     """
     stage = training.stages[j]
-    hp = lin.step_hparams(stage.step_groups(i), stage.group_sizes())
+    hp = training.step_hparams(j, i)
     if stage.optimizer == "SGD":
         return StepPoint("SGD", hp, first=stage.fresh and i == 0)
-    denom = lin.adam_denominators(stage.end_optimizer["state"], hp)
+    like = [stage.end_model[n] for n in training.param_names]
+    denom = lin.adam_denominators(stage.end_optimizer["state"], hp, training.stepped_index(j), like)
     return StepPoint(stage.optimizer, hp, t=_step_count(stage.start_optimizer) + i + 1, denom=denom)
 
 
@@ -174,30 +178,41 @@ def hvp_at(cursor: Cursor) -> lin.Hvp:
 
 def live_step(cursor: Cursor, adam_mode: str) -> StepPoint:
     """Run the cursor's next recorded step and return that step's Jacobian (with curvature) on the trajectory."""
-    stage = cursor.training.stages[cursor.stage_index]
-    hp = lin.step_hparams(stage.step_groups(cursor.step_index), stage.group_sizes())
+    training, j = cursor.training, cursor.stage_index
+    stage = training.stages[j]
+    hp = training.step_hparams(j, cursor.step_index)
     assert cursor.optimizer is not None
+    stepped = [p for p, k in zip(cursor.params, training.stepped_index(j), strict=True) if k is not None]
     first = stage.optimizer == "SGD" and "momentum_buffer" not in cursor.optimizer.state.get(
-        cursor.params[0], {}
+        stepped[0] if stepped else None, {}
     )
     theta = [p.detach().clone() for p in cursor.params]
     point = StepPoint(stage.optimizer, hp, first=first, hvp=hvp_at(cursor), adam_mode=adam_mode)
     if stage.optimizer != "SGD":
-        cursor.step(observe=lambda opt: _observe_adam(point, opt, cursor.params, theta))
+        moved = [k is not None for k in training.stepped_index(j)]
+        cursor.step(observe=lambda opt: _observe_adam(point, opt, cursor.params, theta, moved))
     else:
         cursor.step()
     return point
 
 
 def _observe_adam(
-    point: StepPoint, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], theta: lin.Vectors
+    point: StepPoint,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    theta: lin.Vectors,
+    moved: list[bool],
 ) -> None:
-    """Fill an Adam step's Jacobian data from the optimizer right after its step (before any stage change)."""
-    st = [optimizer.state[p] for p in params]
-    point.t = int(torch.as_tensor(st[0]["step"]))
+    """Fill an Adam step's Jacobian data from the optimizer right after its step (before any stage change).  A
+    parameter it did not step (`moved` false) has no moments: zero ones and denominator 1 (its lr is 0)."""
+    st = [
+        optimizer.state[p] if m else {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        for p, m in zip(params, moved, strict=True)
+    ]
+    point.t = next((int(torch.as_tensor(s["step"])) for s, m in zip(st, moved, strict=True) if m), 1)
     point.denom = [
-        s["exp_avg_sq"].sqrt() / (1 - h["betas"][1] ** point.t) ** 0.5 + h["eps"]
-        for s, h in zip(st, point.hp, strict=True)
+        s["exp_avg_sq"].sqrt() / (1 - h["betas"][1] ** point.t) ** 0.5 + h["eps"] if m else torch.ones_like(p)
+        for s, h, m, p in zip(st, point.hp, moved, params, strict=True)
     ]
     if point.adam_mode == "full":
         decoupled = [h.get("decoupled_weight_decay", point.optimizer == "AdamW") for h in point.hp]
@@ -205,8 +220,8 @@ def _observe_adam(
         point.exp_avg_sq = [s["exp_avg_sq"].clone() for s in st]
         # the gradient that entered the moments includes coupled weight decay
         point.grad = [
-            p.grad.detach() + (0.0 if dec else h["weight_decay"]) * th
-            for p, h, th, dec in zip(params, point.hp, theta, decoupled, strict=True)
+            p.grad.detach() + (0.0 if dec else h["weight_decay"]) * th if m else torch.zeros_like(p)
+            for p, h, th, dec, m in zip(params, point.hp, theta, decoupled, moved, strict=True)
         ]
 
 

@@ -207,17 +207,33 @@ def _adam_transpose(point: StepPoint, a: Perturbation) -> Perturbation:
 
 
 def step_hparams(groups: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, Any]]:
-    """Per-parameter hyperparameters of one step from its param groups' applied values (`Stage.step_groups`)."""
+    """Per-parameter hyperparameters of one step from its param groups' applied values (`Stage.step_groups`), in
+    the optimizer's parameter order."""
     out: list[dict[str, Any]] = []
     for group, size in zip(groups, sizes, strict=True):
         out += [dict(group)] * size
     return out
 
 
-def adam_denominators(state: dict[Any, Any], hp: list[dict[str, Any]]) -> Vectors:
-    """sqrt(v)/sqrt(bc2) + eps per parameter from an Adam state_dict's ``state`` at its own step count."""
+def still_hparams(optimizer: str) -> dict[str, Any]:
+    """The hyperparameters under which a step leaves a parameter and its state perturbation where they are: for
+    a parameter the step's optimizer did not move (it did not hold it, or it was frozen).  lr 0 makes both maps
+    the identity on it (its Hessian coupling to the moved parameters still counts); no momentum, no moments."""
+    if optimizer == "SGD":
+        return {"lr": 0.0, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}
+    return {"lr": 0.0, "betas": (0.0, 0.0), "eps": 1.0, "weight_decay": 0.0, "decoupled_weight_decay": True}
+
+
+def adam_denominators(
+    state: dict[Any, Any], hp: list[dict[str, Any]], index: list[int | None], like: Vectors
+) -> Vectors:
+    """sqrt(v)/sqrt(bc2) + eps per parameter from an Adam state_dict's ``state`` at its own step count;
+    `index[i]` is parameter i's key in that state (None: the optimizer did not step it, denominator 1)."""
     out = []
-    for i, h in enumerate(hp):
-        count = int(torch.as_tensor(state[i]["step"]))
-        out.append(state[i]["exp_avg_sq"].sqrt() / (1 - h["betas"][1] ** count) ** 0.5 + h["eps"])
+    for h, k, p in zip(hp, index, like, strict=True):
+        if k is None:
+            out.append(torch.ones_like(p))
+            continue
+        count = int(torch.as_tensor(state[k]["step"]))
+        out.append(state[k]["exp_avg_sq"].sqrt() / (1 - h["betas"][1] ** count) ** 0.5 + h["eps"])
     return out

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fgtrac_core.stages import linearize as lin
 from fgtrac_core.stages.errors import MissingBoundaryStateError, StageAnalysisError
 from fgtrac_core.tracking.forward_seeds import random_modules
 from fgtrac_core.tracking.optimizer_hooks import clipping, is_unknown, zeroed
@@ -143,6 +144,7 @@ class Training:
     loss_fn: LossFn = cross_entropy
     _accumulation: dict[int, str] = field(default_factory=dict, repr=False)
     _frozen: dict[int, list[int]] = field(default_factory=dict, repr=False)  # `frozen_params`, asked per step
+    _stepped: dict[int, list[int | None]] = field(default_factory=dict, repr=False)  # `stepped_index`, per step
     _batch_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False
     )
@@ -176,6 +178,26 @@ class Training:
             held = self.optimizer_params(stage_index)
             self._frozen[stage_index] = [i for i, k in enumerate(held) if self.param_names[k] in frozen]
         return self._frozen[stage_index]
+
+    def stepped_index(self, stage_index: int) -> list[int | None]:
+        """Per model parameter (`param_names` order), its index into stage `stage_index`'s optimizer (the key of
+        its state in the optimizer's state_dict) when the optimizer stepped it, else None (not held, or frozen)."""
+        if stage_index not in self._stepped:
+            out: list[int | None] = [None] * len(self.param_names)
+            frozen = set(self.frozen_params(stage_index))
+            for i, k in enumerate(self.optimizer_params(stage_index)):
+                if i not in frozen:
+                    out[k] = i
+            self._stepped[stage_index] = out
+        return self._stepped[stage_index]
+
+    def step_hparams(self, stage_index: int, step_index: int) -> list[dict[str, Any]]:
+        """Per model parameter, the hyperparameters recorded step `step_index` of stage `stage_index` applied to
+        it; a parameter it did not step gets `still_hparams` (lr 0: the step's Jacobian leaves it alone)."""
+        stage = self.stages[stage_index]
+        per_held = lin.step_hparams(stage.step_groups(step_index), stage.group_sizes())
+        still = lin.still_hparams(stage.optimizer)
+        return [still if k is None else per_held[k] for k in self.stepped_index(stage_index)]
 
     def optimizes_all_in_order(self, stage_index: int) -> bool:
         """Whether stage `stage_index`'s optimizer held every model parameter, in model.parameters() order, and
@@ -334,7 +356,6 @@ class Training:
                         f"run trained, and the optimizer hold only its parameters"
                     )
             self._validate_frozen(stage)
-            self._validate_unheld(stage)
             n_groups = len(stage.group_sizes())
             if (i := next((i for i, g in enumerate(stage.hparams or ()) if len(g) != n_groups), None)) is not None:
                 raise StageAnalysisError(
@@ -343,6 +364,7 @@ class Training:
                     f"the stage); replay builds a stage's optimizer from its start checkpoint, so add parameters "
                     f"between stages (a new run.stage), not within one"
                 )
+            self._validate_unheld(stage)  # after the group count: add_param_group is the more precise reason
             if len(stage.lrs) != stage.n_steps or len(stage.batches) != stage.n_steps:
                 raise StageAnalysisError(f"stage {stage.name!r}: steps, learning rates and batches disagree")
             if stage.micro is not None and [sum(p) for p in stage.micro] != [len(b) for b in stage.batches]:
@@ -419,9 +441,7 @@ class Training:
         descent with Adam's plain second moment, cannot model this training, or None.  Exact replay steps torch's
         own optimizer and needs none of this."""
         found = self.enabled_option("amsgrad", "maximize")
-        if found is not None:
-            return f"stage {found[0]!r} uses {found[1]}=True, which the estimators do not model"
-        return self.subset_refusal("the estimators")
+        return None if found is None else f"stage {found[0]!r} uses {found[1]}=True, which the estimators do not model"
 
     def subset_refusal(self, what: str) -> str | None:
         """Why `what` (a method that pairs optimizer state with parameters by position) cannot follow a stage
@@ -433,7 +453,7 @@ class Training:
                 if held != len(self.param_names):
                     which = f"held {held} of the model's {len(self.param_names)} parameters"
                 elif frozen:
-                    which = f"held {frozen} parameter(s) that did not require grad (frozen), which it never stepped"
+                    which = f"held {frozen} parameter(s) that did not require grad (frozen)"
                 else:
                     which = "held the model's parameters in another order than model.parameters()"
                 return f"the optimizer of stage {stage.name!r} {which}, which {what} do not model"

@@ -2,6 +2,8 @@
 
 A stage spec is (name, optimizer factory, lr schedule factory or None, n_steps, carry): with carry=True the
 stage continues the previous stage's optimizer (its state and its param groups) instead of building a new one.
+`select` picks what the factory gets (default: model.parameters(); e.g. the head's alone, or param groups of
+the loop's own order) and `frozen` names parameters that do not require grad during the stage.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from fgtrac_core.pipeline import Pipeline
 from fgtrac_core.stages.training import LossFn, Stage, Training, cross_entropy
 from fgtrac_core.tracking import Run
+from fgtrac_core.tracking.optimizer_hooks import applied_hparams, optimizer_params
 
 OptFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 SchedFactory = Callable[[torch.optim.Optimizer, int], Any]
@@ -31,6 +34,8 @@ class StageSpec:
     n_steps: int
     scheduler: SchedFactory | None = None
     carry: bool = False
+    select: Callable[[nn.Module], Any] | None = None
+    frozen: tuple[str, ...] = ()
 
 
 class MLP(nn.Module):
@@ -77,14 +82,17 @@ def train_in_memory(
     model = make_model()
     stages, opt = [], None
     for j, spec in enumerate(specs):
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in spec.frozen)
         if not spec.carry or opt is None:
-            opt = spec.optimizer(list(model.parameters()))
+            opt = spec.optimizer(spec.select(model) if spec.select else list(model.parameters()))
         sched = spec.scheduler(opt, spec.n_steps) if spec.scheduler else None
         start_model, start_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
         ids = _batches(n_train, spec.n_steps, batch, seed + j)
-        lrs = []
+        lrs, hparams = [], []
         for b in ids:
             lrs.append(float(opt.param_groups[0]["lr"]))
+            hparams.append(applied_hparams(opt))  # every group's values as the step applies them
             opt.zero_grad()
             loss_fn(model(x[b]), targets[b]).backward()
             opt.step()
@@ -102,6 +110,10 @@ def train_in_memory(
                 steps=list(range(sum(s.n_steps for s in specs[:j]), sum(s.n_steps for s in specs[: j + 1]))),
                 lrs=lrs,
                 batches=ids,
+                hparams=hparams,
+                params=optimizer_params(opt, model),
+                frozen=list(spec.frozen),
+                frozen_end=list(spec.frozen),
             )
         )
     return Training(

@@ -172,3 +172,96 @@ def test_replay_reports_a_mismatch_instead_of_numbers() -> None:
     training.stages[1].end_model["head.bias"] = training.stages[1].end_model["head.bias"] + 1e-6
     with pytest.raises(ReplayMismatchError, match="'adamw'.*max abs difference 1e-06"):
         replay_full(training)
+
+
+# optimizers over some of the parameters, param groups of the loop's own order, frozen parameters: the estimators
+# leave a parameter a step did not move where it is (lr 0), keeping its Hessian coupling to the moved ones
+SUBSET_SGD_STAGES = [
+    StageSpec("all", lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, weight_decay=0.01), 10, cosine),
+    StageSpec(
+        "weight-only",
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.02),
+        6,
+        select=lambda m: [m.weight],
+    ),
+    StageSpec(
+        "own-order-groups",
+        lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.8),
+        6,
+        select=lambda m: [{"params": [m.bias], "lr": 0.05}, {"params": [m.weight]}],
+    ),
+    StageSpec(
+        "bias-frozen", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.05), 5, frozen=("bias",)
+    ),
+    StageSpec("continues-frozen", lambda p: torch.optim.SGD(p, lr=0.1), 4, carry=True, frozen=("bias",)),
+]
+
+
+def test_propagated_equals_replay_with_subsets_and_frozen_parameters() -> None:
+    """Quadratic loss + SGD over a subset, groups in another order, a frozen parameter the optimizer holds (and a
+    stage continuing that optimizer): the training map is still affine, so the propagated Jacobian is exact."""
+    x, t = _regression_data()
+    training = train_in_memory(_linear, SUBSET_SGD_STAGES, x, t, n_train=N_TRAIN, loss_fn=_mse)
+    assert [training.optimizes_all_in_order(j) for j in range(training.n_stages)] == [True, False, False, False, False]
+    _assert_embeddings_exact(training, est.propagated_embeddings(training).vectors, atol=1e-10)
+
+
+def _head(m: nn.Module) -> list[nn.Parameter]:
+    return list(m.head.parameters())
+
+
+def _own_order(m: nn.Module) -> list[dict]:
+    return [{"params": [m.head.bias, m.body.bias], "weight_decay": 0.0}, {"params": [m.head.weight, m.body.weight]}]
+
+
+SUBSET_MIXED_STAGES = [
+    StageSpec("sgd", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01), 8, cosine),
+    StageSpec("adamw-head", lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1), 6, select=_head),
+    StageSpec("adamw-own-order", lambda g: torch.optim.AdamW(g, lr=0.01, weight_decay=0.05), 5, select=_own_order),
+    StageSpec("adamw-continues", lambda g: torch.optim.AdamW(g), 4, carry=True),
+    StageSpec(
+        "sgd-body-frozen",
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.02),
+        5,
+        frozen=("body.weight", "body.bias"),
+    ),
+]
+
+
+def test_fast_is_exact_without_curvature_for_subsets() -> None:
+    """Zero curvature (a linear model, a loss linear in its outputs): the curvature-free carry through AdamW over
+    the weight alone, AdamW groups of another order and SGD with the bias frozen (its momentum continued) is
+    exact."""
+    x, t = _regression_data()
+    stages = [
+        StageSpec("sgd", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01), 8, cosine),
+        StageSpec("adamw-weight", lambda p: torch.optim.AdamW(p, lr=0.01), 6, select=lambda m: [m.weight]),
+        StageSpec(
+            "adamw-own-order",
+            lambda g: torch.optim.AdamW(g, lr=0.01, weight_decay=0.05),
+            5,
+            select=lambda m: [{"params": [m.bias], "weight_decay": 0.0}, {"params": [m.weight]}],
+        ),
+        StageSpec("sgd-bias-frozen", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), 5, frozen=("bias",)),
+        StageSpec("continues-frozen", lambda p: torch.optim.SGD(p), 4, carry=True, frozen=("bias",)),
+    ]
+    training = train_in_memory(_linear, stages, x, t, n_train=N_TRAIN, loss_fn=_linear_in_theta)
+    _assert_embeddings_exact(training, est.fast_embeddings(training).vectors, atol=1e-10)
+
+
+@pytest.mark.parametrize("adam_mode", ["full", "frozen"])
+def test_tangent_and_adjoint_sweeps_agree_with_subsets(adam_mode: str) -> None:
+    """grad f . (J Delta_k) both ways through a head-only AdamW, Adam groups of another order (continued) and a
+    frozen body; and a horizon covering every later step is exact replay."""
+    x, y = data(dtype=torch.float64)
+    training = train_in_memory(lambda: MLP().double(), SUBSET_MIXED_STAGES, x, y, n_train=N_TRAIN)
+    model, (xt, yt) = training.model_factory(), training.test_set()
+    emb = est.propagated_embeddings(training, adam_mode)
+    grads = beh.gradients(model, training.final_model, xt, yt, beh.example_loss)
+    linear, _ = est.propagated_adjoint(training, grads, adam_mode)
+    for k in range(training.n_stages - 1):
+        via_tangent = beh.directional(
+            model, training.final_model, emb.vectors[k], xt, yt, {"loss": beh.example_loss}
+        )
+        np.testing.assert_allclose(linear[k], via_tangent["loss"], rtol=1e-8, atol=1e-12)
+    _assert_embeddings_exact(training, est.partial_replay_embeddings(training, 10_000).vectors, atol=1e-12)
