@@ -171,8 +171,6 @@ def check_supported(training: Any, sgd_form: str = "exact") -> None:
                 f"{stage.steps[i]} (zero_grad(set_to_none=False)), which AdamW-influence does not follow; exact "
                 f"replay (--method replay, --check) does"
             )
-    if (subset := training.subset_refusal("AdamW-influence's tangents")) is not None:
-        raise FgtracError(f"{subset}; exact replay (--mode exact, --check) does")
     require_replayable(training, INFLUENCE_REMEDY)
 
 
@@ -287,13 +285,29 @@ class _SgdStep:
         t.th[rows] -= direction * self.lr
 
 
-def _group_of(stage: Any, names: list[str], all_names: list[str]) -> list[int]:
-    bounds, at = [], 0
-    for size in stage.group_sizes():
-        bounds.append((at, at + size))
-        at += size
-    pos = {n: i for i, n in enumerate(all_names)}
-    return [next(g for g, (lo, hi) in enumerate(bounds) if lo <= pos[n] < hi) for n in names]
+def _group_of(training: Any, j: int, names: list[str]) -> list[int | None]:
+    """The param group of stage `j`'s optimizer each named parameter was in, or None where the stage did not
+    step it (its optimizer did not hold it, or it was frozen: `Training.stepped_index`)."""
+    group = [g for g, size in enumerate(training.stages[j].group_sizes()) for _ in range(size)]
+    index = dict(zip(training.param_names, training.stepped_index(j), strict=True))
+    return [None if index[n] is None else group[index[n]] for n in names]
+
+
+def _stepped(training: Any, j: int, model: nn.Module) -> list[torch.nn.Parameter]:
+    """The model's parameters stage `j`'s optimizer stepped (what its clipping rule was applied over)."""
+    return [p for p, k in zip(model.parameters(), training.stepped_index(j), strict=True) if k is not None]
+
+
+def _require_stepped(training: Any, names: list[str]) -> None:
+    """Refuse scored parameters some stage did not step: their tangents would need that stage's identity map."""
+    for j, stage in enumerate(training.stages):
+        missed = [n for n, g in zip(names, _group_of(training, j, names), strict=True) if g is None]
+        if missed:
+            raise FgtracError(
+                f"stage {stage.name!r} did not step {', '.join(missed)} (its optimizer did not hold them, or they "
+                f"were frozen), which AdamW-influence scores: score parameters that every stage trains (a head "
+                f"layer each stage's optimizer steps, or params=)"
+            )
 
 
 def _adam_step(
@@ -355,6 +369,7 @@ def _loss_weights(training: Any, j: int, i: int) -> torch.Tensor | None:
 
 def _clip_jacobian(
     model: nn.Module,
+    params: list[torch.nn.Parameter],
     spec: _Params,
     xb: torch.Tensor,
     yb: torch.Tensor,
@@ -365,9 +380,9 @@ def _clip_jacobian(
 ) -> torch.Tensor:
     """The perturbation of the clipped gradient on the scored coordinates, from the unclipped ones `dg` of the
     batch rows `at` (each ∇ℓ_z/|B|, or ∇ℓ_z times its weight `scale` with gradient accumulation): exact
-    derivative of torch's clipping (see the module docstring)."""
+    derivative of torch's clipping (see the module docstring).  `params`: those the rule was applied over (the
+    stage's optimizer's, `_stepped`), which hold the scored ones."""
     fn = per_sample_loss(spec.loss_fn)
-    params = list(model.parameters())
     named = dict(model.named_parameters())
     scored = {id(named[n]) for n in spec.names}
     norm_rule = clip["rule"] == "norm"
@@ -454,7 +469,7 @@ def _sweep(
     cursor = Cursor(training, 0, training.stages[0].start_model, None)
     cursor.check_fingerprints = True  # a step off the recorded trajectory stops the replay (raise_if_diverged)
     tensors = spec.tensors(cursor.model)
-    all_names = [n for n, _ in cursor.model.named_parameters()]
+    group_of = [_group_of(training, j, spec.names) for j in range(training.n_stages)]  # all set: _require_stepped
     tan = _Tangent.zeros(n_train, spec.size)
     live = False
     sgd = torch.zeros(n_test, n_train, dtype=torch.float64)
@@ -519,7 +534,7 @@ def _sweep(
             xb, yb = cursor.batch()
             at, cols = cols_of(ids)
             adam = stage.optimizer in ("Adam", "AdamW")
-            hps = [stage.step_groups(i)[g] for g in _group_of(stage, spec.names, all_names)]
+            hps = [stage.step_groups(i)[g] for g in group_of[j]]
             model = cursor.model
             dg = None
             scale = _loss_weights(training, j, i)
@@ -528,7 +543,7 @@ def _sweep(
                 dg = g_b / len(ids) if scale is None else g_b * scale[at][:, None]
                 clip = stage.clip(i)
                 if clip:
-                    dg = _clip_jacobian(model, spec, xb, yb, at, clip, dg, scale)
+                    dg = _clip_jacobian(model, _stepped(training, j, model), spec, xb, yb, at, clip, dg, scale)
                 propagated_uses += len(cols)
             elif len(cols):  # SGD: the step-exact TracIn term, as exact.py
                 weight = float(stage.lrs[i]) / len(ids) if scale is None else scale[at] * float(stage.lrs[i])
@@ -616,6 +631,7 @@ def adamw_influence(
     """
     check_supported(training, sgd_form)
     spec = _params(training.model_factory(), layer, include_bias, params, loss_fn)
+    _require_stepped(training, spec.names)
     return _sweep(
         training, spec, np.asarray(train_ids, dtype=np.int64), test, sgd_form=sgd_form, progress=progress
     )
@@ -676,6 +692,7 @@ def adamw_influence_review(
     contribution per interval.  `sgd_form` as in `adamw_influence`."""
     check_supported(training, sgd_form)
     spec = _params(training.model_factory(), layer, include_bias, params, loss_fn)
+    _require_stepped(training, spec.names)
     train_ids = np.asarray(train_ids, dtype=np.int64)
 
     def interval_of_step(stage_id: int, step: int) -> int:
@@ -802,10 +819,10 @@ def unrolled_influence(
                     for k, v in recorded[i].items()
                     if v is not None
                 }
-                for i, n in enumerate(names)
+                for n, i in zip(names, training.stepped_index(j), strict=True)
                 if i in recorded
             }
-        group_of = _group_of(stage, names, names)
+        group_of = _group_of(training, j, names)
         for i in range(stage.n_steps):
             xb, yb = training.batch(j, i)
             ids = np.asarray(stage.batches[i], dtype=np.int64)
@@ -822,10 +839,15 @@ def unrolled_influence(
             scale = _loss_weights(training, j, i)
             loss = (fn(out, yb) * wb).sum() / len(ids) if scale is None else (fn(out, yb) * wb * scale.to(dtype)).sum()
             grads = list(torch.autograd.grad(loss, [at[n] for n in names], create_graph=True))
-            grads = _functional_clip(grads, stage.clip(i))
+            stepped = [k for k, grp in enumerate(group_of) if grp is not None]  # what the clipping rule spans
+            for k, g in zip(stepped, _functional_clip([grads[k] for k in stepped], stage.clip(i)), strict=True):
+                grads[k] = g
             hps = stage.step_groups(i)
             new = {}
             for n, g, grp in zip(names, grads, group_of, strict=True):
+                if grp is None:  # a parameter the stage did not step stays as it is
+                    new[n] = theta[n]
+                    continue
                 if held and n not in carry:
                     g = g.detach()
                 state = states.setdefault(n, {})

@@ -199,12 +199,6 @@ class Training:
         still = lin.still_hparams(stage.optimizer)
         return [still if k is None else per_held[k] for k in self.stepped_index(stage_index)]
 
-    def optimizes_all_in_order(self, stage_index: int) -> bool:
-        """Whether stage `stage_index`'s optimizer held every model parameter, in model.parameters() order, and
-        stepped them all (none frozen)."""
-        held = self.optimizer_params(stage_index)
-        return held == list(range(len(self.param_names))) and not self.frozen_params(stage_index)
-
     @property
     def n_stages(self) -> int:
         return len(self.stages)
@@ -442,22 +436,6 @@ class Training:
         own optimizer and needs none of this."""
         found = self.enabled_option("amsgrad", "maximize")
         return None if found is None else f"stage {found[0]!r} uses {found[1]}=True, which the estimators do not model"
-
-    def subset_refusal(self, what: str) -> str | None:
-        """Why `what` (a method that pairs optimizer state with parameters by position) cannot follow a stage
-        whose optimizer held some of the model's parameters, or all of them in another order; None when none
-        did."""
-        for j, stage in enumerate(self.stages):
-            if not self.optimizes_all_in_order(j):
-                held, frozen = len(self.optimizer_params(j)), len(self.frozen_params(j))
-                if held != len(self.param_names):
-                    which = f"held {held} of the model's {len(self.param_names)} parameters"
-                elif frozen:
-                    which = f"held {frozen} parameter(s) that did not require grad (frozen)"
-                else:
-                    which = "held the model's parameters in another order than model.parameters()"
-                return f"the optimizer of stage {stage.name!r} {which}, which {what} do not model"
-        return None
 
     def replay_refusal(self) -> str | None:
         """Why exact replay cannot reproduce this training although estimators can still linearise it (the loop

@@ -30,6 +30,7 @@ from torch import nn
 from fgtrac_core import RunStore
 from fgtrac_core.errors import FgtracError
 from fgtrac_core.influence.adamw_influence import (
+    _group_of,
     adamw_influence,
     adamw_influence_review,
     compare,
@@ -41,6 +42,7 @@ from fgtrac_core.influence.run_influence import run_influence
 from fgtrac_core.stages._records import load_training
 from fgtrac_core.stages.replay import deterministic
 from fgtrac_core.stages.training import Stage, Training
+from fgtrac_core.tracking.optimizer_hooks import optimizer_params
 from tests.influence import _tiny
 
 N, N_TRAIN, D_IN, N_CLASSES = 40, 30, 4, 3
@@ -77,6 +79,7 @@ class Spec:
     clip: dict[str, Any] | None = None
     scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
     repeat: bool = False  # batches drawn with replacement (a sample can be twice in a batch)
+    frozen: tuple[str, ...] = ()  # parameters that do not require grad in this stage
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +106,8 @@ def train(
     rng = np.random.default_rng(seed)
     stages, opt, step = [], None, 0
     for j, spec in enumerate(specs):
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in spec.frozen)
         if spec.optimizer is not None:
             opt = spec.optimizer(list(model.parameters()))
         assert opt is not None
@@ -118,7 +123,7 @@ def train(
             hparams.append([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
             opt.zero_grad()
             F.cross_entropy(model(x[b]), y[b]).backward()
-            _clip(list(model.parameters()), spec.clip)
+            _clip([p for g in opt.param_groups for p in g["params"] if p.grad is not None], spec.clip)
             opt.step()
             if sched is not None:
                 sched.step()
@@ -128,7 +133,8 @@ def train(
                 start_optimizer=start_opt if spec.optimizer is None else {**start_opt, "state": {}},
                 end_model=copy.deepcopy(model.state_dict()), end_optimizer=copy.deepcopy(opt.state_dict()),
                 steps=list(range(step, step + spec.n_steps)), lrs=lrs, batches=batches, hparams=hparams,
-                clips=[spec.clip] * spec.n_steps,
+                clips=[spec.clip] * spec.n_steps, params=optimizer_params(opt, model),
+                frozen=list(spec.frozen), frozen_end=list(spec.frozen),
             )
         )  # fmt: skip
         step += spec.n_steps
@@ -172,6 +178,27 @@ CASES: dict[str, list[Spec]] = {
         Spec("a", adam(), clip={"rule": "norm", "max_norm": 0.3, "norm_type": 2.0}),
         Spec("b", adamw(), clip={"rule": "norm", "max_norm": 0.4, "norm_type": 3.0}),
     ],
+    # optimizers over some of the parameters, groups of the loop's own order, a frozen body (the head, scored by
+    # default, is stepped by every stage; scoring all parameters is refused, below)
+    "head-only-finetune": [
+        Spec("a", adam(), clip={"rule": "norm", "max_norm": 0.3, "norm_type": 2.0}),
+        Spec(
+            "b",
+            lambda p: torch.optim.AdamW(p[2:], lr=0.03, weight_decay=0.1),  # the head's weight and bias
+            clip={"rule": "norm", "max_norm": 0.2, "norm_type": 2.0},
+        ),
+    ],
+    "own-order-groups": [
+        Spec("a", lambda p: torch.optim.AdamW(  # biases without decay first, then the weights at another rate
+            [{"params": [p[3], p[1]], "weight_decay": 0.0}, {"params": [p[2], p[0]], "lr": 0.02}],
+            lr=0.04, weight_decay=0.1,
+        )),  # fmt: skip
+        Spec("b", None, n_steps=4),
+    ],
+    "frozen-body": [
+        Spec("a", adamw()),
+        Spec("b", adam(), frozen=("body.weight", "body.bias"), clip={"rule": "value", "clip_value": 0.05}),
+    ],
     "clip-value-repeats": [
         Spec("a", adamw(), clip={"rule": "value", "clip_value": 0.05}, repeat=True),
         Spec("b", adam(amsgrad=False), repeat=True),
@@ -191,6 +218,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("params", [None, ALL], ids=["head", "all-parameters"])
 def test_equals_the_held_gradient_reference(case: tuple[str, Training], params: list[str] | None) -> None:
     name, training = case
+    if params == ALL and name in ("head-only-finetune", "frozen-body"):
+        with pytest.raises(FgtracError, match="stage 'b' did not step body.weight, body.bias .* which AdamW-"):
+            adamw_influence(training, "head", IDS, _test(), params=params)
+        return
     if name.startswith("clip"):
         assert _clipped_steps(training), "the clipping cases must clip some steps"
     s = adamw_influence(training, "head", IDS, _test(), params=params)
@@ -203,6 +234,21 @@ def test_equals_the_held_gradient_reference(case: tuple[str, Training], params: 
     unused = np.setdiff1d(IDS, used)
     assert (s.scores[:, unused] == 0).all()  # a sample no step used: exactly 0
     assert (s.scores.abs() <= (s.test_sq * s.train_sq[None]).sqrt() * (1 + 1e-9)).all()  # cosine in [-1, 1]
+
+
+@pytest.mark.parametrize(
+    ("name", "groups"),
+    [
+        ("own-order-groups", [[1, 0, 1, 0], [1, 0, 1, 0]]),  # body.weight, body.bias, head.weight, head.bias
+        ("head-only-finetune", [[0, 0, 0, 0], [None, None, 0, 0]]),
+        ("frozen-body", [[0, 0, 0, 0], [None, None, 0, 0]]),
+    ],
+)
+def test_each_parameter_steps_in_the_group_its_optimizer_held_it_in(name: str, groups: list) -> None:
+    """The param group every stage stepped each parameter in (None: not stepped), as the cases' optimizers were
+    built (independent of the mapping that both the method and its reference read)."""
+    training = train(MLP, CASES[name])
+    assert [_group_of(training, j, ALL) for j in range(training.n_stages)] == groups
 
 
 def _clipped_steps(training: Training) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fgtrac_core.errors import FgtracError
-from fgtrac_core.influence.adamw_influence import check_supported
+from fgtrac_core.influence.adamw_influence import adamw_influence, check_supported
 from fgtrac_core.pipeline import Pipeline
 from fgtrac_core.stages import analyze
 from fgtrac_core.stages._records import load_training
@@ -442,33 +442,28 @@ def test_estimators_refuse_what_they_do_not_model_and_replay_runs_it(tmp_path: P
         ]
 
 
-@pytest.mark.parametrize(
-    ("loop", "held"),
-    [
-        ("param_groups_own_order", "held the model's parameters in another order than model.parameters()"),
-        ("head_only_finetune", "held 2 of the model's 4 parameters"),
-        ("frozen_body_all_params", "held 2 parameter(s) that did not require grad (frozen)"),
-    ],
-)
-def test_estimators_follow_an_optimizer_over_other_parameters_and_adamw_influence_refuses(
-    tmp_path: Path, loop: str, held: str
-) -> None:
+@pytest.mark.parametrize("loop", ["param_groups_own_order", "head_only_finetune", "frozen_body_all_params"])
+def test_estimators_and_adamw_influence_follow_an_optimizer_over_other_parameters(tmp_path: Path, loop: str) -> None:
     """A stage whose optimizer held a subset, groups of the loop's own order, or frozen parameters: every
-    estimator runs through `stages --compare` (they leave a parameter a step did not move where it is; their
-    exactness is tested in test_estimators.py), and AdamW-influence, which pairs state by position, refuses in
-    one line naming the stage."""
+    estimator runs through `stages --compare` and AdamW-influence through `influence` (each parameter with the
+    hyperparameters and state of the group its optimizer held it in; one a stage did not step stays put: their
+    exactness is tested in test_estimators.py and test_adamw_influence.py); scoring a parameter some stage did
+    not step is refused in one line."""
     run_dir = tmp_path / "run"
     with deterministic(1):
         record(run_dir, LOOPS[loop], targets=loop in WITH_TARGETS)
-    stage = "a" if loop == "param_groups_own_order" else "b"
     proc = run_cli("stages", str(run_dir), "--compare", "--json", "--model", MODEL_REF, "--inputs", INPUTS_REF)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     methods = {m["method"].split(":")[0] for m in json.loads(proc.stdout)["faithfulness"]}
     assert {"fast", "propagated", "partial-replay", "replay"} <= methods
-    with RunStore(run_dir) as store:
-        training = load_training(store, pipeline()).training
-    with pytest.raises(FgtracError, match=re.escape(f"the optimizer of stage '{stage}' {held}, which AdamW-influence")):
-        check_supported(training)
+    pipe = ["--model", MODEL_REF, "--inputs", INPUTS_REF, "--head-layer", "head"]
+    proc = run_cli("influence", str(run_dir), "--mode", "adamw_influence", "--k", "3", *pipe)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if loop != "param_groups_own_order":  # stage b did not step the body
+        with RunStore(run_dir) as store:
+            training = load_training(store, pipeline()).training
+        with pytest.raises(FgtracError, match=re.escape("stage 'b' did not step body.weight (its optimizer")):
+            adamw_influence(training, "head", np.arange(N_TRAIN), training.test_set(), params=["body.weight"])
 
 
 @pytest.mark.parametrize("change", ["unfreeze", "freeze"])
