@@ -3,8 +3,10 @@
     score(test, z) = Σ_{t : z ∈ B_t} η_t / |B_t| · ∇ℓ(test, θ_t) · ∇ℓ(z, θ_t)
 
 over every optimizer step t whose batch B_t held z (with multiplicity), θ_t the parameters the step's gradient
-was taken at (before its update), η_t the first param group's rate the step applied, and 1/|B_t| the mean-loss
-scaling.  θ_t comes from replaying the run (`fgtrac_core.stages.replay.Cursor`: the recorded batches, targets,
+was taken at (before its update), η_t the rate the step applied to the scored parameters, and 1/|B_t| the
+mean-loss scaling.  Each parameter's term is weighed by the rate of the param group its optimizer held it in
+(a head trained ten times faster than the body weighs ten times more), zero where the step did not move it (a
+frozen head; an optimizer over other parameters): Σ_p η_{t,p} ∇_p ℓ(test)·∇_p ℓ(z).  θ_t comes from replaying the run (`fgtrac_core.stages.replay.Cursor`: the recorded batches, targets,
 per-step hyperparameters and clipping, from the first stage's start checkpoint — bit-exact on the recording's
 kind of machine), so no checkpoint stands in for another step's parameters.  It is the SGD form: for Adam(W)
 stages each step still contributes η_t ∇ℓ_test·∇ℓ_z (no preconditioner or momentum; AdamW-influence is separate).
@@ -88,20 +90,34 @@ class StepGradients:
     names: list[str] | None = None
     projection: Projection | None = None
 
-    @property
-    def bias(self) -> float:
-        """The + 1 of the factored dot product (the head's bias); dense features carry their bias in the vector."""
-        return 1.0 if self.include_bias else 0.0
-
-    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Features:
+    def __call__(
+        self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, scale: dict[str, torch.Tensor] | None = None
+    ) -> Features:
+        """The features of the samples (x, y) at the model's parameters; `scale` (dense features only) multiplies
+        each named parameter's gradient before the projection (`rates`)."""
         if self.names is None:
             delta, act = head_factors(model, self.layer, (x, y), loss_fn=self.loss_fn)
             return Features(delta=delta, act=act)
         dev = next(model.parameters()).device
         g = per_sample_gradients(
-            model, self.names, (x, y), loss_fn=self.loss_fn, reduce=self.projection, device=dev
+            model, self.names, (x, y), loss_fn=self.loss_fn, scale=scale, reduce=self.projection, device=dev
         )
         return Features(dense=g)
+
+    def rates(self, training: Any, j: int, i: int) -> tuple[float, float, dict[str, torch.Tensor] | None]:
+        """(η, bias term, scale) of step i of stage j: η the largest rate the step applied to a scored parameter
+        (0: it moved none of them), the head's bias term η_bias/η_weight (0 without a bias), and per named
+        parameter √(η_p/η) to fold each one's own rate into both sides of the dot product (None: all equal)."""
+        rate = dict(zip(training.param_names, (float(hp["lr"]) for hp in training.step_hparams(j, i)), strict=True))
+        if self.names is None:
+            eta = rate[f"{self.layer}.weight"]
+            bias = rate.get(f"{self.layer}.bias", 0.0) / eta if eta and self.include_bias else 0.0
+            return eta, bias, None
+        rates = [rate[n] for n in self.names]
+        eta = max(rates)
+        if not eta or all(r == eta for r in rates):
+            return eta, 0.0, None
+        return eta, 0.0, {n: torch.tensor((r / eta) ** 0.5) for n, r in zip(self.names, rates, strict=True)}
 
 
 def step_gradients(
@@ -191,7 +207,6 @@ def exact_pass(
         training.model_factory(), layer, gradients, include_bias=include_bias, params=params,
         projection_dim=projection_dim, seed=seed, loss_fn=loss_fn,
     )  # fmt: skip
-    bias = grads.bias
     n_test, n_train = len(x_te), len(train_ids)
     scores = torch.zeros(n_test, n_train, dtype=torch.float64)
     test_sq = torch.zeros(n_test, n_train, dtype=torch.float64)
@@ -212,10 +227,11 @@ def exact_pass(
                 block.zero_()
                 current = col
         at, cols = cols_of(ids)
-        if len(cols) == 0:
+        eta, bias, scale = grads.rates(training, j, i)
+        if len(cols) == 0 or eta == 0:  # no scored sample, or a step that did not move the scored parameters
             continue
-        weight = _step_weights(training, j, i, at)
-        f_te, f_b = grads(model, x_te, y_te), grads(model, xb[at], yb[at])
+        weight = _step_weights(training, j, i, at, eta)
+        f_te, f_b = grads(model, x_te, y_te, scale), grads(model, xb[at], yb[at], scale)
         # the weight applied in float64, after the dot products, as the step's terms are summed
         part = f_te.add_dots(f_b, slice(None), bias, 1.0, None).double().mul_(weight)
         scores.index_add_(1, cols, part)
@@ -233,13 +249,13 @@ def exact_pass(
     return ExactScores(scores, test_sq, self_inf, n_steps, time.perf_counter() - t0, uses, dim)
 
 
-def _step_weights(training: Any, j: int, i: int, at: np.ndarray) -> float | torch.Tensor:
-    """lr times each sample's weight in the step's loss (`Training.sample_weights`), for the batch positions
+def _step_weights(training: Any, j: int, i: int, at: np.ndarray, lr: float) -> float | torch.Tensor:
+    """`lr` times each sample's weight in the step's loss (`Training.sample_weights`), for the batch positions
     `at`: one number for a step of one batch (lr / B), per sample with gradient accumulation."""
     stage = training.stages[j]
     if stage.accumulation == 1:
-        return float(stage.lrs[i]) / len(stage.batches[i])
-    return torch.from_numpy(training.sample_weights(j, i)[at] * float(stage.lrs[i]))
+        return lr / len(stage.batches[i])
+    return torch.from_numpy(training.sample_weights(j, i)[at] * lr)
 
 
 def _topk(matrix: torch.Tensor, k: int) -> TopK:

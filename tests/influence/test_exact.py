@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fgtrac_core import RunStore
 from fgtrac_core.influence.exact import ExactScores, exact_pass
@@ -176,3 +177,74 @@ def test_modes_that_replay_never_score_off_the_recorded_trajectory(tmp_path: Pat
         con.execute("UPDATE optimizer_steps SET grads_altered = true WHERE step = 5")
     with pytest.raises(StageAnalysisError, match="altered the gradients .* at step 5 .*checkpoint modes still run"):
         run_influence(run, **args)
+
+
+def _per_param_grads(model, x, y, names):
+    """{name: (n, numel)} per-sample gradients by one autograd call per sample (zeros for a frozen parameter:
+    the reference weighs it by a rate of 0 anyway)."""
+    params = dict(model.named_parameters())
+    live = [n for n in names if params[n].requires_grad]
+    rows = {n: [] for n in live}
+    for k in range(len(x)):
+        loss = torch.nn.functional.cross_entropy(model(x[k : k + 1]), y[k : k + 1])
+        for n, g in zip(live, torch.autograd.grad(loss, [params[n] for n in live]), strict=True):
+            rows[n].append(g.reshape(-1).double())
+    zero = {n: torch.zeros(len(x), params[n].numel(), dtype=torch.float64) for n in names if n not in rows}
+    return {**{n: torch.stack(r) for n, r in rows.items()}, **zero}
+
+
+def test_each_parameter_weighs_the_rate_of_its_own_group(tmp_path: Path) -> None:
+    """Stage a trains the body at lr 0.01 and the head at 0.1, its bias at 0.05 (groups of the loop's own order:
+    the body's first); stage b freezes the body and trains the head with AdamW.  The reference is summed inside
+    the training loop itself, from the live optimizer's groups: Σ_p η_p ∇_p ℓ(test)·∇_p ℓ(z) / |B| at every step
+    before it is taken (η_p = 0 for a parameter the step does not move), for the head and for all parameters."""
+    from tests.stages._loops import MLP, N_TRAIN, create_run, dataset
+    from tests.stages._loops import pipeline as loops_pipeline
+
+    torch.manual_seed(0)
+    x, y = dataset()
+    model = MLP()
+    run = create_run(tmp_path / "run", "rates")
+    test = (x[N_TRAIN:], y[N_TRAIN:])
+    head, every = ["head.weight", "head.bias"], [n for n, _ in model.named_parameters()]
+    want = {"head": torch.zeros(len(test[0]), N_TRAIN, dtype=torch.float64), "all": None}
+    want["all"] = want["head"].clone()
+    first = want["head"].clone()  # the head's terms at the first group's rate: what the test must tell apart
+    stages = [
+        ("a", lambda: torch.optim.SGD(
+            [{"params": model.body.parameters(), "lr": 0.01}, {"params": [model.head.weight], "lr": 0.1},
+             {"params": [model.head.bias], "lr": 0.05}], lr=0.1, momentum=0.9,
+        )),
+        ("b", lambda: (model.body.requires_grad_(False), torch.optim.AdamW(model.head.parameters(), lr=0.02))[1]),
+    ]  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    for name, make in stages:
+        opt = make()
+        with run.stage(name, optimizer=opt, model=model):
+            for _ in range(2):
+                for ids in torch.randperm(N_TRAIN, generator=g).split(8):
+                    rate = {n: 0.0 for n in every}
+                    held = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+                    for group in opt.param_groups:
+                        for p in group["params"]:
+                            if id(p) in held:
+                                rate[held[id(p)]] = group["lr"]
+                    g_te, g_b = _per_param_grads(model, *test, every), _per_param_grads(model, x[ids], y[ids], every)
+                    for key, names in (("head", head), ("all", every)):
+                        dots = sum(rate[n] * g_te[n] @ g_b[n].T for n in names) / len(ids)
+                        want[key][:, ids] += dots
+                    first[:, ids] += opt.param_groups[0]["lr"] * sum(g_te[n] @ g_b[n].T for n in head) / len(ids)
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(model(x[ids]), y[ids]).backward()
+                    opt.step()
+                    run.log_batch(ids)
+    run.close()
+    with RunStore(tmp_path / "run") as store:
+        training = load_training(store, loops_pipeline()).training
+    for key, options in (("head", {}), ("all", {"gradients": "full"})):
+        with deterministic(1):
+            s = exact_pass(training, "head", np.arange(N_TRAIN), test, **options)
+        got, ref = s.scores.numpy(), want[key].numpy()
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), key
+    ref = want["head"].numpy()
+    assert np.abs(first.numpy() - ref).max() > 0.5 * np.abs(ref).max()  # the rates matter here
