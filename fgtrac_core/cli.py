@@ -357,6 +357,7 @@ def _cmd_stages(args: argparse.Namespace) -> int:
                 "seconds": round(result.seconds, 3),
                 "verified": result.params["verified"],
                 "verified_reason": result.params["verified_reason"],
+                "replaced": result.params["replaced"],
                 "aggregates": json.loads(agg.to_json(orient="records")),
                 "faithfulness": json.loads(faith.to_json(orient="records")),
             }
@@ -365,6 +366,11 @@ def _cmd_stages(args: argparse.Namespace) -> int:
     echo(f"analysis #{aid}  stages/{method}  ({result.seconds:.1f} s)  stored and committed to the ledger")
     if not result.params["verified"]:
         echo(f"UNVERIFIED: {result.params['verified_reason']}")
+    for stage, replaced in result.params["replaced"].items():
+        echo(
+            f"stage {stage!r} starts from {', '.join(replaced)} as the loop replaced them (a new head?): every "
+            f"counterfactual keeps those values, so a stage's effect is what it trained, not what was replaced"
+        )
     overall = agg[(agg.slice == "all")]
     echo(
         "effect of each stage on the test set (f(final) - f(without the stage); loss: positive = the stage hurt)"

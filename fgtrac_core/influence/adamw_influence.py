@@ -205,6 +205,11 @@ class _Tangent:
         for t in (self.th, self.s1, self.s2):
             t.zero_()
 
+    def zero_at(self, coordinates: torch.Tensor) -> None:
+        """Zero the perturbation of these coordinates (a bool mask over the scored ones), in every slot."""
+        for t in (self.th, self.s1, self.s2):
+            t[:, coordinates] = 0.0
+
 
 def _per_coordinate(values: list[float], sizes: list[int]) -> torch.Tensor:
     return torch.cat(
@@ -470,6 +475,10 @@ def _sweep(
     cursor.check_fingerprints = True  # a step off the recorded trajectory stops the replay (raise_if_diverged)
     tensors = spec.tensors(cursor.model)
     group_of = [_group_of(training, j, spec.names) for j in range(training.n_stages)]  # all set: _require_stepped
+    replaced_at = [  # per stage, the scored coordinates the loop replaced as it started (`Training.replaced`)
+        _per_coordinate([float(n in training.replaced(j)) for n in spec.names], spec.sizes).bool()
+        for j in range(training.n_stages)
+    ]
     tan = _Tangent.zeros(n_train, spec.size)
     live = False
     sgd = torch.zeros(n_test, n_train, dtype=torch.float64)
@@ -528,6 +537,11 @@ def _sweep(
                 tan.reset_state()  # a fresh optimizer: its state no longer depends on any sample
                 for p in props:
                     p.reset_state()
+            if prev_j is not None and j != prev_j:
+                # coordinates the loop replaced as a stage started (a re-initialised head) depend on no sample
+                for s in range(prev_j + 1, j + 1):
+                    for t in (tan, *props):
+                        t.zero_at(replaced_at[s])
             prev_j = j
             n_steps += 1
             ids = np.asarray(stage.batches[i], dtype=np.int64)
@@ -828,6 +842,12 @@ def unrolled_influence(
                 if i in recorded
             }
         group_of = _group_of(training, j, names)
+        for n in training.replaced(j):  # re-initialised by the loop as this stage started: no sample's doing
+            value = stage.start_model[n].detach()
+            if n in theta:
+                theta[n] = value.to(dtype).clone()
+            elif n in buffers:
+                buffers[n] = value.to(dtype) if value.is_floating_point() else value
         for i in range(stage.n_steps):
             xb, yb = training.batch(j, i)
             ids = np.asarray(stage.batches[i], dtype=np.int64)

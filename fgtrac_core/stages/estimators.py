@@ -103,8 +103,8 @@ def carry(training: Training, d: Perturbation, j: int, i: int) -> Perturbation:
     """Carry a perturbation at step i of stage j (before that step) to the end, curvature-free."""
     for jj in range(j, training.n_stages):
         stage = training.stages[jj]
-        if jj > j and stage.fresh:
-            d = Perturbation(d.param)  # a fresh optimizer forgets the state perturbation
+        if jj > j:
+            d = _enter(training, d, jj)  # a fresh optimizer forgets the state perturbation
         for ii in range(i if jj == j else 0, stage.n_steps):
             d = lin.forward(schedule_point(training, jj, ii), d)
     return d
@@ -123,7 +123,15 @@ def fast_embeddings(training: Training) -> Embeddings:
 
 
 def _enter(training: Training, d: Perturbation, j: int) -> Perturbation:
-    """The perturbation as stage j starts: its optimizer-state part survives only if stage j continues it."""
+    """The perturbation as stage j starts: its optimizer-state part survives only if stage j continues it, and
+    none of it in the parameters the loop replaced as stage j started (`Training.replaced`: taken at their
+    recorded values whatever came before).  Rows of a batched perturbation are treated alike."""
+    replaced = set(training.replaced(j))
+    if replaced:
+        names = training.param_names
+        d = Perturbation(
+            [torch.zeros_like(p) if n in replaced else p for n, p in zip(names, d.param, strict=True)], d.state
+        )
     return d if not training.stages[j].fresh else Perturbation(d.param)
 
 
@@ -241,8 +249,8 @@ def propagated_embeddings(training: Training, adam_mode: str = "full", bar: Any 
         while not cursor.done:
             j = cursor.stage_index
             if cursor.step_index == 0:
-                if tangents is not None and training.stages[j].fresh:
-                    tangents = Perturbation(tangents.param)
+                if tangents is not None:
+                    tangents = _enter(training, tangents, j)
                 for k in range(added, j):
                     new = _batched(_enter(training, displacement(training, k), j))
                     tangents = new if tangents is None else _cat(tangents, new)
@@ -356,8 +364,9 @@ def propagated_adjoint(
                 a = lin.transpose(point, a)
             d = _enter(training, displacement(training, j - 1), j)
             out[j - 1] = _dot(a, d)
-            if training.stages[j].fresh:
-                a = Perturbation(a.param)  # a fresh optimizer ignored the state it was handed
+            # a fresh optimizer ignored the state it was handed, and the parameters the loop replaced as stage
+            # j started do not depend on anything before
+            a = _enter(training, a, j)
     return out, time.perf_counter() - t0
 
 

@@ -104,6 +104,7 @@ class Cursor:
         self.divergence: Divergence | None = None
         self._fingerprint: ParamFingerprint | None = None  # bound to `_fingerprinted`, the stage's optimizer
         self._fingerprinted: torch.optim.Optimizer | None = None
+        self._ends: dict[int, StateDict] = {}  # `stage_end_state` of stages followed by replacements
         self._enter_stage(carried)
 
     @property
@@ -174,8 +175,13 @@ class Cursor:
         for k in stage.zeros(self.step_index):  # the loop's zero_grad(set_to_none=False) left zeros there
             if stepped[k].grad is None:
                 stepped[k].grad = torch.zeros_like(stepped[k])
-        # over the optimizer's parameters, as the recorder inferred the rule (`infer_clip`)
-        apply_clip(stepped, stage.clip(self.step_index))
+        # over the optimizer's parameters as the recorder inferred the rule (`infer_clip`), in its order or, when
+        # the rule says so, in the model's (torch's total norm sums per-tensor norms in the order given)
+        clip = stage.clip(self.step_index)
+        if clip and clip.get("order") == "model":
+            held = set(map(id, stepped))
+            stepped = [p for p in self.params if id(p) in held]
+        apply_clip(stepped, clip)
         self.optimizer.step()
         if self.check_fingerprints and self.divergence is None:
             self._compare_fingerprint(stage)
@@ -215,21 +221,39 @@ class Cursor:
     def model_state(self) -> StateDict:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
+    def stage_end_state(self, stage_index: int) -> StateDict:
+        """The model as stage `stage_index` ended (the cursor may have entered the next stage since, which loads
+        what the loop replaced there: `Training.replaced`)."""
+        return self._ends.get(stage_index) or self.model_state()
+
     def optimizer_state(self) -> dict[str, Any]:
         assert self.optimizer is not None
         return copy.deepcopy(self.optimizer.state_dict())
 
     def _enter_stage(self, carried: dict[str, Any] | None) -> None:
+        self._load_replaced()
         self.optimizer = build_optimizer(self.training, self.stage_index, self.params, carried)
         self._advance_past_empty_stages()
 
     def _advance_past_empty_stages(self) -> None:
         while not self.done and self.step_index >= self.training.stages[self.stage_index].n_steps:
             carried = self.optimizer.state_dict() if self.optimizer is not None else None
+            if self.stage_index + 1 < self.training.n_stages and self.training.replaced(self.stage_index + 1):
+                self._ends[self.stage_index] = self.model_state()  # before the next stage's replacements
             self.stage_index += 1
             self.step_index = 0
             if not self.done:
+                self._load_replaced()
                 self.optimizer = build_optimizer(self.training, self.stage_index, self.params, carried)
+
+    def _load_replaced(self) -> None:
+        """What the loop replaced as the current stage started (`Training.replaced`), at its recorded values."""
+        names = self.training.replaced(self.stage_index)
+        if names:
+            start, state = self.training.stages[self.stage_index].start_model, self.model.state_dict()
+            with torch.no_grad():
+                for name in names:
+                    state[name].copy_(start[name])
 
 
 @dataclass
@@ -265,7 +289,7 @@ def replay_full(training: Training, bar: Any = None) -> ReplayResult:
     for k, stage in enumerate(training.stages):
         cursor.run_through_stage(k, bar)
         raise_if_diverged(cursor, "no stage effects are reported")  # stop now, not after the stage's last step
-        replayed = cursor.model_state()
+        replayed = cursor.stage_end_state(k)
         diff = _max_abs_diff(replayed, stage.end_model)
         if diff is not None:
             buffers = {name for name, _ in cursor.model.named_buffers()}

@@ -145,6 +145,7 @@ class Training:
     _accumulation: dict[int, str] = field(default_factory=dict, repr=False)
     _frozen: dict[int, list[int]] = field(default_factory=dict, repr=False)  # `frozen_params`, asked per step
     _stepped: dict[int, list[int | None]] = field(default_factory=dict, repr=False)  # `stepped_index`, per step
+    _replaced: dict[int, list[str]] = field(default_factory=dict, repr=False)  # `replaced`, per stage entered
     _batch_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False
     )
@@ -178,6 +179,19 @@ class Training:
             held = self.optimizer_params(stage_index)
             self._frozen[stage_index] = [i for i, k in enumerate(held) if self.param_names[k] in frozen]
         return self._frozen[stage_index]
+
+    def replaced(self, stage_index: int) -> list[str]:
+        """The model's state entries (parameters, buffers) the loop replaced between the end of stage
+        `stage_index - 1` and the start of stage `stage_index` (a head re-initialised for new classes): every
+        replay, each counterfactual included, takes them at their recorded start values when it enters that
+        stage, so a counterfactual changes what the earlier stages trained, not what the loop put there."""
+        if stage_index not in self._replaced:
+            out: list[str] = []
+            if stage_index > 0:
+                end, start = self.stages[stage_index - 1].end_model, self.stages[stage_index].start_model
+                out = [n for n, v in start.items() if not torch.equal(v, end[n])]
+            self._replaced[stage_index] = out
+        return self._replaced[stage_index]
 
     def stepped_index(self, stage_index: int) -> list[int | None]:
         """Per model parameter (`param_names` order), its index into stage `stage_index`'s optimizer (the key of
@@ -366,10 +380,12 @@ class Training:
             if j == 0:
                 continue
             prev = self.stages[j - 1]
-            if not _same_tensors(stage.start_model, prev.end_model):
+            if stage.start_model.keys() != prev.end_model.keys() or any(
+                v.shape != prev.end_model[n].shape for n, v in stage.start_model.items()
+            ):
                 raise StageAnalysisError(
-                    f"the parameters at the start of stage {stage.name!r} differ from those at the end of "
-                    f"{prev.name!r}: the model was changed between stages, which replay cannot reproduce"
+                    f"the model at the start of stage {stage.name!r} has other parameters or shapes than at the end "
+                    f"of {prev.name!r}: the architecture changed between stages, which replay cannot reproduce"
                 )
             if not stage.fresh and (
                 stage.optimizer != prev.optimizer
@@ -545,6 +561,7 @@ def _part_weights(rule: str, sizes: list[int], count: int) -> list[float]:
 
 
 def _same_tensors(a: StateDict, b: StateDict) -> bool:
+    """Whether two state dicts hold the same entries, bit for bit."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

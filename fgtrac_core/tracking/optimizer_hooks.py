@@ -103,6 +103,18 @@ def trained_on(optimizer: torch.optim.Optimizer) -> str:
     return ", ".join(names)
 
 
+def model_order(params: Sequence[torch.Tensor], model: torch.nn.Module | None) -> list[int] | None:
+    """Per parameter of `params` its position among `model.parameters()`, or None when they already come in that
+    order (or some are not the model's, or there is no model)."""
+    if model is None:
+        return None
+    position = {id(p): k for k, p in enumerate(model.parameters())}
+    rank = [position.get(id(p)) for p in params]
+    if None in rank or rank == sorted(rank):  # type: ignore[type-var]
+        return None
+    return rank  # type: ignore[return-value]
+
+
 def optimizer_params(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[list[str | None]]:
     """Per param group, the name in `model.named_parameters()` of each parameter the optimizer holds (None for
     one that is not the model's): replay builds the stage's optimizer over the same parameters in the same order,
@@ -423,9 +435,17 @@ def zeroed(clip: dict[str, Any] | None) -> list[int]:
 class StepHooks:
     """The hooks of one stage's optimizer; `on_step(facts)` is called after every optimizer step."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, on_step: Callable[[StepFacts], None]) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        on_step: Callable[[StepFacts], None],
+        model: torch.nn.Module | None = None,
+    ) -> None:
         self._on_step = on_step
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        # per optimizer parameter, its position among `model`'s parameters, when the optimizer holds them in
+        # another order (a clipping rule is then also tried in the model's order; None: same order, or no model)
+        self._model_rank = model_order(self._params, model)
         self._fingerprint = ParamFingerprint(optimizer)
         self._hparams = _HparamsReader()
         # per parameter: the gradient tensor backward accumulated, its version counter then, and (while copying)
@@ -506,7 +526,7 @@ class StepHooks:
     def _modification(self, zeros: frozenset[int]) -> tuple[dict[str, Any] | None, bool, _DeviceFlag | None]:
         """`_gradient_change` of gradients backward produced (not those in `zeros`) and the loop then changed."""
         self._modifies = self._copying = True
-        acc, grads = [], []
+        acc, grads, held = [], [], []
         for i, p in enumerate(self._params):
             if p.grad is None or i in zeros:
                 continue
@@ -517,6 +537,7 @@ class StepHooks:
                 return None, True, None
             acc.append(a)
             grads.append(p.grad)
+            held.append(i)
         while self._checks and self._checks[0].ready():  # earlier steps' checks the device has finished
             if self._checks.popleft().value():  # the loop changed what it does: infer again from here on
                 self._rule = None
@@ -524,17 +545,39 @@ class StepHooks:
             # on CUDA the rule found at an earlier step is assumed and checked on the device, read when done: no
             # host sync per step (each one stalled the loop until the device caught up).  A step the rule leaves
             # unchanged replays the same under either record
-            clipped = _clipped(acc, self._rule)
+            ordered = self._rule.get("order") == "model"
+            clipped = _clipped(self._in_model_order(acc, held) if ordered else acc, self._rule)
             if clipped is not None:
-                flag = _DeviceFlag(_differ(clipped, grads))
+                flag = _DeviceFlag(_differ(clipped, self._in_model_order(grads, held) if ordered else grads))
                 self._checks.append(flag)
                 return dict(self._rule), False, flag
         if _all_equal(acc, grads):
             return None, False, None
-        clip = infer_clip(acc, grads)
-        if clip is not None:
-            self._rule = clip
+        # the optimizer's order, and when it holds the parameters in another order than the model's, the model's
+        # (a loop clipping model.parameters()): torch sums the per-tensor norms in the order given, so only the
+        # loop's order reproduces the bits.  The order that reproduced the previous step is tried first
+        orders = [None] if self._model_rank is None else [None, "model"]
+        if self._rule is not None and self._rule.get("order") in orders:
+            orders.sort(key=lambda order: order != self._rule.get("order"))  # type: ignore[union-attr]
+        clip = None
+        for order in orders:
+            if order is None:
+                clip = infer_clip(acc, grads)
+            else:
+                clip = infer_clip(self._in_model_order(acc, held), self._in_model_order(grads, held))
+            if clip is not None:
+                if order is not None:
+                    clip["order"] = order
+                self._rule = clip
+                break
         return clip, clip is None, None
+
+    def _in_model_order(self, tensors: list[torch.Tensor], held: list[int]) -> list[torch.Tensor]:
+        """`tensors` (one per optimizer parameter index in `held`) in the order of the model's parameters."""
+        if self._model_rank is None:
+            return tensors
+        rank = self._model_rank
+        return [t for _, t in sorted(zip((rank[i] for i in held), tensors, strict=True), key=lambda pair: pair[0])]
 
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Read after the step, not before: the supported optimizers step on p.grad without writing it and change no

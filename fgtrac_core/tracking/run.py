@@ -588,7 +588,7 @@ class Run:
         self._next_stage_id += 1
         self._stage = _ActiveStage(stage_id, name, optimizer)
         self.checkpoint(self._model, optimizer, kind="stage_start")
-        self._stage.hooks = StepHooks(optimizer, self._on_optimizer_step)
+        self._stage.hooks = StepHooks(optimizer, self._on_optimizer_step, _unwrapped(self._model))
         if seed_forwards or (seed_forwards is None and random_modules(self._model)):
             self._stage.seeds = ForwardSeeds(self._model)
         status = "failed"

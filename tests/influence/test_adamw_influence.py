@@ -80,6 +80,7 @@ class Spec:
     scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
     repeat: bool = False  # batches drawn with replacement (a sample can be twice in a batch)
     frozen: tuple[str, ...] = ()  # parameters that do not require grad in this stage
+    reset: bool = False  # the loop re-initialises the head before this stage (a new head)
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +107,8 @@ def train(
     rng = np.random.default_rng(seed)
     stages, opt, step = [], None, 0
     for j, spec in enumerate(specs):
+        if spec.reset:
+            model.head.reset_parameters()
         for name, p in model.named_parameters():
             p.requires_grad_(name not in spec.frozen)
         if spec.optimizer is not None:
@@ -198,6 +201,11 @@ CASES: dict[str, list[Spec]] = {
     "frozen-body": [
         Spec("a", adamw()),
         Spec("b", adam(), frozen=("body.weight", "body.bias"), clip={"rule": "value", "clip_value": 0.05}),
+    ],
+    "new-head": [  # the loop re-initialises the head between the stages: no sample's doing, so no influence
+        Spec("a", adamw(), n_steps=5),
+        Spec("b", adam(), reset=True),
+        Spec("c", None, n_steps=4),
     ],
     "clip-value-repeats": [
         Spec("a", adamw(), clip={"rule": "value", "clip_value": 0.05}, repeat=True),

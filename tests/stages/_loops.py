@@ -108,6 +108,7 @@ class StageCfg:
     clip: Hook | None = None  # called between backward and optimizer.step() (clipping, or altering grads)
     labels: dict[int, int] = field(default_factory=dict)  # sample id -> the target this stage trains on
     set_to_none: bool = True  # zero_grad(set_to_none=...): False zeroes gradients in place
+    reset: Callable[[nn.Module], None] | None = None  # called before the stage starts (e.g. a new head)
 
 
 def create_run(run_dir: Path, name: str, config: dict[str, Any] | None = None) -> Run:
@@ -167,6 +168,8 @@ def record(
                 shuffle=True,
                 generator=torch.Generator().manual_seed(100 + k),
             )
+            if cfg.reset is not None:
+                cfg.reset(model)
             if cfg.optimizer is not None:
                 opt = cfg.optimizer(model)
             assert opt is not None
@@ -215,6 +218,7 @@ def reference_replay(run_dir: Path) -> dict[str, torch.Tensor]:
         starts = dict(
             con.execute("SELECT stage_id, path FROM checkpoints WHERE kind = 'stage_start'").fetchall()
         )
+        ends = dict(con.execute("SELECT stage_id, path FROM checkpoints WHERE kind = 'stage_end'").fetchall())
         has_target = "target" in {r[0] for r in con.execute("DESCRIBE batch_samples").fetchall()}
         target = "bs.target" if has_target else "NULL"
         rows = con.execute(
@@ -229,8 +233,15 @@ def reference_replay(run_dir: Path) -> dict[str, torch.Tensor]:
     model.load_state_dict(_load_ckpt(run_dir, starts[stages[0][0]])["model"])
     params = dict(model.named_parameters())
     opt = None
+    previous_end: dict[str, torch.Tensor] | None = None
     for stage_id, opt_name in stages:
         payload = _load_ckpt(run_dir, starts[stage_id])
+        if previous_end is not None:  # what the loop replaced between the stages (a new head): as recorded
+            with torch.no_grad():
+                for name, value in payload["model"].items():
+                    if not torch.equal(value, previous_end[name]):
+                        model.state_dict()[name].copy_(value)
+        previous_end = _load_ckpt(run_dir, ends[stage_id])["model"]
         start = payload["optimizer"]
         if opt is None or not start["state"]:  # a fresh optimizer, else the same one continues
             # over the parameters the loop's optimizer held, in its groups (all of them in model order, groups

@@ -3,7 +3,8 @@
 A stage spec is (name, optimizer factory, lr schedule factory or None, n_steps, carry): with carry=True the
 stage continues the previous stage's optimizer (its state and its param groups) instead of building a new one.
 `select` picks what the factory gets (default: model.parameters(); e.g. the head's alone, or param groups of
-the loop's own order) and `frozen` names parameters that do not require grad during the stage.
+the loop's own order), `frozen` names parameters that do not require grad during the stage and `reset` those
+the loop re-draws before it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class StageSpec:
     carry: bool = False
     select: Callable[[nn.Module], Any] | None = None
     frozen: tuple[str, ...] = ()
+    reset: tuple[str, ...] = ()  # parameters the loop re-draws (N(0, 1)) before the stage, as a new head
 
 
 class MLP(nn.Module):
@@ -84,6 +86,9 @@ def train_in_memory(
     for j, spec in enumerate(specs):
         for name, p in model.named_parameters():
             p.requires_grad_(name not in spec.frozen)
+            if name in spec.reset:
+                with torch.no_grad():
+                    p.normal_()
         if not spec.carry or opt is None:
             opt = spec.optimizer(spec.select(model) if spec.select else list(model.parameters()))
         sched = spec.scheduler(opt, spec.n_steps) if spec.scheduler else None

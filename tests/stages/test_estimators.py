@@ -194,19 +194,34 @@ SUBSET_SGD_STAGES = [
         "bias-frozen", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.05), 5, frozen=("bias",)
     ),
     StageSpec("continues-frozen", lambda p: torch.optim.SGD(p, lr=0.1), 4, carry=True, frozen=("bias",)),
+    StageSpec(
+        "new-bias", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01), 5, reset=("bias",)
+    ),
 ]
 
 
 def test_propagated_equals_replay_with_subsets_and_frozen_parameters() -> None:
     """Quadratic loss + SGD over a subset, groups in another order, a frozen parameter the optimizer holds (and a
-    stage continuing that optimizer): the training map is still affine, so the propagated Jacobian is exact."""
+    stage continuing that optimizer), a parameter the loop re-draws between stages: the training map is still
+    affine, so the propagated Jacobian is exact (and the adjoint sweep reads the same numbers)."""
     x, t = _regression_data()
     training = train_in_memory(_linear, SUBSET_SGD_STAGES, x, t, n_train=N_TRAIN, loss_fn=_mse)
     # per model parameter (weight, bias): its index into the stage's optimizer when the stage stepped it
     assert [training.stepped_index(j) for j in range(training.n_stages)] == [
-        [0, 1], [0, None], [1, 0], [0, None], [0, None]
+        [0, 1], [0, None], [1, 0], [0, None], [0, None], [0, 1]
     ]
-    _assert_embeddings_exact(training, est.propagated_embeddings(training).vectors, atol=1e-10)
+    assert training.replaced(5) == ["bias"] and not any(training.replaced(j) for j in range(5))
+    emb = est.propagated_embeddings(training).vectors
+    _assert_embeddings_exact(training, emb, atol=1e-10)
+    model, (xt, yt) = training.model_factory(), training.test_set()
+
+    def first_output(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return out[:, 0]
+
+    linear, _ = est.propagated_adjoint(training, beh.gradients(model, training.final_model, xt, yt, first_output))
+    for k in range(training.n_stages - 1):
+        via_tangent = beh.directional(model, training.final_model, emb[k], xt, yt, {"f": first_output})["f"]
+        np.testing.assert_allclose(linear[k], via_tangent, rtol=1e-8, atol=1e-12)
 
 
 def _head(m: nn.Module) -> list[nn.Parameter]:
@@ -247,6 +262,7 @@ def test_fast_is_exact_without_curvature_for_subsets() -> None:
         ),
         StageSpec("sgd-bias-frozen", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), 5, frozen=("bias",)),
         StageSpec("continues-frozen", lambda p: torch.optim.SGD(p), 4, carry=True, frozen=("bias",)),
+        StageSpec("new-weight", lambda p: torch.optim.AdamW(p, lr=0.01), 4, reset=("weight",)),
     ]
     training = train_in_memory(_linear, stages, x, t, n_train=N_TRAIN, loss_fn=_linear_in_theta)
     _assert_embeddings_exact(training, est.fast_embeddings(training).vectors, atol=1e-10)

@@ -21,6 +21,7 @@ from fgtrac_core.tracking.optimizer_hooks import (
     ParamFingerprint,
     StepFacts,
     StepHooks,
+    apply_clip,
     expand_hparams,
     fingerprint_tensors,
     fingerprint_value,
@@ -440,3 +441,46 @@ def test_fingerprint_of_bfloat16_and_non_contiguous_parameters() -> None:
     for param in (half, strided):
         opt = torch.optim.SGD([param], lr=0.1)
         assert param_fingerprint(opt) == pytest.approx(_reference_fingerprint([param]), rel=1e-14)
+
+
+def test_clipping_in_the_models_order_when_the_optimizer_holds_another() -> None:
+    """An optimizer over model.parameters() reversed, a loop clipping model.parameters(): torch sums the per-tensor
+    norms in the order given, so some steps (here from step 4 on) reproduce in the model's order only and record it; a hand
+    replay applying each step's rule in its recorded order ends bit for bit where the loop did, one that always
+    uses the optimizer's order does not."""
+
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(7)
+        model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)])
+        return model, torch.optim.SGD(list(reversed(list(model.parameters()))), lr=0.01)
+
+    def train(model: torch.nn.Module, opt: torch.optim.Optimizer, clip_step) -> None:
+        for step in range(10):
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step)) * (step + 1)
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            clip_step(model, opt, step)
+            opt.step()
+
+    model, opt = build()
+    rules: list[dict | None] = []
+    hooks = StepHooks(opt, lambda facts: rules.append(facts.clip), model)
+    train(model, opt, lambda m, o, s: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5))
+    hooks.remove()
+    # None: the step's norm was under the threshold (torch scaled by exactly 1)
+    assert all(r is None or (r["rule"] == "norm" and r["max_norm"] == 0.5) for r in rules)
+    assert [i for i, r in enumerate(rules) if r and r.get("order") == "model"]
+
+    def as_recorded(m: torch.nn.Module, o: torch.optim.Optimizer, step: int) -> None:
+        rule = rules[step]
+        apply_clip(list(m.parameters()) if rule and rule.get("order") == "model" else o.param_groups[0]["params"], rule)
+
+    def optimizer_order(m: torch.nn.Module, o: torch.optim.Optimizer, step: int) -> None:
+        apply_clip(o.param_groups[0]["params"], rules[step])
+
+    for replay, same in ((as_recorded, True), (optimizer_order, False)):
+        again, again_opt = build()
+        train(again, again_opt, replay)
+        mine, loops = again.state_dict(), model.state_dict()
+        equal = all(torch.equal(mine[name], loops[name]) for name in loops)
+        assert equal is same, replay.__name__
