@@ -6,9 +6,10 @@ over every optimizer step t whose batch B_t held z (with multiplicity), θ_t the
 was taken at (before its update), η_t the rate the step applied to the scored parameters, and 1/|B_t| the
 mean-loss scaling.  Each parameter's term is weighed by the rate of the param group its optimizer held it in
 (a head trained ten times faster than the body weighs ten times more), zero where the step did not move it (a
-frozen head; an optimizer over other parameters): Σ_p η_{t,p} ∇_p ℓ(test)·∇_p ℓ(z).  θ_t comes from replaying the run (`fgtrac_core.stages.replay.Cursor`: the recorded batches, targets,
-per-step hyperparameters and clipping, from the first stage's start checkpoint — bit-exact on the recording's
-kind of machine), so no checkpoint stands in for another step's parameters.  It is the SGD form: for Adam(W)
+frozen head; an optimizer over other parameters): Σ_p η_{t,p} ∇_p ℓ(test)·∇_p ℓ(z).  θ_t comes from replaying
+the run (`fgtrac_core.stages.replay.Cursor`: the recorded batches, targets, per-step hyperparameters and
+clipping, from the first stage's start checkpoint — bit-exact on the recording's kind of machine), so no
+checkpoint stands in for another step's parameters.  It is the SGD form: for Adam(W)
 stages each step still contributes η_t ∇ℓ_test·∇ℓ_z (no preconditioner or momentum; AdamW-influence is separate).
 
 Gradients (`gradients`, taken in eval mode like the checkpoint modes):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+import torch
 
 from fgtrac_core.store import RunStore
 from tests.app._support import HURTING_STAGE, chart, open_page, plain
@@ -365,3 +366,29 @@ def test_every_method_of_a_comparison_has_its_own_colour() -> None:
     methods += [f"partial-replay:{h}" for h in (1, 5, 20, 50, 100, 120)]
     colours = method_colours(methods)
     assert colours[GROUND_TRUTH] == "#262730" and len(set(colours.values())) == len(methods) == 11
+
+
+def test_stages_page_names_what_the_loop_replaced_between_stages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose loop re-initialised the head between its stages, analysed by `fgtrac stages`: the Stages page
+    says which entries stage b started from and what the counterfactuals do with them."""
+    from fgtrac_core.stages.replay import deterministic
+    from tests.conftest import run_cli
+    from tests.stages._loops import INPUTS_REF, MODEL_REF, StageCfg, record
+
+    def sgd(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+
+    run = tmp_path / "run"
+    with deterministic(1):
+        record(run, [StageCfg("a", sgd), StageCfg("b", sgd, reset=lambda m: m.head.reset_parameters())])
+    proc = run_cli("stages", str(run), "--model", MODEL_REF, "--inputs", INPUTS_REF)
+    assert proc.returncode == 0, proc.stderr
+    assert "stage 'b' starts from head.weight, head.bias as the loop replaced them" in proc.stdout
+    at = open_page(run, "views/stages.py", monkeypatch)
+    said = [plain(c.value) for c in at.caption if "as the loop replaced them" in c.value]
+    assert said == [
+        "Stage b started from head.weight, head.bias as the loop replaced them (a new head?): every counterfactual "
+        "keeps those values, so a stage's effect is what it trained"
+    ]

@@ -445,9 +445,9 @@ def test_fingerprint_of_bfloat16_and_non_contiguous_parameters() -> None:
 
 def test_clipping_in_the_models_order_when_the_optimizer_holds_another() -> None:
     """An optimizer over model.parameters() reversed, a loop clipping model.parameters(): torch sums the per-tensor
-    norms in the order given, so some steps (here from step 4 on) reproduce in the model's order only and record it; a hand
-    replay applying each step's rule in its recorded order ends bit for bit where the loop did, one that always
-    uses the optimizer's order does not."""
+    norms in the order given, so some steps (here from step 4 on) reproduce in the model's order only and record
+    it; a hand replay applying each step's rule in its recorded order ends bit for bit where the loop did, one
+    that always uses the optimizer's order does not."""
 
     def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(7)
