@@ -357,8 +357,11 @@ class Training:
                 known = set(self.param_names)
                 foreign = [n for group in stage.params for n in group if n not in known]
                 if foreign or [len(g) for g in stage.params] != stage.group_sizes():
-                    shown = ", ".join(str(n) for n in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-                    what = f"parameters the model has not ({shown})" if foreign else "other param groups than its state"
+                    what = (
+                        f"parameters the model has not ({_listed(foreign)})"
+                        if foreign
+                        else "other param groups than its state"
+                    )
                     raise StageAnalysisError(
                         f"stage {stage.name!r}: its optimizer held {what}; the pipeline's model must be the one the "
                         f"run trained, and the optimizer hold only its parameters"
@@ -396,7 +399,6 @@ class Training:
                     f"{prev.name!r} ended with; start each stage with a new optimizer, or carry the same one"
                 )
 
-
     @staticmethod
     def _validate_frozen(stage: Stage) -> None:
         """Refuse a stage within which a parameter was frozen or unfrozen (requires_grad changed): replay keeps a
@@ -406,8 +408,7 @@ class Training:
         unfrozen = [n for n in stage.frozen if not torch.equal(stage.start_model[n], stage.end_model[n])]
         refrozen = [n for n in stage.frozen_end or () if n not in stage.frozen]
         if unfrozen or refrozen:
-            names = unfrozen or refrozen
-            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            shown = _listed(unfrozen or refrozen)
             what = "did not require grad at its start but changed during it (unfrozen within the stage)"
             if not unfrozen:
                 what = "required grad at its start but not at its end (frozen within the stage)"
@@ -428,10 +429,9 @@ class Training:
             if n not in held and n in stage.start_model and not torch.equal(stage.start_model[n], stage.end_model[n])
         ]
         if moved:
-            shown = ", ".join(moved[:3]) + (", ..." if len(moved) > 3 else "")
             raise StageAnalysisError(
-                f"stage {stage.name!r}: {shown} changed during the stage, though the stage's optimizer did not hold "
-                f"them (a second optimizer, or an update outside optimizer.step()); replay steps the stage's "
+                f"stage {stage.name!r}: {_listed(moved)} changed during the stage, though the stage's optimizer did not "
+                f"hold them (a second optimizer, or an update outside optimizer.step()); replay steps the stage's "
                 f"optimizer alone: train with one optimizer per stage (param groups for different rates)"
             )
 
@@ -558,6 +558,11 @@ def _part_weights(rule: str, sizes: list[int], count: int) -> list[float]:
     if rule == "sum":
         return [1.0 / n for n in sizes]
     return [1.0 / total] * len(sizes)
+
+
+def _listed(names: Sequence[Any]) -> str:
+    """The first three names, comma-separated (", ..." when there are more)."""
+    return ", ".join(map(str, names[:3])) + (", ..." if len(names) > 3 else "")
 
 
 def _same_tensors(a: StateDict, b: StateDict) -> bool:
