@@ -25,6 +25,7 @@ from fgtrac_core.checkpoint_files import load_checkpoint_payload
 from fgtrac_core.errors import FgtracError, UnknownSampleError
 from fgtrac_core.influence.checkpoints import select_checkpoints
 from fgtrac_core.influence.gradients import LossFn, at_checkpoint, per_sample_loss
+from fgtrac_core.influence.head_rates import checkpoint_head_rate, head_rates
 from fgtrac_core.influence.influence_function import MODE as IF_MODE
 from fgtrac_core.influence.influence_function import require_positive_damping, whitened_gradients
 from fgtrac_core.influence.targets import trained_targets
@@ -276,7 +277,13 @@ def run_influence(
             raise FgtracError("usage weighting needs the run's batch records; this run has none (--weighting checkpoint)")
         # under checkpoint weighting too: the uses behind each checkpoint's term are stored for the reviewer (not
         # for the influence function, whose one term stands for the whole run, not for the steps before it)
-        usage = usage_weights(store, train_ids, [c["checkpoint_id"] for c in chosen]) if batched and not hessian else None
+        # the rate each step and checkpoint applied to the scored head, where not the first group's (`full` scores
+        # every parameter: it keeps the first group's, as the recorded columns)
+        rates = head_rates(store, pipeline.head_layer) if mode != "full" else {}
+        for c in chosen:
+            c["lr"] = checkpoint_head_rate(store, c, rates)
+        ids = [c["checkpoint_id"] for c in chosen]
+        usage = usage_weights(store, train_ids, ids, rates) if batched and not hessian else None
         registered = y_tr
         if batched:  # gradients at the targets training used (one row per checkpoint when some were relabelled)
             y_tr = trained_targets(store, train_ids, y_tr, _target_bounds(chosen, usage))

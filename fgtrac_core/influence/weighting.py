@@ -13,7 +13,7 @@ steps that checkpoint stands for; usage weighting instead gives z, from checkpoi
     score(test, z) = Σ_c W[z, c] ∇ℓ(θ_c, test)·∇ℓ(θ_c, z)
 
 and a sample unused in I_c gets exactly 0 from c.  η_t is the rate step t applied (`batches.lr`, the first param
-group's), |B_t| the number of samples of all batches recorded for step t (under gradient accumulation the step's
+group's, or the scored head's where another group held it: `rates`, `head_rates`), |B_t| the number of samples of all batches recorded for step t (under gradient accumulation the step's
 micro-batches together; assumes the loop averages the loss over them), and batches of steps that never ran
 (NULL lr) are left out.
 
@@ -88,11 +88,12 @@ def run_intervals(store: Any, checkpoint_ids: Sequence[int]) -> list[tuple[Any, 
 
 
 def usage_weights(
-    store: Any, train_ids: np.ndarray, checkpoint_ids: Sequence[int]
+    store: Any, train_ids: np.ndarray, checkpoint_ids: Sequence[int], rates: dict[int, float] | None = None
 ) -> UsageWeights:
     """Usage weights of a recorded run (`RunStore`) for the training samples `train_ids` (rows, in this order)
     and the chosen checkpoints `checkpoint_ids` (columns, in training order): one GROUP BY over batch_samples ⋈
-    batches, scattered into a dense matrix."""
+    batches, scattered into a dense matrix.  `rates` ({step: rate}, `head_rates`) replaces η_t at the steps
+    that applied another rate to the scored head than the first group's."""
     iv = run_intervals(store, checkpoint_ids)
     cols = list(range(len(iv)))
     params = [
@@ -101,16 +102,19 @@ def usage_weights(
         [lo for _, lo, _ in iv],
         [hi for _, _, hi in iv],
     ]
+    rates = rates or {}
     intervals_sql = """iv AS (SELECT unnest(?::INTEGER[]) AS col, unnest(?::INTEGER[]) AS stage_id,
                                      unnest(?::BIGINT[]) AS lo, unnest(?::BIGINT[]) AS hi)"""
+    rates_sql = "r AS (SELECT unnest(?::BIGINT[]) AS step, unnest(?::DOUBLE[]) AS rate)"
     match = "(iv.stage_id IS NULL OR iv.stage_id = b.stage_id) AND b.step >= iv.lo AND b.step < iv.hi"
     per_sample = store.df(
-        f"""WITH {intervals_sql},
+        f"""WITH {intervals_sql}, {rates_sql},
                  sizes AS (SELECT step, sum(n_samples) AS n FROM batches WHERE lr IS NOT NULL GROUP BY step)
-            SELECT bs.sample_id, iv.col, sum(b.lr / sizes.n) AS weight, count(*) AS uses
+            SELECT bs.sample_id, iv.col, sum(coalesce(r.rate, b.lr) / sizes.n) AS weight, count(*) AS uses
             FROM batch_samples bs JOIN batches b USING (batch_id) JOIN sizes USING (step) JOIN iv ON {match}
+                 LEFT JOIN r ON r.step = b.step
             GROUP BY bs.sample_id, iv.col""",
-        params,
+        [*params, list(rates), list(rates.values())],
     )
     per_ckpt = store.df(
         f"""WITH {intervals_sql}
