@@ -355,7 +355,8 @@ class Training:
                 )
             if stage.params is not None:
                 known = set(self.param_names)
-                foreign = [n for group in stage.params for n in group if n not in known]
+                # None: a parameter outside the model (a learnable loss temperature, another module's)
+                foreign = [n or "one outside the model" for group in stage.params for n in group if n not in known]
                 if foreign or [len(g) for g in stage.params] != stage.group_sizes():
                     what = (
                         f"parameters the model has not ({_listed(foreign)})"
