@@ -842,6 +842,7 @@ def unrolled_influence(
                 if i in recorded
             }
         group_of = _group_of(training, j, names)
+        stepped = [k for k, grp in enumerate(group_of) if grp is not None]  # what the clipping rule spans
         for n in training.replaced(j):  # re-initialised by the loop as this stage started: no sample's doing
             value = stage.start_model[n].detach()
             if n in theta:
@@ -864,7 +865,6 @@ def unrolled_influence(
             scale = _loss_weights(training, j, i)
             loss = (fn(out, yb) * wb).sum() / len(ids) if scale is None else (fn(out, yb) * wb * scale.to(dtype)).sum()
             grads = list(torch.autograd.grad(loss, [at[n] for n in names], create_graph=True))
-            stepped = [k for k, grp in enumerate(group_of) if grp is not None]  # what the clipping rule spans
             for k, g in zip(stepped, _functional_clip([grads[k] for k in stepped], stage.clip(i)), strict=True):
                 grads[k] = g
             hps = stage.step_groups(i)

@@ -36,12 +36,12 @@ def head_rates(store: Any, layer: str) -> dict[int, float]:
         if held is None:  # recorded before checkpoints named the optimizer's parameters
             continue
         group = next((g for g, names in enumerate(held) if weight in names), None)
-        if group == 0 and weight not in (payload.get("frozen") or ()):
+        moved = group is not None and weight not in (payload.get("frozen") or ())
+        if moved and group == 0:  # the first group's rate: the recorded columns are the head's
             continue
         steps = store.df(
             "SELECT step, hparams FROM optimizer_steps WHERE stage_id = ? ORDER BY step", [int(stage_id)]
         )
-        moved = group is not None and weight not in (payload.get("frozen") or ())
         for step, groups in zip(steps["step"], expand_hparams(steps["hparams"].tolist()), strict=True):
             out[int(step)] = float(groups[group]["lr"]) if moved else 0.0  # type: ignore[index]
     return out

@@ -484,6 +484,13 @@ def test_estimators_and_adamw_influence_follow_an_optimizer_over_other_parameter
             adamw_influence(training, "head", np.arange(N_TRAIN), training.test_set(), params=["body.weight"])
 
 
+def _replay_refused_with(run_dir: Path, line: str) -> None:
+    """`fgtrac stages --method replay` on the run exits 2 with exactly this one-line error."""
+    proc = run_cli("stages", str(run_dir), "--method", "replay", "--model", MODEL_REF, "--inputs", INPUTS_REF)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [line]
+
+
 @pytest.mark.parametrize("change", ["unfreeze", "freeze"])
 def test_freezing_or_unfreezing_within_a_stage_is_refused_by_name(tmp_path: Path, change: str) -> None:
     """Replay keeps a parameter's requires_grad for a whole stage (as the stage's start checkpoint records it): a
@@ -497,17 +504,16 @@ def test_freezing_or_unfreezing_within_a_stage_is_refused_by_name(tmp_path: Path
     run_dir = tmp_path / "run"
     with deterministic(1):
         record(run_dir, [StageCfg("a", _sgd(), None, epochs=2), StageCfg("b", start, None, epochs=2, clip=toggle)])
-    proc = run_cli("stages", str(run_dir), "--method", "replay", "--model", MODEL_REF, "--inputs", INPUTS_REF)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
     what = (
         "did not require grad at its start but changed during it (unfrozen within the stage)"
         if change == "unfreeze"
         else "required grad at its start but not at its end (frozen within the stage)"
     )
-    assert proc.stderr.strip().splitlines() == [
+    _replay_refused_with(
+        run_dir,
         f"fgtrac: error: stage 'b': body.weight, body.bias {what}; replay freezes a parameter for a whole stage or "
-        "not at all, so freeze or unfreeze parameters between stages (a new run.stage), not within one"
-    ]
+        "not at all, so freeze or unfreeze parameters between stages (a new run.stage), not within one",
+    )
 
 
 def test_a_param_group_added_within_a_stage_is_refused_by_name(tmp_path: Path) -> None:
@@ -526,13 +532,12 @@ def test_a_param_group_added_within_a_stage_is_refused_by_name(tmp_path: Path) -
     run_dir = tmp_path / "run"
     with deterministic(1):
         record(run_dir, [StageCfg("a", _sgd(), None), StageCfg("b", head_only, None, clip=add_body)])
-    proc = run_cli("stages", str(run_dir), "--method", "replay", "--model", MODEL_REF, "--inputs", INPUTS_REF)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert proc.stderr.strip().splitlines() == [
+    _replay_refused_with(
+        run_dir,
         "fgtrac: error: stage 'b': its optimizer stepped 2 param group(s) at step 15 but held 1 at the stage's "
         "start (optimizer.add_param_group within the stage); replay builds a stage's optimizer from its start "
-        "checkpoint, so add parameters between stages (a new run.stage), not within one"
-    ]
+        "checkpoint, so add parameters between stages (a new run.stage), not within one",
+    )
 
 
 def test_a_second_optimizer_in_a_stage_is_refused_by_name(tmp_path: Path) -> None:
@@ -554,13 +559,12 @@ def test_a_second_optimizer_in_a_stage_is_refused_by_name(tmp_path: Path) -> Non
                 StageCfg("b", two_optimizers, None, clip=lambda m, step: bodies[-1].step()),
             ],
         )
-    proc = run_cli("stages", str(run_dir), "--method", "replay", "--model", MODEL_REF, "--inputs", INPUTS_REF)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert proc.stderr.strip().splitlines() == [
+    _replay_refused_with(
+        run_dir,
         "fgtrac: error: stage 'b': body.weight, body.bias changed during the stage, though the stage's optimizer did "
         "not hold them (a second optimizer, or an update outside optimizer.step()); replay steps the stage's "
-        "optimizer alone: train with one optimizer per stage (param groups for different rates)"
-    ]
+        "optimizer alone: train with one optimizer per stage (param groups for different rates)",
+    )
 
 
 def test_without_a_stage_a_head_the_loop_replaced_keeps_its_recorded_values(tmp_path: Path) -> None:
