@@ -20,6 +20,10 @@ momentum path, so this checkpoint-level form gains least there (bench/faithfulne
 So for an Adam(W) checkpoint the score is η κ g_testᵀ P g_train = η κ (P^½ g_test)·(P^½ g_train), and the sign
 convention is TracIn's: positive = proponent (the update lowers the test loss).  A checkpoint without Adam state
 keeps the SGD form (κ = 1, P = I).
+
+Parameters in different param groups (the common recipe: no weight decay on biases; or another rate, betas or
+step count) each get their own η κ: the score is Σ_p η_p κ_p g_test,pᵀ P_p g_train,p, still one weighted dot
+product, by scaling each parameter's √P by √(η_p κ_p / η κ) relative to the first scored parameter's η κ.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ _DELIVERED = 1e-3  # momentum tail left undelivered at the horizon J
 
 @dataclass(frozen=True)
 class AdamState:
-    """What the optimizer-aware score needs from one checkpoint: κ and √P per named parameter."""
+    """What the optimizer-aware score needs from one checkpoint: κ of the first named parameter, and √P per named
+    parameter (a parameter of another param group scaled by √(η_p κ_p / η κ): its own rate and κ)."""
 
     kappa: float
     sqrt_precond: dict[str, torch.Tensor]
@@ -61,7 +66,8 @@ def adam_state(
     model: nn.Module, optimizer_state: Mapping[str, Any] | None, lr: float, names: list[str]
 ) -> AdamState | None:
     """κ and √P for the named parameters from an Adam/AdamW `optimizer.state_dict()`; None when the state holds
-    no second moments (an SGD checkpoint keeps the SGD form).
+    no second moments (an SGD checkpoint keeps the SGD form).  `lr` is the rate applied to the first named
+    parameter; a parameter in another group gets that rate times the ratio of the groups' rates in the state.
 
     The optimizer's parameters are matched to the model's by the names the checkpoint recorded
     (``optimizer_params``: fgtrac checkpoints have them, so optimizers over some parameters or in groups of their
@@ -87,7 +93,8 @@ def adam_state(
         index_of = {name: i for (name, _), i in zip(named, order, strict=True)}
     group_of = {i: g for g in groups for i in g["params"]}
     sqrt_precond: dict[str, torch.Tensor] = {}
-    kappas = set()
+    factors: dict[str, tuple[float, float]] = {}  # (η_p, κ_p) of each named parameter
+    ref_group = None
     for name in names:
         if name not in index_of:
             raise FgtracError(f"the checkpoint's optimizer did not hold {name!r}, so it has no second moment for it")
@@ -105,8 +112,23 @@ def adam_state(
             )
         if g.get("amsgrad"):
             raise FgtracError("adamw mode does not support amsgrad")
+        ref_group = g if ref_group is None else ref_group
+        rate = lr * _rate_ratio(g, ref_group)
         decoupled = float(g["weight_decay"]) if g["decoupled_weight_decay"] else 0.0
-        kappas.add(momentum_factor(beta1, t, lr, decoupled))
-    if len(kappas) != 1:  # one κ per checkpoint keeps the score a single weighted dot product
-        raise FgtracError("adamw mode needs the same betas, step and weight decay in every parameter group")
-    return AdamState(kappas.pop(), sqrt_precond)
+        factors[name] = rate, momentum_factor(beta1, t, rate, decoupled)
+    kappa = factors[names[0]][1]
+    reference = lr * kappa
+    for name in names[1:]:
+        rate, k = factors[name]
+        if reference and rate * k != reference:  # another group: its own η κ, relative to the first parameter's
+            sqrt_precond[name] = sqrt_precond[name] * math.sqrt(rate * k / reference)
+    return AdamState(kappa, sqrt_precond)
+
+
+def _rate_ratio(group: Mapping[str, Any], reference: Mapping[str, Any]) -> float:
+    """A param group's learning rate relative to the reference group's, as the checkpoint's optimizer held them
+    (the rate passed to `adam_state` is the reference group's: the first scored parameter's)."""
+    if group is reference:
+        return 1.0
+    ref = float(reference["lr"])
+    return float(group["lr"]) / ref if ref else 0.0

@@ -278,7 +278,8 @@ def run_influence(
         # under checkpoint weighting too: the uses behind each checkpoint's term are stored for the reviewer (not
         # for the influence function, whose one term stands for the whole run, not for the steps before it)
         # the rate each step and checkpoint applied to the scored head, where not the first group's (`full` scores
-        # every parameter: it keeps the first group's, as the recorded columns)
+        # every parameter: it weighs by the first group's, the recorded columns, and scales each parameter's
+        # gradients to its own group's rate: group_rates)
         rates = head_rates(store, pipeline.head_layer) if mode != "full" else {}
         for c in chosen:
             c["lr"] = checkpoint_head_rate(store, c, rates)

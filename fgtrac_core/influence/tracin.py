@@ -35,6 +35,7 @@ from fgtrac_core.influence.gradients import (
     linear_layer,
     per_sample_gradients,
 )
+from fgtrac_core.influence.group_rates import rate_scales
 from fgtrac_core.pipeline import load_into
 
 Checkpoint = tuple[str | Path | Mapping[str, Any], float]
@@ -78,7 +79,7 @@ def _load_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(model state dict, optimizer state dict or None) from a path or dict (fgtrac files: {"model", "optimizer"});
     the optimizer state dict gains the payload's ``optimizer_params`` (per param group, the model parameter names
-    the optimizer held) under that key when the file has them."""
+    the optimizer held) and ``frozen`` (those that did not require grad) under those keys when the file has them."""
     if isinstance(checkpoint, str | Path):
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -91,7 +92,7 @@ def _load_checkpoint(
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         optimizer = state.get("optimizer")
         if isinstance(optimizer, Mapping) and state.get("optimizer_params") is not None:
-            optimizer = {**optimizer, "optimizer_params": state["optimizer_params"]}
+            optimizer = {**optimizer, "optimizer_params": state["optimizer_params"], "frozen": state.get("frozen")}
         return unwrapped_state(dict(state["model"])), optimizer
     if not isinstance(state, Mapping):
         raise FgtracError(f"checkpoint {checkpoint!r} holds no state dict")
@@ -149,6 +150,8 @@ def _features(
             state, opt_state = _load_checkpoint(ckpt)
             load_into(model, state, str(ckpt) if isinstance(ckpt, str | Path) else "a checkpoint")
             weight, scale, kappa = float(lr), None, 1.0
+            if mode == "full":  # each parameter at its own group's rate (0 where not trained), lr the first group's
+                scale = rate_scales(opt_state, names)
             if mode == "adamw":
                 adam = adam_state(model, opt_state, float(lr), names)
                 if adam is not None:

@@ -68,6 +68,59 @@ def test_full_with_projection_at_least_p_equals_exact_product() -> None:
     assert torch.equal(small, again) and not torch.allclose(small.double(), exact, rtol=1e-3)
 
 
+@pytest.mark.parametrize("setup", ["discriminative", "head_only", "frozen_body"])
+def test_full_weighs_each_parameter_by_its_groups_rate(setup: str) -> None:
+    """`full` mode with the checkpoint weighed by the first group's rate (the recorded `checkpoints.lr`): each
+    parameter's gradients count at its own group's rate, 0 for one the optimizer did not hold or that was frozen,
+    against a hand computation per parameter at the rates the optimizer applied."""
+    torch.manual_seed(0)
+    model = HeadNet()
+    body = list(model.body.parameters())
+    if setup == "discriminative":
+        opt = torch.optim.SGD([{"params": body, "lr": 0.01}, {"params": model.head.parameters(), "lr": 0.1}])
+    elif setup == "head_only":
+        opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for p in body:
+            p.requires_grad_(False)
+    x, y = _data(30, 1)
+    train, test = _data(6, 2), _data(3, 3)
+    names = [n for n, _ in model.named_parameters()]
+    ids = {id(p): n for n, p in model.named_parameters()}
+    checkpoints, expected = [], torch.zeros(3, 6, dtype=torch.float64)
+    for _ in range(2):
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        held = [[ids[id(p)] for p in g["params"]] for g in opt.param_groups]
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        state = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict())}
+        checkpoints.append(({**state, "optimizer_params": held, "frozen": frozen}, opt.param_groups[0]["lr"]))
+        rate = {
+            ids[id(p)]: (g["lr"] if p.requires_grad else 0.0) for g in opt.param_groups for p in g["params"]
+        }
+        with torch.enable_grad():
+            for p in body:
+                p.requires_grad_(True)  # the hand computation needs every gradient
+            gt, gr = _grads(model, *test, names).double(), _grads(model, *train, names).double()
+            if setup == "frozen_body":
+                for p in body:
+                    p.requires_grad_(False)
+        start = 0
+        for name, p in model.named_parameters():
+            cols = slice(start, start + p.numel())
+            start += p.numel()
+            expected += rate.get(name, 0.0) * gt[:, cols] @ gr[:, cols].T
+    if setup == "frozen_body":
+        for p in body:
+            p.requires_grad_(True)  # scored as a reviewer loads the model: every parameter trainable
+    n_params = sum(p.numel() for p in model.parameters())
+    got = tracin(model, "head", train, test, checkpoints, mode="full", projection_dim=n_params)
+    assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+
+
 def test_full_restricted_to_the_head_equals_last_layer() -> None:
     model, checkpoints = _train(torch.optim.SGD, 4, lr=0.2)
     train, test = _data(12, 2), _data(4, 3)
@@ -172,6 +225,52 @@ def test_adamw_pairs_optimizer_state_with_parameters_by_recorded_name(make) -> N
         bare = [({k: v for k, v in c.items() if k != "optimizer_params"}, lr) for c, lr in checkpoints]
         with pytest.raises(FgtracError, match="covers 2 parameters but the model has 4, and the checkpoint"):
             tracin(model, "head", train, test, bare, mode="adamw")
+
+
+def test_adamw_weighs_each_param_group_by_its_own_rate_and_decay() -> None:
+    """The common AdamW recipe, no weight decay on biases (here also another rate for them): each parameter gets
+    the η κ of its own group, checked against a hand computation per parameter (it was refused as 'one κ per
+    checkpoint')."""
+    torch.manual_seed(0)
+    model = HeadNet()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    opt = torch.optim.AdamW(
+        [{"params": weights, "weight_decay": 0.1}, {"params": biases, "weight_decay": 0.0, "lr": 0.02}], lr=0.05
+    )
+    x, y = _data(30, 1)
+    train, test = _data(6, 2), _data(3, 3)
+    names = ["head.weight", "head.bias"]
+    params = dict(model.named_parameters())
+    ids = {id(p): n for n, p in model.named_parameters()}
+    checkpoints = []
+    parts = {"weight": torch.zeros(3, 6, dtype=torch.float64), "bias": torch.zeros(3, 6, dtype=torch.float64)}
+    bias_at_weight_rate = torch.zeros(3, 6, dtype=torch.float64)  # what one η κ per checkpoint would give
+    for _ in range(2):
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        held = [[ids[id(p)] for p in g["params"]] for g in opt.param_groups]
+        state = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict())}
+        checkpoints.append(({**state, "optimizer_params": held}, 0.05))  # the head weight's rate
+        gt, gr = _grads(model, *test, names).double(), _grads(model, *train, names).double()
+        factors = []
+        for name, group, cols in zip(names, opt.param_groups, (slice(0, 18), slice(18, 21)), strict=True):
+            beta1, beta2 = group["betas"]
+            s = opt.state[params[name]]
+            p = 1 / ((s["exp_avg_sq"].double() / (1 - beta2 ** int(s["step"]))).sqrt() + group["eps"])
+            factors.append(group["lr"] * momentum_factor(beta1, int(s["step"]), group["lr"], group["weight_decay"]))
+            product = (gt[:, cols] * p.reshape(-1)) @ gr[:, cols].T
+            parts[name.split(".")[1]] += factors[-1] * product
+        bias_at_weight_rate += factors[0] * product
+    got = tracin(model, "head", train, test, checkpoints, mode="adamw").double()
+    expected = parts["weight"] + parts["bias"]
+    tol = 1e-5 * float(expected.abs().max())
+    assert torch.allclose(got, expected, rtol=1e-4, atol=tol)
+    weight_only = tracin(model, "head", train, test, checkpoints, mode="adamw", include_bias=False).double()
+    assert torch.allclose(weight_only, parts["weight"], rtol=1e-4, atol=tol)
+    assert (bias_at_weight_rate - parts["bias"]).abs().max() > 100 * tol  # the case tells the two apart
 
 
 def test_adamw_on_sgd_checkpoints_is_the_sgd_form() -> None:
