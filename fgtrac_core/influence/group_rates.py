@@ -1,39 +1,37 @@
-"""Each scored parameter's learning rate at a checkpoint relative to the first param group's, for `full` mode.
+"""Each scored parameter's learning rate at a checkpoint relative to a reference parameter's, where a loop put
+them in param groups of different rates (discriminative rates, an optimizer over some parameters only, a frozen
+body: 0 for a parameter the optimizer did not hold or that was frozen).
 
-`full` mode weighs checkpoint c by η_c, the first param group's rate (the recorded `checkpoints.lr`).  A loop
-with discriminative rates (the body at a tenth of the head's), an optimizer over some parameters only, or a
-frozen body applied other rates to other parameters: 0 to a parameter the optimizer did not hold or that was
-frozen.  TracIn's term for checkpoint c is then Σ_p η_c,p g_test,p · g_train,p, which this module turns into
-per-parameter multipliers √(η_c,p / η_c) on both sides' gradients, read from the checkpoint's optimizer state:
-its `param_groups` rates and, in fgtrac checkpoints, the names of the parameters each group held
-(``optimizer_params``) and of those frozen (``frozen``).
+TracIn's term for checkpoint c is Σ_p η_c,p g_test,p · g_train,p.  The checkpoint is weighed by one rate η_c —
+the first param group's (`checkpoints.lr`) in `full` mode, the head weight's (`head_rates`) in `last_layer` mode —
+and each parameter's share is then scaled by η_c,p / η_c, read from the checkpoint's optimizer state: its
+`param_groups` rates and, in fgtrac checkpoints, the names of the parameters each group held
+(``optimizer_params``) and of those frozen (``frozen``).  Checkpoints without those names keep one rate for all.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 
-
-def rate_scales(optimizer_state: Mapping[str, Any] | None, names: Sequence[str]) -> dict[str, torch.Tensor] | None:
-    """{name: √(η_p / η_first group)} for the named parameters, or None when every one is 1 or the checkpoint does
-    not say which group held which parameter (no ``optimizer_params``: the first group's rate for all, as before).
-    A parameter the optimizer did not hold, or that the checkpoint lists as frozen, gets 0."""
+def rate_ratios(
+    optimizer_state: Mapping[str, Any] | None, names: Sequence[str], reference: str | None = None
+) -> dict[str, float] | None:
+    """{name: η_p / η_reference} for the named parameters, where η_reference is the rate of the group holding
+    `reference` (the first group's when None); None when every ratio is 1, when the checkpoint does not say which
+    group held which parameter, or when the reference rate is 0 (the checkpoint is weighed by 0 anyway).  A
+    parameter the optimizer did not hold, or that the checkpoint lists as frozen, gets 0."""
     if not optimizer_state or optimizer_state.get("optimizer_params") is None:
         return None
     groups = optimizer_state.get("param_groups") or []
     held = optimizer_state["optimizer_params"]
     if not groups or len(groups) != len(held):
         return None
-    first = float(groups[0]["lr"])
     frozen = set(optimizer_state.get("frozen") or ())
     rate = {n: float(g["lr"]) for g, group_names in zip(groups, held, strict=True) for n in group_names if n}
-    ratios = {
-        n: 0.0 if n in frozen or n not in rate else (rate[n] / first if first else 1.0) for n in names
-    }
-    if all(r == 1.0 for r in ratios.values()):
+    ref = float(groups[0]["lr"]) if reference is None else rate.get(reference, 0.0)
+    if not ref:
         return None
-    return {n: torch.tensor(math.sqrt(r)) for n, r in ratios.items()}
+    ratios = {n: 0.0 if n in frozen else rate.get(n, 0.0) / ref for n in names}
+    return None if all(r == 1.0 for r in ratios.values()) else ratios

@@ -12,6 +12,7 @@ negative = opponent.  Units: learning rate × squared loss-gradient norm (summed
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from fgtrac_core.influence.gradients import (
     linear_layer,
     per_sample_gradients,
 )
-from fgtrac_core.influence.group_rates import rate_scales
+from fgtrac_core.influence.group_rates import rate_ratios
 from fgtrac_core.pipeline import load_into
 
 Checkpoint = tuple[str | Path | Mapping[str, Any], float]
@@ -149,9 +150,13 @@ def _features(
         for c, (ckpt, lr) in enumerate(checkpoints):
             state, opt_state = _load_checkpoint(ckpt)
             load_into(model, state, str(ckpt) if isinstance(ckpt, str | Path) else "a checkpoint")
-            weight, scale, kappa = float(lr), None, 1.0
-            if mode == "full":  # each parameter at its own group's rate (0 where not trained), lr the first group's
-                scale = rate_scales(opt_state, names)
+            # each parameter at its own group's rate (0 where not trained) relative to `lr`: the first group's in
+            # `full` mode, the first named parameter's (the head weight's) otherwise
+            ratios = rate_ratios(opt_state, names, None if mode == "full" else names[0])
+            weight, kappa = float(lr), 1.0
+            shapes = {n: p.shape for n, p in model.named_parameters()}
+            scale = None if ratios is None else {n: torch.full(shapes[n], math.sqrt(r)) for n, r in ratios.items()}
+            bias_ratio = ratios[names[1]] if mode == "last_layer" and ratios and len(names) == 2 else 1.0
             if mode == "adamw":
                 adam = adam_state(model, opt_state, float(lr), names)
                 if adam is not None:
@@ -160,6 +165,10 @@ def _features(
             for d in (at_checkpoint(d, c) for d in datasets):
                 if uses_head:
                     delta, act = head_factors(model, layer, d, loss_fn=loss_fn, device=device)
+                    if bias_ratio > 0 and bias_ratio != 1.0:
+                        # the bias at its own group's rate r: (δ·δ')(a·a' + r) = (√r δ·√r δ')(a/√r·a'/√r + 1);
+                        # a bias frozen while the weight trains (r = 0) is left at the weight's rate
+                        delta, act = delta * math.sqrt(bias_ratio), act / math.sqrt(bias_ratio)
                     if mode == "last_layer":
                         feats.append(Features(delta=delta, act=act))
                         continue

@@ -121,6 +121,41 @@ def test_full_weighs_each_parameter_by_its_groups_rate(setup: str) -> None:
     assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("mode", ["last_layer", "adamw"])
+def test_head_bias_in_another_group_counts_at_its_own_rate(mode: str) -> None:
+    """The head's weight and bias in groups of different rates (SGD, so `adamw` mode takes the SGD form): the bias
+    term counts at its group's rate, the checkpoint weighed by the weight's, against a hand computation."""
+    torch.manual_seed(0)
+    model = HeadNet()
+    opt = torch.optim.SGD(
+        [
+            {"params": model.body.parameters(), "lr": 0.01},
+            {"params": [model.head.weight], "lr": 0.1},
+            {"params": [model.head.bias], "lr": 0.03},
+        ]
+    )
+    x, y = _data(30, 1)
+    train, test = _data(6, 2), _data(3, 3)
+    names = ["head.weight", "head.bias"]
+    ids = {id(p): n for n, p in model.named_parameters()}
+    checkpoints, expected = [], torch.zeros(3, 6, dtype=torch.float64)
+    for _ in range(2):
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        held = [[ids[id(p)] for p in g["params"]] for g in opt.param_groups]
+        state = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict())}
+        checkpoints.append(({**state, "optimizer_params": held, "frozen": []}, 0.1))  # the head weight's rate
+        gt, gr = _grads(model, *test, names).double(), _grads(model, *train, names).double()
+        expected += 0.1 * gt[:, :18] @ gr[:, :18].T + 0.03 * gt[:, 18:] @ gr[:, 18:].T
+    got = tracin(model, "head", train, test, checkpoints, mode=mode).double()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    # self-influence is the same quantity's diagonal
+    diag = self_influence(model, "head", test, checkpoints, mode=mode).double()
+    assert torch.allclose(diag, tracin(model, "head", test, test, checkpoints, mode=mode).double().diagonal(), rtol=1e-5)
+
+
 def test_full_restricted_to_the_head_equals_last_layer() -> None:
     model, checkpoints = _train(torch.optim.SGD, 4, lr=0.2)
     train, test = _data(12, 2), _data(4, 3)
