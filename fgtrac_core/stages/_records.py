@@ -160,7 +160,8 @@ def _check_steps(stage: str, logged: list[int], ran: list[int]) -> None:
         raise StageAnalysisError(
             f"stage {stage!r}: a batch was logged for step {no_step[0]}, but no optimizer step of the stage's "
             f"optimizer followed it; replay needs every logged batch to be stepped on (with gradient accumulation, "
-            f"log each micro-batch before the optimizer.step() that applies it)"
+            f"log each micro-batch right after its backward: before the optimizer.step() that applies it, or "
+            f"the last one just after it)"
         )
     no_batch = sorted(set(ran) - set(logged))
     if no_batch:

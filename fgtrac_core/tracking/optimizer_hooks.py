@@ -459,6 +459,9 @@ class StepHooks:
         self._modifies = False
         self._rule: dict[str, Any] | None = None  # the clipping rule last inferred in this stage
         self._on_cuda = bool(self._params) and all(p.device.type == "cuda" for p in self._params)
+        # gradients accumulated so far, one per parameter per backward: the recorder reads it to tell a batch
+        # logged after its backward from one logged before it (`Run.log_batch`)
+        self.accumulations = [0]
         self._checks: collections.deque[_DeviceFlag] = collections.deque()  # unread checks of an assumed rule
         self._handles = [optimizer.register_step_post_hook(self._post)]
         for i, p in enumerate(self._params):
@@ -478,10 +481,11 @@ class StepHooks:
     def _accumulate_hook(self, i: int) -> Callable[[torch.Tensor], None]:
         # bound once: this runs for every parameter at every backward.  Copy-on-write only on the CPU: CUDA's
         # fused (foreach) kernels, which clip_grad_norm_ uses there, write through a lazy clone's shared storage
-        seen, version, acc = self._seen, self._version, self._acc
+        seen, version, acc, count = self._seen, self._version, self._acc, self.accumulations
         clone = _lazy_clone if self._params[i].device.type == "cpu" else torch.Tensor.clone
 
         def accumulated(param: torch.Tensor) -> None:
+            count[0] += 1
             grad = param.grad
             if grad is not None:
                 seen[i] = grad

@@ -17,7 +17,9 @@ Conventions:
     hyperparameters as applied, gradient clipping and a parameter fingerprint per step (`optimizer_steps`).
     ``step`` of a batch is the optimizer step it was used for: a ``log_batch`` right after a step that has no
     batch yet belongs to that step (log after ``optimizer.step()``), otherwise to the next step (log before it;
-    gradient accumulation: several batches share a step).  A ``step=`` given by the loop is only checked never
+    gradient accumulation: several batches share a step).  With accumulation, a step whose batches were each
+    logged after their backward, and whose last backward has no batch yet, takes the batch logged right after it
+    (before any further backward): a loop whose log_batch ends its body.  A ``step=`` given by the loop is only checked never
     to go backwards.
   * ``step`` of a checkpoint is the number of optimizer steps completed when it was taken, so checkpoint step s
     holds the parameters *before* the update of batch step s.
@@ -167,6 +169,12 @@ class _ActiveStage:
     seeds: ForwardSeeds | None = None  # reseeds the model's training forwards (a model with dropout)
     groups: list[dict[str, Any]] | None = None  # the hyperparameters applied at the stage's previous step
     last_step_open: bool = False  # the stage's last optimizer step has no batch yet
+    # where the hooks' gradient count (`StepHooks.accumulations`) stood at the last step (or the batch logged after
+    # it), at the first and at the last batch logged for the next step since: whether a backward ran before a
+    # batch's log_batch tells a loop that logs after backward from one that logs before forward
+    window_mark: int = 0
+    first_log_mark: int | None = None
+    last_log_mark: int = 0
 
 
 class _BatchBuffer:
@@ -661,7 +669,9 @@ class Run:
                 f"(omit step=: the recorder numbers optimizer steps itself)"
             )
         given_lr = _as_float(lr)
-        after_step = stage.last_step_open and not self._pending_lrs
+        mark = stage.hooks.accumulations[0] if stage.hooks is not None else 0
+        # the batch of the step that just ran, unless a backward (the next step's) came in between
+        after_step = stage.last_step_open and not self._pending_lrs and mark == stage.window_mark
         if after_step and given_lr is not None and stage.last_lr is not None and given_lr != stage.last_lr:
             raise RecorderStateError(_lr_refusal(given_lr, self._next_step - 1, stage.last_lr))
         buf = self._buffer
@@ -675,12 +685,15 @@ class Run:
         if after_step:  # logged after optimizer.step(): the batch of the step that just ran
             buf.step.append(self._next_step - 1)
             buf.lr.append(stage.last_lr)
-            stage.last_step_open = False
             self._last_batch_step = self._next_step - 1
         else:  # logged before its step: step and lr are filled in when the step runs
             buf.step.append(self._next_step)
             buf.lr.append(None)
             self._pending_lrs.append(given_lr)
+            if stage.first_log_mark is None:
+                stage.first_log_mark = mark
+            stage.last_log_mark = mark
+        stage.last_step_open = False
         if step is not None:
             self._last_user_step = int(step)
         self._next_batch_id += 1
@@ -700,7 +713,15 @@ class Run:
             lr = facts.groups[0].get("lr") if facts.groups else None
             stage.last_lr = float(lr) if isinstance(lr, int | float) else None
         self._next_step += 1
-        stage.last_step_open = not self._pending_lrs
+        mark = stage.hooks.accumulations[0] if stage.hooks is not None else 0
+        # a batch logged next, before any backward, is this step's when no batch was logged for it, or when the
+        # loop logs its batches after their backward (a backward came before the first one logged) and the
+        # step's last backward has none yet: gradient accumulation with the last micro-batch logged after the step
+        stage.last_step_open = not self._pending_lrs or (
+            stage.first_log_mark is not None and stage.first_log_mark > stage.window_mark
+            and mark > stage.last_log_mark
+        )  # fmt: skip
+        stage.window_mark, stage.first_log_mark = mark, None
         if self._pending_lrs:
             self._resolve_pending(step, stage.last_lr)
 

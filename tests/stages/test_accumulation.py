@@ -1,8 +1,8 @@
 """Gradient accumulation: a loop that logs several micro-batches per optimizer step replays bit for bit whichever
 way it scales their losses (the rule is inferred from the recorded fingerprints), with clipping and an epoch's
-shorter last step; exact TracIn weighs each sample as the loop's loss did (against a hand computation); a loop
-that logs a micro-batch after the step it belongs to is refused in one line; AdamW-influence equals its brute-force
-reference on such a run."""
+shorter last step, and with each step's last micro-batch logged after the step; exact TracIn weighs each sample as
+the loop's loss did (against a hand computation); a loop that logs several micro-batches after the step they belong
+to is refused in one line; AdamW-influence equals its brute-force reference on such a run."""
 
 from __future__ import annotations
 
@@ -45,10 +45,12 @@ def _scaled(rule: str, loss: torch.Tensor, n: int, total: int) -> torch.Tensor:
 
 
 def _record(
-    run_dir: Path, rule: str, *, adam: bool = False, clip: bool = False, log_after_step: bool = False
+    run_dir: Path, rule: str, *, adam: bool = False, clip: bool = False, log_after_step: str | None = None
 ) -> tuple[torch.nn.Module, list[tuple[float, list[np.ndarray]]]]:
     """A user's accumulation loop (README calls only); returns the trained model and, per step, (lr, micro-batch
-    ids) as the loop ran them."""
+    ids) as the loop ran them.  Each micro-batch is logged after its backward; with `log_after_step` "last" the
+    step's last micro-batch is logged after `opt.step()` instead (the loop's log_batch at the end of its body),
+    with "all" every one of them."""
     torch.manual_seed(0)
     x, y = dataset()
     model = MLP()
@@ -74,14 +76,15 @@ def _record(
                     for m, (b_ids, xb, yb) in enumerate(group):
                         loss = F.cross_entropy(model(xb), yb)
                         _scaled(rule, loss, len(b_ids), total).backward()
-                        if not (log_after_step and m == len(group) - 1):
+                        after = log_after_step == "all" or (log_after_step == "last" and m == len(group) - 1)
+                        if not after:
                             run.log_batch(b_ids, epoch=epoch)
                     if clip:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3)
                     ran.append((opt.param_groups[0]["lr"], [b[0].numpy() for b in group]))
                     opt.step()
-                    if log_after_step:
-                        run.log_batch(group[-1][0], epoch=epoch)
+                    for b_ids, _, _ in group if log_after_step == "all" else group[-1:] if log_after_step else ():
+                        run.log_batch(b_ids, epoch=epoch)
                     sched.step()
     finally:
         run.close()
@@ -140,10 +143,26 @@ def test_stages_replay_through_the_cli(tmp_path: Path) -> None:
     assert "(8 steps, 20 batches: gradient accumulation, 96 uses)" in info
 
 
-def test_a_micro_batch_logged_after_its_step_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("adam", [False, True])
+def test_the_last_micro_batch_logged_after_the_step_is_that_steps(tmp_path: Path, adam: bool) -> None:
+    """A loop whose log_batch sits at the end of its body logs each step's last micro-batch after `opt.step()`:
+    the recorder sees that a backward ran before the step's first log and after its last, so that batch is the
+    step's (not the next one's), and the run replays bit for bit."""
     with deterministic(1):
-        _record(tmp_path / "run", "mean", log_after_step=True)
-    with RunStore(tmp_path / "run") as store, pytest.raises(StageAnalysisError, match="log each micro-batch before"):
+        trained, ran = _record(tmp_path / "run", "mean", adam=adam, clip=True, log_after_step="last")
+    with RunStore(tmp_path / "run") as store, deterministic(1):
+        training = load_training(store, _pipeline()).training
+        stage = training.stages[0]
+        assert [len(p) for p in stage.micro or []] == [len(parts) for _, parts in ran]
+        assert [b.tolist() for b in stage.batches] == [np.concatenate(parts).tolist() for _, parts in ran]
+        assert same_state(replay_full(training).model, trained.state_dict())
+
+
+def test_every_micro_batch_logged_after_the_step_is_refused(tmp_path: Path) -> None:
+    """Several batches logged after one step cannot be told from the next step's: refused in one line."""
+    with deterministic(1):
+        _record(tmp_path / "run", "mean", log_after_step="all")
+    with RunStore(tmp_path / "run") as store, pytest.raises(StageAnalysisError, match="log each micro-batch right"):
         load_training(store, _pipeline())
 
 
