@@ -19,8 +19,8 @@ Conventions:
     batch yet belongs to that step (log after ``optimizer.step()``), otherwise to the next step (log before it;
     gradient accumulation: several batches share a step).  With accumulation, a step whose batches were each
     logged after their backward, and whose last backward has no batch yet, takes the batch logged right after it
-    (before any further backward): a loop whose log_batch ends its body.  A ``step=`` given by the loop is only checked never
-    to go backwards.
+    (before any further backward): a loop whose log_batch ends its body.  A ``step=`` given by the loop is only
+    checked never to go backwards.
   * ``step`` of a checkpoint is the number of optimizer steps completed when it was taken, so checkpoint step s
     holds the parameters *before* the update of batch step s.
   * Batches are buffered in memory and committed in one Arrow insert at every checkpoint, stage boundary, at
