@@ -35,6 +35,22 @@ def _train(opt_cls: type, steps: int, **kw: float) -> tuple[HeadNet, list[tuple[
     return model, checkpoints
 
 
+def _fgtrac_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Three full-batch steps, then the checkpoint as the recorder writes it: model and optimizer state, the names
+    of the parameters each param group held and of those frozen."""
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {
+        "model": copy.deepcopy(model.state_dict()),
+        "optimizer": copy.deepcopy(opt.state_dict()),
+        "optimizer_params": [[names[id(p)] for p in g["params"]] for g in opt.param_groups],
+        "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
+    }
+
+
 def _grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> torch.Tensor:
     """Per-sample gradients of the named parameters, one autograd call per sample, float64."""
     params = dict(model.named_parameters())
@@ -90,14 +106,7 @@ def test_full_weighs_each_parameter_by_its_groups_rate(setup: str) -> None:
     ids = {id(p): n for n, p in model.named_parameters()}
     checkpoints, expected = [], torch.zeros(3, 6, dtype=torch.float64)
     for _ in range(2):
-        for _ in range(3):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        held = [[ids[id(p)] for p in g["params"]] for g in opt.param_groups]
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-        state = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict())}
-        checkpoints.append(({**state, "optimizer_params": held, "frozen": frozen}, opt.param_groups[0]["lr"]))
+        checkpoints.append((_fgtrac_checkpoint(model, opt, x, y), opt.param_groups[0]["lr"]))
         rate = {
             ids[id(p)]: (g["lr"] if p.requires_grad else 0.0) for g in opt.param_groups for p in g["params"]
         }
@@ -137,16 +146,9 @@ def test_head_bias_in_another_group_counts_at_its_own_rate(mode: str) -> None:
     x, y = _data(30, 1)
     train, test = _data(6, 2), _data(3, 3)
     names = ["head.weight", "head.bias"]
-    ids = {id(p): n for n, p in model.named_parameters()}
     checkpoints, expected = [], torch.zeros(3, 6, dtype=torch.float64)
     for _ in range(2):
-        for _ in range(3):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        held = [[ids[id(p)] for p in g["params"]] for g in opt.param_groups]
-        state = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict())}
-        checkpoints.append(({**state, "optimizer_params": held, "frozen": []}, 0.1))  # the head weight's rate
+        checkpoints.append((_fgtrac_checkpoint(model, opt, x, y), 0.1))  # the head weight's rate
         gt, gr = _grads(model, *test, names).double(), _grads(model, *train, names).double()
         expected += 0.1 * gt[:, :18] @ gr[:, :18].T + 0.03 * gt[:, 18:] @ gr[:, 18:].T
     got = tracin(model, "head", train, test, checkpoints, mode=mode).double()
@@ -233,16 +235,9 @@ def test_adamw_pairs_optimizer_state_with_parameters_by_recorded_name(make) -> N
     train, test = _data(6, 2), _data(3, 3)
     names = ["head.weight", "head.bias"]
     params = dict(model.named_parameters())
-    ids = {id(p): n for n, p in model.named_parameters()}
     checkpoints, expected = [], torch.zeros(3, 6, dtype=torch.float64)
     for lr in (0.05, 0.03):
-        for _ in range(3):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        held = [[ids[id(p)] for p in g["params"]] for g in opt.param_groups]
-        state = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict())}
-        checkpoints.append(({**state, "optimizer_params": held}, lr))
+        checkpoints.append((_fgtrac_checkpoint(model, opt, x, y), lr))
         group = opt.param_groups[0]  # the head's group in both optimizers
         beta1, beta2 = group["betas"]
         precond = []
@@ -277,18 +272,11 @@ def test_adamw_weighs_each_param_group_by_its_own_rate_and_decay() -> None:
     train, test = _data(6, 2), _data(3, 3)
     names = ["head.weight", "head.bias"]
     params = dict(model.named_parameters())
-    ids = {id(p): n for n, p in model.named_parameters()}
     checkpoints = []
     parts = {"weight": torch.zeros(3, 6, dtype=torch.float64), "bias": torch.zeros(3, 6, dtype=torch.float64)}
     bias_at_weight_rate = torch.zeros(3, 6, dtype=torch.float64)  # what one η κ per checkpoint would give
     for _ in range(2):
-        for _ in range(3):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        held = [[ids[id(p)] for p in g["params"]] for g in opt.param_groups]
-        state = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict())}
-        checkpoints.append(({**state, "optimizer_params": held}, 0.05))  # the head weight's rate
+        checkpoints.append((_fgtrac_checkpoint(model, opt, x, y), 0.05))  # the head weight's rate
         gt, gr = _grads(model, *test, names).double(), _grads(model, *train, names).double()
         factors = []
         for name, group, cols in zip(names, opt.param_groups, (slice(0, 18), slice(18, 21)), strict=True):
