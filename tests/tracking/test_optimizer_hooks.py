@@ -76,6 +76,35 @@ def test_batches_get_the_applied_lr_whatever_the_order(tmp_path: Path, order: st
     assert _rows(tmp_path / "r", "SELECT start_step, end_step FROM stages") == [(0, 5)]
 
 
+@pytest.mark.parametrize("where", ["after_backward", "before_forward", "end_of_body"])
+def test_accumulated_micro_batches_get_their_step_wherever_the_loop_logs(tmp_path: Path, where: str) -> None:
+    """Gradient accumulation over 3 micro-batches (7 an epoch: steps of 3, 3 and 1), each logged after its
+    backward, before its forward, or at the end of the loop body (the step's last one after `opt.step()`): every
+    micro-batch is recorded for the optimizer step that applied it."""
+    run, model = _run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    truth, step = [], 0
+    with run.stage("s", optimizer=opt, model=model):
+        for epoch in range(2):
+            for i in range(7):
+                ids = [i, 10 + i]
+                if where == "before_forward":
+                    run.log_batch(ids, epoch=epoch)
+                _backward(model)
+                if where == "after_backward":
+                    run.log_batch(ids, epoch=epoch)
+                truth.append(step)
+                if i % 3 == 2 or i == 6:
+                    opt.step()
+                    opt.zero_grad()
+                    step += 1
+                if where == "end_of_body":
+                    run.log_batch(ids, epoch=epoch)
+    run.close()
+    assert [s for (s,) in _rows(tmp_path / "r", "SELECT step FROM batches ORDER BY batch_id")] == truth
+    assert _rows(tmp_path / "r", "SELECT count(*) FROM optimizer_steps") == [(6,)]
+
+
 def test_hparams_are_stored_as_changes_and_expand_back(tmp_path: Path) -> None:
     run, model = _run(tmp_path / "r")
     opt = torch.optim.Adam([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.5}], lr=0.01)
