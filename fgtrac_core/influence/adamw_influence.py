@@ -92,6 +92,7 @@ from fgtrac_core.influence.gradients import (
     per_sample_gradients,
     per_sample_loss,
 )
+from fgtrac_core.influence.group_rates import folded
 from fgtrac_core.influence.tracin import TopK
 
 MODE = "adamw_influence"
@@ -560,13 +561,12 @@ def _sweep(
                     dg = _clip_jacobian(model, _stepped(training, j, model), spec, xb, yb, at, clip, dg, scale)
                 propagated_uses += len(cols)
             elif len(cols):  # SGD: the step-exact TracIn term, as exact.py (each parameter at its group's rate)
-                rates = [float(hp["lr"]) for hp in hps]
-                eta = max(rates)
+                eta, roots = folded([float(hp["lr"]) for hp in hps])
                 weight = eta / len(ids) if scale is None else scale[at] * eta
                 g_te = spec.grads(model, x_te, y_te)
                 g_b = spec.grads(model, xb[at], yb[at])
-                if eta and any(r != eta for r in rates):
-                    root = _per_coordinate([(r / eta) ** 0.5 for r in rates], spec.sizes)
+                if roots is not None:
+                    root = _per_coordinate(roots, spec.sizes)
                     g_te, g_b = g_te * root, g_b * root
                 part = (g_te @ g_b.T).mul_(weight)
                 sgd.index_add_(1, cols, part)

@@ -49,6 +49,7 @@ from fgtrac_core.influence.gradients import (
     linear_layer,
     per_sample_gradients,
 )
+from fgtrac_core.influence.group_rates import folded
 from fgtrac_core.influence.tracin import TopK, _merge_topk, _param_names, _projection
 
 GRADIENTS = ("last_layer", "full")
@@ -114,11 +115,8 @@ class StepGradients:
             eta = rate[f"{self.layer}.weight"]
             bias = rate.get(f"{self.layer}.bias", 0.0) / eta if eta and self.include_bias else 0.0
             return eta, bias, None
-        rates = [rate[n] for n in self.names]
-        eta = max(rates)
-        if not eta or all(r == eta for r in rates):
-            return eta, 0.0, None
-        return eta, 0.0, {n: torch.tensor((r / eta) ** 0.5) for n, r in zip(self.names, rates, strict=True)}
+        eta, roots = folded([rate[n] for n in self.names])
+        return eta, 0.0, None if roots is None else {n: torch.tensor(r) for n, r in zip(self.names, roots, strict=True)}
 
 
 def step_gradients(

@@ -11,6 +11,7 @@ and each parameter's share is then scaled by η_c,p / η_c, read from the checkp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,3 +36,13 @@ def rate_ratios(
         return None
     ratios = {n: 0.0 if n in frozen else rate.get(n, 0.0) / ref for n in names}
     return None if all(r == 1.0 for r in ratios.values()) else ratios
+
+
+def folded(rates: Sequence[float]) -> tuple[float, list[float] | None]:
+    """(η, per parameter √(η_p / η)) for the rates a step applied to the scored parameters, η the largest: the
+    weight η Σ_p (√(η_p/η) g_p)·(√(η_p/η) g'_p) = Σ_p η_p g_p·g'_p with one scalar weight.  None for the roots
+    when every rate is η (or η is 0: the step moved none of them)."""
+    eta = max(rates)
+    if not eta or all(r == eta for r in rates):
+        return eta, None
+    return eta, [math.sqrt(r / eta) for r in rates]

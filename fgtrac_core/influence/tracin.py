@@ -145,6 +145,7 @@ def _features(
     elif projection is None:
         projection = _projection(model, names, projection_dim, seed, device)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    shapes = {n: p.shape for n, p in model.named_parameters()}
     out = []
     try:
         for c, (ckpt, lr) in enumerate(checkpoints):
@@ -154,7 +155,6 @@ def _features(
             # `full` mode, the first named parameter's (the head weight's) otherwise
             ratios = rate_ratios(opt_state, names, None if mode == "full" else names[0])
             weight, kappa = float(lr), 1.0
-            shapes = {n: p.shape for n, p in model.named_parameters()}
             scale = None if ratios is None else {n: torch.full(shapes[n], math.sqrt(r)) for n, r in ratios.items()}
             bias_ratio = ratios[names[1]] if mode == "last_layer" and ratios and len(names) == 2 else 1.0
             if mode == "adamw":

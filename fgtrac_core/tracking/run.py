@@ -176,6 +176,10 @@ class _ActiveStage:
     first_log_mark: int | None = None
     last_log_mark: int = 0
 
+    def mark(self) -> int:
+        """The hooks' gradient count now (0 before they are attached)."""
+        return self.hooks.accumulations[0] if self.hooks is not None else 0
+
 
 class _BatchBuffer:
     """Column lists for pending `batches` / `batch_samples` rows; converted to Arrow once per flush."""
@@ -669,7 +673,7 @@ class Run:
                 f"(omit step=: the recorder numbers optimizer steps itself)"
             )
         given_lr = _as_float(lr)
-        mark = stage.hooks.accumulations[0] if stage.hooks is not None else 0
+        mark = stage.mark()
         # the batch of the step that just ran, unless a backward (the next step's) came in between
         after_step = stage.last_step_open and not self._pending_lrs and mark == stage.window_mark
         if after_step and given_lr is not None and stage.last_lr is not None and given_lr != stage.last_lr:
@@ -713,7 +717,7 @@ class Run:
             lr = facts.groups[0].get("lr") if facts.groups else None
             stage.last_lr = float(lr) if isinstance(lr, int | float) else None
         self._next_step += 1
-        mark = stage.hooks.accumulations[0] if stage.hooks is not None else 0
+        mark = stage.mark()
         # a batch logged next, before any backward, is this step's when no batch was logged for it, or when the
         # loop logs its batches after their backward (a backward came before the first one logged) and the
         # step's last backward has none yet: gradient accumulation with the last micro-batch logged after the step
