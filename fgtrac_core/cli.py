@@ -358,6 +358,7 @@ def _cmd_stages(args: argparse.Namespace) -> int:
                 "verified": result.params["verified"],
                 "verified_reason": result.params["verified_reason"],
                 "replaced": result.params["replaced"],
+                "not_run": result.params["not_run"],
                 "aggregates": json.loads(agg.to_json(orient="records")),
                 "faithfulness": json.loads(faith.to_json(orient="records")),
             }
@@ -393,6 +394,8 @@ def _cmd_stages(args: argparse.Namespace) -> int:
         ref = faith.reference_seconds.dropna()
         if len(ref):
             echo(f"  replay (reference) took {ref.iloc[0]:.2f} s")
+    for m, why in result.params["not_run"].items():
+        echo(f"  {m}: not run: {why}")
     return EXIT_OK
 
 

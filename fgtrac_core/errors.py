@@ -48,3 +48,8 @@ class RunFileError(CorruptRunError):
 class SigningKeyError(FgtracError):
     """The signing key is missing where a run needs it, or refused: a key file others may access, a key directory
     others may write, an empty or corrupt key file (`fgtrac_core.ledger.KeyFileError`, mapped for the CLI)."""
+
+
+class UnsupportedDerivativeError(FgtracError):
+    """A method needs a derivative (second order, or forward mode) that torch does not implement for some operation
+    of the model, e.g. ``nn.EmbeddingBag``'s double backward (`fgtrac_core.derivatives`)."""

@@ -89,6 +89,8 @@ def render() -> None:
     if not faith.empty:
         with st.expander("Faithfulness: estimates against exact replay"):
             st.dataframe(faith, hide_index=True)
+            for method, why in (analysis["params"].get("not_run") or {}).items():
+                st.caption(f"{md(method)} not run: {md(why)}")
 
     st.subheader("Examples a stage most helped and hurt")
     effects = data.query("stage_effects", aid)

@@ -82,6 +82,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from fgtrac_core.derivatives import is_unsupported
 from fgtrac_core.errors import FgtracError
 from fgtrac_core.influence.exact import _columns, _topk
 from fgtrac_core.influence.gradients import (
@@ -419,11 +420,36 @@ def _clip_jacobian(
                 u[j] = torch.sign(g64[j])
             else:
                 u = torch.sign(g64) * g64.abs() ** (p_norm - 1) / total ** (p_norm - 1)
-            (s,) = torch.autograd.grad((flat * u.to(flat.dtype)).sum(), weights)
+            try:
+                (s,) = torch.autograd.grad((flat * u.to(flat.dtype)).sum(), weights)
+            except (NotImplementedError, RuntimeError) as exc:
+                if not is_unsupported(exc):
+                    raise
+                s = _per_sample_dots(model, params, fn, xb, yb, u, scale)
     finally:
         model.train(was_training)
     s_z = s.detach().double()[at]  # u · ∇ℓ_z/|B| (or times its weight): the loss above is the step's
     return coef * (dg - s_z[:, None] * here.double()[None, :] / (float(total) + _CLIP_EPS))
+
+
+def _per_sample_dots(
+    model: nn.Module,
+    params: list[torch.nn.Parameter],
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    u: torch.Tensor,
+    scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """u · ∇ℓ_z/|B| (or ∇ℓ_z times its weight `scale`) of every batch row z, one backward each: what
+    `_clip_jacobian`'s mixed second derivative gives, for a model torch has no double backward of."""
+    out = torch.empty(len(xb), dtype=torch.float64)
+    for z in range(len(xb)):
+        loss = fn(model(xb[z : z + 1]), yb[z : z + 1]).sum()
+        loss = loss / len(xb) if scale is None else loss * scale[z].to(loss.dtype)
+        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        out[z] = torch.cat([g.reshape(-1) for g in grads]).double() @ u
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the sweep

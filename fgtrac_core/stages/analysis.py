@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fgtrac_core.budget import DEFAULT_BUDGET_S, CostEstimate, enforce, seconds_per_step
+from fgtrac_core.errors import UnsupportedDerivativeError
 from fgtrac_core.ledger.entries import ENTRY_KINDS
 from fgtrac_core.pipeline import Pipeline, loss_description
 from fgtrac_core.stages import behaviours as beh
@@ -167,7 +168,7 @@ def analyze(
             raise StageAnalysisError(f"{unmodelled}; --method replay (exact replay) supports it")
     fns = {**fns, "margin": beh.BEHAVIOURS["margin"]}  # accuracy aggregates are read from the margin
     with deterministic(records.config.get("torch_threads")):
-        jobs = _plan(method, horizon, compare, readout)
+        jobs, not_run = _runnable(_plan(method, horizon, compare, readout), training, compare)
         n_vectors = len(training.test_ids) * len(fns)
         estimate = _estimate_cost(training, jobs, n_vectors)
         if on_estimate is not None:
@@ -211,6 +212,9 @@ def analyze(
         "torch_version": torch.__version__,
         "checkpoints": [vars(c) for c in records.checkpoints],
         # per stage, what the loop replaced as it started (a new head): at its recorded values in every replay
+        # per method --compare could not run on this model, why (the propagated estimator without second
+        # derivatives: `fgtrac_core.derivatives`)
+        "not_run": not_run,
         "replaced": {
             s.name: training.replaced(j) for j, s in enumerate(training.stages) if training.replaced(j)
         },
@@ -266,6 +270,21 @@ def _plan(method: str, horizon: int | None, compare: bool, readout: str) -> list
     return [_Job(method, _horizon(method, horizon), (readout,))]
 
 
+def _runnable(jobs: list[_Job], training: Training, compare: bool) -> tuple[list[_Job], dict[str, str]]:
+    """With `compare`, `jobs` less those the model cannot run, and why, per method: the propagated estimator needs
+    second derivatives, probed by one HVP at a recorded step.  Without, the one method asked for is refused
+    instead (`UnsupportedDerivativeError`, one line)."""
+    if training.n_stages < 2 or not any(job.kind == "propagated" for job in jobs):
+        return jobs, {}
+    try:
+        _hvp_seconds(_probe_cursor(training))
+    except UnsupportedDerivativeError as exc:
+        if not compare:
+            raise
+        return [job for job in jobs if job.kind != "propagated"], {"propagated": str(exc)}
+    return jobs, {}
+
+
 def _estimate_cost(training: Training, jobs: Sequence[_Job], n_vectors: int) -> CostEstimate:
     """Time a few recorded steps (and one HVP) and scale by the steps and HVPs the jobs will run."""
     steps = hvps = 0
@@ -287,18 +306,27 @@ def _estimate_cost(training: Training, jobs: Sequence[_Job], n_vectors: int) -> 
 
 def _time_steps(training: Training, probe_hvp: bool) -> tuple[float, float]:
     """Seconds per optimizer step (median of three, after two untimed) and per HVP, on the recorded run's steps."""
+    cursor = _probe_cursor(training)
+    per_step = seconds_per_step(cursor)
+    return per_step, _hvp_seconds(cursor) if probe_hvp else 0.0
+
+
+def _probe_cursor(training: Training) -> Cursor:
+    """A cursor at the start of the second stage (the first of a one-stage run), or of the first with steps."""
     k = 0 if training.n_stages == 1 else 1
     if training.stages[k].n_steps == 0:
         k = next((j for j, s in enumerate(training.stages) if s.n_steps), 0)
-    cursor = Cursor(training, k, training.stages[k].start_model, None)
-    per_step = seconds_per_step(cursor)
-    per_hvp = 0.0
-    if probe_hvp and not cursor.done:
-        hvp = est.hvp_at(cursor)
-        t0 = time.perf_counter()
-        hvp([p.detach() for p in cursor.params])
-        per_hvp = time.perf_counter() - t0
-    return per_step, per_hvp
+    return Cursor(training, k, training.stages[k].start_model, None)
+
+
+def _hvp_seconds(cursor: Cursor) -> float:
+    """Seconds one HVP takes at the cursor's next step (0 when it has none)."""
+    if cursor.done:
+        return 0.0
+    hvp = est.hvp_at(cursor)
+    t0 = time.perf_counter()
+    hvp([p.detach() for p in cursor.params])
+    return time.perf_counter() - t0
 
 
 def _use_adjoint(job: _Job, n_stages: int, n_vectors: int) -> bool:

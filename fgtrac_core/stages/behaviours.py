@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 
 from fgtrac_core._per_example import per_example
+from fgtrac_core.derivatives import is_unsupported
 from fgtrac_core.stages.errors import StageAnalysisError
 from fgtrac_core.stages.training import StateDict
 
@@ -68,10 +69,28 @@ def directional(
     y: torch.Tensor,
     fns: Mapping[str, BehaviourFn],
 ) -> dict[str, np.ndarray]:
-    """grad f(state) . direction for every example and behaviour, by one forward-mode pass (no finite differences).
+    """grad f(state) . direction for every example and behaviour, by one forward-mode pass (no finite differences);
+    for a model with an operation torch has no forward-mode derivative of (``nn.EmbeddingBag``), by per-example
+    reverse-mode gradients instead (the same quantity; one gradient per example and behaviour).
 
     `direction` covers the parameters; buffers are held fixed.
     """
+    try:
+        return _forward_mode(model, state, direction, x, y, fns)
+    except (NotImplementedError, RuntimeError) as exc:
+        if not is_unsupported(exc):
+            raise
+    return _reverse_mode(model, state, direction, x, y, fns)
+
+
+def _forward_mode(
+    model: nn.Module,
+    state: StateDict,
+    direction: StateDict,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    fns: Mapping[str, BehaviourFn],
+) -> dict[str, np.ndarray]:
     names = list(direction)
     fixed = {k: v for k, v in state.items() if k not in direction}
 
@@ -83,6 +102,25 @@ def directional(
     for name, fn in fns.items():
         _, d = jvp(lambda o, fn=fn: fn(o, y), (out,), (d_out,))
         values[name] = d.detach().double().numpy()
+    return values
+
+
+def _reverse_mode(
+    model: nn.Module,
+    state: StateDict,
+    direction: StateDict,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    fns: Mapping[str, BehaviourFn],
+) -> dict[str, np.ndarray]:
+    names = [n for n, _ in model.named_parameters()]
+    values = {}
+    for name, fn in fns.items():
+        total = torch.zeros(len(x), dtype=torch.float64)
+        for n, g in zip(names, gradients(model, state, x, y, fn), strict=True):
+            if n in direction:
+                total += (g.flatten(1).double() * direction[n].reshape(1, -1).double()).sum(1)
+        values[name] = total.numpy()
     return values
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from fgtrac_core.derivatives import SECOND_ORDER, requires
 from fgtrac_core.stages import linearize as lin
 from fgtrac_core.stages.linearize import Perturbation, StepPoint
 from fgtrac_core.stages.replay import Cursor, check_final, recorded_cursor, skipped_cursor
@@ -138,6 +139,10 @@ def _enter(training: Training, d: Perturbation, j: int) -> Perturbation:
 # ----------------------------------------------------------------------------------------------- propagated
 
 
+# what runs where torch has no second derivatives of the model (`fgtrac_core.derivatives`)
+HVP_FREE = "--method replay, fast and partial-replay do not need them"
+
+
 def hvp_at(cursor: Cursor) -> lin.Hvp:
     """u -> H_t u for the step `cursor` runs next: analytic double backward of its batch's training loss (with
     gradient accumulation, of the loss its micro-batches' backward passes summed, `Training.step_loss`).
@@ -153,7 +158,7 @@ def hvp_at(cursor: Cursor) -> lin.Hvp:
 
     def hvp(u: lin.Vectors) -> lin.Vectors:
         params = [t.clone().requires_grad_() for t in theta]
-        with torch.enable_grad():
+        with torch.enable_grad(), requires(SECOND_ORDER, "the propagated estimator", HVP_FREE):
             # buffers cloned: a training-mode forward updates BatchNorm's running statistics in place, and this one
             # is not a training step (the cursor's own model must keep the recorded trajectory's buffers)
             state = {**{n: b.clone() for n, b in buffers.items()}, **dict(zip(names, params, strict=True))}

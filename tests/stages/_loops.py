@@ -76,6 +76,32 @@ class DropoutMLP(MLP):
         return self.head(self.drop(torch.tanh(self.body(x))))
 
 
+class BagMLP(MLP):
+    """MLP whose first layer is an `nn.EmbeddingBag` summing its rows weighted by the inputs: the function of a
+    bias-free linear layer, through an operation torch has a first derivative of but no second (double backward)
+    and no forward-mode one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.EmbeddingBag(D_IN, 10, mode="sum")  # type: ignore[assignment]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(D_IN).expand(len(x), D_IN)
+        return self.head(torch.tanh(self.body(rows, per_sample_weights=x)))
+
+
+class BagTwin(MLP):
+    """`BagMLP`'s function and initial values with a bias-free `nn.Linear` in place of the bag (every derivative
+    available): the independent reference for what `BagMLP` computes without second derivatives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        bag = nn.EmbeddingBag(D_IN, 10, mode="sum")  # drawn as BagMLP draws it
+        self.body = nn.Linear(D_IN, 10, bias=False)
+        with torch.no_grad():
+            self.body.weight.copy_(bag.weight.T)
+
+
 def dataset() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     x = torch.randn(N_TRAIN + N_TEST, D_IN, generator=g)
