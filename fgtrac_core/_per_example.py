@@ -1,8 +1,9 @@
-"""Per-example values by torch.func (gradients; losses), for models and losses that branch on their input too.
+"""Per-example values by torch.func (gradients; losses), for models and losses vmap cannot batch too.
 
 `vmap` batches one example's function over many, but cannot trace Python control flow that depends on tensor
-values (``if x[0, 0] > 0:`` picking a head, a per-example early exit); such examples are then taken one call
-each, eagerly: the same values, slower.
+values (``if x[0, 0] > 0:`` picking a head, a per-example early exit), nor run every operation batched (``nn.GRU``
+and ``nn.LSTM`` write their hidden state in place, which fails under vmap with a shape error); such examples are
+then taken one call each, eagerly: the same values, slower.  A function that fails eagerly too raises that error.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ Params = dict[str, torch.Tensor]
 
 
 def _map_examples(fn: Callable[..., Any], args: Sequence[Any], in_dims: Sequence[int | None], stack: Callable) -> Any:
-    """``vmap(fn, in_dims)(*args)``, or `stack` of one eager call per example where vmap cannot trace `fn`."""
+    """``vmap(fn, in_dims)(*args)``, or `stack` of one eager call per example where vmap cannot run `fn`."""
     try:
         return vmap(fn, in_dims=tuple(in_dims))(*args)
-    except RuntimeError as exc:
+    except (RuntimeError, NotImplementedError):
+        # vmap's own failures are not told apart from `fn`'s by their type (a GRU's is a plain shape error): the
+        # eager calls either compute the same values or raise `fn`'s error themselves
         n = min(len(a) for a, d in zip(args, in_dims, strict=True) if d is not None)
-        if "data-dependent control flow" not in str(exc) or not n:
+        if not n:
             raise
     return stack(
         [fn(*(a if d is None else a[i] for a, d in zip(args, in_dims, strict=True))) for i in range(n)]

@@ -1,4 +1,4 @@
-"""Per-example gradients of a model whose forward branches on its input (vmap cannot trace it): equal to one
+"""Per-example gradients of models vmap cannot batch (a forward that branches on its input, a GRU): equal to one
 autograd backward per example, through both callers (influence's dense gradients, stage behaviours)."""
 
 from __future__ import annotations
@@ -62,7 +62,26 @@ def test_stage_behaviour_gradients_of_a_branching_model_equal_autograd_per_examp
     assert torch.allclose(torch.cat([g.reshape(len(x), -1) for g in got], 1), _autograd_rows(model, x, y), atol=1e-6)
 
 
-def test_vmap_errors_other_than_branching_still_raise() -> None:
+class _Gru(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.gru = nn.GRU(4, 5, batch_first=True)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.gru(self.emb(tokens))[1][-1])
+
+
+def test_influence_gradients_of_a_gru_equal_autograd_per_example() -> None:
+    torch.manual_seed(0)
+    model, x, y = _Gru(), torch.randint(0, 7, (6, 5)), torch.randint(0, 3, (6,))
+    names = [n for n, _ in model.named_parameters()]
+    got = per_sample_gradients(model, names, (x, y), batch_size=4, device=torch.device("cpu"))
+    assert torch.allclose(got, _autograd_rows(model, x, y), atol=1e-6)
+
+
+def test_errors_of_the_function_itself_still_raise() -> None:
     def broken(params: dict, xi: torch.Tensor, yi: torch.Tensor) -> dict:
         raise RuntimeError("something else went wrong")
 
