@@ -25,6 +25,7 @@ from scipy.stats import rankdata
 
 from fgtrac_core.budget import CostEstimate, seconds_per_step
 from fgtrac_core.errors import FgtracError
+from fgtrac_core.outputs import class_logits
 
 
 def subset_masks(n_train: int, k: int, seed: int) -> np.ndarray:
@@ -100,7 +101,7 @@ def replay_without(
     cursor.run()
     model = cursor.model.eval()
     with torch.no_grad():
-        return F.cross_entropy(model(test[0]), test[1], reduction="none").double().numpy()
+        return F.cross_entropy(class_logits(model(test[0])), test[1], reduction="none").double().numpy()
 
 
 def estimate(training: Any, train_ids: np.ndarray, k: int, seed: int = 0) -> CostEstimate:

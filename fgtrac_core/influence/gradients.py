@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fgtrac_core._per_example import per_example
 from fgtrac_core.errors import FgtracError
+from fgtrac_core.outputs import class_logits
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -131,7 +132,9 @@ def linear_layer(model: nn.Module, layer: str) -> nn.Linear:
 
 
 def per_sample_loss(loss_fn: LossFn | None) -> LossFn:
-    return loss_fn if loss_fn is not None else (lambda out, y: F.cross_entropy(out, y, reduction="none"))
+    """`loss_fn`, or per-sample cross-entropy of the outputs read as class logits (`class_logits`: one logit per
+    example is a binary classifier's)."""
+    return loss_fn if loss_fn is not None else (lambda out, y: F.cross_entropy(class_logits(out), y, reduction="none"))
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:

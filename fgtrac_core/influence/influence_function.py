@@ -42,6 +42,7 @@ from fgtrac_core.influence.gradients import (
     head_factors,
     head_gradients,
     linear_layer,
+    per_sample_loss,
 )
 from fgtrac_core.influence.tracin import Review, _Checkpointed, _device, _Options, load_state_dict, review_of
 from fgtrac_core.pipeline import load_into
@@ -155,10 +156,10 @@ def whitened_gradients(
         )
     d_tr, a_tr, d_te, a_te = (t.double() for t in (d_tr, a_tr, d_te, a_te))
     labels = as_tensors(train, "train")[1].long().to(d_tr.device)
-    if loss_fn is None:
+    if loss_fn is None and d_tr.shape[1] > 1:
         s = _cross_entropy_logit_hessians(d_tr, labels)
     else:  # the head's outputs rebuilt from its input: the logits the loss was taken at
-        s = _logit_hessians(loss_fn, a_tr @ w.T + (0.0 if b is None else b), labels)
+        s = _logit_hessians(per_sample_loss(loss_fn), a_tr @ w.T + (0.0 if b is None else b), labels)
     a_tr, a_te = _extended(a_tr, bias), _extended(a_te, bias)
     h = _head_hessian(s, a_tr)
     h.diagonal().add_(damping)

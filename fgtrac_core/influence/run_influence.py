@@ -37,6 +37,7 @@ from fgtrac_core.influence.weighting import (
     run_intervals,
     usage_weights,
 )
+from fgtrac_core.outputs import class_logits
 from fgtrac_core.pipeline import Pipeline, load_into, load_pipeline, loss_description
 from fgtrac_core.store.reader import RunStore
 from fgtrac_core.store.run_files import committed_checkpoints
@@ -155,16 +156,18 @@ def _split(
 def _predictions(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None
 ) -> dict[str, np.ndarray]:
-    """Each test example's predicted class, its softmax confidence and its loss (`loss_fn`, per sample; default
+    """Each test example's predicted class, its softmax confidence (of the outputs read as class logits: one logit
+    per example is a binary classifier's, `fgtrac_core.outputs`) and its loss (`loss_fn`, per sample; default
     cross-entropy)."""
     model.eval()
     with torch.no_grad():
-        logits = model(x)
+        outputs = model(x)
+        logits = class_logits(outputs)
         prob = logits.softmax(1)
         return {
             "prediction": logits.argmax(1).numpy().astype(np.int32),
             "confidence": prob.max(1).values.double().numpy(),
-            "loss": per_sample_loss(loss_fn)(logits, y).double().numpy(),
+            "loss": per_sample_loss(loss_fn)(outputs if loss_fn is not None else logits, y).double().numpy(),
         }
 
 

@@ -4,6 +4,8 @@ A behaviour maps (model outputs for the test examples, their recorded labels) to
   * ``loss``   — the example's cross-entropy (nats); a positive stage effect means the stage *raised* the loss;
   * ``margin`` — logit of the label minus the largest other logit (logit units); positive effect: the stage made
     the model more confidently right.
+Outputs are read as class logits (`fgtrac_core.outputs.class_logits`): a binary classifier's one logit z per
+example as (0, z), so its loss is the binary cross-entropy and its margin +z for label 1, −z for label 0.
 Aggregates over a slice are the slice mean of a behaviour's effect (for ``loss``: the effect on the slice's mean
 loss) and ``accuracy``: the effect on the slice's accuracy (fraction in [-1, 1]; +0.1 means the stage raised
 accuracy by 10 points), computed from the estimated margin (an example counts as correct while its margin > 0).
@@ -22,6 +24,7 @@ from torch.func import functional_call, grad, jvp
 
 from fgtrac_core._per_example import per_example
 from fgtrac_core.derivatives import is_unsupported
+from fgtrac_core.outputs import class_logits
 from fgtrac_core.stages.errors import StageAnalysisError
 from fgtrac_core.stages.training import StateDict
 
@@ -30,10 +33,11 @@ BehaviourFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def example_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(outputs, labels, reduction="none")
+    return F.cross_entropy(class_logits(outputs), labels, reduction="none")
 
 
 def example_margin(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    outputs = class_logits(outputs)
     own = outputs.gather(1, labels[:, None]).squeeze(1)
     others = outputs.scatter(1, labels[:, None], float("-inf"))
     return own - others.max(1).values

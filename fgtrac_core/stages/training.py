@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fgtrac_core.outputs import class_logits
 from fgtrac_core.stages import linearize as lin
 from fgtrac_core.stages.errors import MissingBoundaryStateError, StageAnalysisError
 from fgtrac_core.tracking.forward_seeds import random_modules
@@ -44,8 +45,9 @@ StateDict = dict[str, torch.Tensor]
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the batch: the training loss of the recorded pipelines."""
-    return F.cross_entropy(outputs, targets)
+    """Mean cross-entropy over the batch (of the outputs read as class logits, `class_logits`): the training loss
+    of the recorded pipelines."""
+    return F.cross_entropy(class_logits(outputs), targets)
 
 
 @dataclass
