@@ -79,49 +79,25 @@ def directional(
 
     `direction` covers the parameters; buffers are held fixed.
     """
-    try:
-        return _forward_mode(model, state, direction, x, y, fns)
-    except (NotImplementedError, RuntimeError) as exc:
-        if not is_unsupported(exc):
-            raise
-    return _reverse_mode(model, state, direction, x, y, fns)
-
-
-def _forward_mode(
-    model: nn.Module,
-    state: StateDict,
-    direction: StateDict,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    fns: Mapping[str, BehaviourFn],
-) -> dict[str, np.ndarray]:
     names = list(direction)
     fixed = {k: v for k, v in state.items() if k not in direction}
 
     def outputs(*params: torch.Tensor) -> torch.Tensor:
         return functional_call(model, {**fixed, **dict(zip(names, params, strict=True))}, (x,))
 
-    out, d_out = jvp(outputs, tuple(state[n] for n in names), tuple(direction[n] for n in names))
-    values = {}
-    for name, fn in fns.items():
-        _, d = jvp(lambda o, fn=fn: fn(o, y), (out,), (d_out,))
-        values[name] = d.detach().double().numpy()
-    return values
-
-
-def _reverse_mode(
-    model: nn.Module,
-    state: StateDict,
-    direction: StateDict,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    fns: Mapping[str, BehaviourFn],
-) -> dict[str, np.ndarray]:
-    names = [n for n, _ in model.named_parameters()]
+    try:
+        out, d_out = jvp(outputs, tuple(state[n] for n in names), tuple(direction[n] for n in names))
+        return {
+            name: jvp(lambda o, fn=fn: fn(o, y), (out,), (d_out,))[1].detach().double().numpy()
+            for name, fn in fns.items()
+        }
+    except (NotImplementedError, RuntimeError) as exc:
+        if not is_unsupported(exc):
+            raise
     values = {}
     for name, fn in fns.items():
         total = torch.zeros(len(x), dtype=torch.float64)
-        for n, g in zip(names, gradients(model, state, x, y, fn), strict=True):
+        for n, g in zip([n for n, _ in model.named_parameters()], gradients(model, state, x, y, fn), strict=True):
             if n in direction:
                 total += (g.flatten(1).double() * direction[n].reshape(1, -1).double()).sum(1)
         values[name] = total.numpy()
