@@ -12,6 +12,7 @@ always the loop's own (`Pipeline.loss_fn`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def class_logits(outputs: torch.Tensor) -> torch.Tensor:
@@ -24,3 +25,9 @@ def class_logits(outputs: torch.Tensor) -> torch.Tensor:
     else:
         return outputs
     return torch.stack([torch.zeros_like(z), z], 1)
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the batch of `outputs` read as class logits: the training loss of a pipeline that
+    names none (the recorded sample pipelines')."""
+    return F.cross_entropy(class_logits(outputs), targets)

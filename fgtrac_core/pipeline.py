@@ -37,6 +37,7 @@ from torch import nn
 
 from fgtrac_core._per_example import per_example_losses
 from fgtrac_core.errors import FgtracError
+from fgtrac_core.outputs import cross_entropy
 
 _TRUSTED_PREFIXES = ("sample_runs.",)
 
@@ -73,6 +74,32 @@ class Pipeline:
         if len(x) != len(sample_ids):
             raise FgtracError(f"the pipeline returned {len(x)} inputs for {len(sample_ids)} sample ids")
         return x
+
+    def check(self, x: torch.Tensor, targets: torch.Tensor) -> None:
+        """Run the model (in eval mode, without gradients) on the inputs `x` of a few samples and the loss on its
+        outputs, so that a pipeline that does not fit the run (inputs of another width, a loss that fails on these
+        outputs) is refused here in one line, `FgtracError`, rather than deep inside an analysis."""
+        model = self.model().eval()
+        with torch.no_grad():
+            try:
+                out = model(x)
+            except Exception as e:
+                raise FgtracError(
+                    f"the model does not run on the pipeline's inputs ({_first_line(e)}); check --model and --inputs"
+                ) from None
+            loss = self.loss_fn or cross_entropy
+            try:
+                loss(out, targets)
+            except Exception as e:
+                raise FgtracError(
+                    f"the training loss {loss_description(self.loss_fn)} fails on the model's outputs "
+                    f"({_first_line(e)}); check --loss"
+                ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

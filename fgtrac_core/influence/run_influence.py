@@ -272,6 +272,7 @@ def run_influence(
         if hessian:
             chosen, states = chosen[-1:], states[-1:]
         train_ids, x_tr, y_tr = _split(store, pipeline, "train", None)
+        pipeline.check(x_tr[:2], y_tr[:2])
         test_ids_arr, x_te, y_te = _split(store, pipeline, "test", test_ids)
         batched = has_batch_records(store)
         if weighting is None and not hessian:

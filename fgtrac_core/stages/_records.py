@@ -111,6 +111,9 @@ def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: s
         loss_fn=pipeline.loss_fn or cross_entropy,
     )  # fmt: skip
     training.validate()
+    first = next((s.batches[0][:2] for s in stages if s.batches), None)
+    if first is not None:
+        pipeline.check(*load_batch(first))
     return RunRecords(
         training,
         config,

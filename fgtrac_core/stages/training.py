@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fgtrac_core.outputs import class_logits
+from fgtrac_core.outputs import cross_entropy
 from fgtrac_core.stages import linearize as lin
 from fgtrac_core.stages.errors import MissingBoundaryStateError, StageAnalysisError
 from fgtrac_core.tracking.forward_seeds import random_modules
@@ -42,12 +41,6 @@ ACCUMULATION = ("mean", "sum", "share", "share_ratio")
 """The ways a loop may scale each micro-batch's loss when it accumulates gradients (`Training.accumulation_rule`)."""
 
 StateDict = dict[str, torch.Tensor]
-
-
-def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the batch (of the outputs read as class logits, `class_logits`): the training loss
-    of the recorded pipelines."""
-    return F.cross_entropy(class_logits(outputs), targets)
 
 
 @dataclass
