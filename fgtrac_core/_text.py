@@ -36,6 +36,18 @@ def or_dash(value: object, spec: str) -> str:
     return "-" if missing else format(value, spec)
 
 
+def lr_text(lr: object, group_lrs: object, spec: str = ".3g") -> str:
+    """A use's learning rate as recorded: every param group's ("0.0001 / 0.001") when the groups stepped at
+    different rates (`batches.group_lrs`), else the one rate (`batches.lr`), "-" when missing."""
+    if isinstance(group_lrs, str) and group_lrs:
+        try:
+            rates = json.loads(group_lrs)
+            return " / ".join(format(float(r), spec) for r in rates)
+        except (ValueError, TypeError):
+            pass  # not what the recorder writes: shown as the one rate (verify names the changed field)
+    return or_dash(lr, spec)
+
+
 def for_terminal(text: object) -> str:
     """`str(text)` with every control character, DEL and bidi control replaced by a visible escape."""
     return _UNSAFE.sub(_escape, str(text))

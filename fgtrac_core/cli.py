@@ -17,7 +17,7 @@ from typing import Any
 
 from fgtrac_core._cli_args import OneLineParser, check_port_free, device, float_in, host, int_in, port
 from fgtrac_core._cli_proofs import add_parsers as add_proof_parsers
-from fgtrac_core._text import abbreviate, echo, for_terminal, or_dash
+from fgtrac_core._text import abbreviate, echo, for_terminal, lr_text, or_dash
 from fgtrac_core.errors import FgtracError, RunExistsError, RunNotFoundError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -173,7 +173,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         width = max([10, *(len(str(k)) for k in per_stage.index)])
         for u in usage.itertuples():
             echo(
-                f"  step {u.step:<6} epoch {or_dash(u.epoch, '.0f'):<3} {u.stage:<{width}} lr {or_dash(u.lr, '.3g')}  "
+                f"  step {u.step:<6} epoch {or_dash(u.epoch, '.0f'):<3} {u.stage:<{width}} lr {lr_text(u.lr, u.group_lrs)}  "
                 f"batch loss {or_dash(u.loss, '.4f')}"
             )
     return EXIT_OK

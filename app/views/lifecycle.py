@@ -13,7 +13,7 @@ import streamlit as st
 from app import data
 from app.data import EXPLORE
 from app.ui import chart_text, display, md, sample_grid
-from fgtrac_core._text import or_dash
+from fgtrac_core._text import lr_text, or_dash
 from fgtrac_core.errors import UnknownSampleError
 
 
@@ -50,7 +50,7 @@ def _header(record: dict[str, Any], mark: str) -> None:
 
 def _hover_facts(uses: pd.DataFrame) -> list[list[str]]:
     """Epoch, lr, batch loss and position of each use as text; "-" where log_batch was not given one."""
-    return [[or_dash(u.epoch, ".0f"), or_dash(u.lr, ".3g"), or_dash(u.loss, ".3f"), or_dash(u.position, "d")]
+    return [[or_dash(u.epoch, ".0f"), lr_text(u.lr, u.group_lrs), or_dash(u.loss, ".3f"), or_dash(u.position, "d")]
             for u in uses.itertuples()]  # fmt: skip
 
 
@@ -84,7 +84,8 @@ def _usage(sample_id: int) -> None:
     for r in data.query("sample_relabels", sample_id):
         st.warning(f"Relabelled: trained on target {r['to']} (was {r['from']}) from step {r['step']}, stage "
                    f"{md(r['stage'])}.")  # fmt: skip
-    st.dataframe(usage, hide_index=True, height="auto" if len(usage) <= 10 else 300)
+    table = usage.assign(lr=[lr_text(u.lr, u.group_lrs) for u in usage.itertuples()]).drop(columns="group_lrs")
+    st.dataframe(table, hide_index=True, height="auto" if len(usage) <= 10 else 300)
 
 
 def _influence(sample_id: int, split: str, mark: str) -> None:

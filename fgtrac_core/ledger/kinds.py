@@ -87,7 +87,8 @@ KINDS: tuple[RecordKind, ...] = (
     RecordKind(
         "batch",
         "batches",
-        ("batch_id", "step", "stage_id", "epoch", "lr", "loss", "n_samples", "samples_root", "targets_root"),
+        ("batch_id", "step", "stage_id", "epoch", "lr", "group_lrs", "loss", "n_samples", "samples_root",
+         "targets_root"),
         "batch_id",
         computed=("samples_root", "targets_root"),
         id_set=("batch_samples", "position"),

@@ -220,11 +220,12 @@ class RunStore:
         return out
 
     def sample_usage(self, sample_id: int) -> pd.DataFrame:
-        """When was the sample used: one row per use (step, epoch, stage, lr, batch loss, position in batch, and
-        the target it was trained on when the loop logged targets, else NULL: the registered label)."""
+        """When was the sample used: one row per use (step, epoch, stage, lr, every param group's lr where they
+        differed, batch loss, position in batch, and the target it was trained on when the loop logged targets,
+        else NULL: the registered label)."""
         self.sample(sample_id)
         return self.df(
-            """SELECT b.step, b.epoch, s.name AS stage, b.lr, b.loss, bs.position, b.batch_id, bs.target
+            """SELECT b.step, b.epoch, s.name AS stage, b.lr, b.group_lrs, b.loss, bs.position, b.batch_id, bs.target
                FROM batch_samples bs JOIN batches b USING (batch_id) JOIN stages s USING (stage_id)
                WHERE bs.sample_id = ? ORDER BY b.batch_id""",
             [int(sample_id)],

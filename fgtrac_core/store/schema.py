@@ -13,7 +13,7 @@ import duckdb
 
 from fgtrac_core.errors import CorruptRunError, SchemaVersionError, TamperedRunError
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _DDL = """
 CREATE TABLE meta (
@@ -72,6 +72,7 @@ CREATE TABLE batches (
     stage_id INTEGER NOT NULL,
     epoch INTEGER,
     lr DOUBLE,
+    group_lrs VARCHAR,
     loss DOUBLE,
     n_samples INTEGER NOT NULL
 );

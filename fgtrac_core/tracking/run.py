@@ -165,6 +165,8 @@ class _ActiveStage:
     name: str
     optimizer: torch.optim.Optimizer
     last_lr: float | None = None
+    # every param group's rate at the last step, when the groups stepped at different rates (`_group_lrs`)
+    last_group_lrs: tuple[float, ...] | None = None
     hooks: StepHooks | None = None
     seeds: ForwardSeeds | None = None  # reseeds the model's training forwards (a model with dropout)
     groups: list[dict[str, Any]] | None = None  # the hyperparameters applied at the stage's previous step
@@ -193,6 +195,7 @@ class _BatchBuffer:
         self.stage_id: list[int] = []
         self.epoch: list[int | None] = []
         self.lr: list[float | None] = []
+        self.group_lrs: list[tuple[float, ...] | None] = []
         self.loss: list[Any] = []
         self.ids: list[np.ndarray] = []
         self.targets: list[np.ndarray | torch.Tensor | None] = []
@@ -205,7 +208,7 @@ class _BatchBuffer:
         """(all rows but the last `n_tail`, the last `n_tail` rows) as two buffers."""
         head, tail = _BatchBuffer(), _BatchBuffer()
         cut = len(self) - n_tail
-        for name in ("batch_id", "step", "stage_id", "epoch", "lr", "loss", "ids", "targets"):
+        for name in ("batch_id", "step", "stage_id", "epoch", "lr", "group_lrs", "loss", "ids", "targets"):
             rows = getattr(self, name)
             setattr(head, name, rows[:cut])
             setattr(tail, name, rows[cut:])
@@ -222,6 +225,9 @@ class _BatchBuffer:
                 "stage_id": pa.array(self.stage_id, pa.int32()),
                 "epoch": pa.array(self.epoch, pa.int32()),
                 "lr": pa.array(self.lr, pa.float64()),
+                "group_lrs": pa.array(
+                    [None if g is None else canonical_json(list(g)) for g in self.group_lrs], pa.string()
+                ),
                 # losses may be tensors (possibly on an accelerator): converted here, not per step
                 "loss": pa.array(_host_losses(self.loss), pa.float64()),
                 "n_samples": pa.array(sizes, pa.int32()),
@@ -619,7 +625,7 @@ class Run:
         if self._stage.seeds is not None:
             self._stage.seeds.remove()
         if self._pending_lrs:  # batches logged for a step that never ran: they keep a step number of their own
-            self._resolve_pending(self._next_step, None)
+            self._resolve_pending(self._next_step, None, None)
             self._next_step += 1
 
         def end(con: duckdb.DuckDBPyConnection) -> None:
@@ -689,10 +695,12 @@ class Run:
         if after_step:  # logged after optimizer.step(): the batch of the step that just ran
             buf.step.append(self._next_step - 1)
             buf.lr.append(stage.last_lr)
+            buf.group_lrs.append(stage.last_group_lrs)
             self._last_batch_step = self._next_step - 1
         else:  # logged before its step: step and lr are filled in when the step runs
             buf.step.append(self._next_step)
             buf.lr.append(None)
+            buf.group_lrs.append(None)
             self._pending_lrs.append(given_lr)
             if stage.first_log_mark is None:
                 stage.first_log_mark = mark
@@ -716,6 +724,7 @@ class Run:
             stage.groups = facts.groups
             lr = facts.groups[0].get("lr") if facts.groups else None
             stage.last_lr = float(lr) if isinstance(lr, int | float) else None
+            stage.last_group_lrs = _group_lrs(facts.groups)
         self._next_step += 1
         mark = stage.mark()
         # a batch logged next, before any backward, is this step's when no batch was logged for it, or when the
@@ -727,13 +736,14 @@ class Run:
         )  # fmt: skip
         stage.window_mark, stage.first_log_mark = mark, None
         if self._pending_lrs:
-            self._resolve_pending(step, stage.last_lr)
+            self._resolve_pending(step, stage.last_lr, stage.last_group_lrs)
 
-    def _resolve_pending(self, step: int, lr: float | None) -> None:
+    def _resolve_pending(self, step: int, lr: float | None, group_lrs: tuple[float, ...] | None) -> None:
         buf, n = self._buffer, len(self._pending_lrs)
         for j in range(len(buf) - n, len(buf)):
             buf.step[j] = step
             buf.lr[j] = lr
+            buf.group_lrs[j] = group_lrs
         for given in self._pending_lrs:
             if given is not None and lr is not None and given != lr and self._deferred is None:
                 self._deferred = _lr_refusal(given, step, lr)
@@ -970,6 +980,17 @@ def _run_signing_key(meta: Mapping[str, str]) -> Any:
             f"is {fingerprint(key.public_key())}; point FGTRAC_KEY_DIR at the run's key to record into it"
         )
     return key
+
+
+def _group_lrs(groups: list[dict[str, Any]] | None) -> tuple[float, ...] | None:
+    """Every param group's lr (`batches.group_lrs`, JSON at flush), when there are several and they differ (a slower
+    body, a head at its own rate); None otherwise, where `batches.lr` (the first group's) says it all."""
+    if groups is None or len(groups) < 2:
+        return None
+    rates = [g.get("lr") for g in groups]
+    if len(set(rates)) < 2 or not all(isinstance(r, int | float) for r in rates):
+        return None
+    return tuple(float(r) for r in rates)
 
 
 def _lr_refusal(given: float, step: int, applied: float) -> str:

@@ -30,6 +30,7 @@ def _batches() -> tuple[pa.Table, pa.Table]:
             "stage_id": pa.array([0, 0, 1], pa.int32()),
             "epoch": pa.array([None, 1, 2], pa.int32()),
             "lr": pa.array([0.1, None, 1 / 3], pa.float64()),
+            "group_lrs": pa.array([None, None, "[0.0001,0.3333333333333333]"], pa.string()),
             "loss": pa.array([math.nan, math.inf, 2.5e-7], pa.float64()),
             "n_samples": pa.array([2, 1, 3], pa.int32()),
         }

@@ -29,6 +29,8 @@ from fgtrac_core.tracking.optimizer_hooks import (
     infer_clip,
     param_fingerprint,
 )
+from tests.app._support import PAGES, open_page
+from tests.conftest import run_cli
 
 
 def _run(run_dir: Path) -> tuple[Run, nn.Module]:
@@ -74,6 +76,49 @@ def test_batches_get_the_applied_lr_whatever_the_order(tmp_path: Path, order: st
     rows = _rows(tmp_path / "r", "SELECT step, lr FROM batches ORDER BY batch_id")
     assert rows == [(s, 0.1 * 0.5**s) for s in range(6)]
     assert _rows(tmp_path / "r", "SELECT start_step, end_step FROM stages") == [(0, 5)]
+
+
+@pytest.mark.parametrize("order", ["log_after_step", "log_first"])
+def test_batches_get_every_groups_rate_when_they_differ(
+    tmp_path: Path, order: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slower body: each batch records every param group's rate as its step applied it (read by the loop just
+    before the step: the reference), NULL where the groups share one rate; `fgtrac sample` and the lifecycle page
+    show them."""
+    run, model = _run(tmp_path / "r")
+    body, head = nn.Linear(3, 3), model
+    opt = torch.optim.SGD([{"params": body.parameters(), "lr": 0.01}, {"params": head.parameters()}], lr=0.1)
+    # per-group lambdas: the body's rate decays, the head's does not (their ratio changes every step)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.5**s, lambda s: 1.0])
+    applied = []
+    with run.stage("s", optimizer=opt, model=head):
+        for i in range(4):
+            ids = [2 * i, 2 * i + 1]
+            if order == "log_first":
+                run.log_batch(ids)
+            opt.zero_grad()
+            head(torch.tanh(body(torch.randn(4, 3)))).pow(2).mean().backward()
+            applied.append([g["lr"] for g in opt.param_groups])
+            opt.step()
+            sched.step()
+            if order == "log_after_step":
+                run.log_batch(ids)
+    equal = torch.optim.SGD(model.parameters(), lr=0.1)
+    with run.stage("one", optimizer=equal, model=model):
+        equal.zero_grad()
+        _backward(model)
+        equal.step()
+        run.log_batch([0, 1])
+    run.close()
+    rows = _rows(tmp_path / "r", "SELECT lr, group_lrs FROM batches ORDER BY batch_id")
+    assert rows[:4] == [(rates[0], json.dumps(rates, separators=(",", ":"))) for rates in applied]
+    assert rows[4] == (0.1, None)
+    shown = f"{applied[1][0]:.3g} / {applied[1][1]:.3g}"  # sample 2 is in the second batch
+    assert f"lr {shown}  batch loss" in run_cli("sample", str(tmp_path / "r"), "2").stdout
+    shown = f"{applied[0][0]:.3g} / {applied[0][1]:.3g}"  # sample 0: the first batch, then stage "one"
+    at = open_page(tmp_path / "r", PAGES[3], monkeypatch, sample="0")
+    uses = next(d.value for d in at.dataframe if "step" in d.value.columns)
+    assert uses["lr"].tolist() == [shown, "0.1"] and "group_lrs" not in uses.columns
 
 
 @pytest.mark.parametrize("where", ["after_backward", "before_forward", "end_of_body"])
