@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from fgtrac_core.errors import UnsupportedDerivativeError
 
 SECOND_ORDER = "second derivatives of the training loss (Hessian-vector products)"
-FORWARD_MODE = "forward-mode derivatives (Jacobian-vector products)"
 
 # torch's wording when a derivative of an operation is missing (NotImplementedError carries no other meaning there)
 _MISSING = ("once_differentiable", "double backward", "forward ad", "not implemented", "not supported")

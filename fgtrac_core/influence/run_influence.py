@@ -167,7 +167,7 @@ def _predictions(
         return {
             "prediction": logits.argmax(1).numpy().astype(np.int32),
             "confidence": prob.max(1).values.double().numpy(),
-            "loss": per_sample_loss(loss_fn)(outputs if loss_fn is not None else logits, y).double().numpy(),
+            "loss": per_sample_loss(loss_fn)(outputs, y).double().numpy(),
         }
 
 

@@ -211,10 +211,10 @@ def analyze(
         "torch_threads": records.config.get("torch_threads"),
         "torch_version": torch.__version__,
         "checkpoints": [vars(c) for c in records.checkpoints],
-        # per stage, what the loop replaced as it started (a new head): at its recorded values in every replay
         # per method --compare could not run on this model, why (the propagated estimator without second
         # derivatives: `fgtrac_core.derivatives`)
         "not_run": not_run,
+        # per stage, what the loop replaced as it started (a new head): at its recorded values in every replay
         "replaced": {
             s.name: training.replaced(j) for j, s in enumerate(training.stages) if training.replaced(j)
         },
