@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from fgtrac_core.derivatives import SECOND_ORDER, requires
+from fgtrac_core.derivatives import SECOND_ORDER, refuse_once_differentiable, requires
 from fgtrac_core.stages import linearize as lin
 from fgtrac_core.stages.linearize import Perturbation, StepPoint
 from fgtrac_core.stages.replay import Cursor, check_final, recorded_cursor, skipped_cursor
@@ -167,11 +167,10 @@ def hvp_at(cursor: Cursor) -> lin.Hvp:
                 if seeds and seeds[at_step]:  # the step's dropout masks (of its first forward), not fresh ones
                     reseed(seeds[at_step][0])
                 out = functional_call(model, state, (x,))
+            loss = training.step_loss(out, y, at_stage, at_step)
+            refuse_once_differentiable(loss)
             # a parameter this batch does not reach (a branch the forward skips) has zero gradient and curvature
-            grads = torch.autograd.grad(
-                training.step_loss(out, y, at_stage, at_step), params, create_graph=True, allow_unused=True,
-                materialize_grads=True,
-            )
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, materialize_grads=True)
             live = [i for i, g in enumerate(grads) if g.requires_grad]
 
             def h_times(v: lin.Vectors, retain: bool) -> list[torch.Tensor]:

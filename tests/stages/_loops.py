@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.data import DataLoader, TensorDataset
 
 from fgtrac_core.pipeline import Pipeline
@@ -100,6 +101,37 @@ class BagTwin(MLP):
         self.body = nn.Linear(D_IN, 10, bias=False)
         with torch.no_grad():
             self.body.weight.copy_(bag.weight.T)
+
+
+class _OnceCube(torch.autograd.Function):
+    """x³/3 + x with a hand-written backward marked once_differentiable (as some libraries' fused ops are)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x**3 / 3 + x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return (x**2 + 1) * grad
+
+
+class CubeMLP(MLP):
+    """MLP with a custom activation whose backward is once_differentiable: torch takes a second derivative through
+    it as if it were linear there, without an error."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(_OnceCube.apply(self.body(x)))
+
+
+class CubeTwin(MLP):
+    """`CubeMLP`'s function with plain tensor operations (every derivative exact)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        return self.head(h**3 / 3 + h)
 
 
 def dataset() -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
-"""A model with an operation torch has no second or forward-mode derivative of (`nn.EmbeddingBag`): everything that
-needs only first derivatives runs and equals its reference on a twin model with every derivative (a bias-free
-linear layer computing the same function); what needs second derivatives (the propagated estimator) is refused in
-one line, and left out of `--compare` with the reason."""
+"""A model with an operation torch has no second or forward-mode derivative of (`nn.EmbeddingBag`), or one whose
+second derivative torch silently takes as zero (a custom function with a once_differentiable backward): everything
+that needs only first derivatives runs and equals its reference on a twin model with every derivative (the same
+function in plain operations); what needs second derivatives (the propagated estimator) is refused in one line,
+and left out of `--compare` with the reason."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fgtrac_core.derivatives import once_differentiable_functions
 from fgtrac_core.errors import UnsupportedDerivativeError
 from fgtrac_core.influence.adamw_influence import adamw_influence, unrolled_influence
 from fgtrac_core.pipeline import Pipeline
@@ -21,7 +24,18 @@ from fgtrac_core.stages._records import load_training
 from fgtrac_core.stages.replay import deterministic
 from fgtrac_core.store import RunStore
 from tests.conftest import run_cli
-from tests.stages._loops import N_TEST, N_TRAIN, BagMLP, BagTwin, StageCfg, dataset, inputs, record
+from tests.stages._loops import (
+    N_TEST,
+    N_TRAIN,
+    BagMLP,
+    BagTwin,
+    CubeMLP,
+    CubeTwin,
+    StageCfg,
+    dataset,
+    inputs,
+    record,
+)
 
 BAG_REF = "tests.stages._loops:BagMLP"
 
@@ -42,9 +56,9 @@ def _pipeline(model: type[nn.Module]) -> Pipeline:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[type[nn.Module], Path]:
-    """The same loop recorded with `BagMLP` and with its twin."""
+    """The same loop recorded with `BagMLP`, `CubeMLP` and their twins."""
     out = {}
-    for model in (BagMLP, BagTwin):
+    for model in (BagMLP, BagTwin, CubeMLP, CubeTwin):
         run_dir = tmp_path_factory.mktemp(model.__name__) / "run"
         with deterministic(1):
             record(run_dir, STAGES, model_factory=model, validate="eval",
@@ -64,6 +78,19 @@ def test_the_model_lacks_second_and_forward_derivatives() -> None:
     torch.manual_seed(0)
     twin = BagTwin()
     torch.testing.assert_close(model(x), twin(x))  # the same function and initial values as its twin
+
+
+def test_once_differentiable_functions_are_found_in_the_graph() -> None:
+    x, y = dataset()
+    torch.manual_seed(0)
+    assert once_differentiable_functions(F.cross_entropy(CubeMLP()(x[:4]), y[:4])) == ["_OnceCube"]
+    assert once_differentiable_functions(F.cross_entropy(CubeTwin()(x[:4]), y[:4])) == []
+
+
+def test_propagated_refuses_a_once_differentiable_model(runs: dict[type[nn.Module], Path]) -> None:
+    """torch itself raises nothing there: the HVP would take the activation's curvature as zero."""
+    with pytest.raises(UnsupportedDerivativeError, match=r"_OnceCube is marked @once_differentiable"):
+        analyze(runs[CubeMLP], method="propagated", pipeline=_pipeline(CubeMLP))
 
 
 def test_propagated_is_refused_in_one_line(runs: dict[type[nn.Module], Path]) -> None:
@@ -93,22 +120,28 @@ def test_compare_runs_everything_else_and_says_why_not_propagated(runs: dict[typ
     np.testing.assert_allclose(merged.value, merged.value_twin, rtol=1e-3, atol=1e-5)
 
 
-def test_adamw_influence_through_clipping_without_second_derivatives(runs: dict[type[nn.Module], Path]) -> None:
-    """Clipping's Jacobian takes a mixed second derivative where torch has one; for the bag model it takes one
+@pytest.mark.parametrize(("model", "twin"), [(BagMLP, BagTwin), (CubeMLP, CubeTwin)])
+def test_adamw_influence_through_clipping_without_second_derivatives(
+    runs: dict[type[nn.Module], Path], model: type[nn.Module], twin: type[nn.Module]
+) -> None:
+    """Clipping's Jacobian takes a mixed second derivative where torch has one; for these models it takes one
     gradient per batch row instead: the scores equal the brute-force reference (autograd through the unrolled
     steps) on the twin."""
     x, y = dataset()
     test = (x[N_TRAIN : N_TRAIN + N_TEST], y[N_TRAIN : N_TRAIN + N_TEST])
     scores = {}
-    for model, run_dir in runs.items():
+    for model_cls in (model, twin):
+        run_dir = runs[model_cls]
         with RunStore(run_dir) as store:
-            training = load_training(store, _pipeline(model)).training
+            training = load_training(store, _pipeline(model_cls)).training
         with deterministic(1):
-            scores[model] = adamw_influence(training, "head", np.arange(N_TRAIN), test, sgd_form="trajectory").scores
-            if model is BagTwin:
+            scores[model_cls] = adamw_influence(
+                training, "head", np.arange(N_TRAIN), test, sgd_form="trajectory"
+            ).scores
+            if model_cls is twin:
                 want = unrolled_influence(training, np.arange(N_TRAIN), test, params=["head.weight", "head.bias"])
-    assert float((scores[BagTwin] - want).abs().max() / want.abs().max()) < 1e-6
-    assert float((scores[BagMLP] - want).abs().max() / want.abs().max()) < 1e-4
+    assert float((scores[twin] - want).abs().max() / want.abs().max()) < 1e-6
+    assert float((scores[model] - want).abs().max() / want.abs().max()) < 1e-4
 
 
 def test_compare_through_the_cli_and_the_dashboard(
