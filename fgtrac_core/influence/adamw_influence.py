@@ -82,7 +82,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fgtrac_core.derivatives import is_unsupported, refuse_once_differentiable
+from fgtrac_core.derivatives import is_unsupported, once_differentiable_functions
 from fgtrac_core.errors import FgtracError
 from fgtrac_core.influence.exact import _columns, _topk
 from fgtrac_core.influence.gradients import (
@@ -420,12 +420,14 @@ def _clip_jacobian(
                 u[j] = torch.sign(g64[j])
             else:
                 u = torch.sign(g64) * g64.abs() ** (p_norm - 1) / total ** (p_norm - 1)
-            try:
-                refuse_once_differentiable(loss)
-                (s,) = torch.autograd.grad((flat * u.to(flat.dtype)).sum(), weights)
-            except (NotImplementedError, RuntimeError) as exc:
-                if not is_unsupported(exc):
-                    raise
+            s = None
+            if not once_differentiable_functions(loss):  # through those torch would take it as zero, silently
+                try:
+                    (s,) = torch.autograd.grad((flat * u.to(flat.dtype)).sum(), weights)
+                except (NotImplementedError, RuntimeError) as exc:
+                    if not is_unsupported(exc):
+                        raise
+            if s is None:
                 s = _per_sample_dots(model, params, fn, xb, yb, u, scale)
     finally:
         model.train(was_training)
@@ -444,7 +446,7 @@ def _per_sample_dots(
 ) -> torch.Tensor:
     """u · ∇ℓ_z/|B| (or ∇ℓ_z times its weight `scale`) of every batch row z, one backward each: what
     `_clip_jacobian`'s mixed second derivative gives, for a model torch has no double backward of (or a wrong one:
-    a custom function with a once_differentiable backward, `refuse_once_differentiable`)."""
+    a custom function with a once_differentiable backward, `once_differentiable_functions`)."""
     out = torch.empty(len(xb), dtype=torch.float64)
     for z in range(len(xb)):
         loss = fn(model(xb[z : z + 1]), yb[z : z + 1]).sum()

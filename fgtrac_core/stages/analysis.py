@@ -168,9 +168,9 @@ def analyze(
             raise StageAnalysisError(f"{unmodelled}; --method replay (exact replay) supports it")
     fns = {**fns, "margin": beh.BEHAVIOURS["margin"]}  # accuracy aggregates are read from the margin
     with deterministic(records.config.get("torch_threads")):
-        jobs, not_run = _runnable(_plan(method, horizon, compare, readout), training, compare)
+        jobs, not_run, per_hvp = _runnable(_plan(method, horizon, compare, readout), training, compare)
         n_vectors = len(training.test_ids) * len(fns)
-        estimate = _estimate_cost(training, jobs, n_vectors)
+        estimate = _estimate_cost(training, jobs, n_vectors, per_hvp)
         if on_estimate is not None:
             on_estimate(estimate)
         enforce(estimate, budget_s, force, "stage analysis")
@@ -270,23 +270,29 @@ def _plan(method: str, horizon: int | None, compare: bool, readout: str) -> list
     return [_Job(method, _horizon(method, horizon), (readout,))]
 
 
-def _runnable(jobs: list[_Job], training: Training, compare: bool) -> tuple[list[_Job], dict[str, str]]:
+def _runnable(
+    jobs: list[_Job], training: Training, compare: bool
+) -> tuple[list[_Job], dict[str, str], float | None]:
     """With `compare`, `jobs` less those the model cannot run, and why, per method: the propagated estimator needs
-    second derivatives, probed by one HVP at a recorded step.  Without, the one method asked for is refused
-    instead (`UnsupportedDerivativeError`, one line)."""
+    second derivatives, probed by one HVP at a recorded step (its seconds are the third item, for the cost
+    estimate; None when no HVP was taken).  Without, the one method asked for is refused instead
+    (`UnsupportedDerivativeError`, one line)."""
     if training.n_stages < 2 or not any(job.kind == "propagated" for job in jobs):
-        return jobs, {}
+        return jobs, {}, None
     try:
-        _hvp_seconds(_probe_cursor(training))
+        per_hvp = _hvp_seconds(_probe_cursor(training))
     except UnsupportedDerivativeError as exc:
         if not compare:
             raise
-        return [job for job in jobs if job.kind != "propagated"], {"propagated": str(exc)}
-    return jobs, {}
+        return [job for job in jobs if job.kind != "propagated"], {"propagated": str(exc)}, None
+    return jobs, {}, per_hvp
 
 
-def _estimate_cost(training: Training, jobs: Sequence[_Job], n_vectors: int) -> CostEstimate:
-    """Time a few recorded steps (and one HVP) and scale by the steps and HVPs the jobs will run."""
+def _estimate_cost(
+    training: Training, jobs: Sequence[_Job], n_vectors: int, per_hvp: float | None = None
+) -> CostEstimate:
+    """Time a few recorded steps (and one HVP, unless `per_hvp` was measured already) and scale by the steps and
+    HVPs the jobs will run."""
     steps = hvps = 0
     n = training.n_stages
     after = [training.steps_after(k) for k in range(n)]
@@ -298,10 +304,10 @@ def _estimate_cost(training: Training, jobs: Sequence[_Job], n_vectors: int) -> 
             hvps += after[0] * n_vectors if _use_adjoint(job, n, n_vectors) else sum(after[:-1])
         elif job.kind == "partial-replay":
             steps += 2 * sum(min(job.horizon or 0, a) for a in after[:-1])
-    per_step = per_hvp = 0.0
+    per_step = timed_hvp = 0.0
     if steps or hvps:
-        per_step, per_hvp = _time_steps(training, probe_hvp=hvps > 0)
-    return CostEstimate(steps, hvps, per_step, per_hvp)
+        per_step, timed_hvp = _time_steps(training, probe_hvp=hvps > 0 and per_hvp is None)
+    return CostEstimate(steps, hvps, per_step, timed_hvp if per_hvp is None else per_hvp)
 
 
 def _time_steps(training: Training, probe_hvp: bool) -> tuple[float, float]:

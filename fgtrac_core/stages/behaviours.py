@@ -95,9 +95,10 @@ def directional(
         if not is_unsupported(exc):
             raise
     values = {}
+    all_names = [n for n, _ in model.named_parameters()]
     for name, fn in fns.items():
         total = torch.zeros(len(x), dtype=torch.float64)
-        for n, g in zip([n for n, _ in model.named_parameters()], gradients(model, state, x, y, fn), strict=True):
+        for n, g in zip(all_names, gradients(model, state, x, y, fn), strict=True):
             if n in direction:
                 total += (g.flatten(1).double() * direction[n].reshape(1, -1).double()).sum(1)
         values[name] = total.numpy()
