@@ -40,6 +40,11 @@ from fgtrac_core.errors import FgtracError
 
 _DELIVERED = 1e-3  # momentum tail left undelivered at the horizon J
 
+WEIGHED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+"""The optimizers whose checkpoints `adam_state` weighs: Adam and AdamW by their moments, SGD in its own form."""
+
+_SGD_STATE = {"step", "momentum_buffer"}
+
 
 @dataclass(frozen=True)
 class AdamState:
@@ -77,7 +82,18 @@ def adam_state(
         return None
     state, groups = optimizer_state["state"], optimizer_state.get("param_groups", [])
     if not any("exp_avg_sq" in s for s in state.values()):
+        other = sorted({k for s in state.values() for k in s} - _SGD_STATE)
+        if other:  # RMSprop's square_avg, Adagrad's sum...: not SGD, whose form would be scored as adamw's
+            raise FgtracError(
+                f"the checkpoint's optimizer state holds {', '.join(other)}, neither Adam's moments nor SGD's: "
+                f"adamw mode weighs {', '.join(WEIGHED_OPTIMIZERS)} checkpoints only"
+            )
         return None
+    if any("momentum_decay" in g or "amsgrad" not in g for g in groups):  # NAdam, RAdam: Adam's moments, not its step
+        raise FgtracError(
+            f"the checkpoint's optimizer keeps Adam's moments but is not Adam or AdamW (no 'amsgrad' option, or "
+            f"NAdam's 'momentum_decay'): adamw mode weighs {', '.join(WEIGHED_OPTIMIZERS)} checkpoints only"
+        )
     order = [i for g in groups for i in g["params"]]
     held = optimizer_state.get("optimizer_params")
     if held is not None:

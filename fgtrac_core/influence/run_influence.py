@@ -23,6 +23,7 @@ import torch
 from fgtrac_core.budget import DEFAULT_BUDGET_S, CostEstimate, enforce
 from fgtrac_core.checkpoint_files import load_checkpoint_payload
 from fgtrac_core.errors import FgtracError, UnknownSampleError
+from fgtrac_core.influence.adamw import WEIGHED_OPTIMIZERS
 from fgtrac_core.influence.checkpoints import select_checkpoints
 from fgtrac_core.influence.gradients import LossFn, at_checkpoint, per_sample_loss
 from fgtrac_core.influence.head_rates import checkpoint_head_rate, head_rates
@@ -120,6 +121,19 @@ def _chosen_checkpoints(
         )
         payloads.append(load_checkpoint_payload(store.layout, facts))
     return out, payloads
+
+
+def _require_weighed_optimizers(store: RunStore, chosen: list[dict[str, Any]]) -> None:
+    """Refuse `adamw` mode on a checkpoint trained by an optimizer it has no update rule for (RMSprop, NAdam...):
+    it would score that checkpoint in SGD's form, or as if its moments were Adam's, under the name adamw."""
+    trained_by = store.checkpoints().set_index("checkpoint_id")["optimizer"]
+    for c in chosen:
+        name = trained_by.get(c["checkpoint_id"])
+        if isinstance(name, str) and name not in WEIGHED_OPTIMIZERS:
+            raise FgtracError(
+                f"checkpoint {c['checkpoint_id']} (stage {c['stage']!r}) was trained with {name}: --mode adamw "
+                f"weighs gradients by {', '.join(WEIGHED_OPTIMIZERS)} updates only; use --mode last_layer or full"
+            )
 
 
 def _target_bounds(chosen: list[dict[str, Any]], usage: UsageWeights | None) -> list[int]:
@@ -269,6 +283,8 @@ def run_influence(
         )
         per_sample = pipeline.per_sample_loss()
         chosen, states = _chosen_checkpoints(store, checkpoints, tau)
+        if mode == "adamw":
+            _require_weighed_optimizers(store, chosen)
         if hessian:
             chosen, states = chosen[-1:], states[-1:]
         train_ids, x_tr, y_tr = _split(store, pipeline, "train", None)

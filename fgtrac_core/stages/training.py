@@ -6,9 +6,9 @@ every optimizer step its learning rate and the ids of the samples in its batch; 
 to turn sample ids into (inputs, targets), the training loss, and the test set.  It is built from a run directory
 by `fgtrac_core.stages._records.load_training`, or directly (tests build toy trainings with other losses).
 
-Optimizer-state convention at stage starts: a stage whose recorded start state is empty starts from a fresh
-optimizer (what the sample pipeline does: one optimizer per stage); a stage whose recorded start state is not
-empty must start from exactly the state the previous stage ended with (one optimizer carried across stages), and
+Optimizer-state convention at stage starts: a stage whose recorded start state is empty, or has taken no step
+(Adagrad fills its state when it is built), starts from a fresh optimizer (what the sample pipeline does: one
+optimizer per stage); a stage whose recorded start state has taken steps must start from exactly the state the previous stage ended with (one optimizer carried across stages), and
 then a replay carries its own replayed state into it.  `validate` refuses anything else, since neither rule would
 reproduce it.
 """
@@ -35,7 +35,11 @@ from fgtrac_core.tracking.optimizer_hooks import clipping, is_unknown, zeroed
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(model outputs for a batch, targets) -> the scalar training loss of the batch."""
 
-SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+LINEARISED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+"""The optimizers whose steps the estimators linearise; exact replay steps any `torch.optim` optimizer that
+`replay_refusal` does not name (`_unreplayable_optimizer`)."""
+
+_CLOSURE_OR_SPARSE = {"LBFGS": "needs a closure to step", "SparseAdam": "steps sparse gradients only"}
 
 ACCUMULATION = ("mean", "sum", "share", "share_ratio")
 """The ways a loop may scale each micro-batch's loss when it accumulates gradients (`Training.accumulation_rule`)."""
@@ -99,8 +103,9 @@ class Stage:
 
     @property
     def fresh(self) -> bool:
-        """True when the stage started from a fresh optimizer (empty recorded start state)."""
-        return not self.start_optimizer.get("state")
+        """True when the stage started from a fresh optimizer: an empty recorded start state, or one whose every
+        parameter has taken no step (Adagrad builds its accumulators with the optimizer)."""
+        return all(_before_first_step(s) for s in self.start_optimizer.get("state", {}).values())
 
     def group_hparams(self) -> list[dict[str, Any]]:
         """The recorded hyperparameters of each param group at the stage start (without the parameters)."""
@@ -337,11 +342,8 @@ class Training:
             raise StageAnalysisError("this run has no stages to analyse")
         n_params = len(self.param_names)
         for j, stage in enumerate(self.stages):
-            if stage.optimizer not in SUPPORTED_OPTIMIZERS:
-                raise StageAnalysisError(
-                    f"stage {stage.name!r} uses {stage.optimizer}; stage analysis supports "
-                    f"{', '.join(SUPPORTED_OPTIMIZERS)}"
-                )
+            if (why := _unreplayable_optimizer(stage.optimizer)) is not None:
+                raise StageAnalysisError(f"stage {stage.name!r} uses {stage.optimizer}, which {why}")
             if stage.params is None and sum(stage.group_sizes()) != n_params:
                 raise StageAnalysisError(
                     f"stage {stage.name!r}: its optimizer holds {sum(stage.group_sizes())} parameters, the model "
@@ -446,6 +448,12 @@ class Training:
         """Why the estimators (fast, propagated, partial-replay), which linearise SGD and Adam/AdamW steps as
         descent with Adam's plain second moment, cannot model this training, or None.  Exact replay steps torch's
         own optimizer and needs none of this."""
+        for stage in self.stages:
+            if stage.optimizer not in LINEARISED_OPTIMIZERS:
+                return (
+                    f"stage {stage.name!r} uses {stage.optimizer}, which the estimators do not model (they "
+                    f"linearise {', '.join(LINEARISED_OPTIMIZERS[:-1])} and {LINEARISED_OPTIMIZERS[-1]} steps)"
+                )
         found = self.enabled_option("amsgrad", "maximize")
         return None if found is None else f"stage {found[0]!r} uses {found[1]}=True, which the estimators do not model"
 
@@ -554,6 +562,27 @@ def _part_weights(rule: str, sizes: list[int], count: int) -> list[float]:
     if rule == "sum":
         return [1.0 / n for n in sizes]
     return [1.0 / total] * len(sizes)
+
+
+def _unreplayable_optimizer(name: str) -> str | None:
+    """Why exact replay cannot step a stage's optimizer (it rebuilds it from `torch.optim` by its class name and
+    steps it on the recorded batches), or None."""
+    cls = getattr(torch.optim, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        return (
+            "is not one of torch.optim's optimizers: replay rebuilds each stage's optimizer from torch.optim by "
+            "its class name (fgtrac influence's checkpoint modes still run)"
+        )
+    if name in _CLOSURE_OR_SPARSE:
+        return f"{_CLOSURE_OR_SPARSE[name]}, which replay of recorded batches cannot do"
+    return None
+
+
+def _before_first_step(state: dict[str, Any]) -> bool:
+    """Whether one parameter's recorded optimizer state is that of an optimizer that has not stepped it (a step
+    count of 0; state without a count, as SGD's momentum buffer, exists only after a step)."""
+    step = state.get("step")
+    return isinstance(step, torch.Tensor | int | float) and float(step) == 0
 
 
 def _listed(names: Sequence[Any]) -> str:

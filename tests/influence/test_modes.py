@@ -307,6 +307,22 @@ def test_adamw_on_sgd_checkpoints_is_the_sgd_form() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("opt_cls", "kw", "needle"),
+    [
+        (torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.5}, "holds square_avg, neither Adam.s moments"),
+        (torch.optim.Adagrad, {"lr": 0.1}, "holds sum, neither Adam's moments nor SGD's"),
+        (torch.optim.NAdam, {"lr": 0.01}, "keeps Adam's moments but is not Adam or AdamW"),
+        (torch.optim.RAdam, {"lr": 0.01}, "keeps Adam's moments but is not Adam or AdamW"),
+    ],
+)
+def test_adamw_refuses_checkpoints_of_other_optimizers(opt_cls: type, kw: dict, needle: str) -> None:
+    """Not scored in SGD's form, nor as if their moments were Adam's, under the name adamw."""
+    model, checkpoints = _train(opt_cls, 3, **kw)
+    with pytest.raises(FgtracError, match=needle):
+        tracin(model, "head", _data(6, 2), _data(3, 3), checkpoints, mode="adamw")
+
+
 def test_adamw_full_parameters_with_exact_projection() -> None:
     """Optimizer-aware scores over all parameters (projection ≥ P) = the head-only formula extended to all."""
     model, checkpoints = _train(torch.optim.Adam, 3, lr=0.05)

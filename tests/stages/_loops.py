@@ -301,7 +301,9 @@ def reference_replay(run_dir: Path) -> dict[str, torch.Tensor]:
                         model.state_dict()[name].copy_(value)
         previous_end = _load_ckpt(run_dir, ends[stage_id])["model"]
         start = payload["optimizer"]
-        if opt is None or not start["state"]:  # a fresh optimizer, else the same one continues
+        # a fresh optimizer (no state, or none that has stepped: Adagrad's is built with it), else the same one
+        fresh = all("step" in st and float(st["step"]) == 0 for st in start["state"].values())
+        if opt is None or fresh:
             # over the parameters the loop's optimizer held, in its groups (all of them in model order, groups
             # of the loop's own order, or a subset)
             held = [{"params": [params[n] for n in group]} for group in payload["optimizer_params"]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -167,7 +168,29 @@ LOOPS: dict[str, list[StageCfg]] = {
         StageCfg("b", None, None, epochs=2),
         StageCfg("c", None, lambda o, n: sched.StepLR(o, step_size=3, gamma=0.5), epochs=1),
     ],
+    # torch.optim's other optimizers: exact replay steps them as the loop did; the estimators refuse by name.
+    # Adagrad builds its state with the optimizer (a fresh one has state, at step 0), then is carried on
+    "rmsprop_then_adagrad": [
+        StageCfg("a", lambda m: torch.optim.RMSprop(m.parameters(), lr=0.01, momentum=0.5, centered=True,
+                                                     weight_decay=1e-3), _step_lr, epochs=2),
+        StageCfg("b", lambda m: torch.optim.Adagrad(m.parameters(), lr=0.1, initial_accumulator_value=0.1),
+                 None, epochs=1),
+        StageCfg("c", None, _step_lr, epochs=1),
+    ],
+    "nadam_carried_clipped": [
+        StageCfg("a", lambda m: torch.optim.NAdam(m.parameters(), lr=0.01, weight_decay=0.01,
+                                                   decoupled_weight_decay=True), _step_lr, epochs=1, clip=_clip_norm),
+        StageCfg("b", None, None, epochs=1, clip=_clip_norm),
+    ],
+    "other_torch_optimizers": [
+        StageCfg("a", lambda m: torch.optim.RAdam(m.parameters(), lr=0.01, weight_decay=0.01), None, epochs=1),
+        StageCfg("b", lambda m: torch.optim.Adamax(m.parameters(), lr=0.01), _step_lr, epochs=1),
+        StageCfg("c", lambda m: torch.optim.Adadelta(m.parameters(), lr=0.5), None, epochs=1),
+        StageCfg("d", lambda m: torch.optim.Rprop(m.parameters(), lr=0.005), None, epochs=1),
+        StageCfg("e", lambda m: torch.optim.ASGD(m.parameters(), lr=0.05, t0=3), None, epochs=1),
+    ],
 }
+OTHER_OPTIMIZERS = ("rmsprop_then_adagrad", "nadam_carried_clipped", "other_torch_optimizers")
 
 
 @pytest.fixture(scope="module", params=sorted(LOOPS))
@@ -204,7 +227,7 @@ def test_recorded_facts(recorded) -> None:
     assert [s[0] for s in steps] == list(range(len(steps))) == [b[0] for b in batches]
     assert not any(s[3] for s in steps)
     clips = [json.loads(s[2]) for s in steps if s[2]]
-    if name in ("clip_grad_norm", "frozen_body_all_params", "own_order_clipped") or (
+    if name in ("clip_grad_norm", "frozen_body_all_params", "own_order_clipped", "nadam_carried_clipped") or (
         name.startswith("readme_literal") and clips
     ):
         rule = {"rule": "norm", "max_norm": 1.0 if name.startswith("readme_literal") else 0.3, "norm_type": 2.0}
@@ -234,6 +257,7 @@ def test_recorded_facts(recorded) -> None:
         "frozen_body_all_params",
         "head_reinitialised",
         "own_order_clipped",
+        *OTHER_OPTIMIZERS,
     ],
 )
 def test_cli_stages_replay_succeeds(tmp_path: Path, loop: str) -> None:
@@ -445,19 +469,95 @@ def test_a_step_without_its_own_backward_is_refused_by_name(tmp_path: Path) -> N
     ), refusal
 
 
-def test_estimators_refuse_what_they_do_not_model_and_replay_runs_it(tmp_path: Path) -> None:
-    """amsgrad and maximize: torch's optimizers step them, so exact replay runs (bit for bit, above); the
-    estimators linearise plain Adam descent and refuse by name, pointing at --method replay."""
+@pytest.mark.parametrize(
+    ("loop", "unmodelled"),
+    [
+        ("amsgrad_and_maximize", "maximize=True, which the estimators do not model"),
+        (
+            "rmsprop_then_adagrad",
+            "RMSprop, which the estimators do not model (they linearise SGD, Adam and AdamW steps)",
+        ),
+    ],
+)
+def test_estimators_refuse_what_they_do_not_model_and_replay_runs_it(
+    tmp_path: Path, loop: str, unmodelled: str
+) -> None:
+    """amsgrad and maximize, or another torch.optim optimizer: torch steps them, so exact replay runs (bit for
+    bit, above); the estimators linearise plain SGD and Adam descent and refuse by name, pointing at --method
+    replay (--compare too: it measures the estimators)."""
     run_dir = tmp_path / "run"
     with deterministic(1):
-        record(run_dir, LOOPS["amsgrad_and_maximize"])
-    for method in ("fast", "propagated", "partial-replay"):
-        proc = run_cli("stages", str(run_dir), "--method", method, "--model", MODEL_REF, "--inputs", INPUTS_REF)
+        record(run_dir, LOOPS[loop])
+    for method in ("fast", "propagated", "partial-replay", "compare"):
+        how = ["--compare"] if method == "compare" else ["--method", method]
+        proc = run_cli("stages", str(run_dir), *how, "--model", MODEL_REF, "--inputs", INPUTS_REF)
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert proc.stderr.strip().splitlines() == [
-            "fgtrac: error: stage 'a' uses maximize=True, which the estimators do not model; --method replay "
-            "(exact replay) supports it"
+            f"fgtrac: error: stage 'a' uses {unmodelled}; --method replay (exact replay) supports it"
         ]
+
+
+def test_influence_modes_that_model_the_optimizer_refuse_others_by_name(tmp_path: Path) -> None:
+    """adamw (Adam's preconditioner at each checkpoint) and adamw_influence (Adam's dynamics) on an RMSprop run:
+    refused, naming the optimizer; exact (TracIn at every step's own parameters, by replay) runs."""
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(run_dir, LOOPS["rmsprop_then_adagrad"])
+    pipe = ["--model", MODEL_REF, "--inputs", INPUTS_REF, "--head-layer", "head"]
+    proc = run_cli("influence", str(run_dir), *pipe, "--mode", "adamw", "--checkpoints", "all")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert re.fullmatch(
+        r"fgtrac: error: checkpoint \d+ \(stage 'a'\) was trained with RMSprop: --mode adamw weighs gradients by "
+        r"SGD, Adam, AdamW updates only; use --mode last_layer or full",
+        proc.stderr.strip(),
+    ), proc.stderr
+    proc = run_cli("influence", str(run_dir), *pipe, "--mode", "adamw_influence")
+    assert proc.returncode == 2 and "uses RMSprop; AdamW-influence follows Adam and AdamW steps" in proc.stderr
+    proc = run_cli("influence", str(run_dir), *pipe, "--mode", "exact")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+class SignDescent(torch.optim.Optimizer):
+    """A loop's own optimizer (not torch.optim's): steps by the sign of the gradient."""
+
+    def __init__(self, params: Any, lr: float = 0.01) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+def test_an_optimizer_outside_torch_optim_is_refused_by_name_and_checkpoint_influence_runs(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with deterministic(1):
+        record(run_dir, [StageCfg("a", _sgd(), None, epochs=1), StageCfg("b", lambda m: SignDescent(m.parameters()), None, epochs=1)])
+    refusal = (
+        "fgtrac: error: stage 'b' uses SignDescent, which is not one of torch.optim's optimizers: replay rebuilds "
+        "each stage's optimizer from torch.optim by its class name (fgtrac influence's checkpoint modes still run)"
+    )
+    pipe = ["--model", MODEL_REF, "--inputs", INPUTS_REF]
+    for args in (["stages", str(run_dir)], ["influence", str(run_dir), "--mode", "exact", "--head-layer", "head"]):
+        proc = run_cli(*args, *pipe)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.strip().splitlines() == [refusal]
+    proc = run_cli("influence", str(run_dir), *pipe, "--head-layer", "head", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["method"] == "tracin/last_layer"
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [("LBFGS", "needs a closure to step"), ("SparseAdam", "steps sparse gradients only"), ("RMSprop", None)],
+)
+def test_torch_optimizers_replay_cannot_step_are_named(name: str, why: str | None) -> None:
+    from fgtrac_core.stages.training import _unreplayable_optimizer
+
+    reason = _unreplayable_optimizer(name)
+    assert reason == (None if why is None else f"{why}, which replay of recorded batches cannot do")
 
 
 @pytest.mark.parametrize("loop", ["param_groups_own_order", "head_only_finetune", "frozen_body_all_params"])
