@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 from torch.func import vmap
+from torch.utils import _pytree as pytree
+
+from fgtrac_core.outputs import take
 
 Params = dict[str, torch.Tensor]
 
@@ -24,12 +27,11 @@ def _map_examples(fn: Callable[..., Any], args: Sequence[Any], in_dims: Sequence
     except (RuntimeError, NotImplementedError):
         # vmap's own failures are not told apart from `fn`'s by their type (a GRU's is a plain shape error): the
         # eager calls either compute the same values or raise `fn`'s error themselves
-        n = min(len(a) for a, d in zip(args, in_dims, strict=True) if d is not None)
+        mapped = [leaf for a, d in zip(args, in_dims, strict=True) if d is not None for leaf in pytree.tree_leaves(a)]
+        n = min((len(leaf) for leaf in mapped if isinstance(leaf, torch.Tensor)), default=0)
         if not n:
             raise
-    return stack(
-        [fn(*(a if d is None else a[i] for a, d in zip(args, in_dims, strict=True))) for i in range(n)]
-    )
+    return stack([fn(*(a if d is None else take(a, i) for a, d in zip(args, in_dims, strict=True))) for i in range(n)])
 
 
 def per_example(
@@ -43,13 +45,12 @@ def per_example(
     return _map_examples(grad_fn, (params, x, y), (None, 0, 0), stack)
 
 
-def per_example_losses(
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], outputs: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
+def per_example_losses(loss: Callable[[Any, torch.Tensor], torch.Tensor], outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     """(n,) `loss` of each example alone: ``loss(outputs[i:i+1], targets[i:i+1])`` (a batch loss, e.g. a
-    label-smoothed cross-entropy, taken per sample)."""
+    label-smoothed cross-entropy, taken per sample); structured outputs (a tuple, a dict) are sliced tensor by
+    tensor (`fgtrac_core.outputs.take`)."""
 
-    def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return loss(o[None], t[None]).reshape(())
+    def one(o: Any, t: torch.Tensor) -> torch.Tensor:
+        return loss(take(o, None), t[None]).reshape(())
 
     return _map_examples(one, (outputs, targets), (0, 0), torch.stack)

@@ -8,7 +8,8 @@ A run names its pipeline in its config (``Run.create(config=...)``):
      "loss": "package.module:function"}           # optional: the loop's loss (default: mean cross-entropy)
 
 The loss is the training loss of a batch exactly as the loop computes it, ``loss(outputs, targets) -> scalar``
-(e.g. ``F.cross_entropy(outputs, targets, label_smoothing=0.1)``): replay must reproduce the loop's steps bit for
+(e.g. ``F.cross_entropy(outputs, targets, label_smoothing=0.1)``), of the outputs as the model returns them (a
+tensor, or a tuple or dict holding the logits: `fgtrac_core.outputs`): replay must reproduce the loop's steps bit for
 bit, and a mean over per-sample losses is not always the same bits as a reduction inside the loss.  Influence
 takes a sample's loss as the same function of that sample alone (a batch of one).
 
@@ -37,7 +38,7 @@ from torch import nn
 
 from fgtrac_core._per_example import per_example_losses
 from fgtrac_core.errors import FgtracError
-from fgtrac_core.outputs import cross_entropy
+from fgtrac_core.outputs import class_logits, cross_entropy
 
 _TRUSTED_PREFIXES = ("sample_runs.",)
 
@@ -87,6 +88,7 @@ class Pipeline:
                 raise FgtracError(
                     f"the model does not run on the pipeline's inputs ({_first_line(e)}); check --model and --inputs"
                 ) from None
+            class_logits(out)  # outputs fgtrac cannot read classes from: its one-line error
             loss = self.loss_fn or cross_entropy
             try:
                 loss(out, targets)

@@ -159,7 +159,7 @@ def whitened_gradients(
     if loss_fn is None and d_tr.shape[1] > 1:
         s = _cross_entropy_logit_hessians(d_tr, labels)
     else:  # the head's outputs rebuilt from its input: the logits the loss was taken at
-        s = _logit_hessians(per_sample_loss(loss_fn), a_tr @ w.T + (0.0 if b is None else b), labels)
+        s = _logit_hessians(_on_head_outputs(per_sample_loss(loss_fn)), a_tr @ w.T + (0.0 if b is None else b), labels)
     a_tr, a_te = _extended(a_tr, bias), _extended(a_te, bias)
     h = _head_hessian(s, a_tr)
     h.diagonal().add_(damping)
@@ -175,6 +175,25 @@ def whitened_gradients(
         for d, a in ((d_te, a_te), (d_tr, a_tr))
     ]
     return Whitened(out[0], out[1], len(d_tr), next(model.parameters()).dtype)
+
+
+def _on_head_outputs(loss: LossFn) -> LossFn:
+    """`loss` taken on the head's outputs as if they were the model's; a one-line FgtracError where it cannot be
+    (a model whose outputs are a structure, or more than its head's)."""
+
+    def on_head(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        try:
+            return loss(outputs, labels)
+        except FgtracError:
+            raise
+        except Exception as e:  # the loop's own loss, on what it was not written for: any of its errors
+            raise FgtracError(
+                f"the training loss fails on the head's outputs ({type(e).__name__}: {str(e).splitlines()[0]}): the "
+                f"influence function takes its Hessian in the head's outputs, so the model's outputs must be the "
+                f"head's; use a TracIn mode (--mode last_layer)"
+            ) from None
+
+    return on_head
 
 
 def influence_function(

@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, jvp
 
 from fgtrac_core._per_example import per_example
 from fgtrac_core.derivatives import is_unsupported
-from fgtrac_core.outputs import class_logits
+from fgtrac_core.outputs import class_logits, logits
 from fgtrac_core.stages.errors import StageAnalysisError
 from fgtrac_core.stages.training import StateDict
 
@@ -82,8 +82,8 @@ def directional(
     names = list(direction)
     fixed = {k: v for k, v in state.items() if k not in direction}
 
-    def outputs(*params: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, {**fixed, **dict(zip(names, params, strict=True))}, (x,))
+    def outputs(*params: torch.Tensor) -> torch.Tensor:  # the class logits alone: the behaviours read only them
+        return logits(functional_call(model, {**fixed, **dict(zip(names, params, strict=True))}, (x,)))
 
     try:
         out, d_out = jvp(outputs, tuple(state[n] for n in names), tuple(direction[n] for n in names))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fgtrac_core.outputs import cross_entropy
+from fgtrac_core.outputs import cross_entropy, split
 from fgtrac_core.stages import linearize as lin
 from fgtrac_core.stages.errors import MissingBoundaryStateError, StageAnalysisError
 from fgtrac_core.tracking.forward_seeds import random_modules
@@ -314,7 +314,7 @@ class Training:
         if stage.accumulation == 1:
             return self.loss_fn(outputs, targets)
         sizes = stage.parts(step_index)
-        parts = enumerate(zip(outputs.split(sizes), targets.split(sizes), strict=True))
+        parts = enumerate(zip(split(outputs, sizes), targets.split(sizes), strict=True))
         return sum(self.micro_loss(self.loss_fn(o, t), stage_index, sizes, m) for m, (o, t) in parts)
 
     def sample_weights(self, stage_index: int, step_index: int) -> np.ndarray:

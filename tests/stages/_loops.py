@@ -77,6 +77,33 @@ class DropoutMLP(MLP):
         return self.head(self.drop(torch.tanh(self.body(x))))
 
 
+class TupleMLP(MLP):
+    """MLP returning (logits, features), trained on its logits: `MLP`'s parameters and function."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        h = torch.tanh(self.body(x))
+        return self.head(h), h
+
+
+class DictMLP(MLP):
+    """MLP returning {"features", "logits"} (a Hugging Face-style output), trained on its logits."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        h = torch.tanh(self.body(x))
+        return {"features": h, "logits": self.head(h)}
+
+
+def tuple_loss(outputs: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """The loop's loss of `TupleMLP`: cross-entropy of its logits, with a term on the features that is zero at
+    every parameter value but still part of the graph (a loss that reads more than the logits)."""
+    logits, features = outputs
+    return F.cross_entropy(logits, targets) + 0.0 * features.sum()
+
+
+def dict_loss(outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs["logits"], targets)
+
+
 class BagMLP(MLP):
     """MLP whose first layer is an `nn.EmbeddingBag` summing its rows weighted by the inputs: the function of a
     bias-free linear layer, through an operation torch has a first derivative of but no second (double backward)
@@ -186,7 +213,9 @@ def validation_loss(model: nn.Module, *, train_mode: bool = False) -> torch.Tens
     x, y = dataset()
     model.train(train_mode)
     with torch.no_grad():
-        val = F.cross_entropy(model(x[N_TRAIN:]), y[N_TRAIN:])
+        out = model(x[N_TRAIN:])
+        out = out[0] if isinstance(out, tuple) else out["logits"] if isinstance(out, dict) else out  # Tuple/DictMLP
+        val = F.cross_entropy(out, y[N_TRAIN:])
     model.train()
     return val
 

@@ -1,0 +1,199 @@
+"""Models whose outputs are a structure (a tuple (logits, features), a dict with "logits", an object with a
+`.logits` attribute): fgtrac reads their class logits, and the loop's own loss gets the outputs as returned.
+
+Each structured model has `MLP`'s parameters and function, so every analysis of a run it trained must equal the
+same analysis of that run through the plain `MLP` (whose path the rest of the suite holds to brute-force
+references): stored influence scores and predictions, replay bit for bit, stage effects; per-sample losses equal
+one batch-of-one call per sample, on vmap's path and on the eager fallback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import duckdb
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fgtrac_core._per_example import per_example_losses
+from fgtrac_core.errors import FgtracError
+from fgtrac_core.outputs import class_logits, logits, split, take
+from fgtrac_core.pipeline import Pipeline
+from fgtrac_core.stages import analyze
+from fgtrac_core.stages._records import load_training
+from fgtrac_core.stages.replay import deterministic, replay_full
+from fgtrac_core.store import RunStore
+from tests.conftest import run_cli
+from tests.stages._loops import (
+    INPUTS_REF,
+    MLP,
+    MODEL_REF,
+    DictMLP,
+    StageCfg,
+    TupleMLP,
+    dict_loss,
+    inputs,
+    record,
+    same_state,
+    tuple_loss,
+)
+
+STRUCTURED = {
+    "tuple": (TupleMLP, tuple_loss, "tests.stages._loops:TupleMLP", "tests.stages._loops:tuple_loss"),
+    "dict": (DictMLP, dict_loss, "tests.stages._loops:DictMLP", "tests.stages._loops:dict_loss"),
+}
+
+
+def test_logits_are_found_in_every_structure() -> None:
+    z = torch.randn(4, 3)
+    h = torch.randn(4, 5)
+    for outputs in (z, (z, h), [z, h], {"features": h, "logits": z}, SimpleNamespace(logits=z, hidden=h)):
+        assert logits(outputs) is z
+        assert torch.equal(class_logits(outputs), z)
+    assert torch.equal(class_logits((z[:, :1], h)), torch.cat([torch.zeros(4, 1), z[:, :1]], 1))  # binary
+    for bad in ({"features": h}, (), "text", SimpleNamespace(hidden=h), (None, z)):
+        with pytest.raises(FgtracError, match=r"^the model's outputs are a \w+ without class logits"):
+            logits(bad)
+
+
+def test_take_and_split_index_every_tensor_along_the_batch() -> None:
+    z, h = torch.randn(5, 3), torch.randn(5, 2)
+    outputs = {"logits": z, "features": h, "note": "kept"}
+    assert torch.equal(take(outputs, 2)["features"], h[2]) and take(outputs, 2)["note"] == "kept"
+    assert take((z, h), None)[0].shape == (1, 5, 3)
+    parts = split((z, h), [2, 3])
+    assert [tuple(p[1].shape) for p in parts] == [(2, 2), (3, 2)] and torch.equal(parts[1][0], z[2:])
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_per_sample_losses_of_structured_outputs_are_each_sample_alone(eager: bool) -> None:
+    """vmap's path, and the eager fallback (a loss with Python control flow on tensor values, which vmap cannot
+    trace): both equal one call of the loop's loss per sample."""
+    g = torch.Generator().manual_seed(0)
+    z, h, y = torch.randn(6, 3, generator=g), torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g)
+
+    def loss(outputs: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        logits_, features = outputs
+        extra = features.pow(2).mean() if not eager or bool(features.sum() > 0) else features.abs().mean()
+        return F.cross_entropy(logits_, targets, label_smoothing=0.1) + extra
+
+    got = per_example_losses(loss, (z, h), y)
+    want = torch.stack([loss((z[i : i + 1], h[i : i + 1]), y[i : i + 1]) for i in range(6)])
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def _structured_pipeline(kind: str) -> Pipeline:
+    model, loss, _, _ = STRUCTURED[kind]
+    return Pipeline(model, inputs, "head", {}, loss_fn=loss)
+
+
+@pytest.fixture(scope="module", params=sorted(STRUCTURED))
+def structured_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Any]:
+    """Two stages (SGD, then Adam over two epochs, checkpoints at each epoch) trained by the structured model
+    with the loop's own loss."""
+    kind = request.param
+    model, loss, model_ref, loss_ref = STRUCTURED[kind]
+    run_dir = tmp_path_factory.mktemp(kind) / "run"
+    stages = [
+        StageCfg("a", lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), None, epochs=2),
+        StageCfg("b", lambda m: torch.optim.Adam(m.parameters(), lr=0.01), None, epochs=2),
+    ]
+    config = {"model": model_ref, "inputs": INPUTS_REF, "head_layer": "head", "loss": loss_ref}
+    with deterministic(1):
+        trained = record(run_dir, stages, model_factory=model, loss_fn=loss, validate="eval", config=config)
+    return kind, run_dir, {k: v.detach().clone() for k, v in trained.state_dict().items()}
+
+
+def test_structured_runs_replay_bit_for_bit(structured_run: tuple[str, Path, Any]) -> None:
+    kind, run_dir, trained = structured_run
+    with RunStore(run_dir) as store, deterministic(1):
+        training = load_training(store, _structured_pipeline(kind)).training
+        assert same_state(replay_full(training).model, trained)
+
+
+def _stored(run_dir: Path, analysis_id: int) -> tuple[list[Any], list[Any], list[Any]]:
+    with duckdb.connect(str(run_dir / "snapshot.duckdb"), read_only=True) as con:
+        return tuple(  # type: ignore[return-value]
+            con.execute(sql, [analysis_id]).fetchall()
+            for sql in (
+                "SELECT sample_id, prediction, confidence, loss FROM influence_tests WHERE analysis_id = ? "
+                "ORDER BY sample_id",
+                "SELECT test_id, view, direction, rank, train_id, score FROM influence_topk WHERE analysis_id = ? "
+                "ORDER BY test_id, view, direction, rank",
+                "SELECT sample_id, value FROM self_influence WHERE analysis_id = ? ORDER BY sample_id",
+            )
+        )
+
+
+def _close(a: list[Any], b: list[Any]) -> bool:
+    """Rows equal, floats to 1e-5 relative (the structured loss adds 0 * features: the same value, other bits)."""
+    return len(a) == len(b) and all(
+        len(r) == len(s)
+        and all(x == (pytest.approx(v, rel=1e-5, abs=1e-9) if isinstance(v, float) else v) for x, v in zip(r, s, strict=True))
+        for r, s in zip(a, b, strict=True)
+    )
+
+
+@pytest.mark.parametrize("mode", ["last_layer", "full", "exact"])
+def test_influence_of_a_structured_run_equals_the_plain_models(structured_run: tuple[str, Path, Any], mode: str) -> None:
+    """The same run scored through the structured model with the loop's loss, and through the plain `MLP` with
+    torch's mean cross-entropy (what both structured losses compute from the logits): the same stored
+    predictions, proponents and opponents, and self-influence."""
+    kind, run_dir, _ = structured_run
+    _, _, model_ref, loss_ref = STRUCTURED[kind]
+    base = ["influence", str(run_dir), "--inputs", INPUTS_REF, "--head-layer", "head", "--mode", mode, "--json"]
+    analyses = []
+    for model, loss in ((model_ref, loss_ref), (MODEL_REF, "torch.nn.functional:cross_entropy")):
+        proc = run_cli(*base, "--model", model, "--loss", loss)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        analyses.append(json.loads(proc.stdout)["analysis_id"])
+    structured, plain = (_stored(run_dir, a) for a in analyses)
+    assert all(rows for rows in structured)
+    for got, want in zip(structured, plain, strict=True):
+        assert _close(got, want)
+
+
+def test_stage_effects_of_a_structured_run_equal_the_plain_models(structured_run: tuple[str, Path, Any]) -> None:
+    """Replay and every estimator (the linear read-offs' forward-mode pass reads the logits alone)."""
+    kind, run_dir, _ = structured_run
+    results = [
+        analyze(run_dir, compare=True, pipeline=pipe, progress=False)
+        for pipe in (_structured_pipeline(kind), Pipeline(MLP, inputs, "head", {}, loss_fn=F.cross_entropy))
+    ]
+    structured, plain = (r.effects for r in results)
+    assert not structured.empty and list(structured.columns) == list(plain.columns)
+    for col in structured.columns:
+        if structured[col].dtype.kind == "f":
+            assert structured[col].to_numpy() == pytest.approx(plain[col].to_numpy(), rel=1e-4, abs=1e-7), col
+        else:
+            assert structured[col].tolist() == plain[col].tolist(), col
+
+
+def test_influence_function_refuses_a_loss_that_reads_more_than_the_head(structured_run: tuple[str, Path, Any]) -> None:
+    kind, run_dir, _ = structured_run
+    _, _, model_ref, loss_ref = STRUCTURED[kind]
+    proc = run_cli(
+        "influence", str(run_dir), "--model", model_ref, "--inputs", INPUTS_REF, "--head-layer", "head",
+        "--loss", loss_ref, "--mode", "influence_function",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]  # after torch's warning about indexing a tensor with a string
+    assert line.startswith("fgtrac: error: the training loss fails on the head's outputs (") and line.endswith(
+        "the influence function takes its Hessian in the head's outputs, so the model's outputs must be the head's; "
+        "use a TracIn mode (--mode last_layer)"
+    )
+
+
+def test_outputs_without_logits_are_refused_in_one_line(tmp_path: Path) -> None:
+    pipe = Pipeline(lambda: _FeaturesOnly(), inputs, "head", {}, loss_fn=lambda out, y: out["features"].sum())
+    with pytest.raises(FgtracError, match=r"^the model's outputs are a dict without class logits"):
+        pipe.check(inputs({}, [0, 1]), torch.tensor([0, 1]))
+
+
+class _FeaturesOnly(MLP):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {"features": torch.tanh(self.body(x))}
