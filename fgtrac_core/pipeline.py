@@ -4,6 +4,7 @@ A run names its pipeline in its config (``Run.create(config=...)``):
 
     {"model": "package.module:ModelClass",        # called with no arguments
      "inputs": "package.module:function",         # function(config: dict, sample_ids: np.ndarray) -> Tensor
+                                                   #   (or a tuple / dict of them: `fgtrac_core.inputs`)
      "head_layer": "head",                         # the final nn.Linear (influence's last_layer mode)
      "loss": "package.module:function"}           # optional: the loop's loss (default: mean cross-entropy)
 
@@ -38,6 +39,7 @@ from torch import nn
 
 from fgtrac_core._per_example import per_example_losses
 from fgtrac_core.errors import FgtracError
+from fgtrac_core.inputs import Inputs, unpack_inputs
 from fgtrac_core.outputs import class_logits, cross_entropy
 
 _TRUSTED_PREFIXES = ("sample_runs.",)
@@ -55,14 +57,18 @@ class Pipeline:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def model(self) -> nn.Module:
-        return self.model_factory()
+        """A new model, called with the pipeline's inputs as the loop called it (`fgtrac_core.inputs`)."""
+        model = self.model_factory()
+        model.register_forward_pre_hook(unpack_inputs, with_kwargs=True)
+        return model
 
     def per_sample_loss(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
         """(outputs, targets) -> one loss per sample: `loss_fn` of each sample alone (None: cross-entropy's)."""
         return None if self.loss_fn is None else functools.partial(per_example_losses, self.loss_fn)
 
-    def inputs(self, sample_ids: np.ndarray) -> torch.Tensor:
-        """Model inputs of these samples, in the given order."""
+    def inputs(self, sample_ids: np.ndarray) -> torch.Tensor | Inputs:
+        """Model inputs of these samples, in the given order: one tensor, or `Inputs` when the loader returns
+        several (a tuple, list or dict of tensors)."""
         try:  # a fresh writable array: loaders may hand it to torch.from_numpy
             x = self.load_inputs(self.config, np.array(sample_ids, dtype=np.int64))
         except FgtracError:
@@ -70,10 +76,11 @@ class Pipeline:
         except Exception as e:
             name = getattr(self.load_inputs, "__qualname__", "the inputs loader")
             raise FgtracError(f"the pipeline's inputs loader {name} failed ({type(e).__name__}: {e})") from None
-        if not isinstance(x, torch.Tensor):
-            raise FgtracError(f"the pipeline's inputs loader returned a {type(x).__name__}, not a torch.Tensor")
-        if len(x) != len(sample_ids):
-            raise FgtracError(f"the pipeline returned {len(x)} inputs for {len(sample_ids)} sample ids")
+        x = Inputs.of(x)
+        rows = [len(t) for t in x.tensors()] if isinstance(x, Inputs) else [len(x)]
+        if any(n != len(sample_ids) for n in rows):
+            bad = next(n for n in rows if n != len(sample_ids))
+            raise FgtracError(f"the pipeline returned {bad} inputs for {len(sample_ids)} sample ids")
         return x
 
     def check(self, x: torch.Tensor, targets: torch.Tensor) -> None:

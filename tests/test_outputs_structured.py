@@ -13,7 +13,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import duckdb
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from fgtrac_core.stages import analyze
 from fgtrac_core.stages._records import load_training
 from fgtrac_core.stages.replay import deterministic, replay_full
 from fgtrac_core.store import RunStore
+from tests._stored import rows_close, stored_influence
 from tests.conftest import run_cli
 from tests.stages._loops import (
     INPUTS_REF,
@@ -114,29 +114,6 @@ def test_structured_runs_replay_bit_for_bit(structured_run: tuple[str, Path, Any
         assert same_state(replay_full(training).model, trained)
 
 
-def _stored(run_dir: Path, analysis_id: int) -> tuple[list[Any], list[Any], list[Any]]:
-    with duckdb.connect(str(run_dir / "snapshot.duckdb"), read_only=True) as con:
-        return tuple(  # type: ignore[return-value]
-            con.execute(sql, [analysis_id]).fetchall()
-            for sql in (
-                "SELECT sample_id, prediction, confidence, loss FROM influence_tests WHERE analysis_id = ? "
-                "ORDER BY sample_id",
-                "SELECT test_id, view, direction, rank, train_id, score FROM influence_topk WHERE analysis_id = ? "
-                "ORDER BY test_id, view, direction, rank",
-                "SELECT sample_id, value FROM self_influence WHERE analysis_id = ? ORDER BY sample_id",
-            )
-        )
-
-
-def _close(a: list[Any], b: list[Any]) -> bool:
-    """Rows equal, floats to 1e-5 relative (the structured loss adds 0 * features: the same value, other bits)."""
-    return len(a) == len(b) and all(
-        len(r) == len(s)
-        and all(x == (pytest.approx(v, rel=1e-5, abs=1e-9) if isinstance(v, float) else v) for x, v in zip(r, s, strict=True))
-        for r, s in zip(a, b, strict=True)
-    )
-
-
 @pytest.mark.parametrize("mode", ["last_layer", "full", "exact"])
 def test_influence_of_a_structured_run_equals_the_plain_models(structured_run: tuple[str, Path, Any], mode: str) -> None:
     """The same run scored through the structured model with the loop's loss, and through the plain `MLP` with
@@ -150,10 +127,10 @@ def test_influence_of_a_structured_run_equals_the_plain_models(structured_run: t
         proc = run_cli(*base, "--model", model, "--loss", loss)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         analyses.append(json.loads(proc.stdout)["analysis_id"])
-    structured, plain = (_stored(run_dir, a) for a in analyses)
+    structured, plain = (stored_influence(run_dir, a) for a in analyses)
     assert all(rows for rows in structured)
     for got, want in zip(structured, plain, strict=True):
-        assert _close(got, want)
+        assert rows_close(got, want)
 
 
 def test_stage_effects_of_a_structured_run_equal_the_plain_models(structured_run: tuple[str, Path, Any]) -> None:

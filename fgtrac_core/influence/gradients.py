@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fgtrac_core._per_example import per_example
 from fgtrac_core.errors import FgtracError
+from fgtrac_core.inputs import Inputs
 from fgtrac_core.outputs import class_logits
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor]
@@ -93,7 +94,7 @@ class Features:
 
 def as_tensors(data: Data, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, labels) from a Dataset or a tensor pair; one-line errors for empty or mismatched data."""
-    if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, torch.Tensor | Inputs) for t in data):
         x, y = data
     else:
         try:

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from fgtrac_core.errors import FgtracError
 from fgtrac_core.influence.gradients import Data, Features, LossFn, Projection, as_tensors
@@ -61,6 +62,7 @@ from fgtrac_core.influence.tracin import (
     _test_self_influence,
     _use_sample_weights,
 )
+from fgtrac_core.inputs import Inputs
 
 NEEDS_EXTRA = "--ray needs the optional extra: pip install 'fgtrac[ray]'"
 SHARD_BYTES = 512 << 20  # a default shard's training features stay under this on its worker
@@ -415,17 +417,21 @@ def _features_from_numpy(arrays: dict[str, np.ndarray], device: torch.device) ->
     return Features(**{name: torch.from_numpy(a).to(device) for name, a in arrays.items()})
 
 
-def _portable(t: torch.Tensor) -> Any:
+def _portable(t: torch.Tensor | Inputs) -> Any:
     """A shard's slice for a task argument: a numpy array when it has a numpy dtype (pickled alone and mapped
-    by the worker), else a copy (a pickled view would carry the whole storage)."""
+    by the worker), else a copy (a pickled view would carry the whole storage); each of several inputs alike."""
+    if isinstance(t, Inputs):
+        return pytree.tree_map(_portable, t)
     try:
         return t.detach().cpu().numpy()
     except TypeError:
         return t.detach().cpu().clone()
 
 
-def _owned(a: Any) -> torch.Tensor:
-    """A writable tensor of a task argument (the model may write into its inputs)."""
+def _owned(a: Any) -> torch.Tensor | Inputs:
+    """A writable tensor of a task argument (the model may write into its inputs); each of several alike."""
+    if isinstance(a, Inputs):
+        return pytree.tree_map(_owned, a)
     return torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a
 
 

@@ -104,6 +104,36 @@ def dict_loss(outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.
     return F.cross_entropy(outputs["logits"], targets)
 
 
+class ThreeInputMLP(MLP):
+    """MLP called as ``model(low, high, sign)``: its input split in two, plus an int64 tensor it requires as such
+    (an analysis must not cast it to float, as token ids must not be)."""
+
+    def forward(self, low: torch.Tensor, high: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if sign.dtype != torch.int64:
+            raise TypeError(f"sign must be int64, not {sign.dtype}")
+        return super().forward(torch.cat([low, high], 1))
+
+
+class KeywordMLP(MLP):
+    """MLP called with keyword inputs only, ``model(features=x, sign=s)``."""
+
+    def forward(self, *, features: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if sign.dtype != torch.int64:
+            raise TypeError(f"sign must be int64, not {sign.dtype}")
+        return super().forward(features)
+
+
+def three_inputs(config: dict[str, Any], ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`ThreeInputMLP`'s inputs: `inputs` split after its second column, and the sign of the first."""
+    x = inputs(config, ids)
+    return x[:, :2], x[:, 2:], (x[:, 0] > 0).long()
+
+
+def keyword_inputs(config: dict[str, Any], ids: np.ndarray) -> dict[str, torch.Tensor]:
+    x = inputs(config, ids)
+    return {"features": x, "sign": (x[:, 0] > 0).long()}
+
+
 class BagMLP(MLP):
     """MLP whose first layer is an `nn.EmbeddingBag` summing its rows weighted by the inputs: the function of a
     bias-free linear layer, through an operation torch has a first derivative of but no second (double backward)
@@ -207,13 +237,15 @@ def create_run(run_dir: Path, name: str, config: dict[str, Any] | None = None) -
     return run
 
 
-def validation_loss(model: nn.Module, *, train_mode: bool = False) -> torch.Tensor:
+def validation_loss(
+    model: nn.Module, *, train_mode: bool = False, forward: Callable[[nn.Module, torch.Tensor], Any] = nn.Module.__call__
+) -> torch.Tensor:
     """The test samples' mean loss, without gradients, in eval mode (or in training mode: a validation written
     without `model.eval()`); the model is left in training mode."""
     x, y = dataset()
     model.train(train_mode)
     with torch.no_grad():
-        out = model(x[N_TRAIN:])
+        out = forward(model, x[N_TRAIN:])
         out = out[0] if isinstance(out, tuple) else out["logits"] if isinstance(out, dict) else out  # Tuple/DictMLP
         val = F.cross_entropy(out, y[N_TRAIN:])
     model.train()
@@ -230,8 +262,10 @@ def record(
     validate: str | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     config: dict[str, Any] | None = None,
+    forward: Callable[[nn.Module, torch.Tensor], Any] = nn.Module.__call__,
 ) -> nn.Module:
-    """Record `stages` with the README loop (no step=, no lr=); returns the trained model.
+    """Record `stages` with the README loop (no step=, no lr=); returns the trained model.  `forward(model, x)`
+    is how the loop calls the model on a batch of `dataset()`'s inputs (``model(x)``).
 
     With `targets`, every log_batch passes the targets the batch was trained on (`targets=y`).  `validate`
     ("eval" or "train"): a forward pass over the test set after every epoch, in that mode, whose loss is given
@@ -268,7 +302,7 @@ def record(
                         if cfg.order == "log_step_sched":
                             run.log_batch(b_ids, epoch=epoch, **extra)
                         opt.zero_grad(set_to_none=cfg.set_to_none)
-                        loss = loss_fn(model(xb), yb)
+                        loss = loss_fn(forward(model, xb), yb)
                         loss.backward()
                         if cfg.clip is not None:
                             cfg.clip(model, step)
@@ -281,7 +315,9 @@ def record(
                             run.log_batch(b_ids, epoch=epoch, loss=loss, **extra)
                         step += 1
                     if validate is not None:
-                        run.checkpoint(model, opt, val_loss=validation_loss(model, train_mode=validate == "train"))
+                        run.checkpoint(
+                            model, opt, val_loss=validation_loss(model, train_mode=validate == "train", forward=forward)
+                        )
     finally:
         run.close()
     return model
