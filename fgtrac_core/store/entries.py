@@ -65,7 +65,7 @@ def _link_roots(
     starts, lengths = runs(keys)
     set_keys = keys[starts].tolist()
     id_bytes = big_endian(np.asarray(ids, np.int64), ">i8")
-    id_hashes = leaf_hashes(id_bytes)
+    id_hashes = leaf_hashes(id_bytes, repeated=True)  # a sample is in many sets: its leaf is hashed once
     roots = dict(zip(set_keys, hex_rows(forest_roots(id_hashes, lengths)), strict=True))
     if values is None:
         return roots, {}
@@ -74,7 +74,8 @@ def _link_roots(
     rows = np.repeat(has_pairs, lengths)
     null, value = null[rows], values.fill_null(0).to_numpy(zero_copy_only=False)[rows]
     hashes = id_hashes[rows]  # a NULL value leaves the id alone: its pair leaf is the id's
-    hashes[~null] = leaf_hashes(np.concatenate([id_bytes[rows][~null], big_endian(value[~null], ">i8")], axis=1))
+    pairs = np.concatenate([id_bytes[rows][~null], big_endian(value[~null], ">i8")], axis=1)
+    hashes[~null] = leaf_hashes(pairs, repeated=True)
     pair_roots = iter(hex_rows(forest_roots(hashes, lengths[has_pairs])))
     return roots, {k: next(pair_roots) if p else None for k, p in zip(set_keys, has_pairs.tolist(), strict=True)}
 

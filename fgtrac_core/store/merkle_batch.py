@@ -28,12 +28,35 @@ def digests(rows: np.ndarray) -> np.ndarray:
     return np.frombuffer(out, np.uint8).reshape(n, HASH_SIZE)
 
 
-def leaf_hashes(rows: np.ndarray) -> np.ndarray:
-    """RFC 9162 leaf hashes ``SHA-256(0x00 || row)`` of the rows of an (n, w) uint8 array, as (n, 32)."""
+def leaf_hashes(rows: np.ndarray, *, repeated: bool = False) -> np.ndarray:
+    """RFC 9162 leaf hashes ``SHA-256(0x00 || row)`` of the rows of an (n, w) uint8 array, as (n, 32).
+
+    `repeated`: the rows repeat (a sample's id in every batch it was used in), so each distinct row is hashed
+    once — the hash calls are the cost (~0.45 us each, sorting the rows ~0.05 us)."""
     n, w = rows.shape
+    if repeated and n:
+        distinct, inverse = _distinct_rows(rows)
+        return leaf_hashes(distinct)[inverse]
     prefixed = np.zeros((n, w + 1), np.uint8)
     prefixed[:, 1:] = rows
     return digests(prefixed)
+
+
+def _distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct rows, for each row the index of its distinct row) of an (n, w) uint8 array; rows of whole 8-byte
+    words are sorted as integers (several times faster than as byte strings)."""
+    n, w = rows.shape
+    rows = np.ascontiguousarray(rows, np.uint8)
+    if w % 8:
+        distinct, inverse = np.unique(rows.view(f"V{w}")[:, 0], return_inverse=True)
+        return distinct.view(np.uint8).reshape(len(distinct), w), inverse.reshape(-1)
+    words = rows.view("<u8")
+    order = np.lexsort(words.T[::-1])
+    ordered = words[order]
+    first = np.r_[True, (ordered[1:] != ordered[:-1]).any(1)]
+    inverse = np.empty(n, np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return ordered[first].view(np.uint8).reshape(-1, w), inverse
 
 
 def forest_roots(hashes: np.ndarray, lengths: np.ndarray) -> np.ndarray:

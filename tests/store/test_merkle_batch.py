@@ -27,6 +27,17 @@ def test_leaf_hashes_equal_the_reference() -> None:
     assert leaf_hashes(np.zeros((0, 13), np.uint8)).shape == (0, 32)
 
 
+@pytest.mark.parametrize("width", [8, 16, 13])
+def test_repeated_rows_hashed_once_each_equal_the_reference(width: int) -> None:
+    """`repeated=True` hashes each distinct row once (rows of whole 8-byte words sorted as integers, others as
+    bytes): the same hashes, in the rows' order."""
+    rng = np.random.default_rng(width)
+    distinct = rng.integers(0, 256, (20, width), dtype=np.uint8)
+    rows = distinct[rng.integers(0, 20, 300)]
+    assert rows_as_bytes(leaf_hashes(rows, repeated=True)) == [leaf_hash(r.tobytes()) for r in rows]
+    assert leaf_hashes(rows[:0], repeated=True).shape == (0, 32)
+
+
 def test_forest_roots_equal_one_tree_at_a_time() -> None:
     rng = np.random.default_rng(1)
     lengths = np.r_[0, 1, 2, 3, 4, 5, 7, 8, 9, 0, 16, 17, 31, 33, 64, 65, 100, rng.integers(0, 40, 30), 0]
@@ -58,6 +69,21 @@ def test_id_set_roots_equal_the_reference() -> None:
         assert roots[int(k)] == ids_root(ids[a:b].tolist())
         assert pair_roots[int(k)] == pairs_root(ids[a:b].tolist(), values[a:b])
     assert pair_roots[7] is None
+
+
+def test_id_set_roots_of_samples_used_again_and_again_equal_the_reference() -> None:
+    """Batches drawn from few samples (each in many batches, some twice in one, as with sampling with
+    replacement), targets that differ between uses of one sample: each distinct leaf is hashed once."""
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(1, 12, 40)
+    keys = np.repeat(np.arange(len(sizes)), sizes)
+    ids = rng.integers(0, 15, len(keys))
+    values = [int(v) for v in rng.integers(0, 3, len(keys))]
+    roots, pair_roots = _link_roots(keys, ids, pa.chunked_array([pa.array(values, pa.int32())]))
+    starts = np.r_[0, np.cumsum(sizes)]
+    for k, (a, b) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
+        assert roots[k] == ids_root(ids[a:b].tolist())
+        assert pair_roots[k] == pairs_root(ids[a:b].tolist(), values[a:b])
     assert _link_roots(keys, ids, None)[1] == {}
     assert _link_roots(np.array([], np.int64), np.array([], np.int64), None) == ({}, {})
 
