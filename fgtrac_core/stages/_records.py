@@ -96,6 +96,7 @@ def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: s
                 params=start_payload.get("optimizer_params"),
                 frozen=start_payload.get("frozen"),
                 frozen_end=end_payload.get("frozen"),
+                autocast=end_payload.get("autocast"),
                 micro=[[int(n) for n in sizes] for sizes in mine["sizes"]],
                 seeds=[None if v is None or pd.isna(v) else json.loads(v) for v in ran["forward_seeds"]],
             )

@@ -27,6 +27,7 @@ import torch
 from fgtrac_core.pipeline import load_into
 from fgtrac_core.stages.errors import ReplayMismatchError, StageAnalysisError
 from fgtrac_core.stages.training import StateDict, Training
+from fgtrac_core.tracking.autocast import autocast_context, describe
 from fgtrac_core.tracking.forward_seeds import reseed
 from fgtrac_core.tracking.optimizer_hooks import (
     ParamFingerprint,
@@ -142,13 +143,16 @@ class Cursor:
         stage = self.training.stages[self.stage_index]
         if stage.accumulation == 1:
             self._reseed(seeds, 0)
-            self.training.loss_fn(self.model(x), y).backward()
+            with autocast_context(stage.autocast):  # the forward and the loss, as torch's mixed-precision recipe
+                loss = self.training.loss_fn(self.model(x), y)
+            loss.backward()
             return
         sizes = self.parts()
         for m, (xm, ym) in enumerate(zip(x.split(sizes), y.split(sizes), strict=True)):
             self._reseed(seeds, m)
             # a copy, not a view into the concatenated batch: the loop's micro-batch was a tensor of its own
-            loss = self.training.loss_fn(self.model(xm.clone()), ym.clone())
+            with autocast_context(stage.autocast):
+                loss = self.training.loss_fn(self.model(xm.clone()), ym.clone())
             self.training.micro_loss(loss, self.stage_index, sizes, m).backward()
 
     @staticmethod
@@ -379,7 +383,8 @@ def _describe_step(training: Training, j: int, i: int) -> str:
             f"gradients accumulated over {len(sizes)} logged batch(es) of {', '.join(map(str, sizes))} samples, "
             f"each loss scaled as {_RULE_TEXT[training.accumulation_rule(j)].format(k=stage.accumulation)}"
         )
-    return f"optimizer {stage.optimizer}, {'; '.join(parts)}, {clipping}, {batch}"
+    precision = f", forwards and loss under {describe(stage.autocast)}" if stage.autocast else ""
+    return f"optimizer {stage.optimizer}, {'; '.join(parts)}, {clipping}, {batch}{precision}"
 
 
 _RULE_TEXT = {
@@ -423,6 +428,11 @@ def _diagnosis(training: Training, div: Divergence | None, k: int) -> str:
         "the forward pass draws random numbers the recorder did not reseed (functional dropout, noise inside the "
         "model: record the stage with run.stage(..., seed_forwards=True)), or the loop changed parameters or "
         "optimizer state outside optimizer.step() there"
+    ) + (
+        f"; or the loop computed its loss outside {describe(where.autocast)} (replay runs the forward and the loss "
+        f"under it, as torch's mixed-precision recipe does)"
+        if where.autocast
+        else ""
     )
 
 

@@ -86,6 +86,8 @@ class Stage:
     # None in runs recorded before they were)
     frozen: list[str] | None = None
     frozen_end: list[str] | None = None
+    # the torch.autocast its training forwards ran under (`fgtrac_core.tracking.autocast`; None: full precision)
+    autocast: dict[str, str] | None = None
 
     @property
     def n_steps(self) -> int:

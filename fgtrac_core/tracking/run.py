@@ -78,6 +78,7 @@ from fgtrac_core.store.run_files import remove_stale_temporaries, write_file_ato
 from fgtrac_core.store.schema import create_lookup_indexes, create_schema
 from fgtrac_core.tracking._device import fetch_to_host
 from fgtrac_core.tracking._writer import Writer
+from fgtrac_core.tracking.autocast import AutocastProbe
 from fgtrac_core.tracking.forward_seeds import ForwardSeeds, random_modules
 from fgtrac_core.tracking.optimizer_hooks import (
     StepBuffer,
@@ -169,6 +170,7 @@ class _ActiveStage:
     last_group_lrs: tuple[float, ...] | None = None
     hooks: StepHooks | None = None
     seeds: ForwardSeeds | None = None  # reseeds the model's training forwards (a model with dropout)
+    autocast: AutocastProbe | None = None  # whether the stage's training forwards run under torch.autocast
     groups: list[dict[str, Any]] | None = None  # the hyperparameters applied at the stage's previous step
     last_step_open: bool = False  # the stage's last optimizer step has no batch yet
     # where the hooks' gradient count (`StepHooks.accumulations`) stood at the last step (or the batch logged after
@@ -609,6 +611,7 @@ class Run:
         self._stage.hooks = StepHooks(optimizer, self._on_optimizer_step, _unwrapped(self._model))
         if seed_forwards or (seed_forwards is None and random_modules(self._model)):
             self._stage.seeds = ForwardSeeds(self._model)
+        self._stage.autocast = AutocastProbe(self._model)
         status = "failed"
         try:
             yield self
@@ -624,6 +627,8 @@ class Run:
             self._stage.hooks.remove()
         if self._stage.seeds is not None:
             self._stage.seeds.remove()
+        if self._stage.autocast is not None:
+            self._stage.autocast.remove()
         if self._pending_lrs:  # batches logged for a step that never ran: they keep a step number of their own
             self._resolve_pending(self._next_step, None, None)
             self._next_step += 1
@@ -792,6 +797,8 @@ class Run:
             "optimizer_params": optimizer_params(optimizer, _unwrapped(model)) if optimizer is not None else None,
             # parameters that do not require grad now: an optimizer skips them (replay too, for a whole stage)
             "frozen": [name for name, p in _unwrapped(model).named_parameters() if not p.requires_grad],
+            # the mixed precision the stage's training forwards ran under so far (None: full precision)
+            "autocast": stage.autocast.seen if stage is not None and stage.autocast is not None else None,
         }
         copied = _copies_done(devices)
         rel = f"{self.layout.checkpoint_dir.name}/{cid:05d}-step{step:08d}-{kind}.pt"
