@@ -15,7 +15,7 @@ import torch
 from torch.func import vmap
 from torch.utils import _pytree as pytree
 
-from fgtrac_core.outputs import take
+from fgtrac_core.batched import take
 
 Params = dict[str, torch.Tensor]
 
@@ -48,7 +48,7 @@ def per_example(
 def per_example_losses(loss: Callable[[Any, torch.Tensor], torch.Tensor], outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     """(n,) `loss` of each example alone: ``loss(outputs[i:i+1], targets[i:i+1])`` (a batch loss, e.g. a
     label-smoothed cross-entropy, taken per sample); structured outputs (a tuple, a dict) are sliced tensor by
-    tensor (`fgtrac_core.outputs.take`)."""
+    tensor (`fgtrac_core.batched.take`)."""
 
     def one(o: Any, t: torch.Tensor) -> torch.Tensor:
         return loss(take(o, None), t[None]).reshape(())

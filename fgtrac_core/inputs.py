@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from fgtrac_core.batched import split, take
 from fgtrac_core.errors import FgtracError
 
 
@@ -62,13 +63,10 @@ class Inputs:
         return len(self.tensors()[0])
 
     def __getitem__(self, index: Any) -> Inputs:
-        return self._map(lambda t: t[index])
+        return take(self, index)
 
     def split(self, sizes: Sequence[int]) -> list[Inputs]:
-        bounds = [0]
-        for size in sizes:
-            bounds.append(bounds[-1] + size)
-        return [self[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        return split(self, sizes)
 
     def clone(self) -> Inputs:
         return self._map(torch.Tensor.clone)

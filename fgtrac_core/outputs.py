@@ -12,18 +12,17 @@ label y the binary cross-entropy with logits, and the margin (logit of the label
 and −z for label 0.  Every place fgtrac reads outputs as classes (the stored predictions and test losses, the
 stage behaviours, the test losses the LDS check replays for) goes through `class_logits`.
 
-`take` and `split` index and split structured outputs along the batch dimension, every tensor in them alike
-(per-sample losses of the loop's loss, micro-batches of an accumulated step).
+Per-sample losses of the loop's loss and the micro-batches of an accumulated step slice structured outputs with
+`fgtrac_core.batched`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils import _pytree as pytree
 
 from fgtrac_core.errors import FgtracError
 
@@ -65,21 +64,3 @@ def cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the batch of `outputs` read as class logits: the training loss of a pipeline that
     names none (the recorded sample pipelines')."""
     return F.cross_entropy(class_logits(outputs), targets)
-
-
-def take(outputs: Any, index: int | slice | None) -> Any:
-    """`outputs` with every tensor in it indexed along its first (batch) dimension (other values as they are;
-    None adds a batch dimension of one, as ``tensor[None]``)."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs[index]
-    return pytree.tree_map(lambda v: v[index] if isinstance(v, torch.Tensor) else v, outputs)
-
-
-def split(outputs: Any, sizes: Sequence[int]) -> list[Any]:
-    """`outputs` split along the batch dimension into consecutive parts of `sizes` (as `Tensor.split`)."""
-    if isinstance(outputs, torch.Tensor):
-        return list(outputs.split(list(sizes)))
-    bounds = [0]
-    for size in sizes:
-        bounds.append(bounds[-1] + size)
-    return [take(outputs, slice(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]

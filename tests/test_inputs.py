@@ -8,7 +8,6 @@ references): stored influence in every mode (and sharded on Ray), replay bit for
 from __future__ import annotations
 
 import copy
-import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,10 @@ from torch.func import grad, vmap
 from fgtrac_core.errors import FgtracError
 from fgtrac_core.inputs import Inputs
 from fgtrac_core.pipeline import Pipeline
-from fgtrac_core.stages import analyze
 from fgtrac_core.stages._records import load_training
 from fgtrac_core.stages.replay import deterministic, replay_full
 from fgtrac_core.store import RunStore
-from tests._stored import rows_close, stored_influence
-from tests.conftest import run_cli
+from tests._stored import assert_same_influence, assert_same_stage_effects
 from tests.stages._loops import (
     INPUTS_REF,
     MLP,
@@ -149,29 +146,11 @@ def test_influence_with_several_inputs_equals_the_single_input_models(
     how = ["--ray", "--k", "5"] if mode == "ray" else ["--mode", mode]
     if mode == "ray":
         pytest.importorskip("ray")
-    analyses = []
-    for model, loader in ((model_ref, inputs_ref), (MODEL_REF, INPUTS_REF)):
-        proc = run_cli("influence", str(run_dir), "--model", model, "--inputs", loader, "--head-layer", "head",
-                       *how, "--json")  # fmt: skip
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        analyses.append(json.loads(proc.stdout)["analysis_id"])
-    several, single = (stored_influence(run_dir, a) for a in analyses)
-    assert all(rows for rows in several)
-    for got, want in zip(several, single, strict=True):
-        assert rows_close(got, want)
+    pairs = ((model_ref, inputs_ref), (MODEL_REF, INPUTS_REF))
+    assert_same_influence(run_dir, *[["--model", m, "--inputs", i, "--head-layer", "head", *how] for m, i in pairs])
 
 
 def test_stage_effects_with_several_inputs_equal_the_single_input_models(several_run: tuple[str, Path, Any]) -> None:
     kind, run_dir, _ = several_run
     model, loader, _ = SEVERAL[kind]
-    results = [
-        analyze(run_dir, compare=True, pipeline=pipe, progress=False)
-        for pipe in (Pipeline(model, loader, "head", {}), Pipeline(MLP, inputs, "head", {}))
-    ]
-    several, single = (r.effects for r in results)
-    assert not several.empty and list(several.columns) == list(single.columns)
-    for col in several.columns:
-        if several[col].dtype.kind == "f":
-            assert several[col].to_numpy() == pytest.approx(single[col].to_numpy(), rel=1e-4, abs=1e-7), col
-        else:
-            assert several[col].tolist() == single[col].tolist(), col
+    assert_same_stage_effects(run_dir, Pipeline(model, loader, "head", {}), Pipeline(MLP, inputs, "head", {}))

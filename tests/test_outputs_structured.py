@@ -8,7 +8,6 @@ one batch-of-one call per sample, on vmap's path and on the eager fallback."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,13 +18,12 @@ import torch.nn.functional as F
 
 from fgtrac_core._per_example import per_example_losses
 from fgtrac_core.errors import FgtracError
-from fgtrac_core.outputs import class_logits, logits, split, take
+from fgtrac_core.outputs import class_logits, logits
 from fgtrac_core.pipeline import Pipeline
-from fgtrac_core.stages import analyze
 from fgtrac_core.stages._records import load_training
 from fgtrac_core.stages.replay import deterministic, replay_full
 from fgtrac_core.store import RunStore
-from tests._stored import rows_close, stored_influence
+from tests._stored import assert_same_influence, assert_same_stage_effects
 from tests.conftest import run_cli
 from tests.stages._loops import (
     INPUTS_REF,
@@ -57,15 +55,6 @@ def test_logits_are_found_in_every_structure() -> None:
     for bad in ({"features": h}, (), "text", SimpleNamespace(hidden=h), (None, z)):
         with pytest.raises(FgtracError, match=r"^the model's outputs are a \w+ without class logits"):
             logits(bad)
-
-
-def test_take_and_split_index_every_tensor_along_the_batch() -> None:
-    z, h = torch.randn(5, 3), torch.randn(5, 2)
-    outputs = {"logits": z, "features": h, "note": "kept"}
-    assert torch.equal(take(outputs, 2)["features"], h[2]) and take(outputs, 2)["note"] == "kept"
-    assert take((z, h), None)[0].shape == (1, 5, 3)
-    parts = split((z, h), [2, 3])
-    assert [tuple(p[1].shape) for p in parts] == [(2, 2), (3, 2)] and torch.equal(parts[1][0], z[2:])
 
 
 @pytest.mark.parametrize("eager", [False, True])
@@ -121,32 +110,16 @@ def test_influence_of_a_structured_run_equals_the_plain_models(structured_run: t
     predictions, proponents and opponents, and self-influence."""
     kind, run_dir, _ = structured_run
     _, _, model_ref, loss_ref = STRUCTURED[kind]
-    base = ["influence", str(run_dir), "--inputs", INPUTS_REF, "--head-layer", "head", "--mode", mode, "--json"]
-    analyses = []
-    for model, loss in ((model_ref, loss_ref), (MODEL_REF, "torch.nn.functional:cross_entropy")):
-        proc = run_cli(*base, "--model", model, "--loss", loss)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        analyses.append(json.loads(proc.stdout)["analysis_id"])
-    structured, plain = (stored_influence(run_dir, a) for a in analyses)
-    assert all(rows for rows in structured)
-    for got, want in zip(structured, plain, strict=True):
-        assert rows_close(got, want)
+    base = ["--inputs", INPUTS_REF, "--head-layer", "head", "--mode", mode]
+    plain = ["--model", MODEL_REF, "--loss", "torch.nn.functional:cross_entropy"]
+    assert_same_influence(run_dir, [*base, "--model", model_ref, "--loss", loss_ref], [*base, *plain])
 
 
 def test_stage_effects_of_a_structured_run_equal_the_plain_models(structured_run: tuple[str, Path, Any]) -> None:
     """Replay and every estimator (the linear read-offs' forward-mode pass reads the logits alone)."""
     kind, run_dir, _ = structured_run
-    results = [
-        analyze(run_dir, compare=True, pipeline=pipe, progress=False)
-        for pipe in (_structured_pipeline(kind), Pipeline(MLP, inputs, "head", {}, loss_fn=F.cross_entropy))
-    ]
-    structured, plain = (r.effects for r in results)
-    assert not structured.empty and list(structured.columns) == list(plain.columns)
-    for col in structured.columns:
-        if structured[col].dtype.kind == "f":
-            assert structured[col].to_numpy() == pytest.approx(plain[col].to_numpy(), rel=1e-4, abs=1e-7), col
-        else:
-            assert structured[col].tolist() == plain[col].tolist(), col
+    plain = Pipeline(MLP, inputs, "head", {}, loss_fn=F.cross_entropy)
+    assert_same_stage_effects(run_dir, _structured_pipeline(kind), plain)
 
 
 def test_influence_function_refuses_a_loss_that_reads_more_than_the_head(structured_run: tuple[str, Path, Any]) -> None:

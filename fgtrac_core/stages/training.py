@@ -8,8 +8,9 @@ by `fgtrac_core.stages._records.load_training`, or directly (tests build toy tra
 
 Optimizer-state convention at stage starts: a stage whose recorded start state is empty, or has taken no step
 (Adagrad fills its state when it is built), starts from a fresh optimizer (what the sample pipeline does: one
-optimizer per stage); a stage whose recorded start state has taken steps must start from exactly the state the previous stage ended with (one optimizer carried across stages), and
-then a replay carries its own replayed state into it.  `validate` refuses anything else, since neither rule would
+optimizer per stage); a stage whose recorded start state has taken steps must start from exactly the state the
+previous stage ended with (one optimizer carried across stages), and then a replay carries its own replayed state
+into it.  `validate` refuses anything else, since neither rule would
 reproduce it.
 """
 
@@ -26,7 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fgtrac_core.outputs import cross_entropy, split
+from fgtrac_core.batched import split
+from fgtrac_core.outputs import cross_entropy
 from fgtrac_core.stages import linearize as lin
 from fgtrac_core.stages.errors import MissingBoundaryStateError, StageAnalysisError
 from fgtrac_core.tracking.forward_seeds import random_modules
@@ -36,10 +38,14 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(model outputs for a batch, targets) -> the scalar training loss of the batch."""
 
 LINEARISED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
-"""The optimizers whose steps the estimators linearise; exact replay steps any `torch.optim` optimizer that
-`replay_refusal` does not name (`_unreplayable_optimizer`)."""
+"""The optimizers whose steps the estimators linearise; exact replay steps any of `torch.optim`'s that `validate`
+does not refuse (`_unreplayable_optimizer`)."""
 
-_CLOSURE_OR_SPARSE = {"LBFGS": "needs a closure to step", "SparseAdam": "steps sparse gradients only"}
+# torch.optim's optimizers that a replay of recorded batches (one backward, then one step) cannot step
+_UNREPLAYABLE = {
+    "LBFGS": "steps through a closure that evaluates the loss several times per step",
+    "SparseAdam": "steps sparse gradients only",
+}
 
 ACCUMULATION = ("mean", "sum", "share", "share_ratio")
 """The ways a loop may scale each micro-batch's loss when it accumulates gradients (`Training.accumulation_rule`)."""
@@ -575,8 +581,8 @@ def _unreplayable_optimizer(name: str) -> str | None:
             "is not one of torch.optim's optimizers: replay rebuilds each stage's optimizer from torch.optim by "
             "its class name (fgtrac influence's checkpoint modes still run)"
         )
-    if name in _CLOSURE_OR_SPARSE:
-        return f"{_CLOSURE_OR_SPARSE[name]}, which replay of recorded batches cannot do"
+    if name in _UNREPLAYABLE:
+        return f"{_UNREPLAYABLE[name]}: replay runs one backward and one step per recorded batch"
     return None
 
 

@@ -551,13 +551,17 @@ def test_an_optimizer_outside_torch_optim_is_refused_by_name_and_checkpoint_infl
 
 @pytest.mark.parametrize(
     ("name", "why"),
-    [("LBFGS", "needs a closure to step"), ("SparseAdam", "steps sparse gradients only"), ("RMSprop", None)],
+    [
+        ("LBFGS", "steps through a closure that evaluates the loss several times per step"),
+        ("SparseAdam", "steps sparse gradients only"),
+        ("RMSprop", None),
+    ],
 )
 def test_torch_optimizers_replay_cannot_step_are_named(name: str, why: str | None) -> None:
     from fgtrac_core.stages.training import _unreplayable_optimizer
 
     reason = _unreplayable_optimizer(name)
-    assert reason == (None if why is None else f"{why}, which replay of recorded batches cannot do")
+    assert reason == (None if why is None else f"{why}: replay runs one backward and one step per recorded batch")
 
 
 @pytest.mark.parametrize("loop", ["param_groups_own_order", "head_only_finetune", "frozen_body_all_params"])
