@@ -412,28 +412,32 @@ def _diagnosis(training: Training, div: Divergence | None, k: int) -> str:
         f"from the recorded fingerprint ({div.recorded!r} recorded, {div.replayed!r} replayed); recorded at that "
         f"step: {_describe_step(training, j, i)}. "
     )
+    # a stage recorded under autocast replays its forwards and losses under it: a loss the loop took outside it
+    # is the one way the loop's precision can still differ
+    precision = (
+        f"; or the loop computed its loss outside {describe(where.autocast)} (replay runs the forward and the loss "
+        f"under it, as torch's mixed-precision recipe does)"
+        if where.autocast
+        else ""
+    )
     if j == 0 and i == 0:
         return head + (
             "It is the first step, so the model, inputs or loss the pipeline rebuilds may differ from the ones "
-            "trained (a loss other than mean cross-entropy: name the loop's with --loss; mixed precision under "
-            "torch.autocast; random augmentation in the inputs: do it in the model's first module instead; random "
+            "trained (a loss other than mean cross-entropy: name the loop's with --loss; "
+            + ("" if where.autocast else "mixed precision under torch.autocast that began after the stage's first forward; ")
+            + "random augmentation in the inputs: do it in the model's first module instead; random "
             "numbers drawn inside the model, such as functional dropout or that augmentation, in a stage not "
             "recorded with run.stage(..., seed_forwards=True)), a recorded "
             "fact of that step (hyperparameters, clipping, batch, targets) may not be what the loop used, or this "
             "machine / thread count computes differently from the recording one"
-        )
+        ) + precision
     return head + (
         "Every earlier step matched, so the pipeline and this machine's numerics reproduce the recording: a "
         "recorded fact of that step (hyperparameters, clipping, batch, targets) differs from what the loop did, "
         "the forward pass draws random numbers the recorder did not reseed (functional dropout, noise inside the "
         "model: record the stage with run.stage(..., seed_forwards=True)), or the loop changed parameters or "
         "optimizer state outside optimizer.step() there"
-    ) + (
-        f"; or the loop computed its loss outside {describe(where.autocast)} (replay runs the forward and the loss "
-        f"under it, as torch's mixed-precision recipe does)"
-        if where.autocast
-        else ""
-    )
+    ) + precision
 
 
 def check_final(training: Training, model: StateDict) -> None:
