@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from fgtrac_core._per_example import per_example_losses
 from fgtrac_core.errors import FgtracError
@@ -77,9 +78,8 @@ class Pipeline:
             name = getattr(self.load_inputs, "__qualname__", "the inputs loader")
             raise FgtracError(f"the pipeline's inputs loader {name} failed ({type(e).__name__}: {e})") from None
         x = Inputs.of(x)
-        rows = [len(t) for t in x.tensors()] if isinstance(x, Inputs) else [len(x)]
-        if any(n != len(sample_ids) for n in rows):
-            bad = next(n for n in rows if n != len(sample_ids))
+        bad = next((len(t) for t in pytree.tree_leaves(x) if len(t) != len(sample_ids)), None)
+        if bad is not None:
             raise FgtracError(f"the pipeline returned {bad} inputs for {len(sample_ids)} sample ids")
         return x
 

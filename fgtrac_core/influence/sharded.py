@@ -417,22 +417,22 @@ def _features_from_numpy(arrays: dict[str, np.ndarray], device: torch.device) ->
     return Features(**{name: torch.from_numpy(a).to(device) for name, a in arrays.items()})
 
 
-def _portable(t: torch.Tensor | Inputs) -> Any:
-    """A shard's slice for a task argument: a numpy array when it has a numpy dtype (pickled alone and mapped
-    by the worker), else a copy (a pickled view would carry the whole storage); each of several inputs alike."""
-    if isinstance(t, Inputs):
-        return pytree.tree_map(_portable, t)
+def _portable(batch: torch.Tensor | Inputs) -> Any:
+    """A shard's slice for a task argument, tensor by tensor: a numpy array when it has a numpy dtype (pickled
+    alone and mapped by the worker), else a copy (a pickled view would carry the whole storage)."""
+    return pytree.tree_map(_portable_tensor, batch)
+
+
+def _portable_tensor(t: torch.Tensor) -> Any:
     try:
         return t.detach().cpu().numpy()
     except TypeError:
         return t.detach().cpu().clone()
 
 
-def _owned(a: Any) -> torch.Tensor | Inputs:
-    """A writable tensor of a task argument (the model may write into its inputs); each of several alike."""
-    if isinstance(a, Inputs):
-        return pytree.tree_map(_owned, a)
-    return torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a
+def _owned(batch: Any) -> torch.Tensor | Inputs:
+    """Writable tensors of a task argument (the model may write into its inputs)."""
+    return pytree.tree_map(lambda a: torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a, batch)
 
 
 def _first_line(e: BaseException) -> str:
