@@ -36,6 +36,8 @@ from __future__ import annotations
 import atexit
 import hashlib
 import io
+import itertools
+import operator
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -110,11 +112,30 @@ def _as_ids(values: Any, what: str = "sample ids") -> np.ndarray:
     return ids.astype(np.int64)
 
 
-def _as_targets(targets: Any) -> np.ndarray | torch.Tensor:
+# integer dtypes whose values `tolist()` gives as Python ints that fit int64 (uint64 may not)
+_INT_TENSOR_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+
+
+def _as_id_list(values: Any, what: str = "sample ids") -> list[int]:
+    """`values` as a new list of Python ints (what `_as_ids` checks and converts), for `log_batch`.
+
+    Called once or twice per training step: a 1-D CPU integer tensor or array (what loaders yield) is read with
+    one C call, where the array route costs four to five NumPy calls — a few microseconds each when warm, but
+    5-10x that between a backward and a step, with the caches full of the model's tensors.  Anything else goes
+    through `_as_ids`."""
+    kind = type(values)
+    if kind is torch.Tensor and values.is_cpu and values.dtype in _INT_TENSOR_DTYPES and values.dim() == 1:
+        return values.tolist()  # type: ignore[no-any-return]
+    if kind is np.ndarray and values.ndim == 1 and values.dtype.kind == "i":
+        return values.tolist()  # type: ignore[no-any-return]
+    return _as_ids(values, what).tolist()  # type: ignore[no-any-return]
+
+
+def _as_targets(targets: Any) -> list[int] | torch.Tensor:
     """One integer target per sample, owned by the recorder.  A tensor on an accelerator stays there (a clone,
     fetched at flush with the others of its device in one transfer), so logging never waits for the device."""
-    if not isinstance(targets, torch.Tensor) or targets.device.type == "cpu":
-        return _as_ids(targets, "targets")
+    if not isinstance(targets, torch.Tensor) or targets.is_cpu:
+        return _as_id_list(targets, "targets")
     if targets.ndim != 1 or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise FgtracError("targets must be a 1-D sequence of integers")
     return targets.detach().clone()
@@ -129,6 +150,23 @@ def _as_float(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         raise FgtracError(f"expected a number, not {type(value).__name__} {value!r:.40}") from None
+
+
+def _as_int(value: Any, what: str) -> int | None:
+    """An integer argument (None passes), else a one-line error naming it."""
+    if value is None:
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise FgtracError(f"{what} must be an integer, not {type(value).__name__} {value!r:.40}") from None
+
+
+def _span(known: np.ndarray) -> tuple[int, int] | None:
+    """(least, greatest) of sorted distinct ids when they are every integer between the two, else None."""
+    if not len(known) or int(known[-1]) - int(known[0]) != len(known) - 1:
+        return None
+    return int(known[0]), int(known[-1])
 
 
 def _sha256_rows(raw: Sequence[bytes] | np.ndarray) -> list[str]:
@@ -199,8 +237,8 @@ class _BatchBuffer:
         self.lr: list[float | None] = []
         self.group_lrs: list[tuple[float, ...] | None] = []
         self.loss: list[Any] = []
-        self.ids: list[np.ndarray] = []
-        self.targets: list[np.ndarray | torch.Tensor | None] = []
+        self.ids: list[list[int]] = []
+        self.targets: list[list[int] | torch.Tensor | None] = []
         self.n_sample_rows = 0
 
     def __len__(self) -> int:
@@ -235,7 +273,7 @@ class _BatchBuffer:
                 "n_samples": pa.array(sizes, pa.int32()),
             }
         )
-        ids = np.concatenate(self.ids) if self.ids else np.empty(0, np.int64)
+        ids = np.fromiter(itertools.chain.from_iterable(self.ids), np.int64, count=int(sizes.sum()))
         starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
         targets, given = np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)  # NULL where none was logged
         on_device = [i for i, t in enumerate(self.targets) if isinstance(t, torch.Tensor)]
@@ -287,6 +325,7 @@ class Run:
         self._known_ids = np.sort(
             con.execute("SELECT sample_id FROM samples").fetchnumpy()["sample_id"].astype(np.int64)
         )
+        self._known_span = _span(self._known_ids)
         self._next_batch_id = self._scalar("SELECT coalesce(max(batch_id) + 1, 0) FROM batches")
         self._next_step = self._scalar(
             "SELECT greatest((SELECT coalesce(max(step) + 1, 0) FROM batches), "
@@ -502,6 +541,7 @@ class Run:
         table = table.sort_by("sample_id")  # entries in key order, as a read-back would give them
         self._commit([_inserter("samples", table)], [Rows("sample", table)])
         self._known_ids = np.union1d(self._known_ids, ids)
+        self._known_span = _span(self._known_ids)
 
     def annotate_samples(self, sample_ids: Any, key: str, values: Sequence[Any]) -> None:
         """Attach a named value per sample (e.g. benchmark ground truth), stored as JSON so it reads back with its
@@ -665,14 +705,14 @@ class Run:
         a relabelling (`fgtrac sample` shows it); replay trains on the recorded targets.
         """
         stage = self._require_stage()
-        ids = self._require_known(_as_ids(sample_ids))
+        ids = self._require_known_list(_as_id_list(sample_ids))
         target_arr = None if targets is None else _as_targets(targets)
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise FgtracError(f"log_batch: loss must be a scalar, not a tensor of shape {tuple(loss.shape)}")
             # read now on the CPU (cheaper than keeping a detached view of a tensor the loop may reuse); on an
             # accelerator a clone, fetched at flush, so logging never waits for the device
-            loss_value = loss.item() if loss.device.type == "cpu" else loss.detach().clone()
+            loss_value = loss.item() if loss.is_cpu else loss.detach().clone()
         else:
             loss_value = _as_float(loss)
         if target_arr is not None and len(target_arr) != len(ids):
@@ -683,7 +723,7 @@ class Run:
                 f"log_batch step {step} is before the last logged step {floor}; steps never go backwards "
                 f"(omit step=: the recorder numbers optimizer steps itself)"
             )
-        given_lr = _as_float(lr)
+        given_lr, epoch = _as_float(lr), _as_int(epoch, "epoch")
         mark = stage.mark()
         # the batch of the step that just ran, unless a backward (the next step's) came in between
         after_step = stage.last_step_open and not self._pending_lrs and mark == stage.window_mark
@@ -692,7 +732,7 @@ class Run:
         buf = self._buffer
         buf.batch_id.append(self._next_batch_id)
         buf.stage_id.append(stage.stage_id)
-        buf.epoch.append(None if epoch is None else int(epoch))
+        buf.epoch.append(epoch)
         buf.loss.append(loss_value)
         buf.ids.append(ids)
         buf.targets.append(target_arr)
@@ -803,23 +843,27 @@ class Run:
         copied = _copies_done(devices)
         rel = f"{self.layout.checkpoint_dir.name}/{cid:05d}-step{step:08d}-{kind}.pt"
         record = CheckpointRecord(cid, step, stage.name if stage else None, kind, rel, _as_float(val_loss))
-        row = {
-            "checkpoint_id": pa.array([cid], pa.int32()),
-            "step": pa.array([step], pa.int64()),
-            "stage_id": pa.array([stage.stage_id if stage else None], pa.int32()),
-            "epoch": pa.array([epoch], pa.int32()),
-            "kind": pa.array([kind]),
-            "lr": pa.array([lr], pa.float64()),
-            "val_loss": pa.array([record.val_loss], pa.float64()),
-            "metrics": pa.array([canonical_json(dict(metrics or {}))]),
-            "optimizer": pa.array([type(optimizer).__name__ if optimizer is not None else None], pa.string()),
-            "path": pa.array([rel]),
-        }
         path = self.layout.root / rel
         written: list[pa.Table] = []  # the row as this write finished it (a retried write replaces it)
+        # checked and frozen now (the loop may reuse its metrics dict); turned into Arrow by the writer
+        stage_id, epoch, metrics_json = (
+            stage.stage_id if stage else None, _as_int(epoch, "epoch"), canonical_json(dict(metrics or {}))
+        )
 
         def write(con: duckdb.DuckDBPyConnection) -> None:
             copied()
+            row = {
+                "checkpoint_id": pa.array([cid], pa.int32()),
+                "step": pa.array([step], pa.int64()),
+                "stage_id": pa.array([stage_id], pa.int32()),
+                "epoch": pa.array([epoch], pa.int32()),
+                "kind": pa.array([kind]),
+                "lr": pa.array([lr], pa.float64()),
+                "val_loss": pa.array([record.val_loss], pa.float64()),
+                "metrics": pa.array([metrics_json]),
+                "optimizer": pa.array([type(optimizer).__name__ if optimizer is not None else None], pa.string()),
+                "path": pa.array([rel]),
+            }
             buf = io.BytesIO()
             torch.save(payload, buf)
             data = buf.getvalue()
@@ -950,6 +994,15 @@ class Run:
             raise RecorderStateError("log_batch must be called inside `with run.stage(...)`")
         return self._stage
 
+    def _require_known_list(self, ids: list[int]) -> list[int]:
+        """`_require_known` for `log_batch`: ids registered as one range (most runs) are checked by their least
+        and greatest (two C calls); otherwise through the array."""
+        span = self._known_span
+        if span is not None and ids and span[0] <= min(ids) and max(ids) <= span[1]:
+            return ids
+        self._require_known(np.asarray(ids, np.int64))
+        return ids
+
     def _require_known(self, ids: np.ndarray) -> np.ndarray:
         known = self._known_ids
         # every batch: three array calls (a position past the end is clipped onto the largest id, which differs)
@@ -1030,6 +1083,8 @@ def _cpu_copy(obj: Any, devices: set[torch.device]) -> Any:
     loop's next kernels, which cannot overwrite it first): the training thread does not wait for the device, the
     writer does (`_copies_done`).  The devices copied from are added to `devices`."""
     if isinstance(obj, torch.Tensor):
+        if obj.is_cpu and not obj.requires_grad:  # state dicts hold detached tensors: one dispatch, not two
+            return obj.clone()
         devices.add(obj.device)
         return obj.detach().to("cpu", copy=True, non_blocking=obj.device.type == "cuda")
     if isinstance(obj, dict):

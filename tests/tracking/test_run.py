@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -227,6 +228,46 @@ def test_arrays_the_loop_reuses_are_recorded_as_they_were_when_logged(tmp_path: 
         assert [(list(a), list(t)) for a, t in zip(rows["ids"], rows["targets"], strict=True)] == logged
         samples = store.df("SELECT sample_id, label FROM samples ORDER BY sample_id")
     assert samples["sample_id"].tolist() == list(range(20)) and samples["label"].tolist() == [i % 2 for i in range(20)]
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        lambda v: torch.tensor(v),
+        lambda v: torch.tensor(v, dtype=torch.int32),
+        lambda v: torch.tensor(v, dtype=torch.uint8),
+        lambda v: np.array(v),
+        lambda v: np.array(v, np.uint64),
+        lambda v: np.array(v, np.int16)[::-1][::-1],
+        list,
+        tuple,
+    ],
+    ids=["int64-tensor", "int32-tensor", "uint8-tensor", "int64-array", "uint64-array", "int16-view", "list", "tuple"],
+)
+def test_ids_and_targets_are_read_alike_in_every_form(tmp_path: Path, form: Any) -> None:
+    """Sample ids and targets given as tensors, arrays (any integer dtype, views) or sequences are recorded alike,
+    and checked alike against the registered ids — here one range (0-9), checked by its ends: an id just past
+    either end is refused, the batch not recorded; a float, bool or 2-D one is a one-line error."""
+    run, model, _ = _tiny_run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with run.stage("s", optimizer=opt, model=model):
+        for unknown in (-1, 10):
+            with pytest.raises(UnknownSampleError, match=f"sample id {unknown} was never"):
+                run.log_batch(form([0, 9, unknown]) if unknown >= 0 else [0, unknown])
+        for bad in (torch.tensor([1.0, 2.0]), torch.tensor([True, False]), torch.tensor([[1, 2]]), np.array([0.5])):
+            with pytest.raises(FgtracError, match="sample ids must be a 1-D sequence of integers"):
+                run.log_batch(bad)
+        with pytest.raises(FgtracError, match="epoch must be an integer, not float 1.5"):
+            run.log_batch([1], epoch=1.5)
+        opt.step()
+        run.log_batch(form([9, 0, 4, 4]), targets=form([2, 1, 0, 7]), epoch=np.int64(3))
+        run.checkpoint(model, opt, epoch=torch.tensor(3))
+    run.close()
+    with RunStore(tmp_path / "r") as store:
+        rows = store.df("SELECT sample_id, target FROM batch_samples ORDER BY position")
+        assert rows["sample_id"].tolist() == [9, 0, 4, 4] and rows["target"].tolist() == [2, 1, 0, 7]
+        assert store.df("SELECT epoch FROM batches")["epoch"].tolist() == [3]
+        assert store.df("SELECT epoch FROM checkpoints WHERE kind = 'periodic'")["epoch"].tolist() == [3]
 
 
 def test_losses_and_targets_are_checked_when_logged(tmp_path: Path) -> None:
