@@ -24,6 +24,18 @@ keeps the SGD form (κ = 1, P = I).
 Parameters in different param groups (the common recipe: no weight decay on biases; or another rate, betas or
 step count) each get their own η κ: the score is Σ_p η_p κ_p g_test,pᵀ P_p g_train,p, still one weighted dot
 product, by scaling each parameter's √P by √(η_p κ_p / η κ) relative to the first scored parameter's η κ.
+
+The other two optimizers torch keeps a per-parameter second moment for are weighed the same way, each by its own
+update (torch's), the preconditioner frozen at its recorded value:
+  * RMSprop: P = diag(1/(√v + ε)) from the running average v of g² (``centered``: 1/(√(v − ḡ²) + ε), ḡ the
+    running average of g); no bias correction.  Its momentum μ (a heavy ball on g/(√v + ε), without Adam's
+    (1 − β1) damping) delivers the gradient over the following steps: κ = Σ_{j=0..J} μ^j (J as above; κ = 1
+    without momentum).  Its weight decay is coupled (L2), so κ has no decay factor.
+  * Adagrad: P = diag(1/(√s + ε)) from the running sum s of g², and the rate its next step applies,
+    η / (1 + t·lr_decay) after t steps: κ = 1 / (1 + t·lr_decay).  Coupled weight decay, no momentum.
+A checkpoint of any other optimizer that keeps state besides SGD's momentum (NAdam, RAdam, Adamax, Adadelta...)
+is refused by name rather than scored in another optimizer's form.  So is ``maximize=True`` (the update climbs
+the loss: the score's sign would flip).
 """
 
 from __future__ import annotations
@@ -40,8 +52,9 @@ from fgtrac_core.errors import FgtracError
 
 _DELIVERED = 1e-3  # momentum tail left undelivered at the horizon J
 
-WEIGHED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
-"""The optimizers whose checkpoints `adam_state` weighs: Adam and AdamW by their moments, SGD in its own form."""
+WEIGHED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
+"""The optimizers whose checkpoints `adam_state` weighs: Adam, AdamW, RMSprop and Adagrad by their second moments,
+SGD in its own form."""
 
 _SGD_STATE = {"step", "momentum_buffer"}
 
@@ -55,24 +68,96 @@ class AdamState:
     sqrt_precond: dict[str, torch.Tensor]
 
 
+def _horizon(beta: float) -> int:
+    """J: the steps after a gradient's own until a momentum of factor `beta` has delivered all of it but
+    `_DELIVERED` (β^(J+1) ≤ 10⁻³); 0 without momentum."""
+    return 0 if beta == 0 else math.ceil(math.log(_DELIVERED) / math.log(beta)) - 1
+
+
 def momentum_factor(beta1: float, step: int, lr: float, decoupled_decay: float) -> float:
     """κ: displacement per unit η P g, J steps after the gradient's step (see module docstring)."""
     if not 0 <= beta1 < 1:
         raise FgtracError(f"beta1 must be in [0, 1), not {beta1}")
-    horizon = 0 if beta1 == 0 else math.ceil(math.log(_DELIVERED) / math.log(beta1)) - 1
-    shrink = 1.0 - lr * decoupled_decay
+    horizon, shrink = _horizon(beta1), 1.0 - lr * decoupled_decay
     return sum(
         (1 - beta1) * beta1**j / (1 - beta1 ** (step + 1 + j)) * shrink ** (horizon - j)
         for j in range(horizon + 1)
     )
 
 
+def heavy_ball_factor(momentum: float) -> float:
+    """κ of RMSprop's momentum μ: Σ_{j=0..J} μ^j, the displacement per unit η P g once the momentum buffer has
+    delivered the gradient (1 without momentum)."""
+    if not 0 <= momentum < 1:
+        raise FgtracError(f"momentum must be in [0, 1), not {momentum}")
+    return sum(momentum**j for j in range(_horizon(momentum) + 1))
+
+
+def _adam(s: Mapping[str, Any], g: Mapping[str, Any], rate: float) -> tuple[torch.Tensor, float]:
+    """(√v̂ + ε, κ) of an Adam/AdamW parameter's state `s` in param group `g` stepped at `rate`."""
+    if "decoupled_weight_decay" not in g:
+        raise FgtracError("the optimizer state does not say whether its weight decay is decoupled (torch >= 2.6)")
+    if g.get("amsgrad"):
+        raise FgtracError("adamw mode does not support amsgrad")
+    beta1, beta2 = g["betas"]
+    t = int(float(s["step"]))
+    v_hat = s["exp_avg_sq"].double() / (1 - beta2**t)
+    decoupled = float(g["weight_decay"]) if g["decoupled_weight_decay"] else 0.0
+    return v_hat.sqrt() + g["eps"], momentum_factor(beta1, t, rate, decoupled)
+
+
+def _rmsprop(s: Mapping[str, Any], g: Mapping[str, Any], rate: float) -> tuple[torch.Tensor, float]:
+    """(√v + ε, κ) of an RMSprop parameter (``centered``: √(v − ḡ²) + ε, as torch steps with)."""
+    v = s["square_avg"].double()
+    if g.get("centered"):
+        v = v - s["grad_avg"].double() ** 2
+    return v.sqrt() + g["eps"], heavy_ball_factor(float(g.get("momentum", 0.0)))
+
+
+def _adagrad(s: Mapping[str, Any], g: Mapping[str, Any], rate: float) -> tuple[torch.Tensor, float]:
+    """(√s + ε, κ) of an Adagrad parameter: κ = 1/(1 + t·lr_decay), the next step's rate per unit η."""
+    t = int(float(s["step"]))
+    return s["sum"].double().sqrt() + g["eps"], 1.0 / (1.0 + t * float(g["lr_decay"]))
+
+
+# per weighed optimizer: the state entry holding its second moment, and (√P⁻¹, κ) of one parameter from it
+_RULES = {"adam": ("exp_avg_sq", _adam), "rmsprop": ("square_avg", _rmsprop), "adagrad": ("sum", _adagrad)}
+
+
+def _weighed_kind(state: Mapping[Any, Mapping[str, Any]], groups: list[Mapping[str, Any]]) -> str | None:
+    """Which of `_RULES` a checkpoint's optimizer state is, told by its state's and groups' keys (a checkpoint
+    written outside fgtrac has no class name); None for SGD (no second moment).  Anything else is refused."""
+    keys = {k for s in state.values() for k in s}
+    if "exp_avg_sq" in keys:
+        if any("momentum_decay" in g or "amsgrad" not in g for g in groups):  # NAdam, RAdam: not Adam's step
+            raise FgtracError(
+                f"the checkpoint's optimizer keeps Adam's moments but is not Adam or AdamW (no 'amsgrad' option, or "
+                f"NAdam's 'momentum_decay'): adamw mode weighs {', '.join(WEIGHED_OPTIMIZERS)} checkpoints only"
+            )
+        kind: str | None = "adam"
+    elif keys <= {"step", "square_avg", "grad_avg", "momentum_buffer"} and all("alpha" in g for g in groups):
+        kind = "rmsprop" if "square_avg" in keys else None
+    elif keys <= {"step", "sum"} and all("lr_decay" in g for g in groups):
+        kind = "adagrad" if "sum" in keys else None
+    elif other := sorted(keys - _SGD_STATE):  # Adadelta's square_avg and acc_delta, Adamax's exp_inf...
+        raise FgtracError(
+            f"the checkpoint's optimizer state holds {', '.join(other)}, not the state of an optimizer adamw mode "
+            f"weighs ({', '.join(WEIGHED_OPTIMIZERS)})"
+        )
+    else:
+        return None
+    if any(g.get("maximize") for g in groups):
+        raise FgtracError("the checkpoint's optimizer maximizes its objective (maximize=True): adamw mode refuses it")
+    return kind
+
+
 def adam_state(
     model: nn.Module, optimizer_state: Mapping[str, Any] | None, lr: float, names: list[str]
 ) -> AdamState | None:
-    """κ and √P for the named parameters from an Adam/AdamW `optimizer.state_dict()`; None when the state holds
-    no second moments (an SGD checkpoint keeps the SGD form).  `lr` is the rate applied to the first named
-    parameter; a parameter in another group gets that rate times the ratio of the groups' rates in the state.
+    """κ and √P for the named parameters from an Adam, AdamW, RMSprop or Adagrad `optimizer.state_dict()` (see
+    the module docstring); None when the state holds no second moments (an SGD checkpoint keeps the SGD form).
+    `lr` is the rate applied to the first named parameter; a parameter in another group gets that rate times the
+    ratio of the groups' rates in the state.
 
     The optimizer's parameters are matched to the model's by the names the checkpoint recorded
     (``optimizer_params``: fgtrac checkpoints have them, so optimizers over some parameters or in groups of their
@@ -81,19 +166,10 @@ def adam_state(
     if not optimizer_state or not optimizer_state.get("state"):
         return None
     state, groups = optimizer_state["state"], optimizer_state.get("param_groups", [])
-    if not any("exp_avg_sq" in s for s in state.values()):
-        other = sorted({k for s in state.values() for k in s} - _SGD_STATE)
-        if other:  # RMSprop's square_avg, Adagrad's sum...: not SGD, whose form would be scored as adamw's
-            raise FgtracError(
-                f"the checkpoint's optimizer state holds {', '.join(other)}, neither Adam's moments nor SGD's: "
-                f"adamw mode weighs {', '.join(WEIGHED_OPTIMIZERS)} checkpoints only"
-            )
+    kind = _weighed_kind(state, groups)
+    if kind is None:
         return None
-    if any("momentum_decay" in g or "amsgrad" not in g for g in groups):  # NAdam, RAdam: Adam's moments, not its step
-        raise FgtracError(
-            f"the checkpoint's optimizer keeps Adam's moments but is not Adam or AdamW (no 'amsgrad' option, or "
-            f"NAdam's 'momentum_decay'): adamw mode weighs {', '.join(WEIGHED_OPTIMIZERS)} checkpoints only"
-        )
+    moment, rule = _RULES[kind]
     order = [i for g in groups for i in g["params"]]
     held = optimizer_state.get("optimizer_params")
     if held is not None:
@@ -116,22 +192,13 @@ def adam_state(
             raise FgtracError(f"the checkpoint's optimizer did not hold {name!r}, so it has no second moment for it")
         i = index_of[name]
         s, g = state.get(i) or state.get(str(i)), group_of[i]
-        if s is None or "exp_avg_sq" not in s:
+        if s is None or moment not in s:
             raise FgtracError(f"the optimizer state holds no second moment for {name!r}")
-        beta1, beta2 = g["betas"]
-        t = int(float(s["step"]))
-        v_hat = s["exp_avg_sq"].double() / (1 - beta2**t)
-        sqrt_precond[name] = (v_hat.sqrt() + g["eps"]).rsqrt().float()
-        if "decoupled_weight_decay" not in g:
-            raise FgtracError(
-                "the optimizer state does not say whether its weight decay is decoupled (torch >= 2.6)"
-            )
-        if g.get("amsgrad"):
-            raise FgtracError("adamw mode does not support amsgrad")
         ref_group = g if ref_group is None else ref_group
         rate = lr * _rate_ratio(g, ref_group)
-        decoupled = float(g["weight_decay"]) if g["decoupled_weight_decay"] else 0.0
-        factors[name] = rate, momentum_factor(beta1, t, rate, decoupled)
+        denominator, kappa = rule(s, g, rate)
+        sqrt_precond[name] = denominator.rsqrt().float()
+        factors[name] = rate, kappa
     kappa = factors[names[0]][1]
     reference = lr * kappa
     for name in names[1:]:

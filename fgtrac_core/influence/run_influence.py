@@ -124,7 +124,7 @@ def _chosen_checkpoints(
 
 
 def _require_weighed_optimizers(store: RunStore, chosen: list[dict[str, Any]]) -> None:
-    """Refuse `adamw` mode on a checkpoint trained by an optimizer it has no update rule for (RMSprop, NAdam...):
+    """Refuse `adamw` mode on a checkpoint trained by an optimizer it has no update rule for (NAdam, Adadelta...):
     it would score that checkpoint in SGD's form, or as if its moments were Adam's, under the name adamw."""
     trained_by = store.checkpoints().set_index("checkpoint_id")["optimizer"]
     for c in chosen:

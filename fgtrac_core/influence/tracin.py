@@ -58,7 +58,7 @@ class TopK:
 
 @dataclass
 class _Checkpointed:
-    """Gradient features of each data set at one checkpoint, and the checkpoint's weight (η, or η κ for Adam).
+    """Gradient features of each data set at one checkpoint, and the checkpoint's weight (η, or η κ in adamw mode).
 
     With usage weighting `train_weight` holds one weight per training sample (its Σ η_t/|B_t| over its uses in
     the interval this checkpoint stands for, times κ) and replaces `weight` for training samples."""
@@ -369,9 +369,9 @@ def tracin(
       `include_bias=False`, Captum TracInCPFast's convention), w_c = lr_c;
     * ``full``: per-sample gradients of `params` (default all) via torch.func, projected to `projection_dim`
       (default min(P, 1024)) by a map seeded with `seed` — exact when projection_dim ≥ P; w_c = lr_c;
-    * ``adamw``: for checkpoints holding Adam/AdamW state, gradients preconditioned by the recorded second moment
-      and w_c = lr_c κ_c (momentum, bias correction, decoupled decay; see `fgtrac_core.influence.adamw`); other
-      checkpoints keep the SGD form.  Gradients of the `layer` head by default, of `params` (projected) if given.
+    * ``adamw``: for checkpoints holding Adam, AdamW, RMSprop or Adagrad state, gradients preconditioned by the
+      recorded second moment and w_c = lr_c κ_c (momentum, bias correction, decoupled decay, Adagrad's lr_decay;
+      see `fgtrac_core.influence.adamw`); SGD checkpoints keep the SGD form, other optimizers are refused.  Gradients of the `layer` head by default, of `params` (projected) if given.
 
     Returns the (n_test, n_train) matrix, or with `k` the top-k proponents and opponents per test example,
     streamed over training chunks of `chunk_size` so the full matrix is never held.  `normalize` gives the

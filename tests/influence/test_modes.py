@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -310,17 +311,87 @@ def test_adamw_on_sgd_checkpoints_is_the_sgd_form() -> None:
 @pytest.mark.parametrize(
     ("opt_cls", "kw", "needle"),
     [
-        (torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.5}, "holds square_avg, neither Adam.s moments"),
-        (torch.optim.Adagrad, {"lr": 0.1}, "holds sum, neither Adam's moments nor SGD's"),
+        (torch.optim.Adadelta, {"lr": 0.5}, "holds acc_delta, square_avg, not the state of an optimizer adamw"),
+        (torch.optim.Adamax, {"lr": 0.01}, "holds exp_avg, exp_inf, not the state of an optimizer adamw mode"),
+        (torch.optim.RMSprop, {"lr": 0.01, "maximize": True}, r"maximizes its objective \(maximize=True\)"),
         (torch.optim.NAdam, {"lr": 0.01}, "keeps Adam's moments but is not Adam or AdamW"),
         (torch.optim.RAdam, {"lr": 0.01}, "keeps Adam's moments but is not Adam or AdamW"),
     ],
 )
 def test_adamw_refuses_checkpoints_of_other_optimizers(opt_cls: type, kw: dict, needle: str) -> None:
-    """Not scored in SGD's form, nor as if their moments were Adam's, under the name adamw."""
+    """Not scored in SGD's form, nor as if their state were another optimizer's, under the name adamw."""
     model, checkpoints = _train(opt_cls, 3, **kw)
     with pytest.raises(FgtracError, match=needle):
         tracin(model, "head", _data(6, 2), _data(3, 3), checkpoints, mode="adamw")
+
+
+_RMSPROP_LIKE = {
+    "rmsprop": (torch.optim.RMSprop, {"lr": 0.01}),
+    "rmsprop_centered": (torch.optim.RMSprop, {"lr": 0.01, "centered": True}),
+    "rmsprop_momentum": (torch.optim.RMSprop, {"lr": 0.005, "momentum": 0.5}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 0.1, "lr_decay": 0.05, "initial_accumulator_value": 0.1}),
+}
+
+
+def _displacement_per_unit_gradient(
+    opt_cls: type, kw: dict, checkpoint: dict, direction: torch.Tensor, names: list[str]
+) -> torch.Tensor:
+    """−Δθ/ε of the named parameters when torch's own optimizer, restored from `checkpoint`, takes a gradient ε·
+    `direction` (the named parameters' flattened gradient) and then, with momentum, steps on zero gradients until
+    the momentum has delivered it (`heavy_ball_factor`'s horizon), less the same steps without that gradient: the
+    displacement the optimizer gives a training gradient.  In float64; RMSprop's running averages are divided by
+    α before each step, so that every step divides by the recorded √v (the frozen preconditioner)."""
+    eps, moved = 1e-6, []
+    for scale in (eps, 0.0):
+        model = HeadNet().double()
+        model.load_state_dict(checkpoint["model"])
+        opt = opt_cls(model.parameters(), **kw)
+        opt.load_state_dict(copy.deepcopy(checkpoint["optimizer"]))  # it would share (and step) the step counts
+        params = dict(model.named_parameters())
+        before = torch.cat([params[n].detach().reshape(-1).clone() for n in names])
+        momentum = kw.get("momentum", 0.0)
+        steps = 1 if momentum == 0 else math.ceil(math.log(1e-3) / math.log(momentum))
+        for k in range(steps):
+            chunks = torch.split(direction * (scale if k == 0 else 0.0), [params[n].numel() for n in names])
+            for n, chunk in zip(names, chunks, strict=True):
+                params[n].grad = chunk.reshape(params[n].shape).clone()
+            for state in opt.state.values():
+                for key in ("square_avg", "grad_avg"):
+                    if key in state:
+                        state[key].div_(opt.param_groups[0]["alpha"])
+            opt.step()
+        moved.append(torch.cat([params[n].detach().reshape(-1) for n in names]) - before)
+    return -(moved[0] - moved[1]) / eps
+
+
+@pytest.mark.parametrize("case", sorted(_RMSPROP_LIKE))
+def test_adamw_weighs_rmsprop_and_adagrad_by_their_own_step(case: str) -> None:
+    """adamw mode on RMSprop (plain, centered, with momentum) and Adagrad (with lr_decay)
+    checkpoints: each score equals the test gradient dotted with the displacement torch's own optimizer, restored
+    from the checkpoint, gives the training gradient (its recorded preconditioner held fixed; with momentum, until
+    the momentum has delivered it): η κ g_testᵀ P g_train."""
+    opt_cls, kw = _RMSPROP_LIKE[case]
+    torch.manual_seed(0)
+    model = HeadNet()
+    opt = opt_cls(model.parameters(), **kw)
+    x, y = _data(30, 1)
+    train, test = _data(6, 2), _data(3, 3)
+    names = ["head.weight", "head.bias"]
+    checkpoints, expected = [], torch.zeros(3, 6, dtype=torch.float64)
+    for _ in range(2):
+        for _ in range(4):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        checkpoint = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict())}
+        checkpoints.append((checkpoint, kw["lr"]))
+        gt, gr = _grads(model, *test, names).double(), _grads(model, *train, names).double()
+        moved = torch.stack([_displacement_per_unit_gradient(opt_cls, kw, checkpoint, g, names) for g in gr])
+        expected += gt @ moved.T
+    got = tracin(model, "head", train, test, checkpoints, mode="adamw").double()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    sgd_form = tracin(model, "head", train, test, checkpoints).double()
+    assert (sgd_form - expected).abs().max() > 0.1 * expected.abs().max()  # the preconditioner matters here
 
 
 def test_adamw_full_parameters_with_exact_projection() -> None:

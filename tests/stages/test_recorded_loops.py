@@ -498,22 +498,27 @@ def test_estimators_refuse_what_they_do_not_model_and_replay_runs_it(
 
 
 def test_influence_modes_that_model_the_optimizer_refuse_others_by_name(tmp_path: Path) -> None:
-    """adamw (Adam's preconditioner at each checkpoint) and adamw_influence (Adam's dynamics) on an RMSprop run:
-    refused, naming the optimizer; exact (TracIn at every step's own parameters, by replay) runs."""
-    run_dir = tmp_path / "run"
+    """adamw (each checkpoint's optimizer preconditioner) weighs an RMSprop then Adagrad run and refuses a NAdam
+    one, naming it; adamw_influence (Adam's dynamics) refuses RMSprop; exact (TracIn at every step's own
+    parameters, by replay) runs."""
+    rmsprop, nadam = tmp_path / "rmsprop", tmp_path / "nadam"
     with deterministic(1):
-        record(run_dir, LOOPS["rmsprop_then_adagrad"])
+        record(rmsprop, LOOPS["rmsprop_then_adagrad"])
+        record(nadam, LOOPS["nadam_carried_clipped"])
     pipe = ["--model", MODEL_REF, "--inputs", INPUTS_REF, "--head-layer", "head"]
-    proc = run_cli("influence", str(run_dir), *pipe, "--mode", "adamw", "--checkpoints", "all")
+    proc = run_cli("influence", str(rmsprop), *pipe, "--mode", "adamw", "--checkpoints", "all", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["method"] == "tracin/adamw"
+    proc = run_cli("influence", str(nadam), *pipe, "--mode", "adamw", "--checkpoints", "all")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert re.fullmatch(
-        r"fgtrac: error: checkpoint \d+ \(stage 'a'\) was trained with RMSprop: --mode adamw weighs gradients by "
-        r"SGD, Adam, AdamW updates only; use --mode last_layer or full",
+        r"fgtrac: error: checkpoint \d+ \(stage 'a'\) was trained with NAdam: --mode adamw weighs gradients by "
+        r"SGD, Adam, AdamW, RMSprop, Adagrad updates only; use --mode last_layer or full",
         proc.stderr.strip(),
     ), proc.stderr
-    proc = run_cli("influence", str(run_dir), *pipe, "--mode", "adamw_influence")
+    proc = run_cli("influence", str(rmsprop), *pipe, "--mode", "adamw_influence")
     assert proc.returncode == 2 and "uses RMSprop; AdamW-influence follows Adam and AdamW steps" in proc.stderr
-    proc = run_cli("influence", str(run_dir), *pipe, "--mode", "exact")
+    proc = run_cli("influence", str(rmsprop), *pipe, "--mode", "exact")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
