@@ -9,7 +9,8 @@ import duckdb
 import pyarrow as pa
 
 from fgtrac_core.errors import CorruptRunError, RunLockedError, RunNotFoundError
-from fgtrac_core.store.run_files import replace_atomically
+from fgtrac_core.store.layout import RunLayout
+from fgtrac_core.store.run_files import remove_stale_temporaries, replace_atomically
 from fgtrac_core.store.schema import check_catalog, check_schema, column_order
 
 
@@ -45,6 +46,25 @@ def connect(path: Path, *, read_only: bool) -> duckdb.DuckDBPyConnection:
         con.close()
         raise
     return con
+
+
+def discard_unfinished_create(layout: RunLayout) -> None:
+    """Remove what an interrupted `Run.create` left in `layout` (a database without its first signed commit:
+    nothing was recorded in it yet), so that the run can be created afresh.
+
+    The live database is opened first, which takes DuckDB's lock on it: a creation still running in another
+    process is refused (RunLockedError), never deleted from under it.
+    """
+    if layout.live_db.exists():
+        try:
+            duckdb.connect(str(layout.live_db)).close()
+        except duckdb.Error as exc:
+            if "lock" in first_line(exc).lower():
+                raise RunLockedError(f"{layout.root} is being created by another process ({first_line(exc)})") from None
+            # a partial file DuckDB cannot open: nothing in it to keep
+    for path in (layout.live_db, layout.live_db.with_name(layout.live_db.name + ".wal"), layout.snapshot_db):
+        path.unlink(missing_ok=True)
+    remove_stale_temporaries(layout)
 
 
 def publish_snapshot(con: duckdb.DuckDBPyConnection, live: Path, snapshot: Path) -> None:

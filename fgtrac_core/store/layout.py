@@ -7,6 +7,8 @@ A run is a directory::
       snapshot.duckdb      read-only copy published at every checkpoint and at close; readers open this
       checkpoints/*.pt     model + optimizer state, referenced (with SHA-256) from the `checkpoints` table; read
                            only through `fgtrac_core.store.run_files`
+      .fgtrac-creating     present only while `Run.create` runs (until the run's first signed commit): a
+                           directory holding it and a database is an interrupted creation, not a run
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 LIVE_DB = "fgtrac.duckdb"
 SNAPSHOT_DB = "snapshot.duckdb"
 CHECKPOINT_DIR = "checkpoints"
+CREATING = ".fgtrac-creating"
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,10 @@ class RunLayout:
     @property
     def checkpoint_dir(self) -> Path:
         return self.root / CHECKPOINT_DIR
+
+    @property
+    def creating_marker(self) -> Path:
+        return self.root / CREATING
 
     def holds_run(self) -> bool:
         return self.live_db.exists() or self.snapshot_db.exists()

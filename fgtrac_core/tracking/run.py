@@ -58,6 +58,7 @@ from fgtrac_core.errors import (
     FgtracError,
     RecorderStateError,
     RunExistsError,
+    RunNotFoundError,
     SigningKeyError,
     TamperedRunError,
     UnknownSampleError,
@@ -73,7 +74,7 @@ from fgtrac_core.ledger import (
     public_key_pem,
 )
 from fgtrac_core.ledger.kinds import RESULT_TABLES
-from fgtrac_core.store.db import connect, insert_arrow, publish_snapshot
+from fgtrac_core.store.db import connect, discard_unfinished_create, insert_arrow, publish_snapshot
 from fgtrac_core.store.layout import RunLayout
 from fgtrac_core.store.ledger_log import LedgerLog, Rows, Touched
 from fgtrac_core.store.run_files import remove_stale_temporaries, write_file_atomic
@@ -390,12 +391,17 @@ class Run:
         """
         layout = RunLayout.of(run_dir)
         if layout.holds_run():
-            raise RunExistsError(f"{layout.root} already holds an fgtrac run; refusing to overwrite it")
+            if not layout.creating_marker.exists():
+                raise RunExistsError(f"{layout.root} already holds an fgtrac run; refusing to overwrite it")
+            discard_unfinished_create(layout)
         layout.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         try:
             public = load_or_create_signing_key().public_key()
         except KeyFileError as exc:
             raise SigningKeyError(str(exc)) from None
+        # until the first signed commit (the end of __init__) the directory is a creation, not a run: a creation
+        # killed before then is started afresh by the next Run.create instead of blocking both create and open
+        write_file_atomic(layout.creating_marker, b"Run.create in progress\n")
         con = duckdb.connect(str(layout.live_db))
         create_schema(con)
         meta = {
@@ -409,7 +415,9 @@ class Run:
             "signer_fingerprint": fingerprint(public),
         }
         insert_arrow(con, "meta", pa.table({"key": list(meta), "value": list(meta.values())}))
-        return cls(layout, con, flush_every=flush_every)
+        run = cls(layout, con, flush_every=flush_every)
+        layout.creating_marker.unlink()
+        return run
 
     @classmethod
     def open(cls, run_dir: str | Path, *, flush_every: int = 100_000) -> Run:
@@ -420,6 +428,11 @@ class Run:
         must not sign an edit made behind the recorder's back.
         """
         layout = RunLayout.of(run_dir)
+        if layout.creating_marker.exists():
+            raise RunNotFoundError(
+                f"{layout.root} holds no run: its Run.create was interrupted before the first signed commit (nothing "
+                "was recorded yet); Run.create starts it afresh"
+            )
         con = connect(layout.live_db, read_only=False)
         try:
             # what is appended next gets signed: first make sure the run still is what its ledger says

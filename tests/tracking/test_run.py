@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from fgtrac_core import RecorderStateError, Run, RunExistsError, RunStore, UnknownSampleError
-from fgtrac_core.errors import FgtracError
+from fgtrac_core.errors import FgtracError, RunLockedError, RunNotFoundError
+from fgtrac_core.store.layout import RunLayout
+from fgtrac_core.store.schema import create_schema
 from tests.conftest import run_cli
 
 
@@ -112,6 +117,41 @@ def test_flush_every_commits_while_recording(tmp_path: Path) -> None:
         run._writer.drain()
         assert run._con.execute("SELECT count(*) FROM batch_samples").fetchone()[0] == 4
     run.close()
+
+
+def test_an_interrupted_create_is_started_afresh_never_taken_for_a_run(tmp_path: Path) -> None:
+    """What a Run.create interrupted before its first signed commit leaves (its marker and a database without
+    ledger entries): Run.open refuses it in one line, Run.create starts it afresh — unless another process still
+    holds that database (refused, nothing deleted).  A finished run is never discarded."""
+    layout = RunLayout.of(tmp_path / "r")
+    layout.root.mkdir()
+    layout.creating_marker.write_bytes(b"")
+    con = duckdb.connect(str(layout.live_db))
+    create_schema(con)
+    con.close()
+    with pytest.raises(RunNotFoundError, match="its Run.create was interrupted before the first signed commit"):
+        Run.open(layout.root)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(layout.live_db)!r}); print('held', "
+         "flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match="is being created by another process"):
+            Run.create(layout.root)
+        assert layout.live_db.exists() and layout.creating_marker.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    Run.create(layout.root, name="afresh").close()
+    assert not layout.creating_marker.exists()
+    with RunStore(layout.root) as store:
+        assert store.summary()["name"] == "afresh"
+    with pytest.raises(RunExistsError):
+        Run.create(layout.root)
+    Run.open(layout.root).close()
+    assert run_cli("verify", str(layout.root)).returncode == 0
 
 
 def test_bad_calls_fail_clearly_and_record_nothing(tmp_path: Path) -> None:
