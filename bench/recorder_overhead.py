@@ -55,11 +55,14 @@ def _crossover(
     loader: Any,
     epochs: int,
     hooks: bool,
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float], list[float], list[float], list[float]]:
     """Per counted step, the time of the arm carrying the hooks and of its twin (`hooks=False`: the same split with
-    no hooks attached anywhere, an A/A run).  The hooks sit on one model for an epoch and on the other for the next,
-    and within an epoch the arms alternate ABBA, so neither a model nor a position in the pair is favoured."""
-    hooked, plain = [], []
+    no hooks attached anywhere, an A/A run): (hooked, plain) of the steps after the first of each epoch, then
+    (hooked, plain) of those first steps.  The hooks sit on one model for an epoch and on the other for the next,
+    and within an epoch the arms alternate ABBA, so neither a model nor a position in the pair is favoured.  A
+    first step after attaching pays the stage's one gradient copy (`StepHooks` copies until a step shows the loop
+    leaves gradients alone): the recorder attaches once per stage, not once per epoch, so it is kept apart."""
+    hooked, plain, first_hooked, first_plain = [], [], [], []
     for epoch in range(epochs + 1):  # the first epoch warms both arms up and is not counted
         h = epoch % 2
         sink = HooksOnlyRun()
@@ -75,16 +78,16 @@ def _crossover(
                     opt.step()
                     t[arm] = time.perf_counter() - t0
                 if epoch:
-                    hooked.append(t[h])
-                    plain.append(t[1 - h])
+                    (first_hooked if i == 0 else hooked).append(t[h])
+                    (first_plain if i == 0 else plain).append(t[1 - h])
         finally:
             if attached is not None:
                 attached.remove()
         sink.rows.table()  # the fingerprints' reduction, as at a flush (not timed)
-    return hooked, plain
+    return hooked, plain, first_hooked, first_plain
 
 
-def paired_step_overhead(data: digits.DigitsData, epochs: int = 30) -> dict[str, Any]:
+def paired_step_overhead(data: digits.DigitsData, epochs: int = 30, attaches_per_step: float = 0.0) -> dict[str, Any]:
     """The hooks' cost per optimizer step, paired step by step: two identical models and optimizers (the sample
     loop's pretrain SGD and finetune AdamW) trained on the same batches with their steps alternating, each step
     timed, `StepHooks` on one of them (crossed over every epoch, see `_crossover`).
@@ -95,9 +98,12 @@ def paired_step_overhead(data: digits.DigitsData, epochs: int = 30) -> dict[str,
     differences wanders by +-15 us between runs minutes apart (its A/A mean too) while the hooks do the same work
     at every step.  The figure is therefore the `TRIM`-trimmed mean of the differences (both tails cut alike, so
     the A/A run's is ~0), with a bootstrap 95% interval; the plain mean and its interval are given beside it.
-    Figures per optimizer: `trimmed_diff_us` and `trimmed_ci_us`, `mean_diff_us` and `mean_ci_us`,
-    `median_diff_us`, `overhead_pct` (the trimmed difference over the bare step's median time) and the A/A run's
-    `aa_trimmed_us` and `aa_pct` (the measurement's own noise)."""
+    The first step after attaching (once per epoch here, once per stage in the recorder) is measured apart: its
+    trimmed mean difference counts `attaches_per_step` times per step (the recorded loop's stages over its steps).
+    Figures per optimizer: `trimmed_diff_us` and `trimmed_ci_us` (steady steps plus the amortised first step),
+    `steady_diff_us`, `attach_diff_us` and `attach_share_us`, `mean_diff_us` and `mean_ci_us`, `median_diff_us`,
+    `overhead_pct` (the trimmed difference over the bare step's median time) and the A/A run's `aa_trimmed_us`
+    and `aa_pct` (the measurement's own noise)."""
     loader = digits._loader(data, data.subsets["pretrain"], 0, digits.BATCH_SIZE)
     out: dict[str, Any] = {}
     for name, stage in (("sgd", "pretrain"), ("adamw", "finetune")):
@@ -106,17 +112,23 @@ def paired_step_overhead(data: digits.DigitsData, epochs: int = 30) -> dict[str,
         models[1].load_state_dict(models[0].state_dict())
         # the sample loop's own optimizers (its schedule left out: both arms step at the same rates anyway)
         arms = [(m, digits._make_optimizer(stage, m, len(loader))[0]) for m in models]
-        aa = _differences_us(*_crossover(arms, loader, epochs, hooks=False))
-        hooked, plain = _crossover(arms, loader, epochs, hooks=True)
-        diffs = _differences_us(hooked, plain)
-        trimmed, plain_us = float(_trimmed_mean(diffs)), 1e6 * statistics.median(plain)
+        aa = _differences_us(*_crossover(arms, loader, epochs, hooks=False)[:2])
+        hooked, plain, first_hooked, first_plain = _crossover(arms, loader, epochs, hooks=True)
+        diffs, attach = _differences_us(hooked, plain), _differences_us(first_hooked, first_plain)
+        attach_us = float(_trimmed_mean(attach))
+        share = attach_us * attaches_per_step
+        steady, plain_us = float(_trimmed_mean(diffs)), 1e6 * statistics.median(plain)
+        trimmed = steady + share
         out[name] = {
-            "steps": len(diffs),
+            "steps": len(diffs) + len(attach),
             "plain_step_us": plain_us,
             "trimmed_diff_us": trimmed,
-            "trimmed_ci_us": _bootstrap_ci(diffs, _trimmed_mean),
-            "mean_diff_us": float(diffs.mean()),
-            "mean_ci_us": _bootstrap_ci(diffs, np.mean),
+            "trimmed_ci_us": [v + share for v in _bootstrap_ci(diffs, _trimmed_mean)],
+            "steady_diff_us": steady,
+            "attach_diff_us": attach_us,
+            "attach_share_us": share,
+            "mean_diff_us": float(diffs.mean()) + share,
+            "mean_ci_us": [v + share for v in _bootstrap_ci(diffs, np.mean)],
             "median_diff_us": float(np.median(diffs)),
             "overhead_pct": 100.0 * trimmed / plain_us,
             "aa_trimmed_us": float(_trimmed_mean(aa)),
@@ -199,7 +211,11 @@ def measure(repeats: int = 5) -> dict[str, Any]:
     # spread says how far one median can be trusted on a shared 2-core box
     hooks_paired = sorted(100.0 * (b - a) / a for a, b in zip(plain, hooked, strict=True))
     end_to_end = statistics.median([a + b for a, b in zip(recorded, close, strict=True)])
-    paired = with_loop_share(paired_step_overhead(data, epochs=2 if repeats < 5 else 60), 1e6 * p / steps)
+    # the recorder attaches the hooks once per stage of the sample loop
+    per_step = len(digits.STAGES) / steps
+    paired = with_loop_share(
+        paired_step_overhead(data, epochs=2 if repeats < 5 else 120, attaches_per_step=per_step), 1e6 * p / steps
+    )
     return {
         "hooks_paired": paired,
         "hooks_goal_pct": HOOKS_GOAL_PCT,
@@ -239,7 +255,12 @@ def paired_summary(res: dict[str, Any]) -> str:
         f"{v['loop_pct']:+.2f}% of the sample loop's time (at most {v['loop_pct_hi']:+.2f}%; "
         f"{v['overhead_pct']:+.2f}% of the bare {v['plain_step_us']:.0f} us step; plain mean "
         f"{v['mean_diff_us']:+.0f} us ({_interval(v['mean_ci_us'])}), median {v['median_diff_us']:+.0f} us; "
-        f"{v['steps']} step pairs; A/A run without hooks {v['aa_trimmed_us']:+.0f} us)"
+        f"{v['steps']} step pairs; A/A run without hooks {v['aa_trimmed_us']:+.0f} us"
+        + (
+            f"; of it the first step of each stage, {v['attach_diff_us']:+.0f} us, {v['attach_share_us']:+.1f} us a "
+            f"step" if "attach_share_us" in v else ""
+        )
+        + ")"
         for name, v in paired.items()
     )
 

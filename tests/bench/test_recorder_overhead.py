@@ -13,11 +13,14 @@ from sample_runs import digits
 
 def test_paired_step_overhead_times_every_step_of_both_arms() -> None:
     data = digits.load_data(0)
-    res = recorder_overhead.paired_step_overhead(data, epochs=1)
+    res = recorder_overhead.paired_step_overhead(data, epochs=2, attaches_per_step=0.25)
     n_batches = math.ceil(len(data.subsets["pretrain"]) / digits.BATCH_SIZE)
     for name in ("sgd", "adamw"):
         fig = res[name]
-        assert fig["steps"] == n_batches  # the warm-up epoch is not counted
+        assert fig["steps"] == 2 * n_batches  # the warm-up epoch is not counted
+        # the first step after each attach (one per epoch here) counts a quarter of a step's time per step
+        assert fig["attach_share_us"] == 0.25 * fig["attach_diff_us"]
+        assert math.isclose(fig["trimmed_diff_us"], fig["steady_diff_us"] + fig["attach_share_us"])
         assert fig["plain_step_us"] > 0 and math.isfinite(fig["overhead_pct"]) and math.isfinite(fig["aa_pct"])
         lo, hi = fig["trimmed_ci_us"]
         assert lo <= fig["trimmed_diff_us"] <= hi
