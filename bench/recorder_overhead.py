@@ -51,7 +51,7 @@ class HooksOnlyRun(NullRun):
 
 
 def _crossover(
-    arms: list[tuple[torch.nn.Module, torch.optim.Optimizer]],
+    arms: list[tuple[torch.nn.Module, torch.optim.Optimizer, Any]],
     loader: Any,
     epochs: int,
     hooks: bool,
@@ -71,12 +71,14 @@ def _crossover(
             for i, (_, x, y) in enumerate(loader):
                 t = [0.0, 0.0]
                 for arm in (0, 1) if i % 2 == 0 else (1, 0):
-                    model, opt = arms[arm]
+                    model, opt, sched = arms[arm]
                     t0 = time.perf_counter()
                     opt.zero_grad()
                     F.cross_entropy(model(x), y).backward()
                     opt.step()
                     t[arm] = time.perf_counter() - t0
+                    if sched is not None:  # the loop's, not the hooks' time; the hooks then read a new lr
+                        sched.step()
                 if epoch:
                     (first_hooked if i == 0 else hooked).append(t[h])
                     (first_plain if i == 0 else plain).append(t[1 - h])
@@ -89,7 +91,7 @@ def _crossover(
 
 def paired_step_overhead(data: digits.DigitsData, epochs: int = 30, attaches_per_step: float = 0.0) -> dict[str, Any]:
     """The hooks' cost per optimizer step, paired step by step: two identical models and optimizers (the sample
-    loop's pretrain SGD and finetune AdamW) trained on the same batches with their steps alternating, each step
+    loop's pretrain SGD with its per-step cosine schedule, and finetune AdamW) trained on the same batches with their steps alternating, each step
     timed, `StepHooks` on one of them (crossed over every epoch, see `_crossover`).
 
     A whole-run comparison of a ~0.7 s loop moves by several percent between repeats on a shared 2-core machine;
@@ -110,8 +112,9 @@ def paired_step_overhead(data: digits.DigitsData, epochs: int = 30, attaches_per
         torch.manual_seed(0)
         models = [digits.DigitsCNN(), digits.DigitsCNN()]
         models[1].load_state_dict(models[0].state_dict())
-        # the sample loop's own optimizers (its schedule left out: both arms step at the same rates anyway)
-        arms = [(m, digits._make_optimizer(stage, m, len(loader))[0]) for m in models]
+        # the sample loop's own optimizers and schedules (pretrain's cosine changes the lr at every step, which the
+        # step hook then reads and converts; both arms step at the same rates)
+        arms = [(m, *digits._make_optimizer(stage, m, len(loader))) for m in models]
         aa = _differences_us(*_crossover(arms, loader, epochs, hooks=False)[:2])
         hooked, plain, first_hooked, first_plain = _crossover(arms, loader, epochs, hooks=True)
         diffs, attach = _differences_us(hooked, plain), _differences_us(first_hooked, first_plain)

@@ -27,8 +27,9 @@ steps after that check was read are inferred again.  (Exact replay refuses stage
 
 Per step the training thread pays one Python call per parameter (plus a clone dispatch each while copies are
 kept) and one for the step, an identity and version check per gradient, one dict comparison per param group
-(hyperparameters are converted only at the steps that change them), a byte copy per param group, and one tuple
-appended; the hyperparameters' deltas, JSON encoding and the fingerprint's reduction happen at flush.
+(the groups are copied only at the steps that change them, a scheduler's every step in many loops), a byte copy
+per param group, and one tuple appended; the hyperparameters' conversion and deltas, JSON encoding and the
+fingerprint's reduction happen at flush.
 The gradients and copies a step saw are let go after it, so zero_grad() frees them as it would without hooks.  A
 torch dispatch costs ~10-25 us inside a training loop (far more than in a microbenchmark), so the per-step path
 keeps none where it can: copies are dropped after the first step that leaves every gradient as backward made it
@@ -41,7 +42,7 @@ from __future__ import annotations
 import collections
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,18 +78,26 @@ _PLAIN = frozenset({float, int, bool, str, type(None)})
 _IMMUTABLE = _PLAIN | {tuple, frozenset}  # a shallow copy keeps these values as they are
 
 
+def _group_values(group: Mapping[str, Any]) -> dict[str, Any]:
+    """One param group's JSON-able hyperparameters (its parameters left out)."""
+    values = {}
+    for k, v in group.items():
+        if type(v) in _PLAIN:  # most values: skip the general conversion
+            values[k] = v
+        elif k != "params" and (value := _hparam_value(v)) is not _SKIP:
+            values[k] = value
+    return values
+
+
 def applied_hparams(optimizer: torch.optim.Optimizer) -> Groups:
     """Every param group's JSON-able hyperparameters as they are now (lr, momentum, betas, weight_decay...)."""
-    out = []
-    for group in optimizer.param_groups:
-        values = {}
-        for k, v in group.items():
-            if type(v) in _PLAIN:  # most values, every step: skip the general conversion
-                values[k] = v
-            elif k != "params" and (value := _hparam_value(v)) is not _SKIP:
-                values[k] = value
-        out.append(values)
-    return out
+    return [_group_values(group) for group in optimizer.param_groups]
+
+
+def json_groups(groups: Groups) -> Groups:
+    """`groups` as `applied_hparams` gives them: a step's groups the hooks held as shallow copies (`_HparamsReader`)
+    are converted (they still hold their "params"); converted ones are returned as they are."""
+    return [_group_values(g) if "params" in g else g for g in groups]
 
 
 def trained_on(optimizer: torch.optim.Optimizer) -> str:
@@ -125,12 +134,13 @@ def optimizer_params(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -
 
 
 class _HparamsReader:
-    """`applied_hparams`, but the previous step's result (the same object) when no group changed.
+    """The param groups as the step applied them: the previous step's result (the same object) when no group
+    changed, else shallow copies of the groups, turned into JSON-able values at flush (`json_groups`).
 
     Most steps change nothing (or only lr), and comparing shallow copies of the groups is one C-level dict
-    comparison per group, where converting them is a Python loop over every key.  The comparison is sound only for
-    values that a shallow copy freezes: a group holding anything else (a tensor lr, a list of betas that could be
-    edited in place) is converted at every step."""
+    comparison per group, where converting them is a Python loop over every key.  A shallow copy is sound only for
+    values it freezes: a group holding anything else (a tensor lr, a list of betas that could be edited in place)
+    is converted at every step."""
 
     def __init__(self) -> None:
         self._raw: list[dict[str, Any]] | None = None
@@ -144,9 +154,11 @@ class _HparamsReader:
             same = False
         if same:
             return self._groups  # type: ignore[return-value]
-        self._groups = applied_hparams(optimizer)
-        frozen = all(type(v) in _IMMUTABLE for g in groups for k, v in g.items() if k != "params")
-        self._raw = [dict(g) for g in groups] if frozen else None
+        if all(type(v) in _IMMUTABLE for g in groups for k, v in g.items() if k != "params"):
+            # a scheduler changed a value (at every step, in many loops): copied now, converted at flush
+            self._raw = self._groups = [dict(g) for g in groups]
+        else:
+            self._raw, self._groups = None, applied_hparams(optimizer)
         return self._groups
 
 
@@ -619,7 +631,16 @@ class StepBuffer:
 
     def table(self) -> pa.Table:
         steps, stage_ids, previous, facts, seeds = zip(*self._rows, strict=True) if self._rows else ((),) * 5
-        deltas = [hparams_delta(p, f.groups) for p, f in zip(previous, facts, strict=True)]
+        converted: dict[int, Groups] = {}  # by the held object: a step that changed nothing keeps its predecessor's
+
+        def json_of(groups: Groups | None) -> Groups | None:
+            if groups is None:
+                return None
+            if id(groups) not in converted:
+                converted[id(groups)] = json_groups(groups)
+            return converted[id(groups)]
+
+        deltas = [hparams_delta(json_of(p), json_of(f.groups)) for p, f in zip(previous, facts, strict=True)]
         clips, altered = [f.clip for f in facts], [f.grads_altered for f in facts]
         for i, f in enumerate(facts):
             if f.unconfirmed is not None and f.unconfirmed.value():  # the assumed rule did not reproduce the step
