@@ -41,7 +41,7 @@ the loss: the score's sign would flip).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,25 +120,27 @@ def _adagrad(s: Mapping[str, Any], g: Mapping[str, Any], rate: float) -> tuple[t
     return s["sum"].double().sqrt() + g["eps"], 1.0 / (1.0 + t * float(g["lr_decay"]))
 
 
-# per weighed optimizer: the state entry holding its second moment, and (√P⁻¹, κ) of one parameter from it
-_RULES = {"adam": ("exp_avg_sq", _adam), "rmsprop": ("square_avg", _rmsprop), "adagrad": ("sum", _adagrad)}
+# an optimizer's update rule as adamw mode weighs it: (√P⁻¹, κ) of one parameter from its state and param group
+_Rule = Callable[[Mapping[str, Any], Mapping[str, Any], float], tuple[torch.Tensor, float]]
 
 
-def _weighed_kind(state: Mapping[Any, Mapping[str, Any]], groups: list[Mapping[str, Any]]) -> str | None:
-    """Which of `_RULES` a checkpoint's optimizer state is, told by its state's and groups' keys (a checkpoint
-    written outside fgtrac has no class name); None for SGD (no second moment).  Anything else is refused."""
+def _weighed_rule(state: Mapping[Any, Mapping[str, Any]], groups: list[Mapping[str, Any]]) -> tuple[str, _Rule] | None:
+    """(the state entry holding its second moment, its rule) of a checkpoint's optimizer, told by its state's and
+    groups' keys (a checkpoint written outside fgtrac has no class name); None for SGD (no second moment).
+    Anything else is refused."""
     keys = {k for s in state.values() for k in s}
+    rule: tuple[str, _Rule] | None
     if "exp_avg_sq" in keys:
         if any("momentum_decay" in g or "amsgrad" not in g for g in groups):  # NAdam, RAdam: not Adam's step
             raise FgtracError(
                 f"the checkpoint's optimizer keeps Adam's moments but is not Adam or AdamW (no 'amsgrad' option, or "
                 f"NAdam's 'momentum_decay'): adamw mode weighs {', '.join(WEIGHED_OPTIMIZERS)} checkpoints only"
             )
-        kind: str | None = "adam"
+        rule = "exp_avg_sq", _adam
     elif keys <= {"step", "square_avg", "grad_avg", "momentum_buffer"} and all("alpha" in g for g in groups):
-        kind = "rmsprop" if "square_avg" in keys else None
+        rule = ("square_avg", _rmsprop) if "square_avg" in keys else None
     elif keys <= {"step", "sum"} and all("lr_decay" in g for g in groups):
-        kind = "adagrad" if "sum" in keys else None
+        rule = ("sum", _adagrad) if "sum" in keys else None
     elif other := sorted(keys - _SGD_STATE):  # Adadelta's square_avg and acc_delta, Adamax's exp_inf...
         raise FgtracError(
             f"the checkpoint's optimizer state holds {', '.join(other)}, not the state of an optimizer adamw mode "
@@ -148,7 +150,7 @@ def _weighed_kind(state: Mapping[Any, Mapping[str, Any]], groups: list[Mapping[s
         return None
     if any(g.get("maximize") for g in groups):
         raise FgtracError("the checkpoint's optimizer maximizes its objective (maximize=True): adamw mode refuses it")
-    return kind
+    return rule
 
 
 def adam_state(
@@ -166,10 +168,10 @@ def adam_state(
     if not optimizer_state or not optimizer_state.get("state"):
         return None
     state, groups = optimizer_state["state"], optimizer_state.get("param_groups", [])
-    kind = _weighed_kind(state, groups)
-    if kind is None:
+    weighed = _weighed_rule(state, groups)
+    if weighed is None:
         return None
-    moment, rule = _RULES[kind]
+    moment, rule = weighed
     order = [i for g in groups for i in g["params"]]
     held = optimizer_state.get("optimizer_params")
     if held is not None:

@@ -20,6 +20,11 @@ def first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _held_elsewhere(exc: duckdb.Error) -> bool:
+    """Whether DuckDB refused to open a file because another process holds its lock."""
+    return "lock" in first_line(exc).lower()
+
+
 def connect(path: Path, *, read_only: bool) -> duckdb.DuckDBPyConnection:
     """Open an existing run database and check its schema version and catalog (exactly fgtrac's tables).
 
@@ -33,7 +38,7 @@ def connect(path: Path, *, read_only: bool) -> duckdb.DuckDBPyConnection:
         con = duckdb.connect(str(path), read_only=read_only, config={"enable_external_access": False})
     except duckdb.Error as exc:
         msg = first_line(exc)
-        if "lock" in msg.lower():
+        if _held_elsewhere(exc):
             raise RunLockedError(f"{path} is held open by another process ({msg})") from None
         raise CorruptRunError(f"{path} is not a readable fgtrac run database ({msg})") from None
     try:
@@ -59,7 +64,7 @@ def discard_unfinished_create(layout: RunLayout) -> None:
         try:
             duckdb.connect(str(layout.live_db)).close()
         except duckdb.Error as exc:
-            if "lock" in first_line(exc).lower():
+            if _held_elsewhere(exc):
                 raise RunLockedError(f"{layout.root} is being created by another process ({first_line(exc)})") from None
             # a partial file DuckDB cannot open: nothing in it to keep
     for path in (layout.live_db, layout.live_db.with_name(layout.live_db.name + ".wal"), layout.snapshot_db):
