@@ -106,8 +106,13 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
             f"registered: split {sample.get('split')}, label {sample.get('label')}, "
             f"content sha256 {sample.get('content_sha256')}"
         )
-        steps = ", ".join(str(u["step"]) for u in result.uses) or "none"
-        echo(f"used {len(result.uses)} times, at steps {steps}")
+        targets = {u["target"] for u in result.uses} - {None}
+        per_use = len(targets) > 1  # relabelled somewhere: each use with its own target
+        steps = ", ".join(
+            f"{u['step']} (target {u['target']})" if per_use else str(u["step"]) for u in result.uses
+        ) or "none"
+        trained = f", trained with target {targets.pop()}" if len(targets) == 1 else ""
+        echo(f"used {len(result.uses)} times, at steps {steps}{trained}")
         if result.complete:
             echo(f"the list of uses is complete ({covers}; proven by the committed usage index)")
         else:

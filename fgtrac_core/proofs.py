@@ -12,7 +12,7 @@ import numpy as np
 from fgtrac_core.errors import FgtracError, UnknownSampleError
 from fgtrac_core.ledger import SignedTreeHead, decode_entry, inclusion_proof_from_leaf_hashes
 from fgtrac_core.ledger.bundle import BUNDLE_FORMAT, CONTENT_FORMAT
-from fgtrac_core.ledger.entries import id_leaf_hashes
+from fgtrac_core.ledger.entries import member_leaf_hashes
 from fgtrac_core.ledger.merkle import (
     consistency_proof_from_levels,
     inclusion_proof_from_levels,
@@ -181,17 +181,23 @@ def _index_section(store: RunStore, levels: list[list[bytes]], size: int, sample
 
 
 def _member_proofs(store: RunStore, kind: str, ref_id: int, sample_id: int) -> list[dict[str, Any]]:
-    """Inclusion of the sample id in a batch (batch order) or transform (ascending ids) id set, once per
-    occurrence."""
+    """Inclusion of the sample in a batch (batch order, with the target it was trained on) or transform (ascending
+    ids) id set, once per occurrence."""
     if kind == "batch":
-        ids = store.df("SELECT sample_id FROM batch_samples WHERE batch_id = ? ORDER BY position", [ref_id])
+        rows = store.df("SELECT sample_id, target FROM batch_samples WHERE batch_id = ? ORDER BY position", [ref_id])
+        missing = rows["target"].isna().tolist()
+        targets: list[int | None] | None = [
+            None if m else int(t) for t, m in zip(rows["target"].tolist(), missing, strict=True)
+        ]
     else:
-        ids = store.df(
+        rows = store.df(
             "SELECT sample_id FROM transform_samples WHERE transform_id = ? ORDER BY sample_id", [ref_id]
         )
-    arr = ids["sample_id"].to_numpy()
-    hashes = id_leaf_hashes(arr.tolist())
+        targets = None
+    arr = rows["sample_id"].to_numpy()
+    hashes = member_leaf_hashes(arr.tolist(), targets)
     return [
-        {"index": int(i), "inclusion": _hex(inclusion_proof_from_leaf_hashes(hashes, int(i)))}
+        {"index": int(i), **({"target": targets[i]} if targets is not None else {}),
+         "inclusion": _hex(inclusion_proof_from_leaf_hashes(hashes, int(i)))}  # fmt: skip
         for i in np.flatnonzero(arr == sample_id)
     ]

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
 
 from fgtrac_core.ledger import load_public_key
@@ -227,6 +228,38 @@ def test_entry_changes_rejected(proofs: dict[str, Any]) -> None:
     assert not accepted, accepted
 
 
+def test_bundle_proves_the_target_of_every_use(proofs: dict[str, Any], digits_run: Path) -> None:
+    """Each proven use carries the target the sample was trained on, as recorded; another target (or none, or a
+    non-integer) in a member proof is rejected."""
+    bundle = _load(proofs)
+    result = check_bundle(bundle)
+    assert result.ok and result.uses
+    con = duckdb.connect(str(digits_run / "snapshot.duckdb"), read_only=True)
+    try:
+        recorded = dict(
+            con.execute(
+                "SELECT b.step * 1000 + bs.position, bs.target FROM batch_samples bs JOIN batches b USING (batch_id) "
+                "WHERE bs.sample_id = ?",
+                [bundle["sample_id"]],
+            ).fetchall()
+        )
+    finally:
+        con.close()
+    assert {u["step"] * 1000 + u["position"]: u["target"] for u in result.uses} == recorded
+    batch = next(i for i, item in enumerate(bundle["entries"]) if item["kind"] == "batch")
+    target = bundle["entries"][batch]["member"]["target"]
+    assert isinstance(target, int)
+    for forged_target in (target + 1, None):
+        forged = copy.deepcopy(bundle)
+        forged["entries"][batch]["member"]["target"] = forged_target
+        outcome = check_bundle(forged)
+        assert not outcome.ok and "is not in the id set" in (outcome.problem or ""), outcome
+    forged = copy.deepcopy(bundle)
+    forged["entries"][batch]["member"]["target"] = "3"
+    with pytest.raises(BundleError, match="not an integer"):
+        check_bundle(forged)
+
+
 def test_hash_flip_cli(proofs: dict[str, Any], tmp_path: Path) -> None:
     """The CLI on tampered bundles: exit 1 with one INVALID line, or exit 2 (pinned key, fingerprint changed)."""
     bundle = _load(proofs)
@@ -269,7 +302,7 @@ def test_check_proof_unusable_input(proofs: dict[str, Any], tmp_path: Path) -> N
     """Malformed JSON, a wrong format, another run, a wrong or garbage pinned key, a missing file: exit 2."""
     bundle = _load(proofs)
     cases: dict[str, tuple[Any, list[str]]] = {
-        "malformed": ('{"format": "fgtrac-usage-proof/1", "entries": [', []),
+        "malformed": ('{"format": "fgtrac-usage-proof/2", "entries": [', []),
         "not-an-object": ("[1, 2, 3]", []),
         "wrong-format": ({**bundle, "format": "fgtrac-usage-proof/999"}, []),
         "no-tree-head": ({k: v for k, v in bundle.items() if k != "tree_head"}, []),

@@ -2,7 +2,8 @@
 
 Pure Python + cryptography: no database, no torch.  A bundle holds one sample's lifecycle entries (registration,
 annotations, preprocessing, the batches that used it), each with its RFC 9162 inclusion proof against one
-Ed25519-signed tree head; batch and transform entries add the sample id's inclusion in the entry's id set.
+Ed25519-signed tree head; batch and transform entries add the sample's inclusion in the entry's id set (for a batch, with the target it
+was trained on).
 A bundle proves that every use it lists happened.  With an ``index`` section (runs recorded with a usage index,
 `fgtrac_core.ledger.usage_index`) it also proves that the list is complete — the sample's leaf in the committed
 index holds exactly these uses — or, for an id the run never registered, that no leaf exists for it.
@@ -17,13 +18,13 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .encoding import decode_entry
-from .entries import id_leaf
+from .entries import member_leaf
 from .merkle import leaf_hash, verify_inclusion, verify_inclusion_leaf_hash
 from .pinned import pinned_head_problem
 from .signing import SignedTreeHead, fingerprint, load_public_key, verify_tree_head
-from .usage_index import check_absent, content_key, parse_content_leaf, parse_usage_leaf, usage_key, uses_root
+from .usage_index import check_absent, content_key, parse_content_leaf, parse_usage_leaf, usage_key, uses_hash
 
-BUNDLE_FORMAT = "fgtrac-usage-proof/1"
+BUNDLE_FORMAT = "fgtrac-usage-proof/2"
 CONTENT_FORMAT = "fgtrac-content-proof/1"
 
 
@@ -130,21 +131,25 @@ def check_bundle(
                         int(member["index"]),
                         _hexes(member["inclusion"], f"id proof of entry #{seq}"),
                     )
+                    target = member.get("target") if kind == "batch" else None
+                    if target is not None and (isinstance(target, bool) or not isinstance(target, int)):
+                        raise TypeError(f"target {target!r} is not an integer")
                     root = bytes.fromhex(body["samples_root"])
                 except (KeyError, TypeError, ValueError) as exc:
                     raise BundleError(f"malformed id-set proof for entry #{seq} ({exc})") from None
                 ok = verify_inclusion_leaf_hash(
-                    leaf_hash(id_leaf(sample_id)), index, int(body["n_samples"]), member_proof, root
+                    leaf_hash(member_leaf(sample_id, target)), index, int(body["n_samples"]), member_proof, root
                 )
                 if not ok:
-                    return bad(f"sample {sample_id} is not in the id set of entry #{seq} ({kind})")
+                    what = "" if target is None else f" with target {target}"
+                    return bad(f"sample {sample_id}{what} is not in the id set of entry #{seq} ({kind})")
                 if kind == "batch":
                     if (seq, index) in used_at:
                         return bad(f"position {index} of entry #{seq} is listed twice")
                     used_at.add((seq, index))
                     result.uses.append(
                         {"step": body["step"], "epoch": body["epoch"], "stage_id": body["stage_id"], "position": index,
-                         "batch_id": body["batch_id"], "lr": body["lr"], "seq": seq}
+                         "target": target, "batch_id": body["batch_id"], "lr": body["lr"], "seq": seq}
                     )  # fmt: skip
         else:
             return bad(f"entry #{seq} has kind {kind!r}, which says nothing about a sample")
@@ -365,7 +370,11 @@ def _check_index(
         uses = [(int(s), int(p)) for s, p in index["uses"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"malformed use list in bundle ({exc})") from None
-    if len(uses) != n_uses or uses_root(uses) != root:
+    try:
+        listed = uses_hash(uses)
+    except OverflowError:  # a seq or position that no 8- or 4-byte record holds
+        return "the use list holds a use out of range"
+    if len(uses) != n_uses or listed != root:
         return f"the use list does not match the usage index ({len(uses)} listed, {n_uses} committed)"
     proven = {u for u in used_at if u[0] < covered}
     if set(uses) != proven:

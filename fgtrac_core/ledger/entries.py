@@ -6,10 +6,11 @@ plain dicts (Arrow ``to_pylist``): datetimes are written as ISO 8601 strings wit
 (``YYYY-MM-DDTHH:MM:SS.ffffff``, naive UTC; the database side may hand them over already formatted), non-finite floats as "NaN" /
 "Infinity" / "-Infinity", bytes as lowercase hex.
 
-Sets of sample ids (the samples of a batch, of a preprocessing event) are committed by an RFC 9162 Merkle root
-whose leaves are the ids as 8-byte big-endian signed integers: for a batch in batch order (leaf index = position
-in the batch), for a transform in ascending id order.  So "sample X was used at step t" is a two-level proof:
-the id's inclusion in the batch root, and the batch entry's inclusion in the ledger.
+Sets of sample ids (the samples of a batch, of a preprocessing event) are committed by one RFC 9162 Merkle root
+(`samples_root`) whose leaves are the members (`member_leaf`): for a batch in batch order (leaf index = position
+in the batch), each id with the target it was trained on; for a transform in ascending id order, the ids alone.
+So "sample X was used at step t, with target y" is a two-level proof: the member's inclusion in the batch root,
+and the batch entry's inclusion in the ledger.
 """
 
 from __future__ import annotations
@@ -102,31 +103,22 @@ def encode_columns(kind: str, columns: Mapping[str, Sequence[Any]]) -> list[byte
     return [text.encode("utf-8") for text in map(template.format, *cols)]
 
 
-def id_leaf(sample_id: int) -> bytes:
-    """Leaf data of one sample id inside a batch or transform commitment."""
-    return int(sample_id).to_bytes(8, "big", signed=True)
-
-
-def id_leaf_hashes(sample_ids: Iterable[int]) -> list[bytes]:
-    return [leaf_hash(id_leaf(i)) for i in sample_ids]
-
-
-def ids_root(sample_ids: Sequence[int]) -> str:
-    """Hex Merkle root over sample ids in the given order."""
-    return root_from_leaf_hashes(id_leaf_hashes(sample_ids)).hex()
-
-
-def pair_leaf(sample_id: int, value: int | None) -> bytes:
-    """Leaf data of one (sample id, value) pair: the id, then the value, each 8-byte big-endian signed; a NULL
-    value leaves the id alone (8 bytes), so it never collides with a value."""
+def member_leaf(sample_id: int, value: int | None = None) -> bytes:
+    """Leaf data of one member of an id set: the sample id as 8-byte big-endian signed integer, followed by the
+    value it was linked with (a batch sample's target) as 8-byte big-endian signed integer when there is one.  An
+    id alone is 8 bytes and an (id, value) pair 16, so the two never collide."""
     head = int(sample_id).to_bytes(8, "big", signed=True)
     return head if value is None else head + int(value).to_bytes(8, "big", signed=True)
 
 
-def pairs_root(sample_ids: Sequence[int], values: Sequence[int | None]) -> str | None:
-    """Hex Merkle root over (id, value) pairs in the given order; None when every value is NULL."""
-    if all(v is None for v in values):
-        return None
-    return root_from_leaf_hashes(
-        [leaf_hash(pair_leaf(i, v)) for i, v in zip(sample_ids, values, strict=True)]
-    ).hex()
+def member_leaf_hashes(sample_ids: Iterable[int], values: Iterable[int | None] | None = None) -> list[bytes]:
+    """Leaf hashes of an id set's members, in the given order (`values` None: ids alone)."""
+    if values is None:
+        return [leaf_hash(member_leaf(i)) for i in sample_ids]
+    return [leaf_hash(member_leaf(i, v)) for i, v in zip(sample_ids, values, strict=True)]
+
+
+def members_root(sample_ids: Sequence[int], values: Sequence[int | None] | None = None) -> str:
+    """Hex RFC 9162 root over an id set's members in the given order (`member_leaf`): a batch's samples with the
+    targets they were trained on, a transform's samples alone."""
+    return root_from_leaf_hashes(member_leaf_hashes(sample_ids, values)).hex()

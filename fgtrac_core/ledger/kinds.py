@@ -21,11 +21,11 @@ class RecordKind:
     `fields` are the entry's body fields in declaration order; ``"name=column"`` where the entry renames a column
     (``kind`` is reserved for the entry kind).  `computed` names the body fields that are not columns but Merkle
     roots the store computes (`id_set` below, or an analysis' result rows); the first is the root of the id set.
-    `id_set` is ``(link table, order column)``: the sample ids linked to a row, whose RFC 9162 root (ids as 8-byte
-    big-endian leaves, in that order) is the first computed field.  `pair_column` names a nullable column of the
-    link table whose (id, value) pairs, in the same order, the second computed field commits (see
-    `fgtrac_core.ledger.entries.pairs_root`: a batch's targets as used).  `present_when` names a column that must
-    be non-NULL for a row to carry an entry of this kind (a session's close, a stage's end).
+    `id_set` is ``(link table, order column)``: the sample ids linked to a row, whose RFC 9162 root over the
+    members in that order (`fgtrac_core.ledger.entries.members_root`) is the first computed field.  `pair_column`
+    names a nullable column of the link table whose value each member leaf carries beside its id (a batch's
+    targets as used).  `present_when` names a column that must be non-NULL for a row to carry an entry of this
+    kind (a session's close, a stage's end).
     """
 
     kind: str
@@ -87,10 +87,9 @@ KINDS: tuple[RecordKind, ...] = (
     RecordKind(
         "batch",
         "batches",
-        ("batch_id", "step", "stage_id", "epoch", "lr", "group_lrs", "loss", "n_samples", "samples_root",
-         "targets_root"),
+        ("batch_id", "step", "stage_id", "epoch", "lr", "group_lrs", "loss", "n_samples", "samples_root"),
         "batch_id",
-        computed=("samples_root", "targets_root"),
+        computed=("samples_root",),
         id_set=("batch_samples", "position"),
         pair_column="target",
     ),

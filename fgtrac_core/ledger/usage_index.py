@@ -7,11 +7,13 @@ holding two RFC 9162 roots over sorted leaves:
 
 * ``usage_root`` — one leaf per registered sample, ascending by sample id::
 
-      usage leaf = sample_id (8 bytes, big-endian signed) || n_uses (8 bytes, big-endian) || uses_root (32 bytes)
+      usage leaf = sample_id (8 bytes, big-endian signed) || n_uses (8 bytes, big-endian) || uses_hash (32 bytes)
 
-  where ``uses_root`` is the RFC 9162 root over the sample's uses in ledger order, one leaf per occurrence in a
-  batch: ``batch entry seq (8 bytes BE) || position in the batch (4 bytes BE)`` (the empty-tree hash when the
-  sample was never used).  Only batch entries with ``seq < ledger_size`` (the entries before the index) count.
+  where ``uses_hash`` is the SHA-256 of the sample's uses in ledger order, concatenated, one 12-byte record per
+  occurrence in a batch: ``batch entry seq (8 bytes BE) || position in the batch (4 bytes BE)`` (the SHA-256 of
+  nothing, which is also the empty-tree hash, when the sample was never used).  A plain hash, not a Merkle root: a
+  proof of the leaf always lists every use, so a tree would prove nothing more and cost two hashes a use instead
+  of one a sample.  Only batch entries with ``seq < ledger_size`` (the entries before the index) count.
 * ``content_root`` — one leaf per registered sample, ascending by (content SHA-256, sample id)::
 
       content leaf = content_sha256 (32 bytes) || sample_id (8 bytes, big-endian signed)
@@ -22,6 +24,7 @@ each with its inclusion proof.  Pure Python: the offline checker uses this modul
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,9 +38,9 @@ def use_leaf(seq: int, position: int) -> bytes:
     return int(seq).to_bytes(8, "big") + int(position).to_bytes(4, "big")
 
 
-def uses_root(uses: Sequence[tuple[int, int]]) -> bytes:
-    """Root over a sample's (batch entry seq, position) uses, which must be in ledger order."""
-    return root_from_leaf_hashes([leaf_hash(use_leaf(s, p)) for s, p in uses]) if uses else EMPTY_ROOT
+def uses_hash(uses: Sequence[tuple[int, int]]) -> bytes:
+    """SHA-256 over a sample's (batch entry seq, position) use records, which must be in ledger order."""
+    return hashlib.sha256(b"".join(use_leaf(s, p) for s, p in uses)).digest()
 
 
 def usage_leaf(sample_id: int, n_uses: int, root: bytes) -> bytes:
@@ -66,7 +69,7 @@ def index_roots(
     """(usage_root, content_root, usage leaves, content leaves) for registered `samples` ((id, content sha256),
     any order) and their `uses` (id -> [(seq, position)] in ledger order)."""
     by_id = sorted(samples)
-    usage = [usage_leaf(i, len(uses.get(i, ())), uses_root(uses.get(i, []))) for i, _ in by_id]
+    usage = [usage_leaf(i, len(uses.get(i, ())), uses_hash(uses.get(i, []))) for i, _ in by_id]
     content = [content_leaf(h, i) for i, h in sorted(samples, key=lambda s: (s[1], s[0]))]
     return (
         root_from_leaf_hashes([leaf_hash(x) for x in usage]),

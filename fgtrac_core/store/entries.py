@@ -18,11 +18,11 @@ from fgtrac_core.ledger.entries import (
     ENTRY_KINDS,
     RESULT_KINDS,
     encode_columns,
-    ids_root,
     json_string,
+    members_root,
 )
 from fgtrac_core.ledger.kinds import BY_KIND, KINDS, RecordKind
-from fgtrac_core.ledger.merkle import leaf_hash, root_from_leaf_hashes
+from fgtrac_core.ledger.merkle import HASH_SIZE, leaf_hash, root_from_leaf_hashes
 from fgtrac_core.store.merkle_batch import big_endian, forest_roots, hex_rows, leaf_hashes, runs
 from fgtrac_core.store.schema import column_types
 from fgtrac_core.store.usage_index import read_usage_index
@@ -45,6 +45,7 @@ def _select(kind: RecordKind) -> str:
 
 
 _SELECT: dict[str, str] = {k.kind: _select(k) for k in KINDS}
+_EMPTY_SET_ROOT = members_root([])
 
 # kinds whose entries hold a digest only the Python path computes (count_mismatches skips them)
 _PYTHON_ONLY = {k.kind for k in KINDS if k.computed}
@@ -52,37 +53,32 @@ _PYTHON_ONLY = {k.kind for k in KINDS if k.computed}
 Entry = tuple[int | None, str | None, bytes]
 
 
-def _link_roots(
-    keys: np.ndarray, ids: np.ndarray, values: pa.ChunkedArray | pa.Array | None
-) -> tuple[dict[int, str], dict[int, str | None]]:
-    """Merkle root (hex) of each set's sample ids, and of its (id, value) pairs when `values` is given, from link
-    rows ordered by set key, then by the set's order column.
+def _link_roots(keys: np.ndarray, ids: np.ndarray, values: pa.ChunkedArray | pa.Array | None) -> dict[int, str]:
+    """Merkle root (hex) of each set's members, from link rows ordered by set key, then by the set's order column;
+    with `values` (the link table's pair column), a member's leaf carries its value beside its id.
 
-    The leaves are `ids_root`'s and `pairs_root`'s (`fgtrac_core.ledger.entries`, the reference), built as arrays:
-    every set of a commit or a verification is hashed in one pass (`merkle_batch`)."""
+    The leaves are `members_root`'s (`fgtrac_core.ledger.entries`, the reference), built as arrays: every set of
+    a commit or a verification is hashed in one pass (`merkle_batch`)."""
     if not len(keys):
-        return {}, {}
+        return {}
     starts, lengths = runs(keys)
-    set_keys = keys[starts].tolist()
     id_bytes = big_endian(np.asarray(ids, np.int64), ">i8")
-    id_hashes = leaf_hashes(id_bytes, repeated=True)  # a sample is in many sets: its leaf is hashed once
-    roots = dict(zip(set_keys, hex_rows(forest_roots(id_hashes, lengths)), strict=True))
+    # a sample is in many sets: each distinct leaf is hashed once
     if values is None:
-        return roots, {}
-    null = np.asarray(values.is_null().to_numpy(zero_copy_only=False), bool)
-    has_pairs = np.add.reduceat((~null).astype(np.int64), starts) > 0  # a set of NULL values only has no root
-    rows = np.repeat(has_pairs, lengths)
-    null, value = null[rows], values.fill_null(0).to_numpy(zero_copy_only=False)[rows]
-    hashes = id_hashes[rows]  # a NULL value leaves the id alone: its pair leaf is the id's
-    pairs = np.concatenate([id_bytes[rows][~null], big_endian(value[~null], ">i8")], axis=1)
-    hashes[~null] = leaf_hashes(pairs, repeated=True)
-    pair_roots = iter(hex_rows(forest_roots(hashes, lengths[has_pairs])))
-    return roots, {k: next(pair_roots) if p else None for k, p in zip(set_keys, has_pairs.tolist(), strict=True)}
+        hashes = leaf_hashes(id_bytes, repeated=True)
+    else:
+        null = np.asarray(values.is_null().to_numpy(zero_copy_only=False), bool)
+        hashes = np.empty((len(id_bytes), HASH_SIZE), np.uint8)
+        if null.any():  # a NULL value leaves the id alone
+            hashes[null] = leaf_hashes(id_bytes[null], repeated=True)
+        if not null.all():
+            value = values.fill_null(0).to_numpy(zero_copy_only=False)[~null]
+            pairs = np.concatenate([id_bytes[~null], big_endian(value, ">i8")], axis=1)
+            hashes[~null] = leaf_hashes(pairs, repeated=True)
+    return dict(zip(keys[starts].tolist(), hex_rows(forest_roots(hashes, lengths)), strict=True))
 
 
-def _id_roots(
-    con: duckdb.DuckDBPyConnection, kind: str, keys: np.ndarray
-) -> tuple[dict[int, str], dict[int, str | None]]:
+def _id_roots(con: duckdb.DuckDBPyConnection, kind: str, keys: np.ndarray) -> dict[int, str]:
     """`_link_roots` of the sets whose key is in `keys`, read from the kind's link table."""
     record = BY_KIND[kind]
     assert record.id_set is not None and record.id_column is not None
@@ -97,15 +93,10 @@ def _id_roots(
     return _link_roots(table.column("k").to_numpy(), table.column("sample_id").to_numpy(), values)
 
 
-def _with_id_roots(
-    kind: str, cols: dict[str, list], roots: dict[int, str], pair_roots: dict[int, str | None]
-) -> None:
-    """Add the kind's computed id-set root columns (and pair roots) to `cols`, one value per `ref_id`."""
-    record = BY_KIND[kind]
-    empty = ids_root([])
-    cols[record.computed[0]] = [roots.get(r, empty) for r in cols["ref_id"]]
-    if record.pair_column is not None:
-        cols[record.computed[1]] = [pair_roots.get(r) for r in cols["ref_id"]]
+def _with_id_roots(kind: str, cols: dict[str, list], roots: dict[int, str]) -> None:
+    """Add the kind's computed id-set root column to `cols`, one value per `ref_id` (an empty set's root where a
+    row links no sample)."""
+    cols[BY_KIND[kind].computed[0]] = [roots.get(r, _EMPTY_SET_ROOT) for r in cols["ref_id"]]
 
 
 def entries_of_rows(kind: str, rows: pa.Table, links: pa.Table | None = None) -> list[Entry]:
@@ -132,7 +123,7 @@ def entries_of_rows(kind: str, rows: pa.Table, links: pa.Table | None = None) ->
         assert links is not None and record.id_column is not None
         values = links.column(record.pair_column) if record.pair_column else None
         keys = links.column(record.id_column).to_numpy()
-        _with_id_roots(kind, cols, *_link_roots(keys, links.column("sample_id").to_numpy(), values))
+        _with_id_roots(kind, cols, _link_roots(keys, links.column("sample_id").to_numpy(), values))
     return list(zip(cols["ref_id"], cols["ref_key"], encode_columns(kind, cols), strict=True))
 
 
@@ -185,7 +176,7 @@ def iter_entries(
         cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
         record = BY_KIND[kind]
         if record.id_set is not None:
-            _with_id_roots(kind, cols, *_id_roots(con, kind, np.asarray(cols["ref_id"], dtype=np.int64)))
+            _with_id_roots(kind, cols, _id_roots(con, kind, np.asarray(cols["ref_id"], dtype=np.int64)))
         elif kind == "analysis":
             roots = _analysis_roots(con, cols["ref_id"])
             cols["rows_root"] = [roots[r] for r in cols["ref_id"]]

@@ -13,7 +13,7 @@ import duckdb
 
 from fgtrac_core.errors import CorruptRunError, SchemaVersionError, TamperedRunError
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8  # 8: one tree per batch over (id, target), a plain hash per sample's uses (docs/schema.md)
 
 _DDL = """
 CREATE TABLE meta (

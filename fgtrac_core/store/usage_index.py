@@ -15,10 +15,9 @@ from functools import cached_property
 import duckdb
 import numpy as np
 
-from fgtrac_core.ledger.merkle import EMPTY_ROOT, perfect_subtree_levels
+from fgtrac_core.ledger.merkle import EMPTY_ROOT, HASH_SIZE, perfect_subtree_levels
 from fgtrac_core.store.merkle_batch import (
     big_endian,
-    forest_roots,
     leaf_hashes,
     rows_as_bytes,
     runs,
@@ -122,10 +121,10 @@ def read_usage_index(con: duckdb.DuckDBPyConnection, ledger_size: int) -> UsageI
     starts, counts = runs(sid)  # sorted by sample id
     used_ids = sid[starts]
     use_rows = np.concatenate([big_endian(seqs, ">u8"), big_endian(positions, ">u4")], axis=1)
-    roots_of_used = forest_roots(leaf_hashes(use_rows), counts)
+    roots_of_used = _group_digests(use_rows, counts)
 
     n_uses = np.zeros(n, np.int64)
-    roots = np.tile(np.frombuffer(EMPTY_ROOT, np.uint8), (n, 1))  # a sample never used: the empty tree's hash
+    roots = np.tile(np.frombuffer(EMPTY_ROOT, np.uint8), (n, 1))  # a sample never used: the hash of no uses
     if len(used_ids):
         at = np.minimum(np.searchsorted(used_ids, ids), len(used_ids) - 1)
         has_uses = used_ids[at] == ids
@@ -140,6 +139,16 @@ def read_usage_index(con: duckdb.DuckDBPyConnection, ledger_size: int) -> UsageI
     return UsageIndex(
         ids, LeafRows(usage), LeafRows(content[order]), used_ids, np.r_[starts, len(sid)], seqs, positions
     )
+
+
+def _group_digests(rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """SHA-256 of each of consecutive groups of rows of an (n, w) uint8 array, the group's rows concatenated, as
+    (len(counts), 32): one hash call per group, over a view of one buffer."""
+    data = memoryview(np.ascontiguousarray(rows, np.uint8).reshape(-1))
+    ends = np.cumsum(counts, dtype=np.int64) * rows.shape[1]
+    bounds = zip((ends - np.asarray(counts, np.int64) * rows.shape[1]).tolist(), ends.tolist(), strict=True)
+    sha = hashlib.sha256
+    return np.frombuffer(b"".join([sha(data[a:b]).digest() for a, b in bounds]), np.uint8).reshape(-1, HASH_SIZE)
 
 
 def _content_hashes(texts: np.ndarray, is_hex: np.ndarray) -> np.ndarray:

@@ -13,8 +13,8 @@ from fgtrac_core.ledger.entries import (
     ENTRY_KINDS,
     encode_columns,
     entry_bytes,
-    id_leaf,
-    ids_root,
+    member_leaf,
+    members_root,
 )
 
 _STRINGS = [
@@ -61,8 +61,14 @@ def test_column_encoder_matches_reference(kind: str) -> None:
         assert decode_entry(e)[0] == kind  # canonical by the decoder's own re-encoding check
 
 
-def test_id_set_root_is_rfc9162_root_over_big_endian_ids() -> None:
+def test_id_set_root_is_rfc9162_root_over_big_endian_members() -> None:
     ids = [5, -1, 2**40, 0]
-    assert ids_root(ids) == merkle_root([i.to_bytes(8, "big", signed=True) for i in ids]).hex()
-    assert id_leaf(1) == b"\x00" * 7 + b"\x01"
-    assert ids_root([]) == merkle_root([]).hex()
+    assert members_root(ids) == merkle_root([i.to_bytes(8, "big", signed=True) for i in ids]).hex()
+    assert member_leaf(1) == b"\x00" * 7 + b"\x01"
+    assert member_leaf(1, -2) == b"\x00" * 7 + b"\x01" + b"\xff" * 7 + b"\xfe"
+    targets = [3, None, 0, -7]
+    assert members_root(ids, targets) == merkle_root(
+        [i.to_bytes(8, "big", signed=True) + (b"" if t is None else t.to_bytes(8, "big", signed=True))
+         for i, t in zip(ids, targets, strict=True)]
+    ).hex()  # fmt: skip
+    assert members_root([]) == merkle_root([]).hex()

@@ -21,7 +21,7 @@ from fgtrac_core.ledger.usage_index import (
     parse_usage_leaf,
     usage_key,
     usage_leaf,
-    uses_root,
+    uses_hash,
 )
 
 
@@ -36,10 +36,12 @@ USES = {5: [(10, 0), (14, 3), (14, 7)], 12: [(11, 1)]}
 def test_leaves_and_roots_by_hand() -> None:
     usage_root, content_root, usage, content = index_roots(SAMPLES, USES)
     assert [parse_usage_leaf(x)[0] for x in usage] == [-3, 5, 7, 12]  # integer order, negatives first
-    assert parse_usage_leaf(usage[1]) == (5, 3, uses_root(USES[5]))
+    assert parse_usage_leaf(usage[1]) == (5, 3, uses_hash(USES[5]))
     assert parse_usage_leaf(usage[0]) == (-3, 0, EMPTY_ROOT)
     use = (14).to_bytes(8, "big") + (3).to_bytes(4, "big")
-    assert uses_root(USES[5]) == merkle_root([(10).to_bytes(8, "big") + bytes(4), use, use[:8] + (7).to_bytes(4, "big")])
+    records = (10).to_bytes(8, "big") + bytes(4) + use + use[:8] + (7).to_bytes(4, "big")
+    assert uses_hash(USES[5]) == hashlib.sha256(records).digest()
+    assert uses_hash([]) == hashlib.sha256(b"").digest() == EMPTY_ROOT
     assert usage_root == root_from_leaf_hashes([leaf_hash(x) for x in usage]) == merkle_root(usage)
     assert content_root == merkle_root(sorted(content_leaf(h, i) for i, h in SAMPLES))
     assert usage_leaf(1, 0, EMPTY_ROOT)[:8] == (1).to_bytes(8, "big")

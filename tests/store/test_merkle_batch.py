@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from fgtrac_core import Run
-from fgtrac_core.ledger.entries import ids_root, pairs_root
+from fgtrac_core.ledger.entries import members_root
 from fgtrac_core.ledger.merkle import EMPTY_ROOT, leaf_hash, root_from_leaf_hashes
-from fgtrac_core.ledger.usage_index import index_roots, uses_root
+from fgtrac_core.ledger.usage_index import index_roots, uses_hash
 from fgtrac_core.store.entries import _link_roots
 from fgtrac_core.store.merkle_batch import forest_roots, leaf_hashes, rows_as_bytes, tree_root
 from fgtrac_core.store.usage_index import read_usage_index
@@ -53,8 +53,8 @@ def test_forest_roots_equal_one_tree_at_a_time() -> None:
 
 
 def test_id_set_roots_equal_the_reference() -> None:
-    """Batch entries commit each batch's ids and its (id, target) pairs; NULL targets leave the id alone, a batch
-    of NULL targets only has no pair root; negative ids are signed."""
+    """Batch entries commit each batch's (id, target) members; NULL targets leave the id alone (a batch of NULL
+    targets only commits its ids, as a transform does); negative ids are signed."""
     rng = np.random.default_rng(2)
     sizes = [1, 5, 8, 3, 13, 2]
     keys = np.repeat(np.arange(len(sizes)) * 7, sizes)
@@ -63,12 +63,14 @@ def test_id_set_roots_equal_the_reference() -> None:
     for i in range(sizes[0], sizes[0] + sizes[1]):  # the second set: all NULL
         values[i] = None
     values[-1] = values[7] = None  # and some NULLs among values
-    roots, pair_roots = _link_roots(keys, ids, pa.chunked_array([pa.array(values, pa.int32())]))
+    roots = _link_roots(keys, ids, pa.chunked_array([pa.array(values, pa.int32())]))
+    id_roots = _link_roots(keys, ids, None)
     starts = np.r_[0, np.cumsum(sizes)]
     for k, (a, b) in zip(np.arange(len(sizes)) * 7, zip(starts[:-1], starts[1:], strict=True), strict=True):
-        assert roots[int(k)] == ids_root(ids[a:b].tolist())
-        assert pair_roots[int(k)] == pairs_root(ids[a:b].tolist(), values[a:b])
-    assert pair_roots[7] is None
+        assert roots[int(k)] == members_root(ids[a:b].tolist(), values[a:b])
+        assert id_roots[int(k)] == members_root(ids[a:b].tolist())
+    assert roots[7] == id_roots[7]  # NULL targets only: the ids alone
+    assert roots[0] != id_roots[0]
 
 
 def test_id_set_roots_of_samples_used_again_and_again_equal_the_reference() -> None:
@@ -79,13 +81,13 @@ def test_id_set_roots_of_samples_used_again_and_again_equal_the_reference() -> N
     keys = np.repeat(np.arange(len(sizes)), sizes)
     ids = rng.integers(0, 15, len(keys))
     values = [int(v) for v in rng.integers(0, 3, len(keys))]
-    roots, pair_roots = _link_roots(keys, ids, pa.chunked_array([pa.array(values, pa.int32())]))
+    roots = _link_roots(keys, ids, pa.chunked_array([pa.array(values, pa.int32())]))
+    id_roots = _link_roots(keys, ids, None)
     starts = np.r_[0, np.cumsum(sizes)]
     for k, (a, b) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
-        assert roots[k] == ids_root(ids[a:b].tolist())
-        assert pair_roots[k] == pairs_root(ids[a:b].tolist(), values[a:b])
-    assert _link_roots(keys, ids, None)[1] == {}
-    assert _link_roots(np.array([], np.int64), np.array([], np.int64), None) == ({}, {})
+        assert roots[k] == members_root(ids[a:b].tolist(), values[a:b])
+        assert id_roots[k] == members_root(ids[a:b].tolist())
+    assert _link_roots(np.array([], np.int64), np.array([], np.int64), None) == {}
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +139,7 @@ def test_usage_index_equals_the_reference(run: Path) -> None:
         assert ui.n_uses == sum(len(u) for u in uses.values())
         for sid in ui.sample_ids.tolist():
             assert ui.uses_of(sid) == uses.get(sid, [])
-        assert [leaf[16:] for leaf in ui.usage_leaves] == [uses_root(uses.get(s, [])) for s in ui.sample_ids.tolist()]
+        assert [leaf[16:] for leaf in ui.usage_leaves] == [uses_hash(uses.get(s, [])) for s in ui.sample_ids.tolist()]
     ui = read_usage_index(con, size)
     assert ui.uses_of(0) and len(ui.uses_of(-1)) == 2 and ui.uses_of(27) == [] and ui.uses_of(12345) == []
     committed = con.execute(
