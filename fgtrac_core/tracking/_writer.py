@@ -22,6 +22,7 @@ import duckdb
 
 from fgtrac_core.errors import FgtracError
 from fgtrac_core.store.db import BufferedInserts, first_line
+from fgtrac_core.tracking import _switch_interval
 
 Job = Callable[[duckdb.DuckDBPyConnection], None]
 
@@ -68,7 +69,8 @@ class Writer:
         self._reset = reset
         self._queue: queue.Queue[tuple[Job | None, bool, threading.Event | None]] = queue.Queue()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="fgtrac-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run_loop, name="fgtrac-writer", daemon=True)
+        _switch_interval.shorten()  # given back when the thread ends
         self._thread.start()
 
     def submit(self, job: Job, *, publish: bool = False, wait: bool = False) -> None:
@@ -94,6 +96,12 @@ class Writer:
     def raise_if_failed(self) -> None:
         if self._error is not None:
             raise RecordingFailedError(f"recording failed in the background: {first_line(self._error)}")
+
+    def _run_loop(self) -> None:
+        try:
+            self._loop()
+        finally:
+            _switch_interval.restore()
 
     def _loop(self) -> None:
         _lower_own_priority()

@@ -1,9 +1,11 @@
 """The background writer: jobs queued behind a busy writer share one transaction, and a failure among them still
 commits exactly the jobs before it (the shared transaction is rolled back, the ledger state reset, and the jobs
-rerun one transaction each)."""
+rerun one transaction each); the GIL switch interval is short while a writer lives."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -68,3 +70,48 @@ def test_a_failure_in_a_shared_transaction_commits_exactly_the_jobs_before_it(tm
         writer.stop()
     assert [r[0] for r in con.execute("SELECT job FROM t ORDER BY job").fetchall()] == [0, 1]
     assert calls == ["reset"]  # in-memory state reloaded once, after the shared transaction's rollback
+
+
+_SWITCH_INTERVAL_SCRIPT = """
+import sys
+from pathlib import Path
+from fgtrac_core.tracking import Run
+from fgtrac_core.tracking._switch_interval import SWITCH_INTERVAL_S
+
+def short() -> bool:
+    return abs(sys.getswitchinterval() - SWITCH_INTERVAL_S) < 2e-6  # held in whole microseconds
+
+
+root = Path(sys.argv[1])
+sys.setswitchinterval(0.005)
+first = Run.create(root / "a", name="a")
+assert short()
+second = Run.create(root / "b", name="b")
+first.close()
+assert short()  # the second writer still lives
+second.close()
+assert sys.getswitchinterval() == 0.005
+
+run = Run.create(root / "c", name="c")
+sys.setswitchinterval(0.003)  # the program's own choice while recording
+run.close()
+assert sys.getswitchinterval() == 0.003
+
+sys.setswitchinterval(1e-4)  # already shorter: never lengthened
+shorter = sys.getswitchinterval()
+run = Run.open(root / "c")
+assert sys.getswitchinterval() == shorter
+run.close()
+assert sys.getswitchinterval() == shorter
+print("ok")
+"""
+
+
+def test_switch_interval_is_short_while_a_writer_lives_then_the_programs_own(tmp_path: Path) -> None:
+    """The first open run shortens the GIL switch interval, the last one to close restores the program's; a value
+    the program sets meanwhile, or one already shorter, is left as the program has it.  In a fresh interpreter:
+    the interval is process-wide, and runs other tests leave open would hold it."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SWITCH_INTERVAL_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
