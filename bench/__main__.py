@@ -144,11 +144,12 @@ wanders by +-15 us between runs minutes apart while the hooks do the same work a
 bare step, the smallest denominator the loop has, is given too, and an A/A run (the same pairing, no hooks
 anywhere) shows the measurement's own noise.
 The training thread only validates, buffers and enqueues; checkpoint serialisation, fsync, DuckDB commits,
-ledger entries, a signed tree head and a snapshot copy per checkpoint run on a writer thread at the lowest CPU
-priority, so that they take cores only in the loop's gaps. On this tiny loop (a checkpoint every ~20 steps of ~5 ms) the writer
-cannot keep up inside the gaps and finishes its backlog in `close()`: that deferred work is the end-to-end
-figure, dominated by DuckDB statements (~3-5 ms each: per commit the Arrow inserts and the read-backs that build
-ledger entries); snapshots coalesce while the writer is backlogged (spacing them ≥ 1 s apart measured no gain).
+ledger entries, a signed tree head per checkpoint and the snapshot run on a writer thread at the lowest CPU
+priority (nice 19), with the GIL's switch interval shortened while it lives (`fgtrac_core/tracking/_switch_interval.py`:
+torch releases the GIL around each operator, and a writer holding it kept the training thread waiting). This loop
+keeps both cores busy with torch's threads, so the writer gets little CPU while it runs and finishes its backlog in
+`close()`: that deferred work is the end-to-end figure. Where the recorder's time goes, and what was measured
+about it: [docs/scale.md](docs/scale.md#what-recording-costs-measured).
 
 ## Verify throughput
 
