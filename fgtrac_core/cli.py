@@ -119,6 +119,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             + (f"  lr {lr[0]:.3g}..{lr[1]:.3g}" if lr else "")
             + ("  dropout seeds recorded" if st["forward_seeds"] else "")
             + (f"  on {st['device']}" if st["device"] not in (None, "cpu") else "")
+            + (f"  {st['precision']}" if st["autocast"] else "")
         )
     for st in s["stages"]:
         if st["idle"]:

@@ -43,6 +43,7 @@ def _stages() -> None:
         "n_sample_uses",
         "lr_min",
         "lr_max",
+        "precision",  # full, or the torch.autocast its training forwards ran under
         "status",
     ]
     st.dataframe(stages[cols], hide_index=True)

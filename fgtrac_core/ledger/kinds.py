@@ -82,7 +82,8 @@ KINDS: tuple[RecordKind, ...] = (
         "stage_id",
     ),
     RecordKind(
-        "stage_end", "stages", ("stage_id", "end_step", "status", "ended_at"), "stage_id", present_when="ended_at"
+        "stage_end", "stages", ("stage_id", "end_step", "status", "ended_at", "autocast"), "stage_id",
+        present_when="ended_at"
     ),
     RecordKind(
         "batch",

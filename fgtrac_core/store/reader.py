@@ -37,6 +37,15 @@ IDLE_STAGE_HINT = (
 )
 
 
+def precision_text(autocast: str | None) -> str | None:
+    """A stage's recorded ``stages.autocast`` (JSON) as words: ``"full"``, ``"autocast bfloat16 (cpu)"``, or None
+    where the stage did not end normally (nothing recorded)."""
+    if autocast is None or pd.isna(autocast):
+        return None
+    seen = json.loads(autocast)
+    return "full" if seen is None else f"autocast {seen['dtype']} ({seen['device_type']})"
+
+
 class RunStore:
     """A read-only view of one run (its latest published snapshot)."""
 
@@ -102,16 +111,19 @@ class RunStore:
         return row[0][0].isoformat() if row and row[0][0] is not None else None
 
     def stages(self) -> pd.DataFrame:
-        """One row per stage: optimizer, hyperparameters (JSON), step range, #steps, #batches, #sample uses."""
-        return self.df(
+        """One row per stage: optimizer, hyperparameters (JSON), step range, #steps, #batches, #sample uses, and
+        `precision`: what its training forwards ran under (`precision_text`)."""
+        df = self.df(
             """SELECT s.stage_id, s.name, s.optimizer, s.start_step, s.end_step, s.status,
                       count(b.batch_id) AS n_batches, count(DISTINCT b.step) AS n_steps,
                       coalesce(sum(b.n_samples), 0) AS n_sample_uses,
                       min(b.lr) AS lr_min, max(b.lr) AS lr_max, s.hparams, s.lr_schedule,
-                      s.started_at, s.ended_at
+                      s.started_at, s.ended_at, s.autocast
                FROM stages s LEFT JOIN batches b USING (stage_id)
                GROUP BY ALL ORDER BY s.stage_id"""
         )
+        df["precision"] = [precision_text(a) for a in df["autocast"].tolist()]
+        return df
 
     def checkpoints(self) -> pd.DataFrame:
         return self.df(
@@ -177,6 +189,10 @@ class RunStore:
                     "lr_applied": list(lr_ranges[int(r.stage_id)]) if int(r.stage_id) in lr_ranges else None,
                     "idle": lr_ranges.get(int(r.stage_id), (None, None))[1] == 0.0,  # as `idle_stages`
                     "device": json.loads(r.hparams).get("device"),  # where it trained; None: not recorded
+                    # the torch.autocast its training forwards ran under ({"device_type", "dtype"}; None: full
+                    # precision, or not recorded: `precision` says which)
+                    "autocast": None if r.precision is None else json.loads(r.autocast),
+                    "precision": r.precision,
                 }
                 for r in stages.itertuples()
             ],

@@ -13,7 +13,7 @@ import duckdb
 
 from fgtrac_core.errors import CorruptRunError, SchemaVersionError, TamperedRunError
 
-SCHEMA_VERSION = 8  # 8: one tree per batch over (id, target), a plain hash per sample's uses (docs/schema.md)
+SCHEMA_VERSION = 8  # 8: one tree per batch over (id, target), a hash per sample's uses, stages.autocast (docs/schema.md)
 
 _DDL = """
 CREATE TABLE meta (
@@ -64,7 +64,8 @@ CREATE TABLE stages (
     end_step BIGINT,
     status VARCHAR NOT NULL,
     started_at TIMESTAMP NOT NULL,
-    ended_at TIMESTAMP
+    ended_at TIMESTAMP,
+    autocast VARCHAR
 );
 CREATE TABLE batches (
     batch_id BIGINT PRIMARY KEY,

@@ -654,6 +654,7 @@ class Run:
                 "status": pa.array(["running"]),
                 "started_at": pa.array([_now()], pa.timestamp("us")),
                 "ended_at": pa.nulls(1, pa.timestamp("us")),
+                "autocast": pa.nulls(1, pa.string()),
             }
         )
         self._commit([_inserter("stages", row)], [Rows("stage_start", row)])
@@ -680,18 +681,21 @@ class Run:
             self._stage.hooks.remove()
         if self._stage.seeds is not None:
             self._stage.seeds.remove()
+        autocast = None
         if self._stage.autocast is not None:
             self._stage.autocast.remove()
+            # what the stage's training forwards ran under, as its checkpoints say: JSON null for full precision
+            autocast = canonical_json(self._stage.autocast.seen)
         if self._pending_lrs:  # batches logged for a step that never ran: they keep a step number of their own
             self._resolve_pending(self._next_step, None, None)
             self._next_step += 1
 
         def end(con: duckdb.DuckDBPyConnection) -> None:
             con.execute(
-                """UPDATE stages SET status = ?, ended_at = ?,
+                """UPDATE stages SET status = ?, ended_at = ?, autocast = ?,
                        end_step = (SELECT max(step) FROM batches WHERE stage_id = ?)
                    WHERE stage_id = ?""",
-                [status, ended_at, stage_id, stage_id],
+                [status, ended_at, autocast, stage_id, stage_id],
             )
 
         self._commit([end], [("stage_end", stage_id, stage_id)], publish=True)

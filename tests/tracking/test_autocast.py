@@ -72,6 +72,25 @@ def test_each_stages_checkpoints_say_what_its_forwards_ran_under(mixed_run: tupl
         assert seen == (None if kind == "stage_start" or stage == "b" else bf16), (stage, kind)
 
 
+def test_info_and_the_stages_table_say_which_stages_ran_under_autocast(mixed_run: tuple[Path, Any]) -> None:
+    """`stages.autocast` (committed by the stage_end entry) says what each stage's end checkpoint says; `fgtrac
+    info` names the mixed-precision stages, the dashboard's stages table shows every stage's precision."""
+    run_dir, _ = mixed_run
+    bf16 = {"device_type": "cpu", "dtype": "bfloat16"}
+    with RunStore(run_dir) as store:
+        stages = store.stages()
+        summary = store.summary()
+    assert stages["precision"].tolist() == ["autocast bfloat16 (cpu)", "full", "autocast bfloat16 (cpu)"]
+    assert [(st["name"], st["autocast"], st["precision"]) for st in summary["stages"]] == [
+        ("a", bf16, "autocast bfloat16 (cpu)"), ("b", None, "full"), ("c", bf16, "autocast bfloat16 (cpu)")
+    ]  # fmt: skip
+    proc = run_cli("info", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    lines = {ln.split()[0]: ln for ln in proc.stdout.splitlines() if ln.startswith("  ") and "steps" in ln}
+    assert "autocast bfloat16 (cpu)" in lines["a"] and "autocast bfloat16 (cpu)" in lines["c"], proc.stdout
+    assert "autocast" not in lines["b"] and "full" not in lines["b"], proc.stdout
+
+
 def test_a_run_trained_under_autocast_replays_bit_for_bit(mixed_run: tuple[Path, Any]) -> None:
     run_dir, trained = mixed_run
     with RunStore(run_dir) as store, deterministic(1):
