@@ -94,6 +94,38 @@ def test_train_sample_proof(digits_run: Path, proofs: dict[str, Any]) -> None:
     assert result["sample"]["split"] == "train"
 
 
+def test_a_relabelled_sample_proof_names_each_uses_target(tmp_path: Path) -> None:
+    """A sample trained with one target and then another: check-proof lists each use with its own target (with one
+    target throughout, it names it once)."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from fgtrac_core import Run
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3)
+    run = Run.create(tmp_path / "run", name="relabel")
+    run.register_samples(np.arange(4), split="train", labels=np.array([0, 1, 2, 0]), raw=np.eye(4, 3, dtype=np.float32))
+    for name, relabel in (("a", 0), ("b", 2)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with run.stage(name, optimizer=opt, model=model):
+            for _ in range(2):
+                loss = model(torch.randn(2, 3)).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                run.log_batch([0, 1], loss=loss, targets=[relabel, 1])
+    run.close()
+    for sample, expected in ((0, "at steps 0 (target 0), 1 (target 0), 2 (target 2), 3 (target 2)"),
+                             (1, "at steps 0, 1, 2, 3, trained with target 1")):  # fmt: skip
+        bundle = tmp_path / f"{sample}.json"
+        proc = run_cli("prove", str(tmp_path / "run"), "--sample", str(sample), "--out", str(bundle))
+        assert proc.returncode == 0, proc.stderr
+        proc = run_cli("check-proof", str(bundle))
+        assert proc.returncode == 0 and f"used 4 times, {expected}" in proc.stdout, proc.stdout
+
+
 def test_test_sample_proof(proofs: dict[str, Any]) -> None:
     """A never-used test sample's proof is valid and shows no use."""
     proc = run_cli("check-proof", str(proofs["files"]["test"]))
