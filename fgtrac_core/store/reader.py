@@ -191,8 +191,8 @@ class RunStore:
                     "device": json.loads(r.hparams).get("device"),  # where it trained; None: not recorded
                     # the torch.autocast its training forwards ran under ({"device_type", "dtype"}; None: full
                     # precision, or not recorded: `precision` says which)
-                    "autocast": None if r.precision is None else json.loads(r.autocast),
-                    "precision": r.precision,
+                    "autocast": None if pd.isna(r.autocast) else json.loads(r.autocast),
+                    "precision": precision_text(r.autocast),
                 }
                 for r in stages.itertuples()
             ],
