@@ -5,9 +5,10 @@ holds the GIL keeps it until another asks and the interpreter's switch interval 
 the training thread waited up to 5 ms after an operator, and the writer's low priority no longer held it back:
 the training thread, blocked on the GIL, left it a core.  Measured on the sample loop (2 cores, both busy with
 torch): a nice-19 thread hashing small buffers (GIL held) made the loop +3% to +315% slower (0.64-0.71 s to
-0.73-2.7 s); with a 0.2 ms interval +0% to +4%, as little as a thread hashing 1 MB buffers (GIL released), and
-the recorded loop +5% to +10% against +11% to +34% (2026-12-05).  The interval only matters while two threads
-want the GIL, so a loop without other Python threads runs as before.
+0.73-2.7 s); with a 0.2 ms interval +0% to +4%, as little as a thread hashing 1 MB buffers (GIL released).  The
+recorded sample loop (`bench.recorder_overhead`, median of 7, four interleaved pairs, 2026-12-05): +6.9% to
++9.2% against +6.9% to +25.5% with the default interval: the typical run gains a point, the bad ones most.  The
+interval only matters while two threads want the GIL, so a loop without other Python threads runs as before.
 
 Process-wide (`sys.setswitchinterval`): shortened by the first live writer, restored by the last, unless the
 program set its own value meanwhile (then left as the program set it), and never lengthened.
