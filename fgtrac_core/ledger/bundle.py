@@ -2,9 +2,8 @@
 
 Pure Python + cryptography: no database, no torch.  A bundle holds one sample's lifecycle entries (registration,
 annotations, preprocessing, the batches that used it), each with its RFC 9162 inclusion proof against one
-Ed25519-signed tree head; batch and transform entries add the sample's inclusion in the entry's id set (for a batch, with the target it
-was trained on).
-A bundle proves that every use it lists happened.  With an ``index`` section (runs recorded with a usage index,
+Ed25519-signed tree head; batch and transform entries add the sample's inclusion in the entry's id set (for a
+batch, with the target it was trained on).  A bundle proves that every use it lists happened.  With an ``index`` section (runs recorded with a usage index,
 `fgtrac_core.ledger.usage_index`) it also proves that the list is complete — the sample's leaf in the committed
 index holds exactly these uses — or, for an id the run never registered, that no leaf exists for it.
 """
