@@ -37,12 +37,26 @@ IDLE_STAGE_HINT = (
 )
 
 
+def recorded_autocast(autocast: str | None) -> dict[str, str] | None:
+    """A stage's ``stages.autocast`` (JSON) read back: ``{"device_type", "dtype"}``, or None for full precision or
+    nothing recorded; CorruptRunError for anything else (an altered snapshot: `fgtrac verify` names the row)."""
+    if autocast is None or pd.isna(autocast):
+        return None
+    try:
+        seen = json.loads(autocast)
+        if seen is not None:
+            seen = {"device_type": str(seen["device_type"]), "dtype": str(seen["dtype"])}
+    except (ValueError, TypeError, KeyError):
+        raise CorruptRunError(f"stages.autocast holds {autocast!r}, not a recorded precision (run fgtrac verify)") from None
+    return seen
+
+
 def precision_text(autocast: str | None) -> str | None:
     """A stage's recorded ``stages.autocast`` (JSON) as words: ``"full"``, ``"autocast bfloat16 (cpu)"``, or None
     where the stage did not end normally (nothing recorded)."""
     if autocast is None or pd.isna(autocast):
         return None
-    seen = json.loads(autocast)
+    seen = recorded_autocast(autocast)
     return "full" if seen is None else f"autocast {seen['dtype']} ({seen['device_type']})"
 
 
@@ -191,7 +205,7 @@ class RunStore:
                     "device": json.loads(r.hparams).get("device"),  # where it trained; None: not recorded
                     # the torch.autocast its training forwards ran under ({"device_type", "dtype"}; None: full
                     # precision, or not recorded: `precision` says which)
-                    "autocast": None if pd.isna(r.autocast) else json.loads(r.autocast),
+                    "autocast": recorded_autocast(r.autocast),
                     "precision": precision_text(r.autocast),
                 }
                 for r in stages.itertuples()

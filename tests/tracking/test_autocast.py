@@ -4,6 +4,7 @@ trained model, where a float32 replay diverges within the first steps."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,18 @@ def test_info_and_the_stages_table_say_which_stages_ran_under_autocast(mixed_run
     lines = {ln.split()[0]: ln for ln in proc.stdout.splitlines() if ln.startswith("  ") and "steps" in ln}
     assert "autocast bfloat16 (cpu)" in lines["a"] and "autocast bfloat16 (cpu)" in lines["c"], proc.stdout
     assert "autocast" not in lines["b"] and "full" not in lines["b"], proc.stdout
+
+
+def test_info_on_an_altered_precision_fails_in_one_line(mixed_run: tuple[Path, Any], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(mixed_run[0], run_dir)
+    with duckdb.connect(str(run_dir / "snapshot.duckdb")) as con:
+        con.execute("""UPDATE stages SET autocast = '{"dtype": 1' WHERE name = 'a'""")
+    proc = run_cli("info", str(run_dir))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        """fgtrac: error: stages.autocast holds '{"dtype": 1', not a recorded precision (run fgtrac verify)"""
+    ]
 
 
 def test_a_run_trained_under_autocast_replays_bit_for_bit(mixed_run: tuple[Path, Any]) -> None:
