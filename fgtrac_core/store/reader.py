@@ -37,27 +37,21 @@ IDLE_STAGE_HINT = (
 )
 
 
-def recorded_autocast(autocast: str | None) -> dict[str, str] | None:
-    """A stage's ``stages.autocast`` (JSON) read back: ``{"device_type", "dtype"}``, or None for full precision or
-    nothing recorded; CorruptRunError for anything else (an altered snapshot: `fgtrac verify` names the row)."""
+def recorded_precision(autocast: str | None) -> tuple[dict[str, str] | None, str | None]:
+    """A stage's ``stages.autocast`` (JSON) read back, as (the ``torch.autocast`` its training forwards ran under,
+    ``{"device_type", "dtype"}`` or None; the same in words: ``"full"``, ``"autocast bfloat16 (cpu)"``, or None where
+    the stage did not end normally and nothing was recorded).  CorruptRunError for anything else (an altered
+    snapshot: `fgtrac verify` names the row)."""
     if autocast is None or pd.isna(autocast):
-        return None
+        return None, None
     try:
         seen = json.loads(autocast)
-        if seen is not None:
-            seen = {"device_type": str(seen["device_type"]), "dtype": str(seen["dtype"])}
+        if seen is None:
+            return None, "full"
+        seen = {"device_type": str(seen["device_type"]), "dtype": str(seen["dtype"])}
     except (ValueError, TypeError, KeyError):
         raise CorruptRunError(f"stages.autocast holds {autocast!r}, not a recorded precision (run fgtrac verify)") from None
-    return seen
-
-
-def precision_text(autocast: str | None) -> str | None:
-    """A stage's recorded ``stages.autocast`` (JSON) as words: ``"full"``, ``"autocast bfloat16 (cpu)"``, or None
-    where the stage did not end normally (nothing recorded)."""
-    if autocast is None or pd.isna(autocast):
-        return None
-    seen = recorded_autocast(autocast)
-    return "full" if seen is None else f"autocast {seen['dtype']} ({seen['device_type']})"
+    return seen, f"autocast {seen['dtype']} ({seen['device_type']})"
 
 
 class RunStore:
@@ -126,7 +120,7 @@ class RunStore:
 
     def stages(self) -> pd.DataFrame:
         """One row per stage: optimizer, hyperparameters (JSON), step range, #steps, #batches, #sample uses, and
-        `precision`: what its training forwards ran under (`precision_text`)."""
+        `precision`: what its training forwards ran under, in words (`recorded_precision`)."""
         df = self.df(
             """SELECT s.stage_id, s.name, s.optimizer, s.start_step, s.end_step, s.status,
                       count(b.batch_id) AS n_batches, count(DISTINCT b.step) AS n_steps,
@@ -136,7 +130,7 @@ class RunStore:
                FROM stages s LEFT JOIN batches b USING (stage_id)
                GROUP BY ALL ORDER BY s.stage_id"""
         )
-        df["precision"] = [precision_text(a) for a in df["autocast"].tolist()]
+        df["precision"] = [recorded_precision(a)[1] for a in df["autocast"].tolist()]
         return df
 
     def checkpoints(self) -> pd.DataFrame:
@@ -205,10 +199,12 @@ class RunStore:
                     "device": json.loads(r.hparams).get("device"),  # where it trained; None: not recorded
                     # the torch.autocast its training forwards ran under ({"device_type", "dtype"}; None: full
                     # precision, or not recorded: `precision` says which)
-                    "autocast": recorded_autocast(r.autocast),
-                    "precision": precision_text(r.autocast),
+                    "autocast": autocast,
+                    "precision": precision,
                 }
-                for r in stages.itertuples()
+                for r, (autocast, precision) in zip(
+                    stages.itertuples(), map(recorded_precision, stages["autocast"].tolist()), strict=True
+                )
             ],
             "checkpoints": [
                 {

@@ -23,8 +23,8 @@ SWITCH_INTERVAL_S = 2e-4
 
 _lock = threading.Lock()
 _holders = 0
-_saved: float | None = None
-_set: float | None = None  # the value as the interpreter holds it (whole microseconds)
+_saved = 0.0  # the program's own interval, while shortened
+_set: float | None = None  # the short value as the interpreter holds it (whole microseconds); None: not shortened
 
 
 def shorten() -> None:
@@ -41,10 +41,10 @@ def shorten() -> None:
 
 def restore() -> None:
     """Give the short interval back; the last holder restores the program's own."""
-    global _holders, _saved, _set
+    global _holders, _set
     with _lock:
         _holders -= 1
         if _holders == 0:
-            if _set is not None and _saved is not None and sys.getswitchinterval() == _set:
+            if _set is not None and sys.getswitchinterval() == _set:
                 sys.setswitchinterval(_saved)
-            _saved = _set = None
+            _set = None
