@@ -230,23 +230,15 @@ def markdown(res: dict[str, Any]) -> str:
     )
 
 
-def write(res: dict[str, Any], markdown_path: Path, json_path: Path) -> None:
-    """Put this section into BENCHMARKS.md (replacing its previous text, else after the 50k dashboard section)
-    and its figures into results.json, leaving every other section as `python -m bench` last wrote it."""
-    text = markdown_path.read_text()
-    section = markdown(res)
-    if HEADING in text:
-        start = text.index(HEADING)
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + ("" if end < 0 else "\n" + text[end + 1 :])
-    else:
-        anchor = text.index("## Dashboard speed")
-        end = text.find("\n## ", anchor + 3)
-        text = text[: end + 1] + section + "\n" + text[end + 1 :] if end >= 0 else text + "\n" + section
-    markdown_path.write_text(text)
-    results = json.loads(json_path.read_text())
-    results["dashboard_scale"] = res
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
+def write(res: dict[str, Any], stamp: dict[str, Any], markdown_path: Path, json_path: Path) -> None:
+    """Put this section into BENCHMARKS.md and its figures into results.json, as `python -m bench --only
+    dashboard_scale` does (every other section left as it was); `stamp`: `bench.__main__.measured`'s, taken when
+    the measurement began."""
+    from bench.__main__ import update  # bench.__main__ imports this module
+
+    results = json.loads(json_path.read_text()) if json_path.exists() else {}
+    results["dashboard_scale"] = {**res, "measured": stamp}
+    update(results, ["dashboard_scale"], markdown_path, json_path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -254,10 +246,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", nargs="?", help="an already built run (default: build one)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md and bench/results.json")
     args = parser.parse_args(argv)
+    from bench.__main__ import measured  # bench.__main__ imports this module
+
+    stamp = measured(quick=False)
     res = measure(args.run)
     print(report(res))
     if args.write:
-        write(res, ROOT / "BENCHMARKS.md", ROOT / "bench" / "results.json")
+        write(res, stamp, ROOT / "BENCHMARKS.md", ROOT / "bench" / "results.json")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The 1M-sample dashboard section: goals judged from the measured figures, and `--write` replacing only its own
-section of BENCHMARKS.md (the measurement itself needs the 1M run and chromium: `python -m bench.dashboard_scale`)."""
+block of BENCHMARKS.md (the measurement itself needs the 1M run and chromium: `python -m bench.dashboard_scale`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import dashboard_scale
+from bench import dashboard_scale, report_file
 
 
 def _result(first: float, switches: list[float]) -> dict[str, Any]:
@@ -35,15 +35,20 @@ def test_goals_are_judged_from_the_figures() -> None:
     assert bad.endswith("sample_usage")
 
 
-def test_write_replaces_only_its_section(tmp_path: Path) -> None:
+def test_write_replaces_only_its_block(tmp_path: Path) -> None:
     md, js = tmp_path / "BENCHMARKS.md", tmp_path / "results.json"
-    md.write_text("# b\n\n## Dashboard speed (x)\n\nfifty k.\n\n## Mislabel\n\nrest\n")
+    speed = report_file.block("dashboard_speed", "## Dashboard speed (x)\n\nfifty k.", None)
+    mislabel = report_file.block("mislabel", "## Mislabel\n\nrest", None)
+    md.write_text(f"# b\n\n{speed}\na note on speed.\n\n{mislabel}")
     js.write_text(json.dumps({"other": 1}))
-    dashboard_scale.write(_result(1.5, [0.4]), md, js)
-    dashboard_scale.write(_result(1.7, [0.4]), md, js)
+    stamp = {"at": "2026-12-05 22:00 UTC", "commit": "abc1234", "machine": "m", "versions": "v", "quick": False}
+    dashboard_scale.write(_result(1.5, [0.4]), stamp, md, js)
+    dashboard_scale.write(_result(1.7, [0.4]), {**stamp, "commit": "def5678"}, md, js)
     text = md.read_text()
     assert text.count(dashboard_scale.HEADING) == 1 and "1.70 s" in text and "1.50 s" not in text
-    assert text.index("fifty k.") < text.index(dashboard_scale.HEADING) < text.index("## Mislabel")
-    assert text.endswith("## Mislabel\n\nrest\n")
-    assert json.loads(js.read_text())["other"] == 1
+    assert text.index("a note on speed.") < text.index(dashboard_scale.HEADING) < text.index("## Mislabel")
+    assert "on the code of def5678" in text and "abc1234" not in text
+    assert text.endswith(mislabel)
+    results = json.loads(js.read_text())
+    assert results["other"] == 1 and results["dashboard_scale"]["measured"]["commit"] == "def5678"
     assert "| lifecycle | `sample_usage` | 12.0 | 9.0 | batch_samples: sequential scan" in text
