@@ -273,6 +273,11 @@ def stage_method(analysis: dict[str, Any]) -> None:
                    f"f(the {md(method)} estimate of the model trained without the stage); nothing was replayed")  # fmt: skip
     if analysis["params"].get("verified") is False:
         st.warning(f"Not verified against exact replay: {md(analysis['params'].get('verified_reason'))}")
+    deviation = analysis["params"].get("replay_deviation")
+    if analysis["params"].get("replay_verified") and deviation:
+        st.caption(f"Replay reproduced the recorded parameters within a relative difference of {deviation:.2g}, "
+                   f"not bit for bit (tolerance {analysis['params'].get('replay_tolerance'):g}: this pipeline's "
+                   f"kernels round differently from run to run)")  # fmt: skip
     for stage, names in (analysis["params"].get("replaced") or {}).items():
         st.caption(f"Stage {md(stage)} started from {md(', '.join(names))} as the loop replaced them (a new head?): "
                    f"every counterfactual keeps those values, so a stage's effect is what it trained")  # fmt: skip

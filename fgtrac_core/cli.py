@@ -244,6 +244,7 @@ def _ids(text: str | None) -> list[int] | None:
 def _cmd_influence(args: argparse.Namespace) -> int:
     from fgtrac_core.completeness import require_complete, warn_idle_stages
     from fgtrac_core.influence.run_influence import run_influence
+    from fgtrac_core.stages.replay_match import deviation_text
 
     if not args.allow_incomplete:
         require_complete(args.run, "fgtrac influence")
@@ -255,7 +256,7 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         inputs=args.inputs, layer=args.head_layer, loss=args.loss, device=args.device, progress=sys.stderr.isatty(),
         weighting=args.weighting, check=args.check, ray_address=args.ray, budget_s=args.budget, force=args.force,
         on_estimate=lambda cost: print(f"--check {args.check}: {cost.line()}", file=sys.stderr),
-        gradients=args.gradients, damping=args.damping,
+        gradients=args.gradients, damping=args.damping, tolerance=args.tolerance,
     )  # fmt: skip
     if args.json:
         _print_json(summary.to_json())
@@ -275,6 +276,8 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         echo(
             f"  #{c['checkpoint_id']:<3} step {c['step']:<6} {c['stage'] or '-':<10} lr {c['lr']:<10.4g} weight {c['weight']:<10.4g} {uses}{c['reason']}"
         )
+    if s.replay_deviation is not None:
+        echo(deviation_text(s.replay_tolerance, s.replay_deviation))
     if s.check:
         c = s.check
         echo(
@@ -328,6 +331,7 @@ def _store_stages(run_dir: str | Path, **options: Any) -> tuple[int, Any]:
 def _cmd_stages(args: argparse.Namespace) -> int:
     from fgtrac_core.completeness import require_complete, warn_idle_stages
     from fgtrac_core.pipeline import load_pipeline
+    from fgtrac_core.stages.replay_match import deviation_text
     from fgtrac_core.store import RunStore
 
     if not args.allow_incomplete:
@@ -343,7 +347,7 @@ def _cmd_stages(args: argparse.Namespace) -> int:
     aid, result = _store_stages(
         args.run, method=args.method, horizon=args.horizon, compare=args.compare,
         behaviours=tuple(b.strip() for b in args.behaviour.split(",") if b.strip()), budget_s=args.budget,
-        force=args.force, pipeline=pipeline,
+        force=args.force, pipeline=pipeline, tolerance=args.tolerance,
     )  # fmt: skip
     method = "compare" if args.compare else args.method
     with RunStore(args.run) as store:
@@ -358,6 +362,8 @@ def _cmd_stages(args: argparse.Namespace) -> int:
                 "seconds": round(result.seconds, 3),
                 "verified": result.params["verified"],
                 "verified_reason": result.params["verified_reason"],
+                "replay_tolerance": result.params["replay_tolerance"],
+                "replay_deviation": result.params["replay_deviation"],
                 "replaced": result.params["replaced"],
                 "not_run": result.params["not_run"],
                 "aggregates": json.loads(agg.to_json(orient="records")),
@@ -368,6 +374,8 @@ def _cmd_stages(args: argparse.Namespace) -> int:
     echo(f"analysis #{aid}  stages/{method}  ({result.seconds:.1f} s)  stored and committed to the ledger")
     if not result.params["verified"]:
         echo(f"UNVERIFIED: {result.params['verified_reason']}")
+    if result.params["replay_verified"]:
+        echo(deviation_text(result.params["replay_tolerance"], result.params["replay_deviation"]))
     for stage, replaced in result.params["replaced"].items():
         echo(
             f"stage {stage!r} starts from {', '.join(replaced)} as the loop replaced them (a new head?): every "
@@ -502,6 +510,7 @@ def _parser() -> argparse.ArgumentParser:
         "replays' cost is estimated first and refused above --budget",
     )  # fmt: skip
     _budget_args(inf, "--check: refuse replays estimated above this many seconds (default 600)")
+    _tolerance_arg(inf)
     inf.add_argument("--k", type=int_in(1, 1_000_000), default=50, help="proponents and opponents kept per test example")
     inf.add_argument("--checkpoints", default="auto", help="auto (FG-Trac), all, or comma-separated ids")
     inf.add_argument("--tau", type=float_in(0, 1, hi_open=True), default=0.05, help="auto: relative validation-loss improvement")
@@ -531,6 +540,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--compare", action="store_true", help="replay and every estimator, with faithfulness")
     st.add_argument("--behaviour", default="loss", help="comma-separated: loss, margin")
     _budget_args(st, "refuse replay work estimated above this many seconds (default 600)")
+    _tolerance_arg(st)
     _pipeline_args(st)
     st.add_argument("--json", action="store_true")
     st.add_argument("--allow-incomplete", action="store_true", help="analyse a run with a failed or unfinished stage")
@@ -560,6 +570,15 @@ def _budget_args(p: argparse.ArgumentParser, help: str) -> None:
 
     p.add_argument("--budget", type=float_in(0, math.inf, lo_open=True, hi_open=True), default=DEFAULT_BUDGET_S, help=help)
     p.add_argument("--force", action="store_true", help="run even above the budget")
+
+
+def _tolerance_arg(p: argparse.ArgumentParser) -> None:
+    """`--tolerance RTOL`: how closely every command that replays the run must reproduce it (`replay_match`)."""
+    p.add_argument(
+        "--tolerance", type=float_in(0, 1, hi_open=True), default=0.0, metavar="RTOL",
+        help="accept a replay whose parameters stay within this relative difference of the recorded ones "
+        "(default 0: bit for bit; for a pipeline whose kernels round differently from run to run)",
+    )  # fmt: skip
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:

@@ -67,6 +67,10 @@ class InfluenceSummary:
     weighting: str | None = "checkpoint"  # None: the influence function (one term, no weighting)
     check: dict[str, Any] | None = None
     shards: int | None = None  # sharded on Ray: the number of shards
+    # the modes that replay the run: the relative difference from the recorded parameters accepted (0: bit for
+    # bit) and the largest one the replay showed (`fgtrac_core.stages.replay_match`)
+    replay_tolerance: float | None = None
+    replay_deviation: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -211,6 +215,7 @@ def run_influence(
     on_estimate: Callable[[CostEstimate], None] | None = None,
     gradients: str = "last_layer",
     damping: float = 1e-3,
+    tolerance: float = 0.0,
 ) -> InfluenceSummary:
     """Compute, store and commit a TracInCP analysis of a recorded run; returns what was stored.
 
@@ -237,8 +242,11 @@ def run_influence(
     Mode ``influence_function``: the head's influence function with its exact cross-entropy Hessian, damped by
     `damping` (`fgtrac_core.influence.influence_function`), evaluated at the last chosen checkpoint (the final
     one unless `checkpoints` lists others); no weighting applies, and it does not run on Ray.
+    `tolerance` (the modes that replay the run): how closely the replay must follow the recorded parameters, as a
+    relative difference (0: bit for bit; `fgtrac_core.stages.replay_match`), stored with the largest accepted.
     """
     from fgtrac_core.influence.adamw_influence import MODE as ADAMW_INFLUENCE
+    from fgtrac_core.stages.replay_match import require_tolerance
     from fgtrac_core.tracking.run import Run
 
     replayed = mode in ("exact", ADAMW_INFLUENCE)  # scored along the replayed trajectory, not at checkpoints
@@ -253,6 +261,7 @@ def run_influence(
         )
     if hessian:
         require_positive_damping(damping)
+    require_tolerance(tolerance)
     if replayed and weighting == "checkpoint":
         raise FgtracError(f"{mode} mode weighs every step's own use (η_t/|B_t|); --weighting checkpoint does not apply")
     if replayed and device is not None and torch.device(device).type != "cpu":
@@ -312,6 +321,7 @@ def run_influence(
             from fgtrac_core.stages._records import load_training
 
             records = load_training(store, pipeline)
+            records.training.tolerance = tolerance
             intervals = run_intervals(store, [c["checkpoint_id"] for c in chosen])
     cost = None
     if check:
@@ -443,6 +453,8 @@ def run_influence(
         }  # fmt: skip
     if replayed:
         params["steps_replayed"] = rev.scores.n_steps
+        params["replay_tolerance"] = tolerance
+        params["replay_deviation"] = records.training.deviation
         params["contributions"] = "per interval: the steps each checkpoint stands for (usage weighting's rule)"
     if mode == "exact":
         params["gradients"] = gradients
@@ -491,6 +503,8 @@ def run_influence(
         weighting=weighting,
         check=params.get("check"),
         shards=shards,
+        replay_tolerance=params.get("replay_tolerance"),
+        replay_deviation=params.get("replay_deviation"),
     )
 
 

@@ -36,6 +36,7 @@ from fgtrac_core.stages._records import load_training
 from fgtrac_core.stages.errors import StageAnalysisError
 from fgtrac_core.stages.linearize import ADAM_MODES
 from fgtrac_core.stages.replay import Cursor, deterministic, replay_full, replay_without, require_replayable
+from fgtrac_core.stages.replay_match import require_tolerance
 from fgtrac_core.stages.training import StateDict, Training, cross_entropy
 from fgtrac_core.store.reader import RunStore
 
@@ -136,6 +137,7 @@ def analyze(
     adam: str = "full",
     pipeline: Pipeline | None = None,
     on_estimate: Callable[[CostEstimate], None] | None = None,
+    tolerance: float = 0.0,
 ) -> StageAnalysis:
     """Per-stage effects of the run in `run_dir` on each test example, with aggregates and faithfulness.
 
@@ -148,17 +150,21 @@ def analyze(
     stderr with the progress bar); above `budget_s` seconds the analysis is refused unless `force`.  progress:
     show a bar on stderr (None: only when stderr is a terminal).  pipeline: the run's model and inputs (default:
     the one its config names, see `fgtrac_core.pipeline.load_pipeline`).  on_estimate: called with the cost
-    estimate before any replay starts (and before a refusal), e.g. for the CLI to print it.
+    estimate before any replay starts (and before a refusal), e.g. for the CLI to print it.  tolerance: how
+    closely replay must reproduce the recorded parameters, as a relative difference (0: bit for bit; see
+    `fgtrac_core.stages.replay_match`); the largest difference accepted is stored as ``replay_deviation``.
     """
     t_start = time.perf_counter()
     behaviours = tuple(behaviours)
     fns = beh.resolve(behaviours)
     _check_options(method, horizon, readout, adam)
+    require_tolerance(tolerance)
     show = sys.stderr.isatty() if progress is None else progress
     with RunStore(run_dir) as store:
         records = load_training(store, pipeline)
         unfinished = store.incomplete_stages()
     training = records.training
+    training.tolerance = tolerance
     refusal = training.replay_refusal()
     if method == "replay" or compare:
         require_replayable(training)  # now, not after the estimators' minutes
@@ -205,6 +211,10 @@ def analyze(
         "force": force,
         "estimated_seconds": round(estimate.seconds, 3),
         "replay_verified": reference is not None and training.n_stages > 1,
+        "replay_tolerance": tolerance,
+        # the largest relative difference from the recorded parameters a replay was accepted with (0.0: every
+        # replay that was checked reproduced them bit for bit)
+        "replay_deviation": training.deviation,
         **_verification(reference is not None, refusal, unfinished, method),
         "test_split": "test",
         "n_test": len(training.test_ids),
@@ -233,7 +243,8 @@ def _verification(
     replayed: bool, refusal: str | None, unfinished: list[tuple[str, str]], method: str
 ) -> dict[str, Any]:
     """`verified`: the effects come from (or were checked against) an exact replay that reproduced the recorded
-    final parameters bit for bit, of a run whose stages all finished; else `verified_reason` says why not."""
+    final parameters bit for bit (or within the tolerance asked: ``replay_deviation`` says by how much), of a run
+    whose stages all finished; else `verified_reason` says why not."""
     reasons = [f"stage {name!r} is {status}: the run is incomplete" for name, status in unfinished]
     if refusal is not None:
         reasons.append(f"exact replay is refused: {refusal}")

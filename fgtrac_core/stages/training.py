@@ -150,6 +150,11 @@ class Training:
     load_batch: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
     test_ids: np.ndarray
     loss_fn: LossFn = cross_entropy
+    # how closely replay must follow the recording: 0 bit for bit, else a relative difference of the parameters
+    # (`fgtrac_core.stages.replay_match`); `deviation` is the largest one a replay was accepted with (of a step's
+    # parameter fingerprint, or of a tensor at a stage end)
+    tolerance: float = 0.0
+    deviation: float = 0.0
     _accumulation: dict[int, str] = field(default_factory=dict, repr=False)
     _frozen: dict[int, list[int]] = field(default_factory=dict, repr=False)  # `frozen_params`, asked per step
     _stepped: dict[int, list[int | None]] = field(default_factory=dict, repr=False)  # `stepped_index`, per step

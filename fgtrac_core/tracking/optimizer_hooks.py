@@ -279,11 +279,6 @@ def param_fingerprint(optimizer: torch.optim.Optimizer) -> float:
     return fingerprint_value(ParamFingerprint(optimizer).snapshot())
 
 
-def fingerprints_differ(recorded: float, replayed: float) -> bool:
-    """True when two fingerprints cannot come from the same parameters (float64 summation order aside)."""
-    return abs(recorded - replayed) > 1e-12 * max(1.0, abs(recorded))
-
-
 # ----------------------------------------------------------------------------------------------- clipping
 
 

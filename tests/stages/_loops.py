@@ -395,6 +395,16 @@ def reference_replay(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def edit_step_lr(run_dir: Path, step: int, lr: float) -> None:
+    """Change the first group's recorded lr of `step` in the snapshot, after the fact (a fact the loop did not
+    follow, for replay to find)."""
+    with duckdb.connect(str(run_dir / "snapshot.duckdb")) as con:
+        (hp,) = con.execute("SELECT hparams FROM optimizer_steps WHERE step = ?", [step]).fetchone()
+        groups = json.loads(hp)
+        groups[0]["lr"] = lr
+        con.execute("UPDATE optimizer_steps SET hparams = ? WHERE step = ?", [json.dumps(groups), step])
+
+
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

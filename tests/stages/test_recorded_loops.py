@@ -36,6 +36,7 @@ from tests.stages._loops import (
     BranchMLP,
     StageCfg,
     dataset,
+    edit_step_lr,
     pipeline,
     record,
     reference_replay,
@@ -718,11 +719,7 @@ def test_changed_lr_is_diagnosed_at_the_first_diverging_step(tmp_path: Path) -> 
     run_dir = tmp_path / "run"
     with deterministic(1):
         record(run_dir, [StageCfg("a", _sgd(), None, epochs=2), StageCfg("b", _adam(), None, epochs=1)])
-    with duckdb.connect(str(run_dir / "snapshot.duckdb")) as con:
-        (hp,) = con.execute("SELECT hparams FROM optimizer_steps WHERE step = 7").fetchone()
-        groups = json.loads(hp)
-        groups[0]["lr"] = 0.125
-        con.execute("UPDATE optimizer_steps SET hparams = ? WHERE step = 7", [json.dumps(groups)])
+    edit_step_lr(run_dir, 7, 0.125)
     with RunStore(run_dir) as store, deterministic(1):
         training = load_training(store, pipeline()).training
         bar = _StepCounter()
