@@ -29,6 +29,9 @@ def encode(values: Any, n: int) -> list[str | None]:
     """One JSON text per sample (None for a sample given None) from `display=`: a sequence of strings or
     mappings, or a pandas DataFrame (one row per sample, its columns the feature names)."""
     if isinstance(values, pd.DataFrame):
+        narrow = [c for c, dtype in values.dtypes.items() if dtype in (np.float32, np.float16)]
+        # to_dict would widen them to float64's digits (float32 21.72 -> 21.719999313354492)
+        values = values.assign(**{c: [_feature_value(v) for v in values[c].to_numpy()] for c in narrow})
         values = values.to_dict("records")
     if isinstance(values, str | bytes | Mapping) or not isinstance(values, Sequence | np.ndarray):
         raise FgtracError("register_samples: display= must hold one value per sample (a list or a DataFrame)")
@@ -51,7 +54,7 @@ def _encode_one(value: Any, i: int) -> str | None:
             raise FgtracError(
                 f"register_samples: display entry {i} has {len(value)} features (1 to {MAX_FEATURES})"
             )
-        features = {str(k): to_jsonable(v) for k, v in value.items()}
+        features = {str(k): _feature_value(v) for k, v in value.items()}
         bad = next((k for k, v in features.items() if isinstance(v, dict | list)), None)
         if bad is not None:
             raise FgtracError(f"register_samples: display feature {bad!r} of entry {i} is not a single value")
@@ -60,6 +63,14 @@ def _encode_one(value: Any, i: int) -> str | None:
         f"register_samples: display entry {i} is a {type(value).__name__}; give a string (text) or a mapping "
         "of feature names to values (tabular)"
     )
+
+
+def _feature_value(value: Any) -> Any:
+    """A feature value as JSON; a float32 or float16 as the shortest decimal that reads back as it (what numpy and
+    pandas print), not as the digits of its float64 widening."""
+    if isinstance(value, np.floating) and value.dtype.itemsize < 8 and np.isfinite(value):
+        return float(str(value))
+    return to_jsonable(value)
 
 
 def decode(stored: str | None) -> Display | None:

@@ -94,6 +94,15 @@ def test_encode_decode_round_trip() -> None:
     assert [decode(e) for e in encode(values, 3)] == values
 
 
+def test_float32_features_keep_the_digits_they_print_with() -> None:
+    """A float32 column (features loaded as float32, as torch pipelines do) is stored as the shortest decimal that
+    reads back as that float32, as numpy and pandas print it, not as the digits of its float64 widening."""
+    frame = pd.DataFrame({"radius": np.array([21.72, 0.1], np.float32), "area": np.array([1.5, np.inf], np.float16)})
+    assert [decode(s) for s in encode(frame, 2)] == [{"radius": 21.72, "area": 1.5}, {"radius": 0.1, "area": "Infinity"}]
+    assert decode(encode([{"radius": np.float32(21.72), "wide": np.float64(21.72)}], 1)[0]) == {"radius": 21.72, "wide": 21.72}
+    assert float(np.float32(21.72)) != 21.72  # what the plain conversion would have stored
+
+
 def test_feature_contrast_matches_hand_computation() -> None:
     ref = {"a": 0.0, "b": 10.0, "c": "x"}
     rows = {7: {"a": 2.0, "b": 10.0, "c": "y"}, 9: {"a": -1.0, "b": 13.0, "c": "z"}}
