@@ -78,16 +78,16 @@ class Difference:
 
 
 def difference(replayed: dict[str, torch.Tensor], recorded: dict[str, torch.Tensor]) -> Difference | None:
-    """None when `replayed` and `recorded` hold the same names and bitwise equal tensors, else their `Difference`."""
-    if replayed.keys() == recorded.keys() and all(
-        torch.equal(torch.as_tensor(replayed[k]), torch.as_tensor(recorded[k])) for k in recorded
-    ):
+    """None when `replayed` and `recorded` hold the same names and bitwise equal tensors, else their `Difference`
+    (infinite when a name is missing on either side)."""
+    if replayed.keys() != recorded.keys():
+        return Difference(float("inf"), float("inf"))
+    if all(torch.equal(torch.as_tensor(replayed[k]), torch.as_tensor(recorded[k])) for k in recorded):
         return None
     absolute = relative = 0.0
     for k, want in recorded.items():
-        want = torch.as_tensor(want)
-        got = torch.as_tensor(replayed[k]) if k in replayed else None
-        if got is None or got.shape != want.shape:
+        want, got = torch.as_tensor(want), torch.as_tensor(replayed[k])
+        if got.shape != want.shape:
             return Difference(float("inf"), float("inf"))
         if not want.is_floating_point():  # a step count: equal or not
             if not torch.equal(got, want):

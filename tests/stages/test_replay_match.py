@@ -35,6 +35,7 @@ def test_difference_is_none_only_for_bitwise_equal_states() -> None:
         {"w": torch.tensor([1.0, -4.0]), "step": torch.tensor(4)},  # an integer that differs is never close
         {"w": torch.tensor([1.0, -4.0, 0.0]), "step": torch.tensor(3)},  # reshaped
         {"step": torch.tensor(3)},  # missing
+        {"w": torch.tensor([1.0, -4.0]), "step": torch.tensor(3), "extra": torch.tensor(0.0)},  # one more
     ],
 )
 def test_a_count_shape_or_name_that_differs_is_infinitely_far(replayed: dict[str, torch.Tensor]) -> None:
