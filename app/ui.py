@@ -140,6 +140,9 @@ def _sample_table(
     features = {sid: shown[sid] for sid, _ in rows if isinstance(shown.get(sid), dict)}
     if not features:
         st.dataframe(table, key=key, height=_ROW_PX * (len(table) + 1) + 3)
+        if not texts:
+            st.caption("Only ids: these samples were registered without thumbnails= or display= "
+                       "(`run.register_samples(..., display=texts or a DataFrame of features)` shows them here).")  # fmt: skip
         return
     ref = shown.get(reference) if reference is not None else None
     ref = ref if isinstance(ref, dict) else None

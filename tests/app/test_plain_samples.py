@@ -290,3 +290,23 @@ def test_data_quality_with_a_mark_no_sample_carries(
     at.selectbox(key="mark").set_value("nothing_wrong").run()
     assert not at.exception and not at.error
     assert any("No training sample is annotated nothing_wrong" in plain(c.value) for c in at.caption)
+
+
+def test_samples_without_thumbnails_or_display_say_how_to_show_them(
+    tmp_path: Path, tabular_run: Path, facts: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run registered with raw bytes only (no thumbnails=, no display=): the lists give ids, labels and scores,
+    and say what would show the samples themselves; a run with feature values does not."""
+    from fgtrac_core.stages.replay import deterministic
+    from tests.stages._loops import INPUTS_REF, MODEL_REF, StageCfg, record
+
+    run = tmp_path / "run"
+    with deterministic(1):
+        record(run, [StageCfg("a", lambda m: torch.optim.SGD(m.parameters(), lr=0.1))])
+    pipe = ("--model", MODEL_REF, "--inputs", INPUTS_REF, "--head-layer", "head")
+    run_cli("influence", str(run), *pipe, "--checkpoints", "all", check=True)
+    hint = "Only ids: these samples were registered without thumbnails= or display="
+    at = open_page(run, PAGES[0], monkeypatch)
+    assert not at.exception and sum(hint in c.value for c in at.caption) == 2  # proponents and opponents
+    at = open_page(tabular_run, PAGES[0], monkeypatch, test=str(facts["test_id"]))
+    assert not any(hint in c.value for c in at.caption)
