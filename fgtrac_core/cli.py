@@ -117,7 +117,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             + (f"{st['n_batches']} batches: gradient accumulation, " if st["n_batches"] > st["n_steps"] else "")
             + f"{st['n_sample_uses']} uses)  {st['status']}"
             + (f"  lr {lr[0]:.3g}..{lr[1]:.3g}" if lr else "")
-            + ("  dropout seeds recorded" if st["forward_seeds"] else "")
+            + ("  forward seeds recorded (dropout, randomness in the model)" if st["forward_seeds"] else "")
             + (f"  on {st['device']}" if st["device"] not in (None, "cpu") else "")
             + (f"  {st['precision']}" if st["autocast"] else "")
         )

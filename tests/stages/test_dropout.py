@@ -138,7 +138,7 @@ def test_dropout_replays_bit_for_bit(tmp_path: Path) -> None:
     assert analysis.params["verified"] is True
     info = run_cli("info", str(tmp_path / "run"), "--json", check=True).stdout
     assert [s["forward_seeds"] for s in json.loads(info)["stages"]] == [True, True]
-    assert "dropout seeds recorded" in run_cli("info", str(tmp_path / "run"), check=True).stdout
+    assert "forward seeds recorded (dropout, randomness in the model)" in run_cli("info", str(tmp_path / "run"), check=True).stdout
 
 
 @pytest.mark.parametrize(("model", "accumulate"), [(NoisyMLP, False), (NoisyMLP, True), (AugmentedMLP, False)])
