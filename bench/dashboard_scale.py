@@ -232,9 +232,9 @@ def markdown(res: dict[str, Any]) -> str:
 
 def write(res: dict[str, Any], stamp: dict[str, Any], markdown_path: Path, json_path: Path) -> None:
     """Put this section into BENCHMARKS.md and its figures into results.json, as `python -m bench --only
-    dashboard_scale` does (every other section left as it was); `stamp`: `bench.__main__.measured`'s, taken when
+    dashboard_scale` does (every other section left as it was); `stamp`: `bench.sections.measured`'s, taken when
     the measurement began."""
-    from bench.__main__ import update  # bench.__main__ imports this module
+    from bench.sections import update  # bench.sections imports this module
 
     results = json.loads(json_path.read_text()) if json_path.exists() else {}
     results["dashboard_scale"] = {**res, "measured": stamp}
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", nargs="?", help="an already built run (default: build one)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md and bench/results.json")
     args = parser.parse_args(argv)
-    from bench.__main__ import measured  # bench.__main__ imports this module
+    from bench.sections import measured  # bench.sections imports this module
 
     stamp = measured(quick=False)
     res = measure(args.run)

@@ -320,8 +320,7 @@ def run_influence(
         if replayed or check:
             from fgtrac_core.stages._records import load_training
 
-            records = load_training(store, pipeline)
-            records.training.tolerance = tolerance
+            records = load_training(store, pipeline, tolerance=tolerance)
             intervals = run_intervals(store, [c["checkpoint_id"] for c in chosen])
     cost = None
     if check:

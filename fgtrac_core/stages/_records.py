@@ -42,8 +42,11 @@ class RunRecords:
     checkpoints: list[CheckpointUse]
 
 
-def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: str = "test") -> RunRecords:
-    """Build the `Training` of the run behind `store` (test examples: the samples of `split`).
+def load_training(
+    store: RunStore, pipeline: Pipeline | None = None, *, split: str = "test", tolerance: float = 0.0
+) -> RunRecords:
+    """Build the `Training` of the run behind `store` (test examples: the samples of `split`; `tolerance`: how
+    closely its replays must reproduce the recording, `Training.tolerance`).
 
     Raises MissingBoundaryStateError when a stage lacks its stage_start/stage_end checkpoint or the optimizer
     state in it, and StageAnalysisError for runs that cannot be replayed as recorded (e.g. an optimizer step no
@@ -109,7 +112,7 @@ def load_training(store: RunStore, pipeline: Pipeline | None = None, *, split: s
             )
     training = Training(
         stages=stages, model_factory=pipeline.model, load_batch=load_batch, test_ids=test_ids,
-        loss_fn=pipeline.loss_fn or cross_entropy,
+        loss_fn=pipeline.loss_fn or cross_entropy, tolerance=tolerance,
     )  # fmt: skip
     training.validate()
     first = next((s.batches[0][:2] for s in stages if s.batches), None)

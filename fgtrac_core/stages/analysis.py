@@ -161,10 +161,9 @@ def analyze(
     require_tolerance(tolerance)
     show = sys.stderr.isatty() if progress is None else progress
     with RunStore(run_dir) as store:
-        records = load_training(store, pipeline)
+        records = load_training(store, pipeline, tolerance=tolerance)
         unfinished = store.incomplete_stages()
     training = records.training
-    training.tolerance = tolerance
     refusal = training.replay_refusal()
     if method == "replay" or compare:
         require_replayable(training)  # now, not after the estimators' minutes
