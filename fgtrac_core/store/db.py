@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -121,6 +123,17 @@ def insert_arrow(con: duckdb.DuckDBPyConnection | BufferedInserts, table: str, d
     con.from_arrow(data).query("_fgtrac_in", f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _fgtrac_in")
 
 
+def execute_on(
+    con: duckdb.DuckDBPyConnection | BufferedInserts, tables: Collection[str], sql: str, parameters: Sequence[Any]
+) -> None:
+    """Run `sql`, a statement that reads and writes only `tables` (held inserts into other tables stay held when
+    `con` is a `BufferedInserts`)."""
+    if isinstance(con, BufferedInserts):
+        con.execute_on(tables, sql, parameters)
+    else:
+        con.execute(sql, parameters)
+
+
 class BufferedInserts:
     """A connection whose Arrow inserts (`insert_arrow`) are held and written together: one statement per table
     and schema instead of one per call.
@@ -139,11 +152,21 @@ class BufferedInserts:
     def hold(self, table: str, data: pa.Table) -> None:
         self._held.setdefault((table, data.schema), []).append(data)
 
-    def flush(self) -> None:
-        """Write everything held."""
-        held, self._held = self._held, {}
+    def flush(self, tables: Collection[str] | None = None) -> None:
+        """Write everything held (only what is held for `tables` when given)."""
+        if tables is None:
+            held, self._held = self._held, {}
+        else:
+            held = {key: parts for key, parts in self._held.items() if key[0] in tables}
+            self._held = {key: parts for key, parts in self._held.items() if key[0] not in tables}
         for (table, _), parts in held.items():
             insert_arrow(self._con, table, parts[0] if len(parts) == 1 else pa.concat_tables(parts))
+
+    def execute_on(self, tables: Collection[str], sql: str, parameters: Sequence[Any]) -> None:
+        """Run a statement that reads and writes only `tables`: what is held for other tables stays held (an
+        update in the middle of a backlog then costs one statement, not one per table held)."""
+        self.flush(tables)
+        self._con.execute(sql, parameters)
 
     def __getattr__(self, name: str) -> object:
         self.flush()

@@ -74,7 +74,13 @@ from fgtrac_core.ledger import (
     public_key_pem,
 )
 from fgtrac_core.ledger.kinds import RESULT_TABLES
-from fgtrac_core.store.db import connect, discard_unfinished_create, insert_arrow, publish_snapshot
+from fgtrac_core.store.db import (
+    connect,
+    discard_unfinished_create,
+    execute_on,
+    insert_arrow,
+    publish_snapshot,
+)
 from fgtrac_core.store.layout import RunLayout
 from fgtrac_core.store.ledger_log import LedgerLog, Rows, Touched
 from fgtrac_core.store.run_files import remove_stale_temporaries, write_file_atomic
@@ -212,6 +218,7 @@ class _ActiveStage:
     autocast: AutocastProbe | None = None  # whether the stage's training forwards run under torch.autocast
     groups: list[dict[str, Any]] | None = None  # the hyperparameters applied at the stage's previous step
     last_step_open: bool = False  # the stage's last optimizer step has no batch yet
+    logged_batches: bool = False  # a batch was logged in the stage (its end_step is then the last batch's step)
     # where the hooks' gradient count (`StepHooks.accumulations`) stood at the last step (or the batch logged after
     # it), at the first and at the last batch logged for the next step since: whether a backward ran before a
     # batch's log_batch tells a loop that logs after backward from one that logs before forward
@@ -690,15 +697,28 @@ class Run:
             self._resolve_pending(self._next_step, None, None)
             self._next_step += 1
 
+        # steps never go backwards, so the stage's last batch has its largest step
+        end_step = self._last_batch_step if self._stage.logged_batches else None
+        ended = pa.table(
+            {
+                "stage_id": pa.array([stage_id], pa.int32()),
+                "end_step": pa.array([end_step], pa.int64()),
+                "status": pa.array([status], pa.string()),
+                "ended_at": pa.array([ended_at], pa.timestamp("us")),
+                "autocast": pa.array([autocast], pa.string()),
+            }
+        )
+
         def end(con: duckdb.DuckDBPyConnection) -> None:
-            con.execute(
-                """UPDATE stages SET status = ?, ended_at = ?, autocast = ?,
-                       end_step = (SELECT max(step) FROM batches WHERE stage_id = ?)
-                   WHERE stage_id = ?""",
-                [status, ended_at, autocast, stage_id, stage_id],
+            # touches `stages` only: a backlog's inserts into other tables stay held (one statement each)
+            execute_on(
+                con,
+                ("stages",),
+                "UPDATE stages SET status = ?, ended_at = ?, autocast = ?, end_step = ? WHERE stage_id = ?",
+                [status, ended_at, autocast, end_step, stage_id],
             )
 
-        self._commit([end], [("stage_end", stage_id, stage_id)], publish=True)
+        self._commit([end], [Rows("stage_end", ended)], publish=True)
         self._stage = None
 
     def log_batch(
@@ -754,6 +774,7 @@ class Run:
         buf.ids.append(ids)
         buf.targets.append(target_arr)
         buf.n_sample_rows += len(ids)
+        stage.logged_batches = True
         if after_step:  # logged after optimizer.step(): the batch of the step that just ran
             buf.step.append(self._next_step - 1)
             buf.lr.append(stage.last_lr)

@@ -10,7 +10,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from fgtrac_core.store.db import BufferedInserts, insert_arrow
+from fgtrac_core.store.db import BufferedInserts, execute_on, insert_arrow
 from fgtrac_core.store.entries import entries_of_rows, iter_entries
 from fgtrac_core.store.schema import create_schema
 
@@ -88,6 +88,21 @@ def test_held_inserts_are_written_before_any_other_use(con: duckdb.DuckDBPyConne
     # a query through the held connection first writes everything held, in order
     assert held.execute("SELECT batch_id FROM batches ORDER BY batch_id").fetchall() == [(3,), (4,), (5,)]
     assert list(iter_entries(con, "batch")) == entries_of_rows("batch", batches, samples)
+
+
+def test_a_statement_on_named_tables_leaves_the_others_held(con: duckdb.DuckDBPyConnection) -> None:
+    batches, samples = _batches()
+    held = BufferedInserts(con)
+    insert_arrow(held, "batches", batches)
+    insert_arrow(held, "batch_samples", samples)
+    execute_on(held, ("batches",), "UPDATE batches SET epoch = ? WHERE batch_id = ?", [9, 3])
+    # the batches held were written first, so the update found its row; the samples are still held
+    assert con.execute("SELECT batch_id, epoch FROM batches ORDER BY batch_id").fetchall() == [(3, 9), (4, 1), (5, 2)]
+    assert con.execute("SELECT count(*) FROM batch_samples").fetchall() == [(0,)]
+    held.flush()
+    assert con.execute("SELECT count(*) FROM batch_samples").fetchall() == [(samples.num_rows,)]
+    execute_on(con, ("batches",), "UPDATE batches SET epoch = ? WHERE batch_id = ?", [8, 3])  # a plain connection
+    assert con.execute("SELECT epoch FROM batches WHERE batch_id = 3").fetchall() == [(8,)]
 
 
 def test_a_failing_held_insert_fails_at_the_flush(con: duckdb.DuckDBPyConnection) -> None:

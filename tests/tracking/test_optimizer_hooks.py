@@ -223,6 +223,69 @@ def test_gradient_accumulation_batches_share_their_step(tmp_path: Path) -> None:
     ]
 
 
+def _log_after_step(run: Run, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    for i in range(3):
+        opt.zero_grad()
+        _backward(model)
+        opt.step()
+        run.log_batch([i])
+
+
+def _log_before_step(run: Run, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    for i in range(3):
+        run.log_batch([i])
+        opt.zero_grad()
+        _backward(model)
+        opt.step()
+
+
+def _accumulate_then_dangle(run: Run, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    for micro in range(5):  # steps after micro-batches 2 and 5; the last two batches' step never runs
+        _backward(model)
+        run.log_batch([micro])
+        if micro % 3 == 2:
+            opt.step()
+            opt.zero_grad()
+
+
+def _steps_without_batches(run: Run, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    for _ in range(2):
+        opt.zero_grad()
+        _backward(model)
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "loops",
+    [
+        (_log_after_step, _log_before_step),
+        (_log_before_step, _steps_without_batches, _log_after_step),
+        (_accumulate_then_dangle, _log_after_step, _accumulate_then_dangle),
+    ],
+    ids=["after-before", "before-none-after", "dangling"],
+)
+def test_a_stage_ends_at_its_last_batch_step(tmp_path: Path, loops: tuple[Callable[..., None], ...]) -> None:
+    """The recorder fills in a stage's end_step from its own count (no read-back of the batches): it equals the
+    largest step of the stage's batches (NULL without batches), committed and verified, over a reopen too."""
+    run, model = _run(tmp_path / "r")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i, loop in enumerate(loops):
+        if i == len(loops) - 1:  # the last stage in a reopened run
+            run.close()
+            run = Run.open(tmp_path / "r")
+        with run.stage(f"s{i}", optimizer=opt, model=model):
+            loop(run, model, opt)
+    run.close()
+    ends = _rows(
+        tmp_path / "r",
+        """SELECT s.end_step, (SELECT max(step) FROM batches b WHERE b.stage_id = s.stage_id)
+           FROM stages s ORDER BY s.stage_id""",
+    )
+    assert [recorded for recorded, _ in ends] == [largest for _, largest in ends]
+    assert any(largest is None for _, largest in ends) == (_steps_without_batches in loops)
+    assert run_cli("verify", str(tmp_path / "r")).returncode == 0
+
+
 def test_step_going_backwards_is_one_line_and_leaves_the_stage_open(tmp_path: Path) -> None:
     """`enumerate(loader)` as step= restarts at 0 in epoch 2: refused, nothing recorded, the stage goes on."""
     run, model = _run(tmp_path / "r")
