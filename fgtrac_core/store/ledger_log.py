@@ -9,7 +9,7 @@ import duckdb
 import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fgtrac_core.ledger import GENESIS, CompactRange, chain_step, leaf_hash, sign_tree_head
+from fgtrac_core.ledger import GENESIS, CompactRange, chain_hashes, leaf_hash, sign_tree_head
 from fgtrac_core.store.db import BufferedInserts, insert_arrow
 from fgtrac_core.store.entries import Entry, entries_of_rows, iter_entries
 
@@ -71,22 +71,23 @@ class LedgerLog:
         Ranges and kinds are read back from `con` inside the caller's transaction, through the same code the
         verifier uses; `Rows` are encoded by that code's in-memory twin.
         """
-        seqs, kinds, ref_ids, ref_keys, entries, leaves, chains = [], [], [], [], [], [], []
+        kinds, ref_ids, ref_keys, entries = [], [], [], []
         for item in touched:
             kind, items = _entries(con, item)
             for ref_id, ref_key, entry in items:
-                h = leaf_hash(entry)
-                self._chain = chain_step(self._chain, h)
-                seqs.append(self._tree.size)
-                self._tree.append_leaf_hash(h)
                 kinds.append(kind)
                 ref_ids.append(ref_id)
                 ref_keys.append(ref_key)
                 entries.append(entry)
-                leaves.append(h)
-                chains.append(self._chain)
-        if not seqs:
+        if not entries:
             return
+        # hashed together (one call each), not entry by entry: the per-call checks cost as much as the hashes
+        leaves = [leaf_hash(entry) for entry in entries]
+        chains = chain_hashes(leaves, self._chain)
+        first = self._tree.size
+        self._tree.extend_leaf_hashes(leaves)
+        self._chain = chains[-1]
+        seqs = range(first, first + len(entries))
         insert_arrow(
             con,
             "ledger",
