@@ -4,7 +4,8 @@ A run is a directory::
 
     RUN/
       fgtrac.duckdb        live database, opened read-write by the one recorder process only
-      snapshot.duckdb      read-only copy published at every checkpoint and at close; readers open this
+      snapshot.duckdb      read-only copy published after checkpoints (spaced, see tracking._writer) and at
+                           close; readers open this
       checkpoints/*.pt     model + optimizer state, referenced (with SHA-256) from the `checkpoints` table; read
                            only through `fgtrac_core.store.run_files`
       .fgtrac-creating     present only while `Run.create` runs (until the run's first signed commit): a

@@ -8,6 +8,14 @@ If such a shared transaction fails it is rolled back, the recorder's in-memory l
 database (`reset`), and its jobs run again one transaction each, so exactly the jobs before the failing one end up
 committed, as without sharing.  A failed job stops the writer (later jobs would record out of order); the error
 is re-raised in the training thread at its next recorder call.
+
+Snapshots are spaced: a publish asked for by a job (a checkpoint, a stage end) waits until `min_publish_gap_s`
+seconds, or `PUBLISH_SPACING` times the last publish's own duration if longer, have passed since the last one
+ended, and then covers everything committed by then.  Each publishes a full copy of the database, so a loop
+checkpointing every few milliseconds, or a database of gigabytes, would otherwise spend its writer on copies no
+reader needs; readers still always see a complete, signed state, at most that gap old.  Someone waiting (`flush`,
+`publish`, `close`) gets a snapshot at once.  Signing is not spaced: a tree head is signed in the transaction of
+every checkpoint and stage end.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import contextlib
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import duckdb
@@ -39,6 +48,8 @@ def _lower_own_priority() -> None:
 
 
 _MAX_GROUP = 64  # jobs sharing one transaction at most (bounds what one commit holds)
+MIN_PUBLISH_GAP_S = 2.0  # a snapshot a job asks for waits at least this long after the last one
+PUBLISH_SPACING = 20.0  # ... and this many times the last publish's duration (publishing <= ~5% of the time)
 
 
 def _in_transaction(con: duckdb.DuckDBPyConnection, jobs: list[Job]) -> None:
@@ -62,11 +73,18 @@ class Writer:
     """Runs jobs on one connection in a background thread, in order."""
 
     def __init__(
-        self, con: duckdb.DuckDBPyConnection, publish: Callable[[], None], reset: Callable[[], None]
+        self,
+        con: duckdb.DuckDBPyConnection,
+        publish: Callable[[], None],
+        reset: Callable[[], None],
+        *,
+        min_publish_gap_s: float = MIN_PUBLISH_GAP_S,
     ) -> None:
         self._con = con
         self._publish = publish
         self._reset = reset
+        self._min_gap = min_publish_gap_s
+        self._next_publish = 0.0  # time.monotonic() from which a publish a job asked for may run
         self._queue: queue.Queue[tuple[Job | None, bool, threading.Event | None]] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run_loop, name="fgtrac-writer", daemon=True)
@@ -74,7 +92,8 @@ class Writer:
         self._thread.start()
 
     def submit(self, job: Job, *, publish: bool = False, wait: bool = False) -> None:
-        """Queue `job`; with `publish`, a snapshot follows it (coalesced with later publishes when backlogged)."""
+        """Queue `job`; with `publish`, a snapshot follows it (spaced, see the module doc: it then covers later
+        jobs too); with `wait`, block until it is committed and, if a publish is due, published."""
         self.raise_if_failed()
         done = threading.Event() if wait else None
         self._queue.put((job, publish, done))
@@ -108,10 +127,19 @@ class Writer:
         publish_due = False
         held = None  # an item taken from the queue while gathering a group, run next
         while True:
-            item, held = held or self._queue.get(), None
+            item, held = held, None
+            if item is None:
+                try:  # with a publish due, wake when its gap has passed even if nothing more is queued
+                    wait = max(0.0, self._next_publish - time.monotonic()) if publish_due else None
+                    item = self._queue.get(timeout=wait)
+                except queue.Empty:
+                    if self._error is None:
+                        self._publish_now()
+                    publish_due = False
+                    continue
             if item[0] is None:
                 if publish_due and self._error is None:
-                    self._run(lambda con: self._publish())
+                    self._publish_now()
                 return
             group = [item]
             while item[2] is None and len(group) < _MAX_GROUP:  # nobody waits on it: gather what is queued behind
@@ -126,13 +154,21 @@ class Writer:
             if self._error is None:
                 self._transaction([job for job, _, _ in group])
                 publish_due |= any(publish for _, publish, _ in group)
-                # publish when caught up (or when someone waits): under backlog, one snapshot covers several jobs
-                if publish_due and (self._queue.empty() or group[-1][2] is not None) and self._error is None:
-                    self._run(lambda con: self._publish())
+                waited = group[-1][2] is not None
+                # when someone waits, or when caught up and the gap has passed (a backlog's jobs share one)
+                ready = waited or (self._queue.empty() and time.monotonic() >= self._next_publish)
+                if publish_due and ready and self._error is None:
+                    self._publish_now()
                     publish_due = False
             for _, _, done in group:
                 if done is not None:
                     done.set()
+
+    def _publish_now(self) -> None:
+        start = time.monotonic()
+        self._run(lambda con: self._publish())
+        end = time.monotonic()
+        self._next_publish = end + max(self._min_gap, PUBLISH_SPACING * (end - start))
 
     def _transaction(self, jobs: list[Job]) -> None:
         self._run(lambda con: _in_transaction(con, jobs))

@@ -25,7 +25,9 @@ Conventions:
     holds the parameters *before* the update of batch step s.
   * Batches are buffered in memory and committed in one Arrow insert at every checkpoint, stage boundary, at
     ``flush()``, ``close()``, and whenever ``flush_every`` sample rows are pending.  What is committed survives a
-    crash (DuckDB's WAL); a snapshot for readers is published at every checkpoint and at close.
+    crash (DuckDB's WAL).  A tree head is signed at every checkpoint, stage end and close; a snapshot for readers
+    is published after them, spaced (at most every ``MIN_PUBLISH_GAP_S``, see `fgtrac_core.tracking._writer`),
+    and at once at ``flush()``, ``publish()`` and ``close()``.
   * The slow part (serialising checkpoints, fsync, inserts, snapshots) runs on a background writer thread, in
     order; the training thread only validates, copies checkpoint tensors and enqueues.  ``flush()`` and
     ``publish()`` wait for the writer, ``close()`` drains it.  A background failure is raised at the next call.
@@ -844,7 +846,8 @@ class Run:
         epoch: int | None = None,
         kind: str = "periodic",
     ) -> CheckpointRecord:
-        """Save model (and optimizer) state next to the database and record it; publishes a snapshot.
+        """Save model (and optimizer) state next to the database and record it; a tree head signed with it covers
+        it, and a snapshot follows (spaced: `fgtrac_core.tracking._writer`).
 
         `step` defaults to the number of optimizer steps completed.  The recorded `lr` is the first group's rate
         applied by the last optimizer step of the current stage (the rate that produced these parameters), else
@@ -1005,7 +1008,7 @@ class Run:
             for op in ops:
                 op(con)
             self._ledger.append(con, written + list(kinds))
-            if publish:  # a signed head at every checkpoint, stage end and close (snapshots may coalesce)
+            if publish:  # a signed head at every checkpoint, stage end and close (their snapshots are spaced)
                 self._ledger.sign_if_grown(con)
 
         self._writer.submit(transaction, publish=publish, wait=wait)

@@ -1,18 +1,20 @@
 """The background writer: jobs queued behind a busy writer share one transaction, and a failure among them still
 commits exactly the jobs before it (the shared transaction is rolled back, the ledger state reset, and the jobs
-rerun one transaction each); the GIL switch interval is short while a writer lives."""
+rerun one transaction each); publishes a job asks for are spaced, one a waiter asks for is not; the GIL switch
+interval is short while a writer lives."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import duckdb
 import pytest
 
-from fgtrac_core.tracking._writer import RecordingFailedError, Writer
+from fgtrac_core.tracking._writer import PUBLISH_SPACING, RecordingFailedError, Writer
 
 
 def _writer(tmp_path: Path) -> tuple[Writer, duckdb.DuckDBPyConnection, list[str]]:
@@ -70,6 +72,78 @@ def test_a_failure_in_a_shared_transaction_commits_exactly_the_jobs_before_it(tm
         writer.stop()
     assert [r[0] for r in con.execute("SELECT job FROM t ORDER BY job").fetchall()] == [0, 1]
     assert calls == ["reset"]  # in-memory state reloaded once, after the shared transaction's rollback
+
+
+def _timed_writer(tmp_path: Path, gap: float, publish_s: float = 0.0) -> tuple[Writer, duckdb.DuckDBPyConnection, list]:
+    """A writer whose publishes record (start, end) in time.monotonic() and take `publish_s` seconds."""
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    con.execute("CREATE TABLE t (job INTEGER, txid BIGINT)")
+    spans: list[tuple[float, float]] = []
+
+    def publish() -> None:
+        start = time.monotonic()
+        time.sleep(publish_s)
+        spans.append((start, time.monotonic()))
+
+    return Writer(con, publish, lambda: None, min_publish_gap_s=gap), con, spans
+
+
+def _committed(con: duckdb.DuckDBPyConnection, job: int, timeout: float = 10.0) -> None:
+    cursor = con.cursor()  # another connection to the same database: sees what the writer committed
+    deadline = time.monotonic() + timeout
+    while not cursor.execute("SELECT count(*) FROM t WHERE job = ?", [job]).fetchall()[0][0]:
+        assert time.monotonic() < deadline, f"job {job} was never committed"
+        time.sleep(0.005)
+
+
+def _until(condition, timeout: float = 10.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_publishes_a_job_asks_for_are_spaced_and_still_happen(tmp_path: Path) -> None:
+    """A checkpoint's publish within the gap of the last one waits for the gap to pass, then runs by itself
+    (nothing more submitted), covering every job committed by then."""
+    gap = 0.6
+    writer, con, spans = _timed_writer(tmp_path, gap)
+    writer.submit(_job(0), publish=True)
+    _until(lambda: len(spans) == 1)  # the first publish runs at once
+    for i in (1, 2):
+        writer.submit(_job(i), publish=True)
+    _committed(con, 2)
+    assert len(spans) == 1  # committed, but their publish waits for the gap
+    _until(lambda: len(spans) == 2, timeout=gap + 10)
+    assert spans[1][0] - spans[0][1] >= gap  # one publish for both, no earlier than the gap
+    time.sleep(gap + 0.2)
+    assert len(spans) == 2  # nothing more was due
+    writer.stop()
+
+
+def test_a_waiter_gets_a_snapshot_at_once(tmp_path: Path) -> None:
+    writer, con, spans = _timed_writer(tmp_path, gap=60.0)
+    writer.submit(_job(0), publish=True)
+    _until(lambda: len(spans) == 1)
+    writer.submit(_job(1), publish=True)
+    writer.drain()  # flush(): waits, and the publish due is not held back by the gap
+    assert len(spans) == 2
+    writer.submit(_job(2), publish=True)
+    writer.stop()  # close(): the last publish is never left behind
+    assert len(spans) == 3
+
+
+def test_the_gap_grows_with_the_publish_time(tmp_path: Path) -> None:
+    """A slow publish (a large database) is followed by a gap of PUBLISH_SPACING times its duration."""
+    publish_s = 0.05
+    writer, con, spans = _timed_writer(tmp_path, gap=0.0, publish_s=publish_s)
+    writer.submit(_job(0), publish=True)
+    _until(lambda: len(spans) == 1)
+    writer.submit(_job(1), publish=True)
+    _until(lambda: len(spans) == 2)
+    first_took = spans[0][1] - spans[0][0]
+    assert spans[1][0] - spans[0][1] >= PUBLISH_SPACING * first_took >= PUBLISH_SPACING * publish_s
+    writer.stop()
 
 
 _SWITCH_INTERVAL_SCRIPT = """
