@@ -1,8 +1,8 @@
 """Readers never fail while a run is being recorded (the loop's slowdown is measured by bench/crash_concurrency.py,
 not asserted here: wall-clock bounds on a shared 2-core machine are noise).
 
-While tests/tracking/_recording.py records (a subprocess: tiny MLP, 2 stages, a checkpoint and a published
-snapshot every 50 steps), `fgtrac info` and `fgtrac verify` run back to back in fresh processes and the dashboard
+While tests/tracking/_recording.py records (a subprocess: tiny MLP, 2 stages, a checkpoint every 50 steps and
+snapshots published after them, spaced by the writer), `fgtrac info` and `fgtrac verify` run back to back in fresh processes and the dashboard
 (AppTest: Overview rerun, Audit's Verify ledger button) reruns, from the moment Run.create returned until the
 recorder exited.  Every info call must exit 0, every verify must say "Ledger intact" (a published snapshot is
 always a consistent signed state; the live database is skipped while the recorder holds it), and the dashboard
