@@ -212,6 +212,7 @@ class _ActiveStage:
     stage_id: int
     name: str
     optimizer: torch.optim.Optimizer
+    start_step: int  # every batch of the stage has a step from here on, every earlier batch one before it
     last_lr: float | None = None
     # every param group's rate at the last step, when the groups stepped at different rates (`_group_lrs`)
     last_group_lrs: tuple[float, ...] | None = None
@@ -220,7 +221,6 @@ class _ActiveStage:
     autocast: AutocastProbe | None = None  # whether the stage's training forwards run under torch.autocast
     groups: list[dict[str, Any]] | None = None  # the hyperparameters applied at the stage's previous step
     last_step_open: bool = False  # the stage's last optimizer step has no batch yet
-    logged_batches: bool = False  # a batch was logged in the stage (its end_step is then the last batch's step)
     # where the hooks' gradient count (`StepHooks.accumulations`) stood at the last step (or the batch logged after
     # it), at the first and at the last batch logged for the next step since: whether a backward ran before a
     # batch's log_batch tells a loop that logs after backward from one that logs before forward
@@ -669,7 +669,7 @@ class Run:
         self._commit([_inserter("stages", row)], [Rows("stage_start", row)])
         self._stage_names.add(name)
         self._next_stage_id += 1
-        self._stage = _ActiveStage(stage_id, name, optimizer)
+        self._stage = _ActiveStage(stage_id, name, optimizer, self._next_step)
         self.checkpoint(self._model, optimizer, kind="stage_start")
         self._stage.hooks = StepHooks(optimizer, self._on_optimizer_step, _unwrapped(self._model))
         if seed_forwards or (seed_forwards is None and random_modules(self._model)):
@@ -699,8 +699,8 @@ class Run:
             self._resolve_pending(self._next_step, None, None)
             self._next_step += 1
 
-        # steps never go backwards, so the stage's last batch has its largest step
-        end_step = self._last_batch_step if self._stage.logged_batches else None
+        # steps never go backwards: the last batch logged has the stage's largest step, if it is the stage's
+        end_step = self._last_batch_step if self._last_batch_step >= self._stage.start_step else None
         ended = pa.table(
             {
                 "stage_id": pa.array([stage_id], pa.int32()),
@@ -776,7 +776,6 @@ class Run:
         buf.ids.append(ids)
         buf.targets.append(target_arr)
         buf.n_sample_rows += len(ids)
-        stage.logged_batches = True
         if after_step:  # logged after optimizer.step(): the batch of the step that just ran
             buf.step.append(self._next_step - 1)
             buf.lr.append(stage.last_lr)
