@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -183,15 +184,49 @@ def _timed_train(data: digits.DigitsData, run: Run | NullRun) -> float:
     return time.perf_counter() - t0
 
 
+@dataclass
+class _Recorded:
+    """One recorded loop: ingest (until committed), the loop, `close()`, and the writer's CPU over loop and close."""
+
+    ingest_s: float
+    loop_s: float
+    close_s: float
+    writer_cpu_s: float
+
+
+def _recorded_train(data: digits.DigitsData, run_dir: Path) -> _Recorded:
+    t0 = time.perf_counter()
+    run = Run.create(run_dir, name="bench")
+    digits.record_dataset(run, data)
+    run.flush()  # the ingest's own background work (hashing, thumbnails, inserts, ledger) is the ingest's
+    ingest = time.perf_counter() - t0
+    cpu = run.background_cpu_s
+    loop = _timed_train(data, run)
+    t0 = time.perf_counter()
+    run.close()
+    return _Recorded(ingest, loop, time.perf_counter() - t0, run.background_cpu_s - cpu)
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def measure(repeats: int = 5) -> dict[str, Any]:
-    """Median training wall time with and without recording, and the overhead in percent."""
+    """Median training wall time with and without recording, and the overhead in percent; the writer thread's
+    CPU time; and the same plain / recorded pair with torch on one thread, which leaves the writer a core."""
     digits.configure_determinism()
     data = digits.load_data(0)
     plain: list[float] = []
     hooked: list[float] = []
-    recorded: list[float] = []
-    ingest: list[float] = []
-    close: list[float] = []
+    recorded: list[_Recorded] = []
+    plain_1: list[float] = []
+    recorded_1: list[_Recorded] = []
     with tempfile.TemporaryDirectory() as tmp:
         _timed_train(data, NullRun())  # warm-up: first-call allocations and kernel selection
         for i in range(repeats):
@@ -200,20 +235,17 @@ def measure(repeats: int = 5) -> dict[str, Any]:
             hooked.append(_timed_train(data, hooks))
             hooks.rows.table()  # the fingerprints' reduction happens at flush time in the recorder
             steps = len(hooks.rows)
-            t0 = time.perf_counter()
-            run = Run.create(Path(tmp) / f"run{i}", name="bench")
-            digits.record_dataset(run, data)
-            run.flush()  # the ingest's own background work (hashing, thumbnails, inserts, ledger) is the ingest's
-            ingest.append(time.perf_counter() - t0)
-            recorded.append(_timed_train(data, run))
-            t0 = time.perf_counter()
-            run.close()
-            close.append(time.perf_counter() - t0)
-    p, r, h = statistics.median(plain), statistics.median(recorded), statistics.median(hooked)
+            recorded.append(_recorded_train(data, Path(tmp) / f"run{i}"))
+            with _torch_threads(1):
+                plain_1.append(_timed_train(data, NullRun()))
+                recorded_1.append(_recorded_train(data, Path(tmp) / f"one{i}"))
+    p, r, h = statistics.median(plain), statistics.median(x.loop_s for x in recorded), statistics.median(hooked)
+    close = [x.close_s for x in recorded]
     # each repeat runs the arms back to back, so a per-repeat ratio cancels slow drifts of the machine; their
     # spread says how far one median can be trusted on a shared 2-core box
     hooks_paired = sorted(100.0 * (b - a) / a for a, b in zip(plain, hooked, strict=True))
-    end_to_end = statistics.median([a + b for a, b in zip(recorded, close, strict=True)])
+    end_to_end = statistics.median([x.loop_s + x.close_s for x in recorded])
+    writer_cpu = statistics.median(x.writer_cpu_s for x in recorded)
     # the recorder attaches the hooks once per stage of the sample loop
     per_step = len(digits.STAGES) / steps
     paired = with_loop_share(
@@ -237,8 +269,27 @@ def measure(repeats: int = 5) -> dict[str, Any]:
         "loop_goal_met": 100.0 * (r - p) / p <= LOOP_GOAL_PCT,
         "end_to_end_goal_pct": END_TO_END_GOAL_PCT,
         "end_to_end_goal_met": 100.0 * (end_to_end - p) / p <= END_TO_END_GOAL_PCT,
-        "ingest_s": statistics.median(ingest),
+        "ingest_s": statistics.median(x.ingest_s for x in recorded),
         "steps": steps,
+        "writer_cpu_s": writer_cpu,
+        "writer_cpu_pct": 100.0 * writer_cpu / p,
+        "one_thread": _pair_summary(plain_1, recorded_1),
+    }
+
+
+def _pair_summary(plain: list[float], recorded: list[_Recorded]) -> dict[str, float]:
+    """Medians of a plain / recorded pair of arms and the overheads in percent of the plain loop."""
+    p, r = statistics.median(plain), statistics.median(x.loop_s for x in recorded)
+    e2e = statistics.median(x.loop_s + x.close_s for x in recorded)
+    cpu = statistics.median(x.writer_cpu_s for x in recorded)
+    return {
+        "train_plain_s": p,
+        "train_recorded_s": r,
+        "overhead_pct": 100.0 * (r - p) / p,
+        "end_to_end_s": e2e,
+        "end_to_end_overhead_pct": 100.0 * (e2e - p) / p,
+        "writer_cpu_s": cpu,
+        "writer_cpu_pct": 100.0 * cpu / p,
     }
 
 
@@ -300,7 +351,20 @@ def report(res: dict[str, Any]) -> str:
         f"(loop + close, which drains the background writer) {res['end_to_end_s']:.3f} s -> "
         f"{res['end_to_end_overhead_pct']:+.1f}% ({_goal(res, 'end_to_end')}); "
         f"ingest of 1,797 samples (hash, thumbnails, insert, committed) "
-        f"{res['ingest_s']:.3f} s"
+        f"{res['ingest_s']:.3f} s; {_writer_text(res)}"
+    )
+
+
+def _writer_text(res: dict[str, Any]) -> str:
+    """The writer's CPU and the one-thread pair, as a phrase ("n/a" for results without them)."""
+    if "writer_cpu_s" not in res:
+        return "writer CPU n/a"
+    one = res["one_thread"]
+    return (
+        f"the writer thread's CPU over loop and close {1000 * res['writer_cpu_s']:.0f} ms "
+        f"({res['writer_cpu_pct']:.1f}% of the plain loop); torch on one thread (a core left to the writer): "
+        f"plain {one['train_plain_s']:.3f} s, loop {one['overhead_pct']:+.1f}%, end to end "
+        f"{one['end_to_end_overhead_pct']:+.1f}%, writer CPU {1000 * one['writer_cpu_s']:.0f} ms"
     )
 
 

@@ -63,6 +63,8 @@ timed with the real recorder and with a `NullRun` (identical loop, no recording)
 | optimizer step hooks, paired step by step (two identical models on the same batches and schedules, steps alternating, the hooks crossed over between them every epoch; the first step after attaching, which copies the gradients once, counted once per stage as the recorder attaches them): {recorder_overhead.paired_summary(ro)} | | **goal <= {ro.get("hooks_goal_pct", 2.0):.0f}% of the sample loop's time: {"met" if ro.get("hooks_goal_met") else "not met"}** |
 | + `close()` (drains the background writer: everything committed, signed, snapshot published) | {ro["end_to_end_s"]:.3f} | **{ro["end_to_end_overhead_pct"]:+.1f}%** ({recorder_overhead._goal(ro, "end_to_end")}) |
 | ingest before training (hashing, thumbnails, insert of 1,797 samples, until committed: `flush()`) | {ro["ingest_s"]:.3f} | |
+| the writer thread's CPU time over loop and `close()` (`Run.background_cpu_s`) | {ro.get("writer_cpu_s", float("nan")):.3f} | {ro.get("writer_cpu_pct", float("nan")):.1f}% of the plain loop's time |
+{_one_thread_rows(ro.get("one_thread"))}
 
 The whole-loop figures move by several percent between repeats on this 2-core machine (the hooks-only arm per
 repeat: {recorder_overhead._span(ro.get("hooks_overhead_paired_pct", []))}), so the hooks' cost is measured step by step:
@@ -82,6 +84,15 @@ keeps both cores busy with torch's threads, so the writer gets little CPU while 
 `close()`: that deferred work is the end-to-end figure. Where the recorder's time goes, and what was measured
 about it: [docs/scale.md](docs/scale.md#what-recording-costs-measured).
 """
+
+
+def _one_thread_rows(one: dict[str, Any] | None) -> str:
+    """The table rows of the loop with torch on one thread, which leaves the writer a core of its own."""
+    if not one:
+        return "| torch on one thread: n/a | | |"
+    return f"""| torch on one thread (a core left to the writer), not recorded | {one["train_plain_s"]:.3f} | |
+| torch on one thread, recorded | {one["train_recorded_s"]:.3f} | **{one["overhead_pct"]:+.1f}%** |
+| torch on one thread, + `close()` | {one["end_to_end_s"]:.3f} | **{one["end_to_end_overhead_pct"]:+.1f}%** (writer CPU {one["writer_cpu_s"]:.3f} s) |"""
 
 
 def _verify_throughput(vt: dict[str, Any]) -> str:

@@ -87,6 +87,7 @@ class Writer:
         self._next_publish = 0.0  # time.monotonic() from which a publish a job asked for may run
         self._queue: queue.Queue[tuple[Job | None, bool, threading.Event | None]] = queue.Queue()
         self._error: BaseException | None = None
+        self.cpu_s = 0.0  # CPU seconds this thread has used, as of its last finished job (what recording costs)
         self._thread = threading.Thread(target=self._run_loop, name="fgtrac-writer", daemon=True)
         _switch_interval.shorten()  # given back when the thread ends
         self._thread.start()
@@ -120,6 +121,7 @@ class Writer:
         try:
             self._loop()
         finally:
+            self.cpu_s = time.thread_time()
             _switch_interval.restore()
 
     def _loop(self) -> None:
@@ -160,6 +162,7 @@ class Writer:
                 if publish_due and ready and self._error is None:
                     self._publish_now()
                     publish_due = False
+            self.cpu_s = time.thread_time()
             for _, _, done in group:
                 if done is not None:
                     done.set()

@@ -257,8 +257,15 @@ class ParamFingerprint:
         return self._dtypes, [_leading(t).clone() if v is None else v.tobytes() for t, v in pairs]
 
 
+# dtypes numpy reads itself: converting their bytes costs ~2 us against ~12 us through torch (once per step and
+# group at every flush); the float64 values, and so the sum, are the same bits either way
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _as_float64(part: bytes | torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     if isinstance(part, bytes):
+        if dtype in _NUMPY_DTYPES:
+            return np.frombuffer(part, _NUMPY_DTYPES[dtype]).astype(np.float64)
         part = torch.from_numpy(np.frombuffer(part, dtype=np.uint8).copy()).view(dtype)
     return part.detach().to("cpu", torch.float64).numpy()
 

@@ -972,6 +972,13 @@ class Run:
         return analysis_id
 
     # ------------------------------------------------------------------ persistence
+    @property
+    def background_cpu_s(self) -> float:
+        """CPU seconds the background writer has spent (serialising checkpoints, hashing, signing, inserting,
+        publishing snapshots), as of its last finished job, final once `close()` returns: what recording costs
+        beyond the recorder calls in the training thread."""
+        return self._writer.cpu_s
+
     def flush(self) -> None:
         """Commit pending batch records and wait until everything recorded so far is committed."""
         self._check_open()

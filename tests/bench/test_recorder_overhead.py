@@ -1,10 +1,12 @@
-"""The recorder-overhead bench: the paired per-step hook measurement and its goal verdict."""
+"""The recorder-overhead bench: the paired per-step hook measurement and its goal verdict, the writer's CPU and the
+one-thread pair."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pytest
 import scipy.stats
 
 from bench import recorder_overhead
@@ -74,3 +76,17 @@ def test_loop_and_end_to_end_goals_are_reported() -> None:
     res = {"loop_goal_pct": 3.0, "loop_goal_met": True, "end_to_end_goal_pct": 10.0, "end_to_end_goal_met": False}
     assert recorder_overhead._goal(res, "loop") == "goal <= 3%: met"
     assert recorder_overhead._goal(res, "end_to_end") == "goal <= 10%: not met"
+
+
+def test_writer_cpu_and_the_one_thread_pair_are_summarised_from_the_repeats() -> None:
+    rec = recorder_overhead._Recorded
+    one = recorder_overhead._pair_summary(
+        [1.0, 2.0, 1.2], [rec(0.1, 1.1, 0.2, 0.3), rec(0.1, 2.2, 0.4, 0.5), rec(0.1, 1.5, 0.1, 0.4)]
+    )
+    assert one["train_plain_s"] == 1.2 and one["train_recorded_s"] == 1.5
+    assert one["overhead_pct"] == pytest.approx(25.0) and one["end_to_end_s"] == pytest.approx(1.6)
+    assert one["writer_cpu_s"] == 0.4 and one["writer_cpu_pct"] == pytest.approx(100 * 0.4 / 1.2)
+    text = recorder_overhead._writer_text({"writer_cpu_s": 0.2, "writer_cpu_pct": 20.0, "one_thread": one})
+    assert text.startswith("the writer thread's CPU over loop and close 200 ms (20.0% of the plain loop)")
+    assert "loop +25.0%, end to end +33.3%, writer CPU 400 ms" in text
+    assert recorder_overhead._writer_text({}) == "writer CPU n/a"  # results measured before the figure existed

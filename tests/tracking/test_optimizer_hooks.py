@@ -580,6 +580,18 @@ def test_fingerprint_of_bfloat16_and_non_contiguous_parameters() -> None:
         assert param_fingerprint(opt) == pytest.approx(_reference_fingerprint([param]), rel=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_fingerprint_read_by_numpy_is_the_same_bits_as_through_torch(dtype: torch.dtype) -> None:
+    """Runs recorded before numpy converted the snapshots are replayed with it: a fingerprint must not move by
+    one bit.  The reference converts the same bytes through torch, as the recorder did."""
+    torch.manual_seed(0)
+    param = nn.Parameter((torch.randn(4096, dtype=torch.float64) * 1e3).to(dtype))
+    snapshot = ParamFingerprint(torch.optim.SGD([param], lr=0.1)).snapshot()
+    assert isinstance(snapshot[1][0], bytes)  # the CPU byte-copy path
+    reference = param.detach().to(torch.float64).numpy()
+    assert fingerprint_value(snapshot) == float(np.sqrt(np.sum(reference * reference)))
+
+
 def test_clipping_in_the_models_order_when_the_optimizer_holds_another() -> None:
     """An optimizer over model.parameters() reversed, a loop clipping model.parameters(): torch sums the per-tensor
     norms in the order given, so some steps (here from step 4 on) reproduce in the model's order only and record

@@ -189,3 +189,25 @@ def test_switch_interval_is_short_while_a_writer_lives_then_the_programs_own(tmp
         [sys.executable, "-c", _SWITCH_INTERVAL_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_cpu_seconds_count_the_writers_work_not_its_waits(tmp_path: Path) -> None:
+    """`cpu_s` (what `Run.background_cpu_s` reports) is the writer thread's CPU time: a job computing for ~0.2 s
+    adds about that, a job sleeping as long adds almost nothing, and the final figure is kept after `stop`."""
+    writer, _, _ = _writer(tmp_path)
+
+    def compute(con: duckdb.DuckDBPyConnection) -> None:
+        end = time.thread_time() + 0.2
+        while time.thread_time() < end:
+            pass
+
+    writer.drain()
+    start = writer.cpu_s
+    writer.submit(lambda con: time.sleep(0.2), wait=True)
+    slept = writer.cpu_s - start
+    writer.submit(compute, wait=True)
+    computed = writer.cpu_s - start - slept
+    writer.stop()
+    assert slept < 0.05
+    assert 0.2 <= computed < 0.4
+    assert writer.cpu_s >= start + slept + computed
