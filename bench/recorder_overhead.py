@@ -218,8 +218,9 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def measure(repeats: int = 5) -> dict[str, Any]:
-    """Median training wall time with and without recording, and the overhead in percent; the writer thread's
-    CPU time; and the same plain / recorded pair with torch on one thread, which leaves the writer a core."""
+    """Training wall time with and without recording and the overhead in percent, paired repeat by repeat (see
+    `_pair_summary`); the writer thread's CPU time; and the same plain / recorded pair with torch on one thread,
+    which leaves the writer a core."""
     digits.configure_determinism()
     data = digits.load_data(0)
     plain: list[float] = []
@@ -230,22 +231,29 @@ def measure(repeats: int = 5) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         _timed_train(data, NullRun())  # warm-up: first-call allocations and kernel selection
         for i in range(repeats):
-            plain.append(_timed_train(data, NullRun()))
+            # the arm that runs first alternates, so a machine speeding up or slowing down favours neither
+            first = i % 2 == 0
+            if first:
+                plain.append(_timed_train(data, NullRun()))
             hooks = HooksOnlyRun()
             hooked.append(_timed_train(data, hooks))
             hooks.rows.table()  # the fingerprints' reduction happens at flush time in the recorder
             steps = len(hooks.rows)
             recorded.append(_recorded_train(data, Path(tmp) / f"run{i}"))
+            if not first:
+                plain.append(_timed_train(data, NullRun()))
             with _torch_threads(1):
-                plain_1.append(_timed_train(data, NullRun()))
+                if first:
+                    plain_1.append(_timed_train(data, NullRun()))
                 recorded_1.append(_recorded_train(data, Path(tmp) / f"one{i}"))
-    p, r, h = statistics.median(plain), statistics.median(x.loop_s for x in recorded), statistics.median(hooked)
-    close = [x.close_s for x in recorded]
+                if not first:
+                    plain_1.append(_timed_train(data, NullRun()))
+    main = _pair_summary(plain, recorded)
+    p = main["train_plain_s"]
     # each repeat runs the arms back to back, so a per-repeat ratio cancels slow drifts of the machine; their
     # spread says how far one median can be trusted on a shared 2-core box
     hooks_paired = sorted(100.0 * (b - a) / a for a, b in zip(plain, hooked, strict=True))
-    end_to_end = statistics.median([x.loop_s + x.close_s for x in recorded])
-    writer_cpu = statistics.median(x.writer_cpu_s for x in recorded)
+    h = statistics.median(hooked)
     # the recorder attaches the hooks once per stage of the sample loop
     per_step = len(digits.STAGES) / steps
     paired = with_loop_share(
@@ -256,38 +264,41 @@ def measure(repeats: int = 5) -> dict[str, Any]:
         "hooks_goal_pct": HOOKS_GOAL_PCT,
         "hooks_goal_met": goal_met(paired),
         "repeats": repeats,
-        "train_plain_s": p,
-        "train_recorded_s": r,
-        "overhead_pct": 100.0 * (r - p) / p,
+        **main,
         "train_hooks_s": h,
         "hooks_overhead_pct": 100.0 * (h - p) / p,
         "hooks_overhead_paired_pct": hooks_paired,
-        "close_s": statistics.median(close),
-        "end_to_end_s": end_to_end,
-        "end_to_end_overhead_pct": 100.0 * (end_to_end - p) / p,
+        "close_s": statistics.median(x.close_s for x in recorded),
         "loop_goal_pct": LOOP_GOAL_PCT,
-        "loop_goal_met": 100.0 * (r - p) / p <= LOOP_GOAL_PCT,
+        "loop_goal_met": main["overhead_ci_pct"][1] <= LOOP_GOAL_PCT,
         "end_to_end_goal_pct": END_TO_END_GOAL_PCT,
-        "end_to_end_goal_met": 100.0 * (end_to_end - p) / p <= END_TO_END_GOAL_PCT,
+        "end_to_end_goal_met": main["end_to_end_ci_pct"][1] <= END_TO_END_GOAL_PCT,
         "ingest_s": statistics.median(x.ingest_s for x in recorded),
         "steps": steps,
-        "writer_cpu_s": writer_cpu,
-        "writer_cpu_pct": 100.0 * writer_cpu / p,
         "one_thread": _pair_summary(plain_1, recorded_1),
     }
 
 
-def _pair_summary(plain: list[float], recorded: list[_Recorded]) -> dict[str, float]:
-    """Medians of a plain / recorded pair of arms and the overheads in percent of the plain loop."""
-    p, r = statistics.median(plain), statistics.median(x.loop_s for x in recorded)
-    e2e = statistics.median(x.loop_s + x.close_s for x in recorded)
-    cpu = statistics.median(x.writer_cpu_s for x in recorded)
+def _pair_summary(plain: list[float], recorded: list[_Recorded]) -> dict[str, Any]:
+    """A plain / recorded pair of arms, run back to back in each repeat: the median seconds of each, and the
+    overheads (the loop; loop + `close()`) of each repeat against its own plain run, in percent of it, with their
+    median and the 95% bootstrap interval of that median (the goals are met when its upper end is within them:
+    the whole loop moves by several percent between repeats on this machine, more than the figures measured).
+    The writer's CPU time is a median, and in percent of the median plain loop."""
+    base = np.asarray(plain)
+    loop = 100.0 * (np.array([x.loop_s for x in recorded]) / base - 1.0)
+    e2e = 100.0 * (np.array([x.loop_s + x.close_s for x in recorded]) / base - 1.0)
+    p, cpu = statistics.median(plain), statistics.median(x.writer_cpu_s for x in recorded)
     return {
         "train_plain_s": p,
-        "train_recorded_s": r,
-        "overhead_pct": 100.0 * (r - p) / p,
-        "end_to_end_s": e2e,
-        "end_to_end_overhead_pct": 100.0 * (e2e - p) / p,
+        "train_recorded_s": statistics.median(x.loop_s for x in recorded),
+        "overhead_pct": float(np.median(loop)),
+        "overhead_ci_pct": _bootstrap_ci(loop, np.median),
+        "overhead_each_pct": sorted(loop.tolist()),
+        "end_to_end_s": statistics.median(x.loop_s + x.close_s for x in recorded),
+        "end_to_end_overhead_pct": float(np.median(e2e)),
+        "end_to_end_ci_pct": _bootstrap_ci(e2e, np.median),
+        "end_to_end_each_pct": sorted(e2e.tolist()),
         "writer_cpu_s": cpu,
         "writer_cpu_pct": 100.0 * cpu / p,
     }
@@ -335,21 +346,29 @@ def _span(values: list[float]) -> str:
     return f"{values[0]:+.1f}% to {values[-1]:+.1f}%" if values else "n/a"
 
 
+_CI_KEY = {"loop": "overhead_ci_pct", "end_to_end": "end_to_end_ci_pct"}
+
+
 def _goal(res: dict[str, Any], name: str) -> str:
-    """'goal <= x%: met' for the `loop` or `end_to_end` goal."""
-    return f"goal <= {res[name + '_goal_pct']:.0f}%: {'met' if res[name + '_goal_met'] else 'not met'}"
+    """'95% interval a% to b%; goal <= x%: met' for the `loop` or `end_to_end` goal (the interval of the median
+    paired overhead, left out for results measured before it was)."""
+    ci = res.get(_CI_KEY[name])
+    interval = f"95% interval {ci[0]:+.1f}% to {ci[1]:+.1f}%; " if ci else ""
+    return f"{interval}goal <= {res[name + '_goal_pct']:.0f}%: {'met' if res[name + '_goal_met'] else 'not met'}"
 
 
 def report(res: dict[str, Any]) -> str:
     return (
         f"recorder overhead: training loop {res['train_plain_s']:.3f} s plain vs {res['train_recorded_s']:.3f} s "
-        f"recorded (median of {res['repeats']}) -> {res['overhead_pct']:+.1f}% ({_goal(res, 'loop')}); "
+        f"recorded (medians of {res['repeats']}) -> {res['overhead_pct']:+.1f}% (the median of the repeats' paired "
+        f"overheads, per repeat {_span(res.get('overhead_each_pct', []))}; {_goal(res, 'loop')}); "
         f"optimizer step hooks alone "
         f"{res['train_hooks_s']:.3f} s -> {res['hooks_overhead_pct']:+.1f}% (per repeat "
         f"{_span(res.get('hooks_overhead_paired_pct', []))}; paired step by step: {_paired_text(res)}); "
         f"until everything is durable "
         f"(loop + close, which drains the background writer) {res['end_to_end_s']:.3f} s -> "
-        f"{res['end_to_end_overhead_pct']:+.1f}% ({_goal(res, 'end_to_end')}); "
+        f"{res['end_to_end_overhead_pct']:+.1f}% (per repeat {_span(res.get('end_to_end_each_pct', []))}; "
+        f"{_goal(res, 'end_to_end')}); "
         f"ingest of 1,797 samples (hash, thumbnails, insert, committed) "
         f"{res['ingest_s']:.3f} s; {_writer_text(res)}"
     )

@@ -52,8 +52,10 @@ def _recorder_overhead(ro: dict[str, Any]) -> str:
     return f"""## Recorder overhead
 
 The sample pipeline's training loop (digits CNN, 3 stages, {ro["steps"]} steps, 16 checkpoints, ~{ro["train_plain_s"]:.1f} s)
-timed with the real recorder and with a `NullRun` (identical loop, no recording), interleaved, median of
-{ro["repeats"]}:
+timed with the real recorder and with a `NullRun` (identical loop, no recording), back to back in each of
+{ro["repeats"]} repeats (the arm that runs first alternates). Seconds are each arm's median; an overhead is the median
+of the repeats' overheads, each against the plain loop of its own repeat, with the 95% bootstrap interval of that
+median: a goal is met when the interval's upper end is within it.
 
 | | seconds | vs. not recorded |
 |---|---|---|
@@ -91,8 +93,13 @@ def _one_thread_rows(one: dict[str, Any] | None) -> str:
     if not one:
         return "| torch on one thread: n/a | | |"
     return f"""| torch on one thread (a core left to the writer), not recorded | {one["train_plain_s"]:.3f} | |
-| torch on one thread, recorded | {one["train_recorded_s"]:.3f} | **{one["overhead_pct"]:+.1f}%** |
-| torch on one thread, + `close()` | {one["end_to_end_s"]:.3f} | **{one["end_to_end_overhead_pct"]:+.1f}%** (writer CPU {one["writer_cpu_s"]:.3f} s) |"""
+| torch on one thread, recorded | {one["train_recorded_s"]:.3f} | **{one["overhead_pct"]:+.1f}%** ({_interval_pct(one, "overhead_ci_pct")}) |
+| torch on one thread, + `close()` | {one["end_to_end_s"]:.3f} | **{one["end_to_end_overhead_pct"]:+.1f}%** ({_interval_pct(one, "end_to_end_ci_pct")}; writer CPU {one["writer_cpu_s"]:.3f} s) |"""
+
+
+def _interval_pct(res: dict[str, Any], key: str) -> str:
+    ci = res.get(key)
+    return f"95% interval {ci[0]:+.1f}% to {ci[1]:+.1f}%" if ci else "interval n/a"
 
 
 def _verify_throughput(vt: dict[str, Any]) -> str:

@@ -74,19 +74,28 @@ def test_goal_verdict_follows_the_figures() -> None:
 
 def test_loop_and_end_to_end_goals_are_reported() -> None:
     res = {"loop_goal_pct": 3.0, "loop_goal_met": True, "end_to_end_goal_pct": 10.0, "end_to_end_goal_met": False}
-    assert recorder_overhead._goal(res, "loop") == "goal <= 3%: met"
+    assert recorder_overhead._goal(res, "loop") == "goal <= 3%: met"  # results stored before the interval was
     assert recorder_overhead._goal(res, "end_to_end") == "goal <= 10%: not met"
+    res["end_to_end_ci_pct"] = [4.0, 12.5]
+    assert recorder_overhead._goal(res, "end_to_end") == "95% interval +4.0% to +12.5%; goal <= 10%: not met"
 
 
-def test_writer_cpu_and_the_one_thread_pair_are_summarised_from_the_repeats() -> None:
+def test_a_pair_of_arms_is_judged_by_its_repeats_paired_overheads() -> None:
+    """Each repeat's recorded loop against the plain loop run beside it: a machine twice as slow in one repeat
+    moves both arms, not the overhead (the medians of each arm apart would say -10% here)."""
     rec = recorder_overhead._Recorded
     one = recorder_overhead._pair_summary(
-        [1.0, 2.0, 1.2], [rec(0.1, 1.1, 0.2, 0.3), rec(0.1, 2.2, 0.4, 0.5), rec(0.1, 1.5, 0.1, 0.4)]
+        [1.0, 2.0, 1.2], [rec(0.1, 1.1, 0.2, 0.3), rec(0.1, 2.2, 0.4, 0.5), rec(0.1, 1.08, 0.12, 0.4)]
     )
-    assert one["train_plain_s"] == 1.2 and one["train_recorded_s"] == 1.5
-    assert one["overhead_pct"] == pytest.approx(25.0) and one["end_to_end_s"] == pytest.approx(1.6)
+    assert one["train_plain_s"] == 1.2 and one["train_recorded_s"] == 1.1
+    assert one["overhead_each_pct"] == pytest.approx([-10.0, 10.0, 10.0])
+    assert one["overhead_pct"] == pytest.approx(10.0)
+    assert one["end_to_end_each_pct"] == pytest.approx([0.0, 30.0, 30.0])
+    assert one["end_to_end_overhead_pct"] == pytest.approx(30.0) and one["end_to_end_s"] == pytest.approx(1.3)
+    low, high = one["end_to_end_ci_pct"]  # the bootstrap interval of the median lies within the repeats' range
+    assert 0.0 <= low <= 30.0 and high == pytest.approx(30.0)
     assert one["writer_cpu_s"] == 0.4 and one["writer_cpu_pct"] == pytest.approx(100 * 0.4 / 1.2)
     text = recorder_overhead._writer_text({"writer_cpu_s": 0.2, "writer_cpu_pct": 20.0, "one_thread": one})
     assert text.startswith("the writer thread's CPU over loop and close 200 ms (20.0% of the plain loop)")
-    assert "loop +25.0%, end to end +33.3%, writer CPU 400 ms" in text
+    assert "loop +10.0%, end to end +30.0%, writer CPU 400 ms" in text
     assert recorder_overhead._writer_text({}) == "writer CPU n/a"  # results measured before the figure existed
