@@ -257,8 +257,8 @@ class ParamFingerprint:
         return self._dtypes, [_leading(t).clone() if v is None else v.tobytes() for t, v in pairs]
 
 
-# dtypes numpy reads itself: converting their bytes costs ~2 us against ~12 us through torch (once per step and
-# group at every flush); the float64 values, and so the sum, are the same bits either way
+# dtypes numpy reads itself, without torch's dispatch: `fingerprint_value` took ~9 us a step instead of ~28 in the
+# writer (sample loop, thread time); the float64 values, and so the sum, are the same bits either way
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 

@@ -211,3 +211,20 @@ def test_cpu_seconds_count_the_writers_work_not_its_waits(tmp_path: Path) -> Non
     assert slept < 0.05
     assert 0.2 <= computed < 0.4
     assert writer.cpu_s >= start + slept + computed
+
+
+def test_a_runs_background_cpu_is_its_writers_and_final_after_close(tmp_path: Path) -> None:
+    from fgtrac_core import Run
+
+    run = Run.create(tmp_path / "run", name="cpu")
+    run.register_samples(
+        list(range(50)), split="train", labels=[i % 3 for i in range(50)], raw=[bytes([i]) for i in range(50)]
+    )
+    run.flush()
+    committed = run.background_cpu_s
+    assert committed > 0.0  # schema, registrations, ledger entries, a signed head, a snapshot
+    run.close()
+    final = run.background_cpu_s
+    assert final >= committed and final == run._writer.cpu_s
+    time.sleep(0.05)
+    assert run.background_cpu_s == final  # the thread has ended: nothing more is counted
