@@ -225,6 +225,6 @@ def test_a_runs_background_cpu_is_its_writers_and_final_after_close(tmp_path: Pa
     assert committed > 0.0  # schema, registrations, ledger entries, a signed head, a snapshot
     run.close()
     final = run.background_cpu_s
-    assert final >= committed and final == run._writer.cpu_s
+    assert final >= committed
     time.sleep(0.05)
     assert run.background_cpu_s == final  # the thread has ended: nothing more is counted
