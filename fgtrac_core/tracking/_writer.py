@@ -121,6 +121,7 @@ class Writer:
         try:
             self._loop()
         finally:
+            self.cpu_s = time.thread_time()
             _switch_interval.restore()
 
     def _loop(self) -> None:
@@ -161,6 +162,7 @@ class Writer:
                 if publish_due and ready and self._error is None:
                     self._publish_now()
                     publish_due = False
+            self.cpu_s = time.thread_time()
             for _, _, done in group:
                 if done is not None:
                     done.set()
@@ -186,5 +188,3 @@ class Writer:
             job(self._con)
         except BaseException as exc:  # reported to the training thread; the writer stops writing
             self._error = exc
-        finally:  # every transaction and publish runs here, before anyone waiting on it is woken
-            self.cpu_s = time.thread_time()
