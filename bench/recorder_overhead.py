@@ -349,11 +349,16 @@ def _span(values: list[float]) -> str:
 _CI_KEY = {"loop": "overhead_ci_pct", "end_to_end": "end_to_end_ci_pct"}
 
 
+def interval_pct(ci: list[float] | None) -> str:
+    """'95% interval a% to b%' of an overhead's interval ("interval n/a" for results measured before it was)."""
+    return f"95% interval {ci[0]:+.1f}% to {ci[1]:+.1f}%" if ci else "interval n/a"
+
+
 def _goal(res: dict[str, Any], name: str) -> str:
     """'95% interval a% to b%; goal <= x%: met' for the `loop` or `end_to_end` goal (the interval of the median
     paired overhead, left out for results measured before it was)."""
     ci = res.get(_CI_KEY[name])
-    interval = f"95% interval {ci[0]:+.1f}% to {ci[1]:+.1f}%; " if ci else ""
+    interval = f"{interval_pct(ci)}; " if ci else ""
     return f"{interval}goal <= {res[name + '_goal_pct']:.0f}%: {'met' if res[name + '_goal_met'] else 'not met'}"
 
 

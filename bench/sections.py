@@ -93,13 +93,8 @@ def _one_thread_rows(one: dict[str, Any] | None) -> str:
     if not one:
         return "| torch on one thread: n/a | | |"
     return f"""| torch on one thread (a core left to the writer), not recorded | {one["train_plain_s"]:.3f} | |
-| torch on one thread, recorded | {one["train_recorded_s"]:.3f} | **{one["overhead_pct"]:+.1f}%** ({_interval_pct(one, "overhead_ci_pct")}) |
-| torch on one thread, + `close()` | {one["end_to_end_s"]:.3f} | **{one["end_to_end_overhead_pct"]:+.1f}%** ({_interval_pct(one, "end_to_end_ci_pct")}; writer CPU {one["writer_cpu_s"]:.3f} s) |"""
-
-
-def _interval_pct(res: dict[str, Any], key: str) -> str:
-    ci = res.get(key)
-    return f"95% interval {ci[0]:+.1f}% to {ci[1]:+.1f}%" if ci else "interval n/a"
+| torch on one thread, recorded | {one["train_recorded_s"]:.3f} | **{one["overhead_pct"]:+.1f}%** ({recorder_overhead.interval_pct(one.get("overhead_ci_pct"))}) |
+| torch on one thread, + `close()` | {one["end_to_end_s"]:.3f} | **{one["end_to_end_overhead_pct"]:+.1f}%** ({recorder_overhead.interval_pct(one.get("end_to_end_ci_pct"))}; writer CPU {one["writer_cpu_s"]:.3f} s) |"""
 
 
 def _verify_throughput(vt: dict[str, Any]) -> str:

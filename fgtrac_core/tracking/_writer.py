@@ -121,7 +121,6 @@ class Writer:
         try:
             self._loop()
         finally:
-            self.cpu_s = time.thread_time()
             _switch_interval.restore()
 
     def _loop(self) -> None:
@@ -162,7 +161,6 @@ class Writer:
                 if publish_due and ready and self._error is None:
                     self._publish_now()
                     publish_due = False
-            self.cpu_s = time.thread_time()
             for _, _, done in group:
                 if done is not None:
                     done.set()
@@ -188,3 +186,5 @@ class Writer:
             job(self._con)
         except BaseException as exc:  # reported to the training thread; the writer stops writing
             self._error = exc
+        finally:  # every transaction and publish runs here, before anyone waiting on it is woken
+            self.cpu_s = time.thread_time()
