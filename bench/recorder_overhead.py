@@ -26,6 +26,7 @@ from sample_runs import digits
 HOOKS_GOAL_PCT = 2.0  # issue 11: the per-step hooks cost at most 2% of the sample loop's time
 LOOP_GOAL_PCT = 3.0  # issue 15: the recorded loop itself at most 3% slower
 END_TO_END_GOAL_PCT = 10.0  # issue 15: loop + close() (everything committed, signed, published) at most 10% slower
+WRITERS = ("thread", "process")  # where the recorder's writer runs (`Run.create(writer=...)`)
 
 
 class HooksOnlyRun(NullRun):
@@ -194,9 +195,9 @@ class _Recorded:
     writer_cpu_s: float
 
 
-def _recorded_train(data: digits.DigitsData, run_dir: Path) -> _Recorded:
+def _recorded_train(data: digits.DigitsData, run_dir: Path, writer: str) -> _Recorded:
     t0 = time.perf_counter()
-    run = Run.create(run_dir, name="bench")
+    run = Run.create(run_dir, name="bench", writer=writer)
     digits.record_dataset(run, data)
     run.flush()  # the ingest's own background work (hashing, thumbnails, inserts, ledger) is the ingest's
     ingest = time.perf_counter() - t0
@@ -219,36 +220,40 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 def measure(repeats: int = 5) -> dict[str, Any]:
     """Training wall time with and without recording and the overhead in percent, paired repeat by repeat (see
-    `_pair_summary`); the writer thread's CPU time; and the same plain / recorded pair with torch on one thread,
-    which leaves the writer a core."""
+    `_pair_summary`), with the writer thread and with the writer process; the writer's CPU time; and the same
+    pairs with torch on one thread, which leaves the writer a core."""
     digits.configure_determinism()
     data = digits.load_data(0)
     plain: list[float] = []
     hooked: list[float] = []
-    recorded: list[_Recorded] = []
+    recorded: dict[str, list[_Recorded]] = {w: [] for w in WRITERS}
     plain_1: list[float] = []
-    recorded_1: list[_Recorded] = []
+    recorded_1: dict[str, list[_Recorded]] = {w: [] for w in WRITERS}
     with tempfile.TemporaryDirectory() as tmp:
         _timed_train(data, NullRun())  # warm-up: first-call allocations and kernel selection
         for i in range(repeats):
-            # the arm that runs first alternates, so a machine speeding up or slowing down favours neither
+            # the arm that runs first alternates (and the order of the two writers), so a machine speeding up or
+            # slowing down favours neither
             first = i % 2 == 0
+            writers = WRITERS if first else WRITERS[::-1]
             if first:
                 plain.append(_timed_train(data, NullRun()))
             hooks = HooksOnlyRun()
             hooked.append(_timed_train(data, hooks))
             hooks.rows.table()  # the fingerprints' reduction happens at flush time in the recorder
             steps = len(hooks.rows)
-            recorded.append(_recorded_train(data, Path(tmp) / f"run{i}"))
+            for w in writers:
+                recorded[w].append(_recorded_train(data, Path(tmp) / f"{w}{i}", w))
             if not first:
                 plain.append(_timed_train(data, NullRun()))
             with _torch_threads(1):
                 if first:
                     plain_1.append(_timed_train(data, NullRun()))
-                recorded_1.append(_recorded_train(data, Path(tmp) / f"one{i}"))
+                for w in writers:
+                    recorded_1[w].append(_recorded_train(data, Path(tmp) / f"one-{w}{i}", w))
                 if not first:
                     plain_1.append(_timed_train(data, NullRun()))
-    main = _pair_summary(plain, recorded)
+    main = _pair_summary(plain, recorded["thread"])
     p = main["train_plain_s"]
     # each repeat runs the arms back to back, so a per-repeat ratio cancels slow drifts of the machine; their
     # spread says how far one median can be trusted on a shared 2-core box
@@ -268,14 +273,12 @@ def measure(repeats: int = 5) -> dict[str, Any]:
         "train_hooks_s": h,
         "hooks_overhead_pct": 100.0 * (h - p) / p,
         "hooks_overhead_paired_pct": hooks_paired,
-        "close_s": statistics.median(x.close_s for x in recorded),
-        "loop_goal_pct": LOOP_GOAL_PCT,
-        "loop_goal_met": main["overhead_ci_pct"][1] <= LOOP_GOAL_PCT,
-        "end_to_end_goal_pct": END_TO_END_GOAL_PCT,
-        "end_to_end_goal_met": main["end_to_end_ci_pct"][1] <= END_TO_END_GOAL_PCT,
-        "ingest_s": statistics.median(x.ingest_s for x in recorded),
+        "close_s": statistics.median(x.close_s for x in recorded["thread"]),
+        "ingest_s": statistics.median(x.ingest_s for x in recorded["thread"]),
         "steps": steps,
-        "one_thread": _pair_summary(plain_1, recorded_1),
+        "one_thread": _pair_summary(plain_1, recorded_1["thread"]),
+        "process": _pair_summary(plain, recorded["process"]),
+        "one_thread_process": _pair_summary(plain_1, recorded_1["process"]),
     }
 
 
@@ -284,23 +287,29 @@ def _pair_summary(plain: list[float], recorded: list[_Recorded]) -> dict[str, An
     overheads (the loop; loop + `close()`) of each repeat against its own plain run, in percent of it, with their
     median and the 95% bootstrap interval of that median (the goals are met when its upper end is within them:
     the whole loop moves by several percent between repeats on this machine, more than the figures measured).
-    The writer's CPU time is a median, and in percent of the median plain loop."""
+    The writer's CPU time is a median, and in percent of the median plain loop; each goal, met or not."""
     base = np.asarray(plain)
     loop = 100.0 * (np.array([x.loop_s for x in recorded]) / base - 1.0)
     e2e = 100.0 * (np.array([x.loop_s + x.close_s for x in recorded]) / base - 1.0)
     p, cpu = statistics.median(plain), statistics.median(x.writer_cpu_s for x in recorded)
+    loop_ci, e2e_ci = _bootstrap_ci(loop, np.median), _bootstrap_ci(e2e, np.median)
     return {
         "train_plain_s": p,
         "train_recorded_s": statistics.median(x.loop_s for x in recorded),
         "overhead_pct": float(np.median(loop)),
-        "overhead_ci_pct": _bootstrap_ci(loop, np.median),
+        "overhead_ci_pct": loop_ci,
         "overhead_each_pct": sorted(loop.tolist()),
         "end_to_end_s": statistics.median(x.loop_s + x.close_s for x in recorded),
         "end_to_end_overhead_pct": float(np.median(e2e)),
-        "end_to_end_ci_pct": _bootstrap_ci(e2e, np.median),
+        "end_to_end_ci_pct": e2e_ci,
         "end_to_end_each_pct": sorted(e2e.tolist()),
         "writer_cpu_s": cpu,
         "writer_cpu_pct": 100.0 * cpu / p,
+        "close_s": statistics.median(x.close_s for x in recorded),
+        "loop_goal_pct": LOOP_GOAL_PCT,
+        "loop_goal_met": loop_ci[1] <= LOOP_GOAL_PCT,
+        "end_to_end_goal_pct": END_TO_END_GOAL_PCT,
+        "end_to_end_goal_met": e2e_ci[1] <= END_TO_END_GOAL_PCT,
     }
 
 
@@ -354,41 +363,61 @@ def interval_pct(ci: list[float] | None) -> str:
     return f"95% interval {ci[0]:+.1f}% to {ci[1]:+.1f}%" if ci else "interval n/a"
 
 
-def _goal(res: dict[str, Any], name: str) -> str:
+def goal_text(res: dict[str, Any], name: str) -> str:
     """'95% interval a% to b%; goal <= x%: met' for the `loop` or `end_to_end` goal (the interval of the median
     paired overhead, left out for results measured before it was)."""
     ci = res.get(_CI_KEY[name])
-    interval = f"{interval_pct(ci)}; " if ci else ""
-    return f"{interval}goal <= {res[name + '_goal_pct']:.0f}%: {'met' if res[name + '_goal_met'] else 'not met'}"
+    parts = [interval_pct(ci)] if ci else []
+    if name + "_goal_pct" in res:  # (pairs stored before each had its goals: the interval alone)
+        parts.append(f"goal <= {res[name + '_goal_pct']:.0f}%: {'met' if res[name + '_goal_met'] else 'not met'}")
+    return "; ".join(parts) or "interval n/a"
 
 
 def report(res: dict[str, Any]) -> str:
     return (
         f"recorder overhead: training loop {res['train_plain_s']:.3f} s plain vs {res['train_recorded_s']:.3f} s "
         f"recorded (medians of {res['repeats']}) -> {res['overhead_pct']:+.1f}% (the median of the repeats' paired "
-        f"overheads, per repeat {_span(res.get('overhead_each_pct', []))}; {_goal(res, 'loop')}); "
+        f"overheads, per repeat {_span(res.get('overhead_each_pct', []))}; {goal_text(res, 'loop')}); "
         f"optimizer step hooks alone "
         f"{res['train_hooks_s']:.3f} s -> {res['hooks_overhead_pct']:+.1f}% (per repeat "
         f"{_span(res.get('hooks_overhead_paired_pct', []))}; paired step by step: {_paired_text(res)}); "
         f"until everything is durable "
         f"(loop + close, which drains the background writer) {res['end_to_end_s']:.3f} s -> "
         f"{res['end_to_end_overhead_pct']:+.1f}% (per repeat {_span(res.get('end_to_end_each_pct', []))}; "
-        f"{_goal(res, 'end_to_end')}); "
+        f"{goal_text(res, 'end_to_end')}); "
         f"ingest of 1,797 samples (hash, thumbnails, insert, committed) "
         f"{res['ingest_s']:.3f} s; {_writer_text(res)}"
     )
 
 
 def _writer_text(res: dict[str, Any]) -> str:
-    """The writer's CPU and the one-thread pair, as a phrase ("n/a" for results without them)."""
+    """The writer's CPU and the other pairs (the writer process; torch on one thread), as a phrase ("n/a" for
+    results without them)."""
     if "writer_cpu_s" not in res:
         return "writer CPU n/a"
-    one = res["one_thread"]
-    return (
+    text = (
         f"the writer thread's CPU over loop and close {1000 * res['writer_cpu_s']:.0f} ms "
-        f"({res['writer_cpu_pct']:.1f}% of the plain loop); torch on one thread (a core left to the writer): "
-        f"plain {one['train_plain_s']:.3f} s, loop {one['overhead_pct']:+.1f}%, end to end "
-        f"{one['end_to_end_overhead_pct']:+.1f}%, writer CPU {1000 * one['writer_cpu_s']:.0f} ms"
+        f"({res['writer_cpu_pct']:.1f}% of the plain loop)"
+    )
+    for key, what in OTHER_PAIRS.items():
+        if key in res:
+            text += f"; {what}: {pair_text(res[key])}"
+    return text
+
+
+OTHER_PAIRS = {
+    "process": "the writer in its own process",
+    "one_thread": "torch on one thread (a core left to the writer)",
+    "one_thread_process": "torch on one thread, the writer in its own process",
+}
+
+
+def pair_text(pair: dict[str, Any]) -> str:
+    """'loop a% (interval; goal), end to end b% (interval; goal), writer CPU c ms' of one pair."""
+    return (
+        f"plain {pair['train_plain_s']:.3f} s, loop {pair['overhead_pct']:+.1f}% ({goal_text(pair, 'loop')}), "
+        f"end to end {pair['end_to_end_overhead_pct']:+.1f}% ({goal_text(pair, 'end_to_end')}), writer CPU "
+        f"{1000 * pair['writer_cpu_s']:.0f} ms"
     )
 
 

@@ -13,9 +13,7 @@ Heavy modules (torch, duckdb) load on first use, so `fgtrac_core.ledger` can ver
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from fgtrac_core._lazy import lazy_getattr
 from fgtrac_core.errors import (
     CorruptRunError,
     FgtracError,
@@ -41,10 +39,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fgtrac_core' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,22 +28,28 @@ def _held_elsewhere(exc: duckdb.Error) -> bool:
     return "lock" in first_line(exc).lower()
 
 
-def connect(path: Path, *, read_only: bool) -> duckdb.DuckDBPyConnection:
+def connect(path: Path, *, read_only: bool, wait_for_lock_s: float = 0.0) -> duckdb.DuckDBPyConnection:
     """Open an existing run database and check its schema version and catalog (exactly fgtrac's tables).
 
-    Raises RunNotFoundError, RunLockedError, CorruptRunError, SchemaVersionError or TamperedRunError, never a raw
-    DuckDB error.
+    A lock held by another process is retried for `wait_for_lock_s` seconds: a recorder's writer process outlives
+    a killed training process by the milliseconds the kernel takes to end it.  Raises RunNotFoundError,
+    RunLockedError, CorruptRunError, SchemaVersionError or TamperedRunError, never a raw DuckDB error.
     """
     if not path.is_file():
         raise RunNotFoundError(f"no run database at {path}")
-    try:
-        # a run database never needs files beyond itself: a planted view or macro cannot read any either
-        con = duckdb.connect(str(path), read_only=read_only, config={"enable_external_access": False})
-    except duckdb.Error as exc:
-        msg = first_line(exc)
-        if _held_elsewhere(exc):
-            raise RunLockedError(f"{path} is held open by another process ({msg})") from None
-        raise CorruptRunError(f"{path} is not a readable fgtrac run database ({msg})") from None
+    deadline = time.monotonic() + wait_for_lock_s
+    while True:
+        try:
+            # a run database never needs files beyond itself: a planted view or macro cannot read any either
+            con = duckdb.connect(str(path), read_only=read_only, config={"enable_external_access": False})
+            break
+        except duckdb.Error as exc:
+            msg = first_line(exc)
+            if not _held_elsewhere(exc):
+                raise CorruptRunError(f"{path} is not a readable fgtrac run database ({msg})") from None
+            if time.monotonic() >= deadline:
+                raise RunLockedError(f"{path} is held open by another process ({msg})") from None
+            time.sleep(0.02)
     try:
         check_schema(con, str(path))
         check_catalog(con, str(path))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import duckdb
@@ -18,18 +18,16 @@ from fgtrac_core.store.entries import Entry, entries_of_rows, iter_entries
 class Rows:
     """Rows of `kind` the same transaction just wrote, committed from memory instead of read back.
 
-    `rows` may be a callable when an earlier job of the transaction finishes the rows (a checkpoint's file hash);
     `links` are the link rows of kinds with an id set (`entries_of_rows`).  The verifier recomputes every entry
     from the database, so an entry built from rows that differ from those stored fails verification.
     """
 
     kind: str
-    rows: pa.Table | Callable[[], pa.Table]
+    rows: pa.Table
     links: pa.Table | None = None
 
     def entries(self) -> list[Entry]:
-        rows = self.rows if isinstance(self.rows, pa.Table) else self.rows()
-        return entries_of_rows(self.kind, rows, self.links)
+        return entries_of_rows(self.kind, self.rows, self.links)
 
 
 Touched = str | tuple[str, int, int] | Rows

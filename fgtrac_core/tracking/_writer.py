@@ -36,7 +36,7 @@ from fgtrac_core.tracking import _switch_interval
 Job = Callable[[duckdb.DuckDBPyConnection], None]
 
 
-def _lower_own_priority() -> None:
+def lower_own_priority() -> None:
     """Run this thread (and the `cp` it spawns) at the lowest CPU priority.
 
     Training keeps every core busy with intra-op threads that wait for each other; a writer competing at equal
@@ -65,6 +65,16 @@ def _in_transaction(con: duckdb.DuckDBPyConnection, jobs: list[Job]) -> None:
     con.commit()
 
 
+class _Callback:
+    """Called where a waiter's event would be set."""
+
+    def __init__(self, call: Callable[[], None]) -> None:
+        self._call = call
+
+    def set(self) -> None:
+        self._call()
+
+
 class RecordingFailedError(FgtracError):
     """A background write failed; what was committed before it is intact."""
 
@@ -85,20 +95,32 @@ class Writer:
         self._reset = reset
         self._min_gap = min_publish_gap_s
         self._next_publish = 0.0  # time.monotonic() from which a publish a job asked for may run
-        self._queue: queue.Queue[tuple[Job | None, bool, threading.Event | None]] = queue.Queue()
+        # (job, publish after it, what to set once committed, whether someone waits for it)
+        self._queue: queue.Queue[tuple[Job | None, bool, threading.Event | _Callback | None, bool]] = queue.Queue()
         self._error: BaseException | None = None
         self.cpu_s = 0.0  # CPU seconds this thread has used, as of its last finished job (what recording costs)
         self._thread = threading.Thread(target=self._run_loop, name="fgtrac-writer", daemon=True)
         _switch_interval.shorten()  # given back when the thread ends
         self._thread.start()
 
-    def submit(self, job: Job, *, publish: bool = False, wait: bool = False) -> None:
+    def submit(
+        self,
+        job: Job,
+        *,
+        publish: bool = False,
+        wait: bool = False,
+        on_done: Callable[[], None] | None = None,
+        urgent: bool = False,
+    ) -> None:
         """Queue `job`; with `publish`, a snapshot follows it (spaced, see the module doc: it then covers later
-        jobs too); with `wait`, block until it is committed and, if a publish is due, published."""
+        jobs too); with `wait`, block until it is committed and, if a publish is due, published.  `on_done` is
+        called on the writer thread once the job is committed (a writer process acknowledging its jobs), and
+        `urgent` gives the job a waiter's prompt commit and publish without blocking (someone waits for it
+        elsewhere)."""
         self.raise_if_failed()
-        done = threading.Event() if wait else None
-        self._queue.put((job, publish, done))
-        if done is not None:
+        done = threading.Event() if wait else None if on_done is None else _Callback(on_done)
+        self._queue.put((job, publish, done, wait or urgent))
+        if isinstance(done, threading.Event):
             done.wait()
             self.raise_if_failed()
 
@@ -109,7 +131,7 @@ class Writer:
     def stop(self) -> None:
         """Finish queued work and end the thread."""
         if self._thread.is_alive():
-            self._queue.put((None, False, None))
+            self._queue.put((None, False, None, False))
             self._thread.join()
         self.raise_if_failed()
 
@@ -124,7 +146,7 @@ class Writer:
             _switch_interval.restore()
 
     def _loop(self) -> None:
-        _lower_own_priority()
+        lower_own_priority()
         publish_due = False
         held = None  # an item taken from the queue while gathering a group, run next
         while True:
@@ -143,7 +165,7 @@ class Writer:
                     self._publish_now()
                 return
             group = [item]
-            while item[2] is None and len(group) < _MAX_GROUP:  # nobody waits on it: gather what is queued behind
+            while not item[3] and len(group) < _MAX_GROUP:  # nobody waits on it: gather what is queued behind
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -153,15 +175,15 @@ class Writer:
                     break
                 group.append(item)
             if self._error is None:
-                self._transaction([job for job, _, _ in group])
-                publish_due |= any(publish for _, publish, _ in group)
-                waited = group[-1][2] is not None
+                self._transaction([job for job, _, _, _ in group])
+                publish_due |= any(publish for _, publish, _, _ in group)
+                waited = group[-1][3]
                 # when someone waits, or when caught up and the gap has passed (a backlog's jobs share one)
                 ready = waited or (self._queue.empty() and time.monotonic() >= self._next_publish)
                 if publish_due and ready and self._error is None:
                     self._publish_now()
                     publish_due = False
-            for _, _, done in group:
+            for _, _, done, _ in group:
                 if done is not None:
                     done.set()
 

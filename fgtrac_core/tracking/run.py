@@ -28,8 +28,10 @@ Conventions:
     crash (DuckDB's WAL).  A tree head is signed at every checkpoint, stage end and close; a snapshot for readers
     is published after them, spaced (at most every ``MIN_PUBLISH_GAP_S``, see `fgtrac_core.tracking._writer`),
     and at once at ``flush()``, ``publish()`` and ``close()``.
-  * The slow part (serialising checkpoints, fsync, inserts, snapshots) runs on a background writer thread, in
-    order; the training thread only validates, copies checkpoint tensors and enqueues.  ``flush()`` and
+  * The slow part (serialising checkpoints, fsync, inserts, ledger entries, signing, snapshots) runs on a
+    background writer, in order; the training thread only validates, copies checkpoint tensors and enqueues.  The
+    writer is a thread of this process, or with ``writer="process"`` a child process that holds the database
+    (`fgtrac_core.tracking._writer_process`; a thread here still serialises checkpoints).  ``flush()`` and
     ``publish()`` wait for the writer, ``close()`` drains it.  A background failure is raised at the next call.
 """
 
@@ -40,6 +42,7 @@ import hashlib
 import io
 import itertools
 import operator
+import os
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -76,19 +79,23 @@ from fgtrac_core.ledger import (
     public_key_pem,
 )
 from fgtrac_core.ledger.kinds import RESULT_TABLES
-from fgtrac_core.store.db import (
-    connect,
-    discard_unfinished_create,
-    execute_on,
-    insert_arrow,
-    publish_snapshot,
-)
+from fgtrac_core.store.db import connect, discard_unfinished_create, insert_arrow
 from fgtrac_core.store.layout import RunLayout
-from fgtrac_core.store.ledger_log import LedgerLog, Rows, Touched
+from fgtrac_core.store.ledger_log import Rows, Touched
 from fgtrac_core.store.run_files import remove_stale_temporaries, write_file_atomic
-from fgtrac_core.store.schema import create_lookup_indexes, create_schema
+from fgtrac_core.store.schema import create_schema
+from fgtrac_core.tracking._commits import (
+    Committer,
+    Execute,
+    Insert,
+    LocalWriter,
+    LookupIndexes,
+    Operation,
+    Transaction,
+    UsageIndexRow,
+)
 from fgtrac_core.tracking._device import fetch_to_host
-from fgtrac_core.tracking._writer import Writer
+from fgtrac_core.tracking._writer_process import ProcessWriter
 from fgtrac_core.tracking.autocast import AutocastProbe
 from fgtrac_core.tracking.forward_seeds import ForwardSeeds, random_modules
 from fgtrac_core.tracking.optimizer_hooks import (
@@ -103,6 +110,8 @@ from fgtrac_core.verify import check_before_write
 
 CHECKPOINT_FORMAT = "fgtrac-checkpoint/1"
 CHECKPOINT_KINDS = ("periodic", "stage_start", "stage_end")
+WRITERS = ("thread", "process")
+_LOCK_WAIT_S = 2.0
 
 
 def _now() -> datetime:
@@ -320,7 +329,7 @@ class Run:
     `fgtrac_core.store.RunStore`, which opens only the published snapshot.
     """
 
-    def __init__(self, layout: RunLayout, con: duckdb.DuckDBPyConnection, *, flush_every: int) -> None:
+    def __init__(self, layout: RunLayout, con: duckdb.DuckDBPyConnection, *, flush_every: int, writer: str) -> None:
         self.layout = layout
         self._con = con
         remove_stale_temporaries(layout)  # left by a crashed recorder; we hold the live database, none is in use
@@ -355,17 +364,19 @@ class Run:
         # with the training loop's for the cores
         con.execute("SET threads = 1")
         self._session_id = self._scalar("SELECT coalesce(max(session_id) + 1, 0) FROM run_sessions")
+        self._next_analysis_id = self._scalar("SELECT coalesce(max(analysis_id) + 1, 0) FROM analyses")
+        self._next_row_id = {t: self._scalar(f"SELECT coalesce(max(row_id) + 1, 0) FROM {t}") for t in RESULT_TABLES}
         try:
             key = _run_signing_key(meta)
         except FgtracError:
             con.close()
             raise
-        self._ledger = LedgerLog(con, self.run_id, key)
-
-        def reload_ledger() -> None:  # writer thread, after a rolled-back shared transaction
-            self._ledger = LedgerLog(con, self.run_id, key)
-
-        self._writer = Writer(con, self._sign_and_publish, reload_ledger)
+        self._writer: LocalWriter | ProcessWriter
+        if writer == "process":
+            con.close()  # the writer process opens the database: DuckDB lets one process write it
+            self._writer = ProcessWriter(layout, self.run_id, key)
+        else:
+            self._writer = LocalWriter(Committer(con, layout.live_db, layout.snapshot_db, self.run_id, key))
         # a script that forgets close() still commits what it recorded
         atexit.register(_close_at_exit, weakref.ref(self))
         session = pa.table(
@@ -378,7 +389,7 @@ class Run:
         # entries for run metadata (new run) and stages a crashed recorder left running (reopened run), then this
         # recording session; a signed head and snapshot follow
         self._commit(
-            [_inserter("run_sessions", session)],
+            [Insert("run_sessions", session)],
             ["meta", "stage_end", ("session_open", self._session_id, self._session_id)],
             publish=True,
             wait=True,
@@ -393,11 +404,18 @@ class Run:
         name: str | None = None,
         config: Mapping[str, Any] | None = None,
         flush_every: int = 100_000,
+        writer: str | None = None,
     ) -> Run:
         """Start a new run in `run_dir` (created if missing); refuses a directory that already holds a run.
 
         `config` is free-form (seed, data source, code version...) and stored as canonical JSON in `meta`.
+        `writer` is where the slow part of recording runs: "thread" (a background thread of this process) or
+        "process" (a child process, `fgtrac_core.tracking._writer_process`: it does not compete with the training
+        loop for Python's GIL, so prefer it when the loop leaves a CPU core idle, as GPU training does; it costs
+        a child interpreter, ~0.5 s to start).  Without `writer`, the environment variable `FGTRAC_WRITER`
+        chooses, else "thread".
         """
+        writer = _chosen_writer(writer)
         layout = RunLayout.of(run_dir)
         if layout.holds_run():
             if not layout.creating_marker.exists():
@@ -424,25 +442,27 @@ class Run:
             "signer_fingerprint": fingerprint(public),
         }
         insert_arrow(con, "meta", pa.table({"key": list(meta), "value": list(meta.values())}))
-        run = cls(layout, con, flush_every=flush_every)
+        run = cls(layout, con, flush_every=flush_every, writer=writer)
         layout.creating_marker.unlink()
         return run
 
     @classmethod
-    def open(cls, run_dir: str | Path, *, flush_every: int = 100_000) -> Run:
+    def open(cls, run_dir: str | Path, *, flush_every: int = 100_000, writer: str | None = None) -> Run:
         """Reopen a run for more recording; a stage left running by a crashed recorder is marked interrupted.
 
         Refuses (TamperedRunError, nothing written) unless the live database and the published snapshot still
         match their ledger (`fgtrac_core.verify.check_before_write`): whatever is appended next gets signed, and
-        must not sign an edit made behind the recorder's back.
+        must not sign an edit made behind the recorder's back.  `writer` as in `Run.create`.
         """
+        writer = _chosen_writer(writer)
         layout = RunLayout.of(run_dir)
         if layout.creating_marker.exists():
             raise RunNotFoundError(
                 f"{layout.root} holds no run: its Run.create was interrupted before the first signed commit (nothing "
                 "was recorded yet); Run.create starts it afresh"
             )
-        con = connect(layout.live_db, read_only=False)
+        # a writer process of a recorder that was just killed may hold the lock a moment longer
+        con = connect(layout.live_db, read_only=False, wait_for_lock_s=_LOCK_WAIT_S)
         try:
             # what is appended next gets signed: first make sure the run still is what its ledger says
             meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
@@ -460,37 +480,30 @@ class Run:
                WHERE status = 'running'""",
             [_now()],
         )
-        return cls(layout, con, flush_every=flush_every)
+        return cls(layout, con, flush_every=flush_every, writer=writer)
 
     def close(self) -> None:
         """Commit everything pending, publish the final snapshot, release the database."""
         if self._closed:
             return
-        self._commit([], [])  # pending batches first: the index below covers every entry before it
-        # then, in the one transaction that also signs the tail: the usage index over everything committed (what
-        # proves a sample's uses complete, or its absence: fgtrac_core.ledger.usage_index), the session's close and
-        # the per-sample lookup indexes (built once here rather than kept up to date by every insert).
-        # A crash before it leaves the session open, so Run.open accepts the unsigned tail and recovers.
-        closed_at, session_id = _now(), self._session_id
-        index_id, created_at = self._next_usage_index, _now()
-
-        def usage_index(con: duckdb.DuckDBPyConnection) -> None:
-            row = {"index_id": [index_id], "ledger_size": [self._ledger.size], "created_at": [created_at]}
-            insert_arrow(con, "usage_indexes", pa.table(row, schema=_USAGE_INDEX_SCHEMA))
-
-        def close_session(con: duckdb.DuckDBPyConnection) -> None:
-            con.execute("UPDATE run_sessions SET closed_at = ? WHERE session_id = ?", [closed_at, session_id])
-
-        self._commit(
-            [usage_index, close_session, create_lookup_indexes],
-            [("usage_index", index_id, index_id), ("session_close", session_id, session_id)],
-            publish=True,
-        )
-        self._closed = True
         try:
+            self._commit([], [])  # pending batches first: the index below covers every entry before it
+            # then, in the one transaction that also signs the tail: the usage index over everything committed
+            # (what proves a sample's uses complete, or its absence: fgtrac_core.ledger.usage_index), the session's
+            # close and the per-sample lookup indexes (built once here rather than kept up to date by every insert).
+            # A crash before it leaves the session open, so Run.open accepts the unsigned tail and recovers.
+            session_id, index_id = self._session_id, self._next_usage_index
+            close_session = Execute(
+                ("run_sessions",), "UPDATE run_sessions SET closed_at = ? WHERE session_id = ?", (_now(), session_id)
+            )
+            self._commit(
+                [UsageIndexRow(index_id, _now()), close_session, LookupIndexes()],
+                [("usage_index", index_id, index_id), ("session_close", session_id, session_id)],
+                publish=True,
+            )
+        finally:  # after a background failure too: the database is released (Run.open then recovers the run)
+            self._closed = True
             self._writer.stop()
-        finally:
-            self._con.close()
         if self._deferred is not None:  # found by the last optimizer step: the run is closed, the refusal stands
             message, self._deferred = self._deferred, None
             raise RecorderStateError(message)
@@ -561,7 +574,7 @@ class Run:
             }
         )
         table = table.sort_by("sample_id")  # entries in key order, as a read-back would give them
-        self._commit([_inserter("samples", table)], [Rows("sample", table)])
+        self._commit([Insert("samples", table)], [Rows("sample", table)])
         self._known_ids = np.union1d(self._known_ids, ids)
         self._known_span = _span(self._known_ids)
 
@@ -581,7 +594,7 @@ class Run:
             }
         )
         table = table.sort_by("sample_id")
-        self._commit([_inserter("sample_annotations", table)], [Rows("annotation", table)])
+        self._commit([Insert("sample_annotations", table)], [Rows("annotation", table)])
 
     def log_transform(self, name: str, sample_ids: Any, **params: Any) -> int:
         """Record that preprocessing `name` with `params` was applied to `sample_ids`; returns its id."""
@@ -602,7 +615,7 @@ class Run:
             {"transform_id": pa.array(np.full(len(ids), tid, np.int32)), "sample_id": pa.array(np.sort(ids))}
         )
         self._commit(
-            [_inserter("transforms", row), _inserter("transform_samples", links)], [Rows("transform", row, links)]
+            [Insert("transforms", row), Insert("transform_samples", links)], [Rows("transform", row, links)]
         )
         self._next_transform_id += 1
         return tid
@@ -666,7 +679,7 @@ class Run:
                 "autocast": pa.nulls(1, pa.string()),
             }
         )
-        self._commit([_inserter("stages", row)], [Rows("stage_start", row)])
+        self._commit([Insert("stages", row)], [Rows("stage_start", row)])
         self._stage_names.add(name)
         self._next_stage_id += 1
         self._stage = _ActiveStage(stage_id, name, optimizer, self._next_step)
@@ -711,15 +724,12 @@ class Run:
             }
         )
 
-        def end(con: duckdb.DuckDBPyConnection) -> None:
-            # touches `stages` only: a backlog's inserts into other tables stay held (one statement each)
-            execute_on(
-                con,
-                ("stages",),
-                "UPDATE stages SET status = ?, ended_at = ?, autocast = ?, end_step = ? WHERE stage_id = ?",
-                [status, ended_at, autocast, end_step, stage_id],
-            )
-
+        # touches `stages` only: a backlog's inserts into other tables stay held (one statement each)
+        end = Execute(
+            ("stages",),
+            "UPDATE stages SET status = ?, ended_at = ?, autocast = ?, end_step = ? WHERE stage_id = ?",
+            (status, ended_at, autocast, end_step, stage_id),
+        )
         self._commit([end], [Rows("stage_end", ended)], publish=True)
         self._stage = None
 
@@ -884,13 +894,12 @@ class Run:
         rel = f"{self.layout.checkpoint_dir.name}/{cid:05d}-step{step:08d}-{kind}.pt"
         record = CheckpointRecord(cid, step, stage.name if stage else None, kind, rel, _as_float(val_loss))
         path = self.layout.root / rel
-        written: list[pa.Table] = []  # the row as this write finished it (a retried write replaces it)
         # checked and frozen now (the loop may reuse its metrics dict); turned into Arrow by the writer
         stage_id, epoch, metrics_json = (
             stage.stage_id if stage else None, _as_int(epoch, "epoch"), canonical_json(dict(metrics or {}))
         )
 
-        def write(con: duckdb.DuckDBPyConnection) -> None:
+        def write() -> tuple[list[Operation], list[Touched]]:  # on the writer thread
             copied()
             row = {
                 "checkpoint_id": pa.array([cid], pa.int32()),
@@ -911,10 +920,10 @@ class Run:
             row["sha256"] = pa.array([hashlib.sha256(data).hexdigest()])
             row["size_bytes"] = pa.array([len(data)], pa.int64())
             row["created_at"] = pa.array([_now()], pa.timestamp("us"))
-            written[:] = [pa.table(row)]
-            insert_arrow(con, "checkpoints", written[0])
+            table = pa.table(row)
+            return [Insert("checkpoints", table)], [Rows("checkpoint", table)]
 
-        self._commit([write], [Rows("checkpoint", lambda: written[0])], publish=True)
+        self._commit([], [], publish=True, then=write)
         self._next_checkpoint_id += 1
         return record
 
@@ -940,20 +949,19 @@ class Run:
             raise FgtracError(f"not result tables: {sorted(unknown)}")
         present = {t: d for t, d in results.items() if d is not None and d.num_rows}
         n_rows = sum(d.num_rows for d in present.values())
-        self._writer.drain()  # the writer is idle now: ids can be read on this thread
-        analysis_id = self._scalar("SELECT coalesce(max(analysis_id) + 1, 0) FROM analyses")
-        ops: list[Job] = []
+        analysis_id = self._next_analysis_id  # this recorder is the run's only writer: its counters are the ids
+        ops: list[Operation] = []
         touched: list[Touched] = []
         for table, entry_kind in RESULT_TABLES.items():
             if table not in present:
                 continue
             data = present[table]
-            first = self._scalar(f"SELECT coalesce(max(row_id) + 1, 0) FROM {table}")
+            first = self._next_row_id[table]
             data = data.append_column(
                 "analysis_id", pa.array(np.full(data.num_rows, analysis_id), pa.int32())
             )
             data = data.append_column("row_id", pa.array(np.arange(first, first + data.num_rows), pa.int64()))
-            ops.append(_inserter(table, data))
+            ops.append(Insert(table, data))
             touched.append((entry_kind, first, first + data.num_rows - 1))
         row = {
             "analysis_id": pa.array([analysis_id], pa.int32()),
@@ -965,10 +973,13 @@ class Run:
             "seconds": pa.array([seconds], pa.float64()),
             "created_at": pa.array([_now()], pa.timestamp("us")),
         }
-        ops.append(_inserter("analyses", pa.table(row)))
+        ops.append(Insert("analyses", pa.table(row)))
         # entries for this analysis' rows, then the analysis itself (its rows_root covers them)
         touched.append(("analysis", analysis_id, analysis_id))
         self._commit(ops, touched, publish=True, wait=True)
+        self._next_analysis_id += 1
+        for table in present:
+            self._next_row_id[table] += present[table].num_rows
         return analysis_id
 
     # ------------------------------------------------------------------ persistence
@@ -990,41 +1001,41 @@ class Run:
         self._commit([], [], publish=True, wait=True)
 
     def _commit(
-        self, ops: Sequence[Job], kinds: Sequence[Touched], *, publish: bool = False, wait: bool = False
+        self,
+        ops: Sequence[Operation],
+        kinds: Sequence[Touched],
+        *,
+        publish: bool = False,
+        wait: bool = False,
+        then: Callable[[], tuple[list[Operation], list[Touched]]] | None = None,
     ) -> None:
         """Queue one transaction: pending batches first (rows reach the database in recording order), then `ops`,
-        then the ledger entries of the rows they wrote (`kinds`, in order)."""
+        then those `then` makes on the writer thread (a checkpoint's file), then the ledger entries of the rows
+        they wrote (`kinds`, then those of `then`, in order)."""
         n_waiting = len(self._pending_lrs)  # batches still waiting for their optimizer step stay buffered
         pending: _BatchBuffer | None = None
         if len(self._buffer) > n_waiting:
             pending, self._buffer = self._buffer.split(n_waiting)
         steps, self._steps = (self._steps, StepBuffer()) if len(self._steps) else (None, self._steps)
 
-        def transaction(con: duckdb.DuckDBPyConnection) -> None:  # the writer runs it inside a transaction
+        def transaction() -> Transaction:  # on the writer thread
+            first: list[Operation] = []
             written: list[Touched] = []
             if pending is not None:
                 batches, samples = pending.tables()
-                insert_arrow(con, "batches", batches)
-                insert_arrow(con, "batch_samples", samples)
+                first += [Insert("batches", batches), Insert("batch_samples", samples)]
                 written.append(Rows("batch", batches, samples))
             if steps is not None:
                 step_rows = steps.table()
-                insert_arrow(con, "optimizer_steps", step_rows)
+                first.append(Insert("optimizer_steps", step_rows))
                 written.append(Rows("optimizer_step", step_rows))
-            for op in ops:
-                op(con)
-            self._ledger.append(con, written + list(kinds))
-            if publish:  # a signed head at every checkpoint, stage end and close (their snapshots are spaced)
-                self._ledger.sign_if_grown(con)
+            last, last_kinds = then() if then is not None else ([], [])
+            # a signed head at every checkpoint, stage end and close (their snapshots are spaced)
+            return Transaction(first + list(ops) + last, written + list(kinds) + last_kinds, sign=publish)
 
         self._writer.submit(transaction, publish=publish, wait=wait)
 
     # ------------------------------------------------------------------ checks
-    def _sign_and_publish(self) -> None:
-        """Writer thread: sign a tree head over everything appended so far, then publish the snapshot."""
-        self._ledger.sign_if_grown(self._con)
-        publish_snapshot(self._con, self.layout.live_db, self.layout.snapshot_db)
-
     def _scalar(self, sql: str) -> int:  # start-up only, before the writer owns the connection
         return int(self._con.execute(sql).fetchall()[0][0])
 
@@ -1061,12 +1072,13 @@ class Run:
         return ids
 
 
-Job = Callable[[duckdb.DuckDBPyConnection], None]
-
-
-_USAGE_INDEX_SCHEMA = pa.schema(
-    [("index_id", pa.int32()), ("ledger_size", pa.int64()), ("created_at", pa.timestamp("us"))]
-)
+def _chosen_writer(writer: str | None) -> str:
+    """`writer`, else `FGTRAC_WRITER`, else "thread"; checked before anything is written."""
+    chosen = writer if writer is not None else os.environ.get("FGTRAC_WRITER") or "thread"
+    if chosen not in WRITERS:
+        source = "writer" if writer is not None else "FGTRAC_WRITER"
+        raise FgtracError(f"{source} must be one of {', '.join(map(repr, WRITERS))}, not {chosen!r}")
+    return chosen
 
 
 def _run_signing_key(meta: Mapping[str, str]) -> Any:
@@ -1105,10 +1117,6 @@ def _lr_refusal(given: float, step: int, applied: float) -> str:
         f"log_batch was given lr={given!r}, but optimizer step {step} applied lr={applied!r}; omit lr= "
         f"(the recorder reads the rate each step applies)"
     )
-
-
-def _inserter(table: str, data: pa.Table) -> Job:
-    return lambda con: insert_arrow(con, table, data)
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:

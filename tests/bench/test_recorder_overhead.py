@@ -74,10 +74,12 @@ def test_goal_verdict_follows_the_figures() -> None:
 
 def test_loop_and_end_to_end_goals_are_reported() -> None:
     res = {"loop_goal_pct": 3.0, "loop_goal_met": True, "end_to_end_goal_pct": 10.0, "end_to_end_goal_met": False}
-    assert recorder_overhead._goal(res, "loop") == "goal <= 3%: met"  # results stored before the interval was
-    assert recorder_overhead._goal(res, "end_to_end") == "goal <= 10%: not met"
+    assert recorder_overhead.goal_text(res, "loop") == "goal <= 3%: met"  # results stored before the interval was
+    assert recorder_overhead.goal_text(res, "end_to_end") == "goal <= 10%: not met"
     res["end_to_end_ci_pct"] = [4.0, 12.5]
-    assert recorder_overhead._goal(res, "end_to_end") == "95% interval +4.0% to +12.5%; goal <= 10%: not met"
+    assert recorder_overhead.goal_text(res, "end_to_end") == "95% interval +4.0% to +12.5%; goal <= 10%: not met"
+    # a pair stored before each pair had its goals
+    assert recorder_overhead.goal_text({"overhead_ci_pct": [1.0, 2.0]}, "loop") == "95% interval +1.0% to +2.0%"
 
 
 def test_a_pair_of_arms_is_judged_by_its_repeats_paired_overheads() -> None:
@@ -95,7 +97,16 @@ def test_a_pair_of_arms_is_judged_by_its_repeats_paired_overheads() -> None:
     low, high = one["end_to_end_ci_pct"]  # the bootstrap interval of the median lies within the repeats' range
     assert 0.0 <= low <= 30.0 and high == pytest.approx(30.0)
     assert one["writer_cpu_s"] == 0.4 and one["writer_cpu_pct"] == pytest.approx(100 * 0.4 / 1.2)
-    text = recorder_overhead._writer_text({"writer_cpu_s": 0.2, "writer_cpu_pct": 20.0, "one_thread": one})
+    # each pair has its goals: the loop's interval reaches +10% > 3%, the end to end one +30% > 10%
+    assert not one["loop_goal_met"] and not one["end_to_end_goal_met"]
+    fast = recorder_overhead._pair_summary([1.0, 1.0], [rec(0.1, 1.01, 0.02, 0.1), rec(0.1, 1.02, 0.03, 0.1)])
+    assert fast["loop_goal_met"] and fast["end_to_end_goal_met"]
+    text = recorder_overhead._writer_text(
+        {"writer_cpu_s": 0.2, "writer_cpu_pct": 20.0, "one_thread": one, "process": fast}
+    )
     assert text.startswith("the writer thread's CPU over loop and close 200 ms (20.0% of the plain loop)")
-    assert "loop +10.0%, end to end +30.0%, writer CPU 400 ms" in text
+    assert "; the writer in its own process: plain 1.000 s, loop +1.5% (95% interval" in text
+    assert "goal <= 3%: met), end to end +4.0% (" in text
+    assert "torch on one thread (a core left to the writer): plain 1.200 s, loop +10.0%" in text
+    assert "end to end +30.0% (95% interval" in text and "writer CPU 400 ms" in text
     assert recorder_overhead._writer_text({}) == "writer CPU n/a"  # results measured before the figure existed
