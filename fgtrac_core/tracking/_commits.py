@@ -97,7 +97,7 @@ class Committer:
 
     def __init__(
         self, con: duckdb.DuckDBPyConnection, live: Path, snapshot: Path, run_id: str, key: Ed25519PrivateKey
-    ):
+    ) -> None:
         self.con = con
         self._live, self._snapshot = live, snapshot
         self._run_id, self._key = run_id, key

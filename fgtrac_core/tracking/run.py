@@ -987,7 +987,8 @@ class Run:
     def background_cpu_s(self) -> float:
         """CPU seconds the background writer has spent (serialising checkpoints, hashing, signing, inserting,
         publishing snapshots), as of its last finished job, final once `close()` returns: what recording costs
-        beyond the recorder calls in the training thread."""
+        beyond the recorder calls in the training thread.  With `writer="process"`: the writer process's (its
+        start-up, ~0.5 s, included) and this process's thread that prepares its work."""
         return self._writer.cpu_s
 
     def flush(self) -> None:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 from fgtrac_core import Run, RunStore
+from tests.tracking._killed import record_until_killed
 
 _CHILD = textwrap.dedent(
     """
@@ -39,18 +36,7 @@ _CHILD = textwrap.dedent(
 
 def test_sigkill_mid_recording_keeps_committed_records(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(run_dir)], stdout=subprocess.PIPE, text=True)
-    try:
-        committed = 0
-        while committed < 120:
-            line = child.stdout.readline()
-            assert line, "child recorder exited early"
-            committed = int(line)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
-        child.stdout.close()
+    committed = record_until_killed(_CHILD, run_dir, 120)
 
     # the last published snapshot is readable as is (it may lag the live file)
     with RunStore(run_dir) as store:

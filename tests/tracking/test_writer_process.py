@@ -21,6 +21,7 @@ import torch
 
 from fgtrac_core import FgtracError, Run, RunStore, verify_run
 from fgtrac_core.tracking._writer import RecordingFailedError
+from tests.tracking._killed import record_until_killed
 
 _TABLES = (
     "samples", "transforms", "transform_samples", "stages", "batches", "batch_samples", "optimizer_steps",
@@ -120,7 +121,11 @@ def test_the_environment_chooses_the_writer_and_a_bad_choice_is_refused_before_a
 
 def _children(parent: int) -> set[int]:
     """The child processes of `parent` (started by any of its threads)."""
-    return {int(c) for task in Path(f"/proc/{parent}/task").iterdir() for c in (task / "children").read_text().split()}
+    return {
+        int(c)
+        for task in Path(f"/proc/{parent}/task").iterdir()
+        for c in (task / "children").read_text().split()
+    }
 
 
 def _writer_pid(parent: int, before: frozenset[int] = frozenset()) -> int:
@@ -180,20 +185,11 @@ _KILLED = textwrap.dedent(
 
 def test_the_writer_process_exits_with_the_training_process_and_the_run_reopens(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    child = subprocess.Popen([sys.executable, "-c", _KILLED, str(run_dir)], stdout=subprocess.PIPE, text=True)
-    try:
-        committed = 0
-        while committed < 120:
-            line = child.stdout.readline()
-            assert line, "the recorder exited early"
-            committed = int(line)
-        writer = _writer_pid(child.pid)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
-        child.stdout.close()
-    deadline = time.monotonic() + 5  # the kernel ends it with the training process (and so does the closed pipe)
+    writers: list[int] = []
+    committed = record_until_killed(_KILLED, run_dir, 120, lambda pid: writers.append(_writer_pid(pid)))
+    writer = writers[0]
+    # the kernel ends it with the training process (and so does the closed pipe)
+    deadline = time.monotonic() + 5
     while not _ended(writer):
         assert time.monotonic() < deadline, "the writer process outlived the training process"
         time.sleep(0.01)
@@ -234,7 +230,10 @@ def test_ctrl_c_interrupts_the_loop_not_the_writer_process(tmp_path: Path) -> No
     process still commits the interrupted stage and the close."""
     run_dir = tmp_path / "run"
     child = subprocess.Popen(
-        [sys.executable, "-c", _INTERRUPTED, str(run_dir)], stdout=subprocess.PIPE, text=True, start_new_session=True
+        [sys.executable, "-c", _INTERRUPTED, str(run_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         assert child.stdout.readline() == "training\n"
