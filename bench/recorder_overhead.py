@@ -21,12 +21,12 @@ import torch.nn.functional as F
 
 from fgtrac_core.tracking import NullRun, Run
 from fgtrac_core.tracking.optimizer_hooks import StepBuffer, StepFacts, StepHooks
+from fgtrac_core.tracking.run import WRITERS
 from sample_runs import digits
 
 HOOKS_GOAL_PCT = 2.0  # issue 11: the per-step hooks cost at most 2% of the sample loop's time
 LOOP_GOAL_PCT = 3.0  # issue 15: the recorded loop itself at most 3% slower
 END_TO_END_GOAL_PCT = 10.0  # issue 15: loop + close() (everything committed, signed, published) at most 10% slower
-WRITERS = ("thread", "process")  # where the recorder's writer runs (`Run.create(writer=...)`)
 
 
 class HooksOnlyRun(NullRun):
@@ -358,16 +358,11 @@ def _span(values: list[float]) -> str:
 _CI_KEY = {"loop": "overhead_ci_pct", "end_to_end": "end_to_end_ci_pct"}
 
 
-def interval_pct(ci: list[float] | None) -> str:
-    """'95% interval a% to b%' of an overhead's interval ("interval n/a" for results measured before it was)."""
-    return f"95% interval {ci[0]:+.1f}% to {ci[1]:+.1f}%" if ci else "interval n/a"
-
-
 def goal_text(res: dict[str, Any], name: str) -> str:
     """'95% interval a% to b%; goal <= x%: met' for the `loop` or `end_to_end` goal (the interval of the median
     paired overhead, left out for results measured before it was)."""
     ci = res.get(_CI_KEY[name])
-    parts = [interval_pct(ci)] if ci else []
+    parts = [f"95% interval {ci[0]:+.1f}% to {ci[1]:+.1f}%"] if ci else []
     if name + "_goal_pct" in res:  # (pairs stored before each had its goals: the interval alone)
         parts.append(f"goal <= {res[name + '_goal_pct']:.0f}%: {'met' if res[name + '_goal_met'] else 'not met'}")
     return "; ".join(parts) or "interval n/a"

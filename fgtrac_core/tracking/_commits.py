@@ -98,6 +98,9 @@ class Committer:
     def __init__(
         self, con: duckdb.DuckDBPyConnection, live: Path, snapshot: Path, run_id: str, key: Ed25519PrivateKey
     ) -> None:
+        # the writer's small statements gain nothing from DuckDB's thread pool, and its threads would compete
+        # with the training loop's for the cores
+        con.execute("SET threads = 1")
         self.con = con
         self._live, self._snapshot = live, snapshot
         self._run_id, self._key = run_id, key

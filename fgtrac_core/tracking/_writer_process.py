@@ -283,7 +283,6 @@ def main() -> None:
         return
     try:
         con = connect(Path(init["live"]), read_only=False)
-        con.execute("SET threads = 1")
         key = Ed25519PrivateKey.from_private_bytes(init["key"])
         committer = Committer(con, Path(init["live"]), Path(init["snapshot"]), init["run_id"], key)
         writer = committer.writer(min_publish_gap_s=init["min_publish_gap_s"])

@@ -360,9 +360,6 @@ class Run:
         self._next_transform_id = self._scalar("SELECT coalesce(max(transform_id) + 1, 0) FROM transforms")
         self._next_usage_index = self._scalar("SELECT coalesce(max(index_id) + 1, 0) FROM usage_indexes")
         self._stage_names = {r[0] for r in con.execute("SELECT name FROM stages").fetchall()}
-        # the writer's small statements gain nothing from DuckDB's thread pool, and its threads would compete
-        # with the training loop's for the cores
-        con.execute("SET threads = 1")
         self._session_id = self._scalar("SELECT coalesce(max(session_id) + 1, 0) FROM run_sessions")
         self._next_analysis_id = self._scalar("SELECT coalesce(max(analysis_id) + 1, 0) FROM analyses")
         self._next_row_id = {t: self._scalar(f"SELECT coalesce(max(row_id) + 1, 0) FROM {t}") for t in RESULT_TABLES}
