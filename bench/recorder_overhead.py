@@ -179,9 +179,11 @@ def with_loop_share(paired: dict[str, dict[str, Any]], loop_step_us: float) -> d
     }
 
 
-def _timed_train(data: digits.DigitsData, run: Run | NullRun) -> float:
+def _timed_train(data: digits.DigitsData, run: Run | NullRun, device: str = "cpu") -> float:
     t0 = time.perf_counter()
-    digits.train(data, run, seed=0)
+    digits.train(data, run, seed=0, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -195,69 +197,107 @@ class _Recorded:
     writer_cpu_s: float
 
 
-def _recorded_train(data: digits.DigitsData, run_dir: Path, writer: str) -> _Recorded:
+def _recorded_train(data: digits.DigitsData, run_dir: Path, writer: str, device: str) -> _Recorded:
     t0 = time.perf_counter()
     run = Run.create(run_dir, name="bench", writer=writer)
     digits.record_dataset(run, data)
     run.flush()  # the ingest's own background work (hashing, thumbnails, inserts, ledger) is the ingest's
     ingest = time.perf_counter() - t0
     cpu = run.background_cpu_s
-    loop = _timed_train(data, run)
+    loop = _timed_train(data, run, device)
     t0 = time.perf_counter()
     run.close()
     return _Recorded(ingest, loop, time.perf_counter() - t0, run.background_cpu_s - cpu)
 
 
 @contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def _torch_threads(n: int | None) -> Iterator[None]:
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(n or before)
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
-def measure(repeats: int = 5) -> dict[str, Any]:
+@dataclass
+class _Setting:
+    """Where the pairs' loops run: `key` names the pair of the thread writer in the results (with `_process`
+    appended for the writer process; the first setting's thread pair sits at the top level)."""
+
+    key: str
+    threads: int | None = None  # torch's intra-op threads (None: as configured)
+    device: str = "cpu"
+
+
+def settings(cuda: bool) -> list[_Setting]:
+    """Torch's own threads on the CPU, torch on one thread (a core left to the writer), and on a machine with a
+    GPU the same loop on it (the case the writer process is for: a training thread that launches kernels and
+    waits for nothing but the GIL)."""
+    gpu = [_Setting("cuda", device="cuda")] if cuda else []
+    return [_Setting(""), _Setting("one_thread", threads=1), *gpu]
+
+
+def _pair_key(setting: _Setting, writer: str) -> str:
+    """The results' key of a setting's pair with `writer`: "" for the first setting's writer thread (the top-level
+    figures), else e.g. "process", "one_thread", "one_thread_process"."""
+    return "_".join(k for k in (setting.key, "" if writer == "thread" else writer) if k)
+
+
+def _repeat(
+    data: digits.DigitsData, i: int, tmp: Path, setting: _Setting, between: Callable[[], None] | None = None
+) -> tuple[float, dict[str, _Recorded]]:
+    """One repeat of a setting: the plain loop and one recorded loop with each writer, back to back.  The arm that
+    runs first alternates (and the order of the two writers), so a machine speeding up or slowing down favours
+    neither; `between` runs after the first arm."""
+    first = i % 2 == 0
+    writers = WRITERS if first else WRITERS[::-1]
+    with _torch_threads(setting.threads):
+        plain = _timed_train(data, NullRun(), setting.device) if first else 0.0
+        if between is not None:
+            between()
+        recorded = {
+            w: _recorded_train(data, tmp / f"{setting.key}-{w}{i}", w, setting.device) for w in writers
+        }
+        if not first:
+            plain = _timed_train(data, NullRun(), setting.device)
+    return plain, recorded
+
+
+def measure(repeats: int = 5, cuda: bool | None = None) -> dict[str, Any]:
     """Training wall time with and without recording and the overhead in percent, paired repeat by repeat (see
-    `_pair_summary`), with the writer thread and with the writer process; the writer's CPU time; and the same
-    pairs with torch on one thread, which leaves the writer a core."""
+    `_pair_summary`), with the writer thread and with the writer process, in each of `settings` (the CUDA one when
+    `cuda`, by default when a GPU is present); the writer's CPU time; and the optimizer step hooks alone."""
     digits.configure_determinism()
     data = digits.load_data(0)
-    plain: list[float] = []
+    chosen = settings(torch.cuda.is_available() if cuda is None else cuda)
+    plain: dict[str, list[float]] = {s.key: [] for s in chosen}
+    recorded: dict[str, dict[str, list[_Recorded]]] = {s.key: {w: [] for w in WRITERS} for s in chosen}
     hooked: list[float] = []
-    recorded: dict[str, list[_Recorded]] = {w: [] for w in WRITERS}
-    plain_1: list[float] = []
-    recorded_1: dict[str, list[_Recorded]] = {w: [] for w in WRITERS}
+    steps = 0
+
+    def hooks_only() -> None:
+        nonlocal steps
+        hooks = HooksOnlyRun()
+        hooked.append(_timed_train(data, hooks))
+        hooks.rows.table()  # the fingerprints' reduction happens at flush time in the recorder
+        steps = len(hooks.rows)
+
     with tempfile.TemporaryDirectory() as tmp:
-        _timed_train(data, NullRun())  # warm-up: first-call allocations and kernel selection
+        for s in chosen:  # warm-up: first-call allocations and kernel selection
+            _timed_train(data, NullRun(), s.device)
         for i in range(repeats):
-            # the arm that runs first alternates (and the order of the two writers), so a machine speeding up or
-            # slowing down favours neither
-            first = i % 2 == 0
-            writers = WRITERS if first else WRITERS[::-1]
-            if first:
-                plain.append(_timed_train(data, NullRun()))
-            hooks = HooksOnlyRun()
-            hooked.append(_timed_train(data, hooks))
-            hooks.rows.table()  # the fingerprints' reduction happens at flush time in the recorder
-            steps = len(hooks.rows)
-            for w in writers:
-                recorded[w].append(_recorded_train(data, Path(tmp) / f"{w}{i}", w))
-            if not first:
-                plain.append(_timed_train(data, NullRun()))
-            with _torch_threads(1):
-                if first:
-                    plain_1.append(_timed_train(data, NullRun()))
-                for w in writers:
-                    recorded_1[w].append(_recorded_train(data, Path(tmp) / f"one-{w}{i}", w))
-                if not first:
-                    plain_1.append(_timed_train(data, NullRun()))
-    main = _pair_summary(plain, recorded["thread"])
+            for s in chosen:
+                p, rec = _repeat(data, i, Path(tmp), s, hooks_only if s is chosen[0] else None)
+                plain[s.key].append(p)
+                for w, r in rec.items():
+                    recorded[s.key][w].append(r)
+    pairs = {_pair_key(s, w): _pair_summary(plain[s.key], recorded[s.key][w]) for s in chosen for w in WRITERS}
+    main, base = pairs.pop(""), plain[chosen[0].key]
     p = main["train_plain_s"]
     # each repeat runs the arms back to back, so a per-repeat ratio cancels slow drifts of the machine; their
     # spread says how far one median can be trusted on a shared 2-core box
-    hooks_paired = sorted(100.0 * (b - a) / a for a, b in zip(plain, hooked, strict=True))
+    hooks_paired = sorted(100.0 * (b - a) / a for a, b in zip(base, hooked, strict=True))
     h = statistics.median(hooked)
     # the recorder attaches the hooks once per stage of the sample loop
     per_step = len(digits.STAGES) / steps
@@ -273,12 +313,10 @@ def measure(repeats: int = 5) -> dict[str, Any]:
         "train_hooks_s": h,
         "hooks_overhead_pct": 100.0 * (h - p) / p,
         "hooks_overhead_paired_pct": hooks_paired,
-        "close_s": statistics.median(x.close_s for x in recorded["thread"]),
-        "ingest_s": statistics.median(x.ingest_s for x in recorded["thread"]),
+        "close_s": statistics.median(x.close_s for x in recorded[""]["thread"]),
+        "ingest_s": statistics.median(x.ingest_s for x in recorded[""]["thread"]),
         "steps": steps,
-        "one_thread": _pair_summary(plain_1, recorded_1["thread"]),
-        "process": _pair_summary(plain, recorded["process"]),
-        "one_thread_process": _pair_summary(plain_1, recorded_1["process"]),
+        **pairs,
     }
 
 
@@ -404,7 +442,10 @@ OTHER_PAIRS = {
     "process": "the writer in its own process",
     "one_thread": "torch on one thread (a core left to the writer)",
     "one_thread_process": "torch on one thread, the writer in its own process",
+    "cuda": "the loop on the GPU, the writer thread",
+    "cuda_process": "the loop on the GPU, the writer in its own process",
 }
+GPU_PAIRS = ("cuda", "cuda_process")  # measured only on a machine with a GPU
 
 
 def pair_text(pair: dict[str, Any]) -> str:

@@ -87,19 +87,21 @@ keeps both cores busy with torch's threads, so the writer gets little CPU while 
 child process that holds the database, the ledger and the signing key (`fgtrac_core/tracking/_writer_process.py`);
 the training process keeps one nice-19 thread that serialises checkpoints and builds the Arrow rows, and no longer
 shares the GIL with the rest. It pays where training leaves a core free (torch on one thread here, a GPU loop's
-host) and not where torch keeps every core busy. Where the recorder's time goes, and what was measured about it:
-[docs/scale.md](docs/scale.md#what-recording-costs-measured).
+host) and not where torch keeps every core busy. On a machine with a GPU the section also times both writers with
+the loop on it (an H100 host's figures: [docs/scale.md](docs/scale.md#recording-on-a-gpu-measured)). Where the
+recorder's time goes, and what was measured about it: [docs/scale.md](docs/scale.md#what-recording-costs-measured).
 """
 
 
 def _pair_rows(ro: dict[str, Any]) -> str:
     """The table rows of the other plain / recorded pairs: the writer in its own process, torch on one thread
-    (which leaves the writer a core of its own), and both."""
+    (which leaves the writer a core of its own), both, and on a machine with a GPU the loop on it."""
     rows = []
     for key, what in recorder_overhead.OTHER_PAIRS.items():
         pair = ro.get(key)
         if not pair:
-            rows.append(f"| {what}: n/a | | |")
+            if key not in recorder_overhead.GPU_PAIRS:  # (a GPU's pairs are left out where none was measured)
+                rows.append(f"| {what}: n/a | | |")
             continue
         rows += [
             f"| {what}: the plain loop beside it (not recorded) | {pair['train_plain_s']:.3f} | |",

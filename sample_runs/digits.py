@@ -150,13 +150,15 @@ def train(
     progress: bool = False,
     stages: dict[str, dict[str, Any]] = STAGES,
     batch_size: int = BATCH_SIZE,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
     """Train the stages (name -> epochs, checkpoint_every); every recorder call is on `run` (a `NullRun` records
-    nothing)."""
+    nothing).  `device` holds the model and each batch (the sample ids stay on the CPU); the bundled run and its
+    replay use the CPU, where they are bit for bit."""
     torch.manual_seed(seed)
-    model = DigitsCNN()
+    model = DigitsCNN().to(device)
     val = data.split == "val"
-    x_val, y_val = data.x[val], data.y[val]
+    x_val, y_val = data.x[val].to(device), data.y[val].to(device)
     step = 0
     for stage_no, (stage, cfg) in enumerate(stages.items()):
         loader = _loader(data, data.subsets[stage], seed + 1000 * stage_no, batch_size)
@@ -165,6 +167,7 @@ def train(
         with run.stage(stage, optimizer=opt, scheduler=sched, model=model, epochs=cfg["epochs"]):
             for epoch in range(cfg["epochs"]):
                 for ids, x, y in _iter(loader, progress, f"{stage} epoch {epoch + 1}/{cfg['epochs']}"):
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     lr = opt.param_groups[0]["lr"]
                     opt.zero_grad()
                     loss = F.cross_entropy(model(x), y)

@@ -110,3 +110,14 @@ def test_a_pair_of_arms_is_judged_by_its_repeats_paired_overheads() -> None:
     assert "torch on one thread (a core left to the writer): plain 1.200 s, loop +10.0%" in text
     assert "end to end +30.0% (95% interval" in text and "writer CPU 400 ms" in text
     assert recorder_overhead._writer_text({}) == "writer CPU n/a"  # results measured before the figure existed
+
+
+def test_each_setting_pairs_the_plain_loop_with_both_writers() -> None:
+    cpu_only = recorder_overhead.settings(cuda=False)
+    assert [(s.key, s.threads, s.device) for s in cpu_only] == [("", None, "cpu"), ("one_thread", 1, "cpu")]
+    with_gpu = recorder_overhead.settings(cuda=True)
+    assert with_gpu[:2] == cpu_only and (with_gpu[2].key, with_gpu[2].device) == ("cuda", "cuda")
+    keys = [recorder_overhead._pair_key(s, w) for s in with_gpu for w in recorder_overhead.WRITERS]
+    # the first setting's writer thread is the section's top-level figures; every other pair is reported by name
+    assert keys[0] == "" and keys[1:] == list(recorder_overhead.OTHER_PAIRS)
+    assert set(recorder_overhead.GPU_PAIRS) <= set(recorder_overhead.OTHER_PAIRS)
