@@ -22,11 +22,13 @@ from fgtrac_core.store.schema import create_schema
 from tests.conftest import run_cli
 
 
-def _tiny_run(run_dir: Path, *, flush_every: int = 100_000) -> tuple[Run, nn.Module, np.ndarray]:
+def _tiny_run(
+    run_dir: Path, *, flush_every: int = 100_000, writer: str | None = None
+) -> tuple[Run, nn.Module, np.ndarray]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
     raw = np.arange(40, dtype=np.uint8).reshape(10, 4)
-    run = Run.create(run_dir, name="tiny", config={"seed": 0}, flush_every=flush_every)
+    run = Run.create(run_dir, name="tiny", config={"seed": 0}, flush_every=flush_every, writer=writer)
     run.register_samples(
         np.arange(10),
         split="train",
@@ -107,7 +109,8 @@ def test_checkpoint_files_hash_and_load_weights_only(tmp_path: Path) -> None:
 
 
 def test_flush_every_commits_while_recording(tmp_path: Path) -> None:
-    run, model, _ = _tiny_run(tmp_path / "r", flush_every=4)
+    # the writer thread, whose connection the test reads (the suite also runs with FGTRAC_WRITER=process)
+    run, model, _ = _tiny_run(tmp_path / "r", flush_every=4, writer="thread")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with run.stage("s", optimizer=opt, model=model):
         for step in range(3):
