@@ -29,7 +29,6 @@ from fgtrac_core.tracking.optimizer_hooks import (
     infer_clip,
     param_fingerprint,
 )
-from tests.app._support import PAGES, open_page
 from tests.conftest import run_cli
 
 
@@ -116,6 +115,9 @@ def test_batches_get_every_groups_rate_when_they_differ(
     shown = f"{applied[1][0]:.3g} / {applied[1][1]:.3g}"  # sample 2 is in the second batch
     assert f"lr {shown}  batch loss" in run_cli("sample", str(tmp_path / "r"), "2").stdout
     shown = f"{applied[0][0]:.3g} / {applied[0][1]:.3g}"  # sample 0: the first batch, then stage "one"
+    # imported here: the app's helpers need streamlit, and this module's CUDA tests run on GPU hosts without it
+    from tests.app._support import PAGES, open_page
+
     at = open_page(tmp_path / "r", PAGES[3], monkeypatch, sample="0")
     uses = next(d.value for d in at.dataframe if "step" in d.value.columns)
     assert uses["lr"].tolist() == [shown, "0.1"] and "group_lrs" not in uses.columns
