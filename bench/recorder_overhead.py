@@ -284,8 +284,8 @@ def measure(repeats: int = 5, cuda: bool | None = None) -> dict[str, Any]:
         steps = len(hooks.rows)
 
     with tempfile.TemporaryDirectory() as tmp:
-        for s in chosen:  # warm-up: first-call allocations and kernel selection
-            _timed_train(data, NullRun(), s.device)
+        for device in dict.fromkeys(s.device for s in chosen):  # warm-up: first-call allocations, kernel selection
+            _timed_train(data, NullRun(), device)
         for i in range(repeats):
             for s in chosen:
                 p, rec = _repeat(data, i, Path(tmp), s, hooks_only if s is chosen[0] else None)
@@ -445,7 +445,8 @@ OTHER_PAIRS = {
     "cuda": "the loop on the GPU, the writer thread",
     "cuda_process": "the loop on the GPU, the writer in its own process",
 }
-GPU_PAIRS = ("cuda", "cuda_process")  # measured only on a machine with a GPU
+# measured only on a machine with a GPU
+GPU_PAIRS = tuple(_pair_key(s, w) for s in settings(cuda=True) if s.device == "cuda" for w in WRITERS)
 
 
 def pair_text(pair: dict[str, Any]) -> str:
